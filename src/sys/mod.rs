@@ -1,0 +1,13 @@
+//! The syscall layer: thin, typed wrappers over the kernel interfaces
+//! hugearena uses. Nothing outside this module (and the region's
+//! shared-memory views) calls libc or nix for memory, files or
+//! userfaultfd.
+
+mod error;
+pub mod memfd;
+pub mod mman;
+pub mod size;
+pub mod uffd;
+
+pub use error::{Errno, SysError, SysResult};
+
