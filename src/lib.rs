@@ -1,5 +1,14 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
-pub mod sys;
+pub mod backend;
+pub mod error;
 pub mod probe;
+pub mod region;
+pub mod sys;
+
+pub use backend::{Backend, BackendChoice, BackendKind, BackendRequest, HugePages};
+pub use error::{Error, Result};
+pub use probe::KernelCaps;
+pub use region::{Region, RegionOptions};
+pub use sys::size::PageSize;

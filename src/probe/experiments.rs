@@ -27,8 +27,14 @@ pub(super) fn userfaultfd() -> UffdCaps {
         .ok()
         .and_then(|s| s.trim().parse().ok());
     let (opened_through, uffd) = match (&device, &syscall) {
-        (Ok(_), _) => (Some(crate::sys::uffd::OpenedThrough::Device), device.as_ref().ok()),
-        (Err(_), Ok(_)) => (Some(crate::sys::uffd::OpenedThrough::Syscall), syscall.as_ref().ok()),
+        (Ok(_), _) => (
+            Some(crate::sys::uffd::OpenedThrough::Device),
+            device.as_ref().ok(),
+        ),
+        (Err(_), Ok(_)) => (
+            Some(crate::sys::uffd::OpenedThrough::Syscall),
+            syscall.as_ref().ok(),
+        ),
         _ => (None, None),
     };
     let features = uffd
@@ -82,7 +88,8 @@ pub(super) fn hgm(uffd: &UffdCaps, hugetlb: &Capability) -> Capability {
         }
         if !uffd.features.contains(Features::MINOR_HUGETLBFS) {
             return Ok(Capability::No(
-                "MADV_SPLIT accepted, but userfaultfd minor faults on hugetlbfs are unavailable".into(),
+                "MADV_SPLIT accepted, but userfaultfd minor faults on hugetlbfs are unavailable"
+                    .into(),
             ));
         }
         // Give the file one real huge page so CONTINUE has something to map.
@@ -95,8 +102,7 @@ pub(super) fn hgm(uffd: &UffdCaps, hugetlb: &Capability) -> Capability {
         let alias = map_probe(fd.as_fd(), HUGE)?;
         // SAFETY: in bounds of the 2 MiB alias, which nothing else uses.
         unsafe { alias.addr().add(BASE).write_volatile(0xA5) };
-        let (uffd, _) = Userfaultfd::open(OpenFlags::default())
-            .map_err(|e| e.syscall)?;
+        let (uffd, _) = Userfaultfd::open(OpenFlags::default()).map_err(|e| e.syscall)?;
         uffd.api(Features::MINOR_HUGETLBFS)?;
         uffd.register(primary.addr(), HUGE, RegisterMode::MINOR)?;
         // SAFETY: the page is registered, and its page-cache page was
@@ -104,9 +110,12 @@ pub(super) fn hgm(uffd: &UffdCaps, hugetlb: &Capability) -> Capability {
         let mapped = unsafe { uffd.continue_range(primary.addr().add(BASE), BASE, 0) };
         Ok(match mapped {
             // SAFETY: the 4 KiB piece is now mapped and readable.
-            Ok(_) if unsafe { primary.addr().add(BASE).read_volatile() } == 0xA5 => Capability::Yes(
-                "MADV_SPLIT accepted and a 4 KiB UFFDIO_CONTINUE mapped part of a huge page".into(),
-            ),
+            Ok(_) if unsafe { primary.addr().add(BASE).read_volatile() } == 0xA5 => {
+                Capability::Yes(
+                    "MADV_SPLIT accepted and a 4 KiB UFFDIO_CONTINUE mapped part of a huge page"
+                        .into(),
+                )
+            }
             Ok(_) => Capability::No("4 KiB UFFDIO_CONTINUE mapped the wrong bytes".into()),
             Err(e) => Capability::No(format!(
                 "MADV_SPLIT accepted, but a 4 KiB UFFDIO_CONTINUE failed: {e}"
@@ -129,10 +138,14 @@ pub(super) fn shmem_collapse() -> Capability {
             unsafe { block.as_ptr().add(off).write_volatile(1) };
         }
         // SAFETY: the block is ours and fully populated; collapse keeps contents.
-        Ok(match unsafe { madvise(block.as_ptr(), HUGE, Advice::Collapse) } {
-            Ok(()) => Capability::Yes("MADV_COLLAPSE of a full 2 MiB shmem block succeeded".into()),
-            Err(e) => Capability::No(format!("MADV_COLLAPSE of a full 2 MiB shmem block: {e}")),
-        })
+        Ok(
+            match unsafe { madvise(block.as_ptr(), HUGE, Advice::Collapse) } {
+                Ok(()) => {
+                    Capability::Yes("MADV_COLLAPSE of a full 2 MiB shmem block succeeded".into())
+                }
+                Err(e) => Capability::No(format!("MADV_COLLAPSE of a full 2 MiB shmem block: {e}")),
+            },
+        )
     };
     attempt().unwrap_or_else(|e| Capability::No(format!("collapse probe could not run: {e}")))
 }

@@ -80,9 +80,16 @@ pub struct HugePagePool {
 impl HugePagePool {
     /// Reads the pool of `size` pages; `None` if the kernel has none.
     pub fn read(size: PageSize) -> Option<HugePagePool> {
-        let dir = PathBuf::from(format!("/sys/kernel/mm/hugepages/hugepages-{}kB", size.kib()));
+        let dir = PathBuf::from(format!(
+            "/sys/kernel/mm/hugepages/hugepages-{}kB",
+            size.kib()
+        ));
         let field = |name: &str| -> Option<u64> {
-            std::fs::read_to_string(dir.join(name)).ok()?.trim().parse().ok()
+            std::fs::read_to_string(dir.join(name))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
         };
         Some(HugePagePool {
             size,
@@ -181,8 +188,12 @@ impl HugetlbfsMount {
         text.lines()
             .filter_map(|line| {
                 let mut fields = line.split_whitespace();
-                let (_dev, path, fstype, opts) =
-                    (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
+                let (_dev, path, fstype, opts) = (
+                    fields.next()?,
+                    fields.next()?,
+                    fields.next()?,
+                    fields.next()?,
+                );
                 if fstype != "hugetlbfs" {
                     return None;
                 }
@@ -248,7 +259,10 @@ impl KernelCaps {
         let hgm = experiments::hgm(&uffd, &hugetlb_memfd);
         KernelCaps {
             release: experiments::kernel_release(),
-            huge_pages: PageSize::ALL[1..].iter().filter_map(|s| HugePagePool::read(*s)).collect(),
+            huge_pages: PageSize::ALL[1..]
+                .iter()
+                .filter_map(|s| HugePagePool::read(*s))
+                .collect(),
             shmem_thp: ShmemThp::read(),
             shmem_collapse: experiments::shmem_collapse(),
             hugetlb_memfd,
@@ -292,9 +306,10 @@ mod tests {
 
     #[test]
     fn reserve_commands_name_the_right_knob() {
-        assert!(HugePagePool::reserve_command(PageSize::Huge2M, 8).contains("/proc/sys/vm/nr_hugepages"));
         assert!(
-            HugePagePool::reserve_command(PageSize::Huge1G, 1).contains("hugepages-1048576kB")
+            HugePagePool::reserve_command(PageSize::Huge2M, 8)
+                .contains("/proc/sys/vm/nr_hugepages")
         );
+        assert!(HugePagePool::reserve_command(PageSize::Huge1G, 1).contains("hugepages-1048576kB"));
     }
 }

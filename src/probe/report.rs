@@ -34,7 +34,13 @@ impl fmt::Display for ReportLine {
     }
 }
 
-fn line(capability: &'static str, ok: bool, found: String, meaning: &str, fix: Option<String>) -> ReportLine {
+fn line(
+    capability: &'static str,
+    ok: bool,
+    found: String,
+    meaning: &str,
+    fix: Option<String>,
+) -> ReportLine {
     ReportLine {
         capability,
         ok,
@@ -93,7 +99,11 @@ pub(super) fn lines(caps: &KernelCaps) -> Vec<ReportLine> {
         out.push(line(
             "uffd features",
             true,
-            format!("{:#x}: {}", uffd.features.0, uffd.features.names().join(" ")),
+            format!(
+                "{:#x}: {}",
+                uffd.features.0,
+                uffd.features.names().join(" ")
+            ),
             "the features the kernel supports",
             None,
         ));
@@ -223,7 +233,12 @@ pub(super) fn lines(caps: &KernelCaps) -> Vec<ReportLine> {
     out
 }
 
-fn cap_line(name: &'static str, cap: &Capability, meaning: &str, fix: Option<String>) -> ReportLine {
+fn cap_line(
+    name: &'static str,
+    cap: &Capability,
+    meaning: &str,
+    fix: Option<String>,
+) -> ReportLine {
     line(
         name,
         cap.is_yes(),

@@ -247,9 +247,10 @@ impl Reservation {
         // SAFETY: the range is owned by this reservation and is released
         // exactly once (by `unmap` or `drop`).
         let ret = unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
-        check(ret, "munmap")
-            .map(drop)
-            .map_err(|e| e.arg("addr", self.base.as_ptr() as u64).arg("len", self.len as u64))
+        check(ret, "munmap").map(drop).map_err(|e| {
+            e.arg("addr", self.base.as_ptr() as u64)
+                .arg("len", self.len as u64)
+        })
     }
 }
 
@@ -316,7 +317,10 @@ impl Drop for ProbeMapping {
         // SAFETY: the mapping is owned by this value and unmapped once.
         let ret = unsafe { libc::munmap(self.addr.cast(), self.len) };
         if ret != 0 {
-            eprintln!("hugearena: munmap of a probe mapping failed: {}", Errno::last());
+            eprintln!(
+                "hugearena: munmap of a probe mapping failed: {}",
+                Errno::last()
+            );
         }
     }
 }

@@ -10,4 +10,3 @@ pub mod size;
 pub mod uffd;
 
 pub use error::{Errno, SysError, SysResult};
-

@@ -137,7 +137,8 @@ pub mod request {
     pub type Request = nix::sys::ioctl::ioctl_num_type;
 
     /// `UFFDIO_API`.
-    pub const API: Request = nix::request_code_readwrite!(UFFDIO_TYPE, 0x3F, size_of::<UffdioApi>());
+    pub const API: Request =
+        nix::request_code_readwrite!(UFFDIO_TYPE, 0x3F, size_of::<UffdioApi>());
     /// `UFFDIO_REGISTER`.
     pub const REGISTER: Request =
         nix::request_code_readwrite!(UFFDIO_TYPE, 0x00, size_of::<UffdioRegister>());
@@ -425,7 +426,11 @@ pub struct OpenError {
 
 impl std::fmt::Display for OpenError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "/dev/userfaultfd: {}; syscall: {}", self.device, self.syscall)
+        write!(
+            f,
+            "/dev/userfaultfd: {}; syscall: {}",
+            self.device, self.syscall
+        )
     }
 }
 
@@ -469,7 +474,9 @@ impl Userfaultfd {
         // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value, not a pointer.
         let fd = unsafe { libc::ioctl(dev.as_raw_fd(), request::IOC_NEW, flags.raw()) };
         if fd < 0 {
-            return Err(SysError::last("ioctl(USERFAULTFD_IOC_NEW)").arg("flags", flags.raw() as u64));
+            return Err(
+                SysError::last("ioctl(USERFAULTFD_IOC_NEW)").arg("flags", flags.raw() as u64)
+            );
         }
         // SAFETY: the kernel just returned `fd`, and nothing else owns it.
         Ok(Userfaultfd {
@@ -515,7 +522,11 @@ impl Userfaultfd {
             ioctls: 0,
         };
         self.ioctl(request::REGISTER, &mut arg, "UFFDIO_REGISTER")
-            .map_err(|e| e.arg("start", start as u64).arg("len", len as u64).arg("mode", mode.0))?;
+            .map_err(|e| {
+                e.arg("start", start as u64)
+                    .arg("len", len as u64)
+                    .arg("mode", mode.0)
+            })?;
         Ok(arg.ioctls)
     }
 
@@ -560,7 +571,13 @@ impl Userfaultfd {
     ///
     /// `src` must be readable for `len` bytes; the destination must be
     /// registered with this descriptor and have no page yet.
-    pub unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize, mode: u64) -> SysResult<usize> {
+    pub unsafe fn copy(
+        &self,
+        dst: *mut u8,
+        src: *const u8,
+        len: usize,
+        mode: u64,
+    ) -> SysResult<usize> {
         let mut arg = UffdioCopy {
             dst: dst as u64,
             src: src as u64,
@@ -691,7 +708,10 @@ mod tests {
         assert_eq!(request::WAKE as u64, kio::UFFDIO_WAKE as u64);
         assert_eq!(request::COPY as u64, kio::UFFDIO_COPY as u64);
         assert_eq!(request::ZEROPAGE as u64, kio::UFFDIO_ZEROPAGE as u64);
-        assert_eq!(request::WRITEPROTECT as u64, kio::UFFDIO_WRITEPROTECT as u64);
+        assert_eq!(
+            request::WRITEPROTECT as u64,
+            kio::UFFDIO_WRITEPROTECT as u64
+        );
         assert_eq!(request::CONTINUE as u64, kio::UFFDIO_CONTINUE as u64);
         // linux-raw-sys has no precomputed POISON or IOC_NEW: build them from
         // its own numbers and struct sizes.
@@ -713,7 +733,10 @@ mod tests {
         assert_eq!(size_of::<UffdioZeropage>(), size_of::<k::uffdio_zeropage>());
         assert_eq!(size_of::<UffdioContinue>(), size_of::<k::uffdio_continue>());
         assert_eq!(size_of::<UffdioPoison>(), size_of::<k::uffdio_poison>());
-        assert_eq!(size_of::<UffdioWriteprotect>(), size_of::<k::uffdio_writeprotect>());
+        assert_eq!(
+            size_of::<UffdioWriteprotect>(),
+            size_of::<k::uffdio_writeprotect>()
+        );
         assert_eq!(size_of::<UffdMsg>(), size_of::<k::uffd_msg>());
         assert_eq!(size_of::<UffdMsg>(), 32);
     }
@@ -723,11 +746,17 @@ mod tests {
         assert_eq!(UFFD_API, u64::from(k::UFFD_API));
         assert_eq!(UFFD_USER_MODE_ONLY as u32, k::UFFD_USER_MODE_ONLY);
         let features = [
-            (Features::PAGEFAULT_FLAG_WP, k::UFFD_FEATURE_PAGEFAULT_FLAG_WP),
+            (
+                Features::PAGEFAULT_FLAG_WP,
+                k::UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+            ),
             (Features::EVENT_FORK, k::UFFD_FEATURE_EVENT_FORK),
             (Features::EVENT_REMAP, k::UFFD_FEATURE_EVENT_REMAP),
             (Features::EVENT_REMOVE, k::UFFD_FEATURE_EVENT_REMOVE),
-            (Features::MISSING_HUGETLBFS, k::UFFD_FEATURE_MISSING_HUGETLBFS),
+            (
+                Features::MISSING_HUGETLBFS,
+                k::UFFD_FEATURE_MISSING_HUGETLBFS,
+            ),
             (Features::MISSING_SHMEM, k::UFFD_FEATURE_MISSING_SHMEM),
             (Features::EVENT_UNMAP, k::UFFD_FEATURE_EVENT_UNMAP),
             (Features::SIGBUS, k::UFFD_FEATURE_SIGBUS),
@@ -735,7 +764,10 @@ mod tests {
             (Features::MINOR_HUGETLBFS, k::UFFD_FEATURE_MINOR_HUGETLBFS),
             (Features::MINOR_SHMEM, k::UFFD_FEATURE_MINOR_SHMEM),
             (Features::EXACT_ADDRESS, k::UFFD_FEATURE_EXACT_ADDRESS),
-            (Features::WP_HUGETLBFS_SHMEM, k::UFFD_FEATURE_WP_HUGETLBFS_SHMEM),
+            (
+                Features::WP_HUGETLBFS_SHMEM,
+                k::UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+            ),
             (Features::WP_UNPOPULATED, k::UFFD_FEATURE_WP_UNPOPULATED),
             (Features::POISON, k::UFFD_FEATURE_POISON),
             (Features::WP_ASYNC, k::UFFD_FEATURE_WP_ASYNC),
@@ -745,9 +777,15 @@ mod tests {
         for (ours, theirs) in features {
             assert_eq!(ours.0, u64::from(theirs));
         }
-        assert_eq!(RegisterMode::MISSING.0, u64::from(k::UFFDIO_REGISTER_MODE_MISSING));
+        assert_eq!(
+            RegisterMode::MISSING.0,
+            u64::from(k::UFFDIO_REGISTER_MODE_MISSING)
+        );
         assert_eq!(RegisterMode::WP.0, u64::from(k::UFFDIO_REGISTER_MODE_WP));
-        assert_eq!(RegisterMode::MINOR.0, u64::from(k::UFFDIO_REGISTER_MODE_MINOR));
+        assert_eq!(
+            RegisterMode::MINOR.0,
+            u64::from(k::UFFDIO_REGISTER_MODE_MINOR)
+        );
         assert_eq!(MODE_DONTWAKE, u64::from(k::UFFDIO_COPY_MODE_DONTWAKE));
         // The CONTINUE, POISON and WRITEPROTECT mode bits are declared as
         // anonymous enums in the header, which linux-raw-sys does not export;
@@ -764,7 +802,10 @@ mod tests {
         assert_eq!(fault_flags::WP, u64::from(k::UFFD_PAGEFAULT_FLAG_WP));
         assert_eq!(fault_flags::MINOR, u64::from(k::UFFD_PAGEFAULT_FLAG_MINOR));
         assert_eq!(libc::SYS_userfaultfd as u32, k::__NR_userfaultfd);
-        assert_eq!(crate::sys::mman::Advice::MADV_COLLAPSE as u32, k::MADV_COLLAPSE);
+        assert_eq!(
+            crate::sys::mman::Advice::MADV_COLLAPSE as u32,
+            k::MADV_COLLAPSE
+        );
         assert_eq!(
             crate::sys::mman::Advice::MADV_POPULATE_WRITE as u32,
             k::MADV_POPULATE_WRITE
@@ -776,7 +817,11 @@ mod tests {
         let (uffd, _) = Userfaultfd::open(OpenFlags::default()).expect("open userfaultfd");
         let api = uffd.api(Features::empty()).unwrap();
         let supported = Features(api.features);
-        assert!(supported.contains(Features::MINOR_SHMEM), "{:?}", supported.names());
+        assert!(
+            supported.contains(Features::MINOR_SHMEM),
+            "{:?}",
+            supported.names()
+        );
     }
 
     #[test]

@@ -1,0 +1,253 @@
+//! The crate's error type. Each variant's message says what went wrong and
+//! how to fix it.
+
+use std::path::PathBuf;
+
+use crate::backend::BackendKind;
+use crate::sys::SysError;
+use crate::sys::size::PageSize;
+use crate::sys::uffd::OpenError;
+
+/// Result of a hugearena operation.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong creating, opening or using a region.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The requested size is zero.
+    #[error("region size is 0: ask for at least one population granule ({granule})")]
+    ZeroSize {
+        /// The backend's granule.
+        granule: PageSize,
+    },
+
+    /// The requested size is not a whole number of granules.
+    #[error(
+        "region size {size} bytes is not a multiple of {granule}, the size unit of the \
+         {backend} backend: round it up to {rounded} bytes"
+    )]
+    SizeNotGranuleMultiple {
+        /// The requested size.
+        size: u64,
+        /// The backend that was chosen.
+        backend: BackendKind,
+        /// Its granule.
+        granule: PageSize,
+        /// The next valid size.
+        rounded: u64,
+    },
+
+    /// The requested size exceeds what a region can address.
+    #[error(
+        "region size {size} bytes is larger than the maximum of {max} bytes: split the data over several regions"
+    )]
+    SizeTooLarge {
+        /// The requested size.
+        size: u64,
+        /// The largest size accepted.
+        max: u64,
+    },
+
+    /// The huge page pool cannot back the region.
+    #[error(
+        "not enough {page_size} huge pages: the region needs {needed}, the pool has {available} \
+         available ({total} total, {free} free, {reserved} reserved by other mappings); \
+         reserve huge pages: `{fix}`"
+    )]
+    HugePagesShort {
+        /// Huge page size.
+        page_size: PageSize,
+        /// Pages the region needs.
+        needed: u64,
+        /// Pages free and unreserved.
+        available: u64,
+        /// Pool size.
+        total: u64,
+        /// Free pages.
+        free: u64,
+        /// Reserved pages.
+        reserved: u64,
+        /// The command that grows the pool enough.
+        fix: String,
+    },
+
+    /// HugeTLB high-granularity mapping was requested but does not work here.
+    #[error(
+        "HugeTLB high-granularity mapping (HGM) is unavailable: {reason}. Use \
+         BackendKind::Hugetlb (populates whole huge pages) or BackendKind::ShmemThp (4 KiB \
+         population, 2 MiB TLB reach once a block is full), or HugePages::Try to fall back \
+         automatically"
+    )]
+    HgmUnavailable {
+        /// What the probe found.
+        reason: String,
+    },
+
+    /// A backend needs something this kernel or machine lacks.
+    #[error("the {backend} backend is unavailable here: {reason}; fix: {fix}")]
+    BackendUnavailable {
+        /// The backend.
+        backend: BackendKind,
+        /// What is missing.
+        reason: String,
+        /// How to provide it.
+        fix: String,
+    },
+
+    /// This process may not use userfaultfd.
+    #[error(
+        "userfaultfd is not permitted for this process ({detail}): run as root, or let this \
+         user open /dev/userfaultfd (e.g. `sudo setfacl -m u:$USER:rw /dev/userfaultfd`), or \
+         `sudo sysctl vm.unprivileged_userfaultfd=1`; in a container, allow userfaultfd in \
+         the seccomp profile"
+    )]
+    UserfaultfdDenied {
+        /// Both attempts and their errnos.
+        detail: OpenError,
+    },
+
+    /// The kernel has no userfaultfd.
+    #[error("userfaultfd is not available ({detail}): use a kernel built with CONFIG_USERFAULTFD")]
+    UserfaultfdUnsupported {
+        /// Both attempts and their errnos.
+        detail: OpenError,
+    },
+
+    /// The region file does not exist.
+    #[error("region file {} does not exist: check the path, or create the region first", path.display())]
+    NotFound {
+        /// The path.
+        path: PathBuf,
+    },
+
+    /// The region file exists already.
+    #[error("{} already exists: open it with Region::open, or remove it before creating a new region", path.display())]
+    AlreadyExists {
+        /// The path.
+        path: PathBuf,
+    },
+
+    /// The file is on a file system the backend cannot use.
+    #[error("{} is on {found}, but the {backend} backend needs {needed}: {fix}", path.display())]
+    WrongFileSystem {
+        /// The path.
+        path: PathBuf,
+        /// The backend.
+        backend: BackendKind,
+        /// The file system found.
+        found: String,
+        /// The file system needed.
+        needed: String,
+        /// Where to put the file instead.
+        fix: String,
+    },
+
+    /// The file is shorter than its header says, or than a header.
+    #[error(
+        "region file {} is truncated: {len} bytes, expected {expected}; it was cut short or is \
+         not a region: restore it from a snapshot or create the region again",
+        path.display()
+    )]
+    Truncated {
+        /// The path.
+        path: PathBuf,
+        /// Actual length.
+        len: u64,
+        /// Expected length.
+        expected: u64,
+    },
+
+    /// The file does not start with the region magic.
+    #[error("{} is not a hugearena region (magic {found:02x?}): check the path", path.display())]
+    BadMagic {
+        /// The path.
+        path: PathBuf,
+        /// The first bytes found.
+        found: [u8; 8],
+    },
+
+    /// The header's format version is not this build's.
+    #[error(
+        "region {} has format version {found}, this build of hugearena reads version {expected}: \
+         open it with a matching hugearena version",
+        path.display()
+    )]
+    UnsupportedVersion {
+        /// The path.
+        path: PathBuf,
+        /// Version in the file.
+        found: u32,
+        /// Version this build writes.
+        expected: u32,
+    },
+
+    /// The creator has not finished initialising the region.
+    #[error(
+        "region {} is not ready: its creator has not finished initialising it (or died while \
+         doing so): retry shortly, or remove the file and create the region again",
+        path.display()
+    )]
+    NotReady {
+        /// The path.
+        path: PathBuf,
+    },
+
+    /// The header is inconsistent.
+    #[error("region {} has a corrupt header ({what}): remove the file and create the region again", path.display())]
+    CorruptHeader {
+        /// The path.
+        path: PathBuf,
+        /// What is inconsistent.
+        what: String,
+    },
+
+    /// An access outside the region's data.
+    #[error("bytes {offset}..{offset}+{len} are outside the region's {region_len} bytes of data")]
+    OutOfBounds {
+        /// Start of the access.
+        offset: u64,
+        /// Length of the access.
+        len: u64,
+        /// Data bytes in the region.
+        region_len: u64,
+    },
+
+    /// A system call failed.
+    #[error("{context}: {source}")]
+    Sys {
+        /// What hugearena was doing.
+        context: &'static str,
+        /// The failed call.
+        #[source]
+        source: SysError,
+    },
+
+    /// File I/O failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Wraps a syscall failure with what hugearena was doing.
+    pub(crate) fn sys(context: &'static str) -> impl FnOnce(SysError) -> Error {
+        move |source| Error::Sys { context, source }
+    }
+
+    /// Interprets a userfaultfd open failure: permission or absence.
+    pub(crate) fn userfaultfd(detail: OpenError) -> Error {
+        use crate::sys::Errno;
+        let denied = |e: &SysError| matches!(e.errno(), Errno::EPERM | Errno::EACCES);
+        if denied(&detail.device) || denied(&detail.syscall) {
+            Error::UserfaultfdDenied { detail }
+        } else {
+            Error::UserfaultfdUnsupported { detail }
+        }
+    }
+}

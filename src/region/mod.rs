@@ -1,0 +1,544 @@
+//! A shared region: one backing file (anonymous memfd, or a named file on
+//! hugetlbfs or tmpfs) mapped three times inside one address reservation:
+//!
+//! - **metadata** (header and page-state table), mapped plainly;
+//! - **primary**: the data as users see it; the population engine registers
+//!   it with userfaultfd so first touches can be caught;
+//! - **alias**: the same data, never registered, through which pages are
+//!   filled before the primary maps them.
+//!
+//! Another process opens the same region by path (or an inherited
+//! descriptor) and gets the same layout from the header.
+
+mod header;
+mod layout;
+
+use std::fs::OpenOptions;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use header::{Header, MAGIC, VERSION};
+pub use layout::{HEADER_BYTES, Layout, MAX_DATA_LEN};
+
+use crate::backend::{self, Backend, BackendChoice, BackendKind, BackendRequest};
+use crate::error::{Error, Result};
+use crate::probe::{HugePagePool, KernelCaps};
+use crate::sys::memfd::{self, FileSystem};
+use crate::sys::mman::{self, Advice, Protection, Reservation};
+use crate::sys::size::PageSize;
+use crate::sys::{Errno, SysError};
+
+/// What region to create.
+#[derive(Clone, Debug)]
+pub struct RegionOptions {
+    size: u64,
+    request: BackendRequest,
+    huge_page: PageSize,
+    path: Option<PathBuf>,
+}
+
+impl RegionOptions {
+    /// A region with `size` bytes of data, backend chosen by
+    /// `HugePages::Try`, 2 MiB huge pages, anonymous (memfd).
+    pub fn new(size: u64) -> RegionOptions {
+        RegionOptions {
+            size,
+            request: BackendRequest::default(),
+            huge_page: PageSize::Huge2M,
+            path: None,
+        }
+    }
+
+    /// Chooses the backend by policy.
+    pub fn huge_pages(mut self, policy: crate::backend::HugePages) -> Self {
+        self.request = BackendRequest::Policy(policy);
+        self
+    }
+
+    /// Asks for exactly this backend.
+    pub fn backend(mut self, kind: BackendKind) -> Self {
+        self.request = BackendRequest::Exact(kind);
+        self
+    }
+
+    /// The hugetlb page size (2 MiB or 1 GiB) for the hugetlb backends.
+    pub fn huge_page_size(mut self, size: PageSize) -> Self {
+        self.huge_page = size;
+        self
+    }
+
+    /// Backs the region by a new file at `path` (on hugetlbfs for the
+    /// hugetlb backends, on tmpfs such as `/dev/shm` for the shmem ones),
+    /// so other processes can open it by path.
+    pub fn path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.path = Some(path.into());
+        self
+    }
+}
+
+/// A mapped region. See the module documentation.
+#[derive(Debug)]
+pub struct Region {
+    file: OwnedFd,
+    name: PathBuf,
+    choice: BackendChoice,
+    header: Header,
+    created: bool,
+    meta: NonNull<u8>,
+    primary: NonNull<u8>,
+    alias: NonNull<u8>,
+    // Declared last: unmapped after the pointers above are gone.
+    reservation: Reservation,
+}
+
+// SAFETY: the region's mappings are shared memory meant for concurrent use;
+// every access through the region's methods is bounds-checked and uses raw
+// copies or atomics, never Rust references to mutable shared bytes.
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// Creates a region as `options` say.
+    pub fn create(options: RegionOptions) -> Result<Region> {
+        Self::create_with(options, KernelCaps::cached())
+    }
+
+    /// Creates a region using an existing probe of the kernel.
+    pub fn create_with(options: RegionOptions, caps: &KernelCaps) -> Result<Region> {
+        if !matches!(options.huge_page, PageSize::Huge2M | PageSize::Huge1G) {
+            return Err(Error::BackendUnavailable {
+                backend: BackendKind::Hugetlb,
+                reason: format!("{} is not a huge page size", options.huge_page),
+                fix: "use PageSize::Huge2M or PageSize::Huge1G".into(),
+            });
+        }
+        let choice = backend::select(options.request, options.huge_page, caps, |b| {
+            Layout::new(b, options.size).map(|l| l.hugetlb_pages())
+        })?;
+        let layout = Layout::new(choice.backend, options.size)?;
+        let (file, name, cleanup) = match &options.path {
+            None => {
+                let fd = memfd::memfd_create("hugearena", choice.backend.memfd_kind())
+                    .map_err(Error::sys("creating the backing memfd"))?;
+                (fd, PathBuf::from("<memfd>"), None)
+            }
+            Some(path) => {
+                let fd = create_file(path)?;
+                let guard = UnlinkOnError(Some(path.clone()));
+                check_file_system(fd.as_fd(), path, choice.backend)?;
+                (fd, path.clone(), Some(guard))
+            }
+        };
+        memfd::set_len(file.as_fd(), layout.file_len()).map_err(|e| match e.errno() {
+            Errno::ENOMEM | Errno::ENOSPC => short_pool_error(&layout, e),
+            _ => Error::sys("sizing the backing file")(e),
+        })?;
+        let header = Header {
+            layout,
+            creator_pid: std::process::id(),
+            created_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        let region = Self::map(file, name, choice, header, true)?;
+        region.publish_header();
+        if let Some(mut guard) = cleanup {
+            guard.0 = None;
+        }
+        Ok(region)
+    }
+
+    /// Opens the region stored at `path` (a hugetlbfs or tmpfs file, or
+    /// `/proc/PID/fd/N` of another process's memfd).
+    pub fn open(path: impl AsRef<Path>) -> Result<Region> {
+        let path = path.as_ref();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::NotFound {
+                    path: path.to_path_buf(),
+                },
+                _ => Error::Io {
+                    path: path.to_path_buf(),
+                    source: e,
+                },
+            })?;
+        Self::open_file(file.into(), path.to_path_buf())
+    }
+
+    /// Opens the region behind an inherited or received descriptor.
+    pub fn from_fd(fd: OwnedFd) -> Result<Region> {
+        let name = PathBuf::from(format!("<fd {}>", std::os::fd::AsRawFd::as_raw_fd(&fd)));
+        Self::open_file(fd, name)
+    }
+
+    fn open_file(file: OwnedFd, name: PathBuf) -> Result<Region> {
+        let header = read_header(file.as_fd(), &name)?;
+        let len = memfd::file_len(file.as_fd()).map_err(Error::sys("reading the region's size"))?;
+        if len < header.layout.file_len() {
+            return Err(Error::Truncated {
+                path: name,
+                len,
+                expected: header.layout.file_len(),
+            });
+        }
+        let choice = BackendChoice {
+            backend: header.layout.backend(),
+            reason: format!(
+                "opened an existing region created by pid {} with the {} backend",
+                header.creator_pid,
+                header.layout.backend().kind()
+            ),
+        };
+        Self::map(file, name, choice, header, false)
+    }
+
+    /// Lays out the reservation: metadata, then primary, then alias.
+    fn map(
+        file: OwnedFd,
+        name: PathBuf,
+        choice: BackendChoice,
+        header: Header,
+        created: bool,
+    ) -> Result<Region> {
+        let layout = header.layout;
+        let meta_len = layout.data_offset() as usize;
+        let span = layout.data_span();
+        let data_len = layout.data_len() as usize;
+        let unit = layout.backend().mapping_unit();
+        let reservation = Reservation::new(meta_len + 2 * span, unit)
+            .map_err(Error::sys("reserving address space for the region"))?;
+        let fd = file.as_fd();
+        let place = |offset: usize, len: usize, file_offset: u64| {
+            // SAFETY: the reservation is fresh and owned here; each placement
+            // covers a distinct, in-bounds part of it.
+            unsafe {
+                reservation.place_shared(offset, len, fd, file_offset, Protection::ReadWrite, 0)
+            }
+            .map_err(|e| match e.errno() {
+                Errno::ENOMEM if layout.backend().kind().uses_hugetlb() => {
+                    short_pool_error(&layout, e)
+                }
+                _ => Error::sys("mapping the region")(e),
+            })
+        };
+        let meta = place(0, meta_len, 0)?;
+        let primary = place(meta_len, data_len, layout.data_offset())?;
+        let alias = place(meta_len + span, data_len, layout.data_offset())?;
+        match layout.backend().kind() {
+            BackendKind::ShmemThp => {
+                // Filling through a huge-page-advised alias allocates 2 MiB
+                // folios, so collapsing the primary later needs no copy.
+                // SAFETY: the alias is ours; the advice keeps contents.
+                unsafe { mman::madvise(alias.as_ptr(), data_len, Advice::HugePage) }
+                    .map_err(Error::sys("advising the alias to use huge pages"))?;
+            }
+            BackendKind::Shmem => {
+                for view in [primary, alias] {
+                    // SAFETY: the view is ours; the advice keeps contents.
+                    unsafe { mman::madvise(view.as_ptr(), data_len, Advice::NoHugePage) }
+                        .map_err(Error::sys("keeping shmem at 4 KiB pages"))?;
+                }
+            }
+            BackendKind::Hugetlb | BackendKind::HugetlbHgm => {}
+        }
+        Ok(Region {
+            file,
+            name,
+            choice,
+            header,
+            created,
+            meta,
+            primary,
+            alias,
+            reservation,
+        })
+    }
+
+    /// Writes the header, then marks it ready (release) for openers.
+    fn publish_header(&self) {
+        let bytes = self.header.encode();
+        // SAFETY: the metadata mapping is at least HEADER_BYTES long and
+        // nobody reads the header before `state` says READY.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.meta.as_ptr(), bytes.len()) };
+        self.header_state().store(header::READY, Ordering::Release);
+    }
+
+    fn header_state(&self) -> &AtomicU32 {
+        // SAFETY: STATE_OFFSET is 4-byte aligned within the page-aligned
+        // metadata mapping, which lives as long as `self`; the word is only
+        // ever accessed atomically.
+        unsafe {
+            &*self
+                .meta
+                .as_ptr()
+                .add(header::STATE_OFFSET)
+                .cast::<AtomicU32>()
+        }
+    }
+
+    /// The backend and why it was chosen.
+    pub fn choice(&self) -> &BackendChoice {
+        &self.choice
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> Backend {
+        self.choice.backend
+    }
+
+    /// The population granule.
+    pub fn granule(&self) -> PageSize {
+        self.backend().granule()
+    }
+
+    /// The file layout.
+    pub fn layout(&self) -> &Layout {
+        &self.header.layout
+    }
+
+    /// The decoded header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Bytes of data.
+    pub fn len(&self) -> usize {
+        self.header.layout.data_len() as usize
+    }
+
+    /// Bytes of address space the region occupies in this process
+    /// (metadata, primary and alias).
+    pub fn address_space(&self) -> usize {
+        self.reservation.len()
+    }
+
+    /// Always false: regions are never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Whether this process created the region (rather than opened it).
+    pub fn created_here(&self) -> bool {
+        self.created
+    }
+
+    /// The path the region was created at or opened from, or `<memfd>`.
+    pub fn name(&self) -> &Path {
+        &self.name
+    }
+
+    /// The backing file.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// A path another process can open this region by: the file's own path,
+    /// or `/proc/PID/fd/N` for a memfd (valid while this process lives).
+    pub fn shareable_path(&self) -> PathBuf {
+        if self.name.is_absolute() && !self.name.starts_with("/proc") {
+            self.name.clone()
+        } else {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+            PathBuf::from(format!("/proc/{}/fd/{fd}", std::process::id()))
+        }
+    }
+
+    /// The first byte of the primary view (what users touch).
+    pub fn primary(&self) -> NonNull<u8> {
+        self.primary
+    }
+
+    /// The first byte of the alias view (what fills go through).
+    pub fn alias(&self) -> NonNull<u8> {
+        self.alias
+    }
+
+    /// The page-state table: one word per granule, shared by every process.
+    pub fn page_states(&self) -> &[AtomicU64] {
+        let layout = &self.header.layout;
+        // SAFETY: the table lies inside the metadata mapping, which lives as
+        // long as `self`; `states_offset` is 8-byte aligned; its words are
+        // only accessed atomically.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.meta
+                    .as_ptr()
+                    .add(layout.states_offset() as usize)
+                    .cast::<AtomicU64>(),
+                layout.granules() as usize,
+            )
+        }
+    }
+
+    /// Copies `bytes` into the data at `offset` through the alias view.
+    pub fn write_via_alias(&self, offset: usize, bytes: &[u8]) -> Result<()> {
+        self.check_bounds(offset, bytes.len())?;
+        // SAFETY: in bounds (checked); the alias is never registered with
+        // userfaultfd, so the copy cannot block; shared bytes are copied
+        // raw, never borrowed.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.alias.as_ptr().add(offset),
+                bytes.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Copies data at `offset` into `buf` through the primary view. Touching
+    /// unpopulated pages of a registered region waits for population.
+    pub fn read_via_primary(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        self.check_bounds(offset, buf.len())?;
+        // SAFETY: in bounds (checked); shared bytes are copied raw, never
+        // borrowed.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.primary.as_ptr().add(offset),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
+
+    fn check_bounds(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len() => Ok(()),
+            _ => Err(Error::OutOfBounds {
+                offset: offset as u64,
+                len: len as u64,
+                region_len: self.len() as u64,
+            }),
+        }
+    }
+}
+
+/// Removes a half-created region file unless disarmed, so a failed create
+/// leaves nothing behind.
+struct UnlinkOnError(Option<PathBuf>);
+
+impl Drop for UnlinkOnError {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn create_file(path: &Path) -> Result<OwnedFd> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(OwnedFd::from)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => Error::AlreadyExists {
+                path: path.to_path_buf(),
+            },
+            std::io::ErrorKind::NotFound => Error::NotFound {
+                path: path.to_path_buf(),
+            },
+            _ => Error::Io {
+                path: path.to_path_buf(),
+                source: e,
+            },
+        })
+}
+
+fn check_file_system(fd: BorrowedFd<'_>, path: &Path, backend: Backend) -> Result<()> {
+    let found = memfd::file_system(fd).map_err(Error::sys("identifying the file system"))?;
+    let wrong = |found: String, needed: String, fix: String| Error::WrongFileSystem {
+        path: path.to_path_buf(),
+        backend: backend.kind(),
+        found,
+        needed,
+        fix,
+    };
+    let describe = |fs: FileSystem| match fs {
+        FileSystem::Hugetlbfs(Some(p)) => format!("hugetlbfs with {p} pages"),
+        FileSystem::Hugetlbfs(None) => "hugetlbfs".to_string(),
+        FileSystem::Tmpfs => "tmpfs".to_string(),
+        FileSystem::Other(magic) => format!("a file system with magic {magic:#x}"),
+    };
+    if backend.kind().uses_hugetlb() {
+        let page = backend.mapping_unit();
+        if found != FileSystem::Hugetlbfs(Some(page)) {
+            return Err(wrong(
+                describe(found),
+                format!("hugetlbfs with {page} pages"),
+                format!(
+                    "put the file on a hugetlbfs mount (`sudo mount -t hugetlbfs -o pagesize={} none /dev/hugepages`), or omit the path for an anonymous memfd",
+                    if page == PageSize::Huge1G { "1G" } else { "2M" }
+                ),
+            ));
+        }
+    } else if found != FileSystem::Tmpfs {
+        return Err(wrong(
+            describe(found),
+            "tmpfs (shmem)".into(),
+            "put the file under /dev/shm, or omit the path for an anonymous memfd".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn short_pool_error(layout: &Layout, e: SysError) -> Error {
+    let size = layout.backend().mapping_unit();
+    match HugePagePool::read(size) {
+        Some(pool) if layout.backend().kind().uses_hugetlb() => {
+            let needed = layout.hugetlb_pages();
+            // The pool looked big enough a moment ago but the kernel refused:
+            // another mapping took pages in between. Report it as a shortfall.
+            let shown = pool.available().min(needed.saturating_sub(1));
+            Error::HugePagesShort {
+                page_size: size,
+                needed,
+                available: shown,
+                total: pool.total,
+                free: pool.free,
+                reserved: pool.reserved,
+                fix: HugePagePool::reserve_command(size, pool.total + needed.saturating_sub(shown)),
+            }
+        }
+        _ => Error::sys("allocating the region's memory")(e),
+    }
+}
+
+/// Reads and validates the header of an existing region file without
+/// mapping more than its first page.
+fn read_header(fd: BorrowedFd<'_>, name: &Path) -> Result<Header> {
+    let len = memfd::file_len(fd).map_err(Error::sys("reading the region's size"))?;
+    let fs = memfd::file_system(fd).map_err(Error::sys("identifying the file system"))?;
+    // hugetlbfs maps in whole huge pages; elsewhere one 4 KiB page will do.
+    let first_page = match fs {
+        FileSystem::Hugetlbfs(Some(p)) => p.bytes(),
+        _ => HEADER_BYTES as usize,
+    };
+    if len < first_page as u64 {
+        return Err(Error::Truncated {
+            path: name.to_path_buf(),
+            len,
+            expected: first_page as u64,
+        });
+    }
+    let view = mman::map_probe(fd, first_page).map_err(Error::sys("mapping the region header"))?;
+    // SAFETY: the state word is 4-byte aligned inside the mapping and only
+    // ever accessed atomically.
+    let state = unsafe { &*view.addr().add(header::STATE_OFFSET).cast::<AtomicU32>() }
+        .load(Ordering::Acquire);
+    let mut bytes = [0u8; header::ENCODED_LEN];
+    // SAFETY: the mapping is at least 4 KiB; the bytes are copied raw.
+    unsafe { std::ptr::copy_nonoverlapping(view.addr(), bytes.as_mut_ptr(), bytes.len()) };
+    Header::decode(&bytes, state, name)
+}

@@ -1,0 +1,156 @@
+//! Shared helpers for the real-kernel integration tests: huge page
+//! reservation, hugetlbfs mounts, child processes and data patterns.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use hugearena::PageSize;
+use hugearena::probe::{HugePagePool, HugetlbfsMount};
+
+/// Environment variable that turns a test binary into a child helper.
+pub const CHILD_ROLE: &str = "HUGEARENA_TEST_CHILD";
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false")
+}
+
+/// Skips (returns false with the reason printed) or, in CI, fails.
+pub fn skip(reason: &str) -> bool {
+    if in_ci() {
+        panic!("required in CI, cannot skip: {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+    false
+}
+
+/// Makes sure `pages` huge pages of `size` are free and unreserved, growing
+/// the pool when running as root. Returns false (after reporting a skip)
+/// when that is impossible.
+pub fn ensure_huge_pages(size: PageSize, pages: u64) -> bool {
+    // Tests run in parallel: keep headroom for the others.
+    let want = pages + 16;
+    let Some(pool) = HugePagePool::read(size) else {
+        return skip(&format!("the kernel has no {size} huge page pool"));
+    };
+    if pool.available() >= want {
+        return true;
+    }
+    if !is_root() {
+        return skip(&format!(
+            "needs {want} free {size} huge pages, have {}; reserve huge pages: {}",
+            pool.available(),
+            HugePagePool::reserve_command(size, pool.total + want)
+        ));
+    }
+    let knob = format!(
+        "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages",
+        size.kib()
+    );
+    let target = pool.total + (want - pool.available());
+    if let Err(e) = std::fs::write(&knob, target.to_string()) {
+        return skip(&format!("cannot write {knob}: {e}"));
+    }
+    let after = HugePagePool::read(size).expect("pool exists");
+    if after.available() < pages {
+        return skip(&format!(
+            "asked the kernel for {target} {size} huge pages, it gave {} (memory too fragmented?)",
+            after.total
+        ));
+    }
+    true
+}
+
+/// A hugetlbfs mount with 2 MiB pages, mounting one when root.
+pub fn hugetlbfs_2m() -> Option<PathBuf> {
+    let find = || {
+        HugetlbfsMount::list()
+            .into_iter()
+            .find(|m| m.page_size == PageSize::Huge2M)
+            .map(|m| m.path)
+    };
+    if let Some(path) = find() {
+        return Some(path);
+    }
+    if !is_root() {
+        skip("no hugetlbfs mount: sudo mount -t hugetlbfs -o pagesize=2M none /dev/hugepages");
+        return None;
+    }
+    let _ = std::fs::create_dir_all("/dev/hugepages");
+    let status = Command::new("mount")
+        .args([
+            "-t",
+            "hugetlbfs",
+            "-o",
+            "pagesize=2M",
+            "none",
+            "/dev/hugepages",
+        ])
+        .status();
+    match (status, find()) {
+        (_, Some(path)) => Some(path),
+        (status, None) => {
+            skip(&format!("mounting hugetlbfs failed: {status:?}"));
+            None
+        }
+    }
+}
+
+/// A fresh path in `dir` for a region file; the file does not exist yet.
+pub fn unique_path(dir: &str, tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    PathBuf::from(format!(
+        "{dir}/hugearena-test-{}-{tag}-{n}",
+        std::process::id()
+    ))
+}
+
+/// Removes a file when dropped.
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Runs this test binary's `child_entry` test as a separate process with
+/// `role` and extra environment.
+pub fn run_child(role: &str, env: &[(&str, String)]) -> Output {
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = Command::new(exe)
+        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ROLE, role)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("spawn child test process");
+    if !out.status.success() {
+        panic!(
+            "child {role} failed: {:?}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// The byte a pattern with `seed` has at `offset`.
+pub fn pattern_byte(seed: u64, offset: usize) -> u8 {
+    let x = (offset as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ seed.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    (x >> 56) as u8 ^ (offset >> 12) as u8
+}
+
+/// Fills `buf` with the pattern starting at `offset`.
+pub fn fill_pattern(seed: u64, offset: usize, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = pattern_byte(seed, offset + i);
+    }
+}
