@@ -104,14 +104,14 @@ pub enum Error {
     )]
     UserfaultfdDenied {
         /// Both attempts and their errnos.
-        detail: OpenError,
+        detail: Box<OpenError>,
     },
 
     /// The kernel has no userfaultfd.
     #[error("userfaultfd is not available ({detail}): use a kernel built with CONFIG_USERFAULTFD")]
     UserfaultfdUnsupported {
         /// Both attempts and their errnos.
-        detail: OpenError,
+        detail: Box<OpenError>,
     },
 
     /// The region file does not exist.
@@ -220,7 +220,7 @@ pub enum Error {
         context: &'static str,
         /// The failed call.
         #[source]
-        source: SysError,
+        source: Box<SysError>,
     },
 
     /// File I/O failed.
@@ -237,7 +237,10 @@ pub enum Error {
 impl Error {
     /// Wraps a syscall failure with what hugearena was doing.
     pub(crate) fn sys(context: &'static str) -> impl FnOnce(SysError) -> Error {
-        move |source| Error::Sys { context, source }
+        move |source| Error::Sys {
+            context,
+            source: Box::new(source),
+        }
     }
 
     /// Interprets a userfaultfd open failure: permission or absence.
@@ -245,9 +248,13 @@ impl Error {
         use crate::sys::Errno;
         let denied = |e: &SysError| matches!(e.errno(), Errno::EPERM | Errno::EACCES);
         if denied(&detail.device) || denied(&detail.syscall) {
-            Error::UserfaultfdDenied { detail }
+            Error::UserfaultfdDenied {
+                detail: Box::new(detail),
+            }
         } else {
-            Error::UserfaultfdUnsupported { detail }
+            Error::UserfaultfdUnsupported {
+                detail: Box::new(detail),
+            }
         }
     }
 }

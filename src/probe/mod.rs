@@ -201,7 +201,7 @@ impl HugetlbfsMount {
                     .split(',')
                     .find_map(|o| o.strip_prefix("pagesize="))
                     .and_then(parse_size)
-                    .and_then(|b| PageSize::from_bytes(b))
+                    .and_then(PageSize::from_bytes)
                     .unwrap_or(PageSize::Huge2M);
                 Some(HugetlbfsMount {
                     path: PathBuf::from(path),

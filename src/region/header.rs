@@ -99,6 +99,11 @@ impl Header {
         if checksum(bytes) != get64(bytes, 88) {
             return Err(corrupt("checksum mismatch".into()));
         }
+        if get32(bytes, 28) != 0 {
+            return Err(corrupt("reserved bytes are not zero".into()));
+        }
+        let creator_pid = u32::try_from(get64(bytes, 72))
+            .map_err(|_| corrupt(format!("creator pid {} is out of range", get64(bytes, 72))))?;
         let kind = BackendKind::from_code(get32(bytes, 16))
             .ok_or_else(|| corrupt(format!("unknown backend code {}", get32(bytes, 16))))?;
         let huge = page_size_of_shift(get32(bytes, 20))
@@ -127,7 +132,7 @@ impl Header {
         }
         Ok(Header {
             layout,
-            creator_pid: get64(bytes, 72) as u32,
+            creator_pid,
             created_unix_ms: get64(bytes, 80),
         })
     }

@@ -21,7 +21,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use header::{Header, MAGIC, VERSION};
+pub use header::{ENCODED_LEN as HEADER_ENCODED_LEN, Header, INITIALISING, MAGIC, READY, VERSION};
 pub use layout::{HEADER_BYTES, Layout, MAX_DATA_LEN};
 
 use crate::backend::{self, Backend, BackendChoice, BackendKind, BackendRequest};

@@ -82,7 +82,7 @@ impl fmt::Display for SysError {
                 write!(f, "{name}={value}")?;
             }
         }
-        write!(f, ") failed: {} ({})", self.errno, self.errno.desc())
+        write!(f, ") failed: {}", self.errno)
     }
 }
 
