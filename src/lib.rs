@@ -3,8 +3,10 @@
 
 pub mod backend;
 pub mod error;
+pub mod populate;
 pub mod probe;
 pub mod region;
+pub mod sync;
 pub mod sys;
 
 pub use backend::{Backend, BackendChoice, BackendKind, BackendRequest, HugePages};

@@ -1,0 +1,254 @@
+//! Page sources: what a granule is filled with on first touch.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Why a page source could not fill a page.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// Reading the backing file failed.
+    #[error("page {index}: reading {} at offset {offset}: {source}", path.display())]
+    Io {
+        /// The page.
+        index: u64,
+        /// The file.
+        path: PathBuf,
+        /// Byte offset of the read.
+        offset: u64,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The page lies past the end of the source.
+    #[error("page {index} starts past the end of {} ({len} bytes): the source is shorter than the region", path.display())]
+    PastEnd {
+        /// The page.
+        index: u64,
+        /// The file.
+        path: PathBuf,
+        /// The file's length.
+        len: u64,
+    },
+    /// A custom source failed.
+    #[error("page {index}: {message}")]
+    Custom {
+        /// The page.
+        index: u64,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Fills granules on demand. Called from whichever thread populates the
+/// page (a handler thread, or the thread that touched it), so it must be
+/// `Send + Sync`, and it must not touch the region's unpopulated pages
+/// itself.
+pub trait PageSource: Send + Sync {
+    /// Writes the content of granule `index` into `dst` (one granule long;
+    /// its prior content is unspecified).
+    fn fill(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError>;
+
+    /// Whether every page is all zeroes, so that a fresh (zero) page needs
+    /// no fill at all.
+    fn fills_zero(&self) -> bool {
+        false
+    }
+}
+
+/// Every page reads as zero. Fresh pages already are, so it copies nothing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ZeroSource;
+
+impl PageSource for ZeroSource {
+    fn fill(&self, _index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+        dst.fill(0);
+        Ok(())
+    }
+
+    fn fills_zero(&self) -> bool {
+        true
+    }
+}
+
+/// How a [`FileSource`] reads.
+#[derive(Debug)]
+enum Reader {
+    Pread(File),
+    Mapped(memmap2::Mmap),
+}
+
+/// Pages come from a file (a snapshot, say): page `i` is the `granule`
+/// bytes at `offset + i * granule`. A last, partial page is padded with
+/// zeroes; a page starting past the end is an error.
+#[derive(Debug)]
+pub struct FileSource {
+    path: PathBuf,
+    reader: Reader,
+    offset: u64,
+    len: u64,
+}
+
+impl FileSource {
+    /// Reads pages with `pread(2)`: robust if the file changes underneath.
+    pub fn open(path: impl AsRef<Path>) -> std::io::Result<FileSource> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path)?;
+        let len = file.metadata()?.len();
+        Ok(FileSource {
+            path,
+            reader: Reader::Pread(file),
+            offset: 0,
+            len,
+        })
+    }
+
+    /// Reads pages by copying from a read-only `memmap2` mapping of the
+    /// file: one copy, no system call per page.
+    ///
+    /// # Safety
+    ///
+    /// The file must not be truncated or modified while the source lives:
+    /// reading a truncated mapping raises SIGBUS in the populating thread.
+    pub unsafe fn open_mapped(path: impl AsRef<Path>) -> std::io::Result<FileSource> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path)?;
+        let len = file.metadata()?.len();
+        // SAFETY: the caller guarantees the file stays as it is while mapped.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        Ok(FileSource {
+            path,
+            reader: Reader::Mapped(map),
+            offset: 0,
+            len,
+        })
+    }
+
+    /// Starts page 0 at byte `offset` of the file (e.g. after a header).
+    pub fn with_offset(mut self, offset: u64) -> FileSource {
+        self.offset = offset;
+        self
+    }
+}
+
+impl PageSource for FileSource {
+    fn fill(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+        let start = index
+            .checked_mul(dst.len() as u64)
+            .and_then(|s| s.checked_add(self.offset))
+            .filter(|&s| s < self.len)
+            .ok_or_else(|| SourceError::PastEnd {
+                index,
+                path: self.path.clone(),
+                len: self.len,
+            })?;
+        let available = ((self.len - start) as usize).min(dst.len());
+        let (data, padding) = dst.split_at_mut(available);
+        match &self.reader {
+            Reader::Pread(file) => {
+                file.read_exact_at(data, start)
+                    .map_err(|source| SourceError::Io {
+                        index,
+                        path: self.path.clone(),
+                        offset: start,
+                        source,
+                    })?
+            }
+            Reader::Mapped(map) => {
+                data.copy_from_slice(&map[start as usize..start as usize + available])
+            }
+        }
+        padding.fill(0);
+        Ok(())
+    }
+}
+
+/// Pages come from a closure `(index, dst) -> Result`.
+pub struct FnSource<F>(pub F);
+
+impl<F> PageSource for FnSource<F>
+where
+    F: Fn(u64, &mut [u8]) -> Result<(), SourceError> + Send + Sync,
+{
+    fn fill(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+        (self.0)(index, dst)
+    }
+}
+
+impl<F> std::fmt::Debug for FnSource<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FnSource(..)")
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn patterned_file(len: usize) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        f.write_all(&bytes).unwrap();
+        f
+    }
+
+    #[test]
+    fn file_pages_match_the_file_and_pad_the_tail() {
+        let f = patterned_file(4096 * 2 + 100);
+        // SAFETY: the temporary file is not modified while mapped.
+        let mapped = unsafe { FileSource::open_mapped(f.path()) }.unwrap();
+        for source in [FileSource::open(f.path()).unwrap(), mapped] {
+            let mut page = vec![0xFFu8; 4096];
+            source.fill(1, &mut page).unwrap();
+            assert!(
+                page.iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == ((4096 + i) % 251) as u8)
+            );
+            source.fill(2, &mut page).unwrap();
+            assert_eq!(page[99], ((8192 + 99) % 251) as u8);
+            assert!(page[100..].iter().all(|&b| b == 0), "tail is zero-padded");
+            let err = source.fill(3, &mut page).unwrap_err();
+            assert!(
+                matches!(err, SourceError::PastEnd { index: 3, .. }),
+                "{err}"
+            );
+            assert!(err.to_string().contains("shorter than the region"));
+        }
+    }
+
+    #[test]
+    fn offsets_skip_a_header() {
+        let f = patterned_file(8192);
+        let source = FileSource::open(f.path()).unwrap().with_offset(10);
+        let mut page = vec![0u8; 4096];
+        source.fill(0, &mut page).unwrap();
+        assert_eq!(page[0], 10);
+    }
+
+    #[test]
+    fn closures_and_zero_sources() {
+        let source = FnSource(|index: u64, dst: &mut [u8]| {
+            if index == 7 {
+                return Err(SourceError::Custom {
+                    index,
+                    message: "unlucky page".into(),
+                });
+            }
+            dst.fill(index as u8);
+            Ok(())
+        });
+        let mut page = [0u8; 64];
+        source.fill(3, &mut page).unwrap();
+        assert_eq!(page, [3u8; 64]);
+        assert_eq!(
+            source.fill(7, &mut page).unwrap_err().to_string(),
+            "page 7: unlucky page"
+        );
+        assert!(ZeroSource.fills_zero());
+        ZeroSource.fill(0, &mut page).unwrap();
+        assert_eq!(page, [0u8; 64]);
+    }
+}

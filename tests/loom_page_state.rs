@@ -1,0 +1,182 @@
+//! Model checking of the page-state protocol with loom:
+//! `RUSTFLAGS="--cfg loom" cargo test --release --test loom_page_state`.
+//!
+//! The page's bytes are a loom `UnsafeCell`, so loom reports any read that
+//! is not ordered after the write that filled it. `--cfg hugearena_mutation`
+//! weakens the publishing CAS to `Relaxed`; these tests must then fail.
+#![cfg(loom)]
+
+use hugearena::populate::state::{self, Claim, Owner, PageState};
+use loom::cell::UnsafeCell;
+use loom::sync::Arc;
+use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use loom::thread;
+
+/// One granule: its state word and its bytes.
+struct Granule {
+    state: AtomicU64,
+    data: UnsafeCell<u64>,
+}
+
+// SAFETY: access to `data` follows the protocol under test; loom checks it.
+unsafe impl Sync for Granule {}
+
+impl Granule {
+    fn new() -> Arc<Granule> {
+        Arc::new(Granule {
+            state: AtomicU64::new(state::ABSENT),
+            data: UnsafeCell::new(0),
+        })
+    }
+
+    /// Claim, fill, publish; or read if someone else already published.
+    /// Returns whether this call was the filler.
+    fn populate(&self, me: Owner, value: u64) -> bool {
+        match state::claim(&self.state, me) {
+            Claim::Won => {
+                // SAFETY: the claim makes this thread the only writer.
+                self.data.with_mut(|p| unsafe { *p = value });
+                state::publish(&self.state, me).expect("nobody took the claim over");
+                true
+            }
+            Claim::Present => {
+                // SAFETY: Present was observed with Acquire.
+                assert_eq!(self.data.with(|p| unsafe { *p }), value);
+                false
+            }
+            Claim::Busy(_) | Claim::Poisoned => false,
+        }
+    }
+}
+
+const A: Owner = Owner::new(1, 11);
+const B: Owner = Owner::new(2, 22);
+const C: Owner = Owner::new(3, 33);
+
+#[test]
+fn exactly_one_of_two_racing_populators_fills() {
+    loom::model(|| {
+        let g = Granule::new();
+        let fills = Arc::new(AtomicUsize::new(0));
+        let handles: Vec<_> = [A, B]
+            .into_iter()
+            .map(|me| {
+                let (g, fills) = (g.clone(), fills.clone());
+                thread::spawn(move || {
+                    if g.populate(me, 42) {
+                        fills.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(fills.load(Ordering::Relaxed), 1);
+        assert_eq!(state::observe(&g.state), PageState::Present);
+    });
+}
+
+#[test]
+fn a_reader_that_sees_present_sees_the_bytes() {
+    loom::model(|| {
+        let g = Granule::new();
+        let filler = {
+            let g = g.clone();
+            thread::spawn(move || assert!(g.populate(A, 7)))
+        };
+        if state::observe(&g.state) == PageState::Present {
+            // SAFETY: Present was observed with Acquire.
+            assert_eq!(g.data.with(|p| unsafe { *p }), 7);
+        }
+        filler.join().unwrap();
+    });
+}
+
+/// Eviction's contract: the evicting thread is the last user of the page
+/// (the arena evicts only free memory). Its last read must be ordered before
+/// any refill's write, and exactly one of two racing refillers fills.
+#[test]
+fn eviction_is_ordered_before_the_refill() {
+    loom::model(|| {
+        let g = Granule::new();
+        assert!(g.populate(A, 5));
+        let evictor = {
+            let g = g.clone();
+            thread::spawn(move || {
+                // SAFETY: this thread is the page's last user.
+                assert_eq!(g.data.with(|p| unsafe { *p }), 5);
+                assert!(state::evict(&g.state));
+            })
+        };
+        let refills = Arc::new(AtomicUsize::new(0));
+        let refillers: Vec<_> = [B, C]
+            .into_iter()
+            .map(|me| {
+                let (g, refills) = (g.clone(), refills.clone());
+                thread::spawn(move || {
+                    // A refiller that loses only maps (no read in the model).
+                    if state::claim(&g.state, me) == Claim::Won {
+                        // SAFETY: the claim makes this thread the only writer.
+                        g.data.with_mut(|p| unsafe { *p = 6 });
+                        state::publish(&g.state, me).unwrap();
+                        refills.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        evictor.join().unwrap();
+        for h in refillers {
+            h.join().unwrap();
+        }
+        match refills.load(Ordering::Relaxed) {
+            // Both refillers came before the eviction and found it present.
+            0 => assert_eq!(state::observe(&g.state), PageState::Absent),
+            1 => {
+                assert_eq!(state::observe(&g.state), PageState::Present);
+                // SAFETY: every thread has been joined.
+                assert_eq!(g.data.with(|p| unsafe { *p }), 6);
+            }
+            n => panic!("{n} refills of one evicted granule"),
+        }
+    });
+}
+
+#[test]
+fn a_dead_claim_is_taken_over_once_and_published_once() {
+    loom::model(|| {
+        let g = Granule::new();
+        assert_eq!(state::claim(&g.state, A), Claim::Won);
+        let publishes = Arc::new(AtomicUsize::new(0));
+        // A is presumed dead by B and C, but is actually still finishing.
+        let mut handles = Vec::new();
+        for me in [B, C] {
+            let (g, publishes) = (g.clone(), publishes.clone());
+            handles.push(thread::spawn(move || {
+                if state::take_over(&g.state, A, me) {
+                    // SAFETY: the take-over makes this thread the writer.
+                    g.data.with_mut(|p| unsafe { *p = 9 });
+                    if state::publish(&g.state, me).is_ok() {
+                        publishes.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        {
+            let publishes = publishes.clone();
+            let g = g.clone();
+            handles.push(thread::spawn(move || {
+                // A publishes without writing again (its bytes were written
+                // before the race began in this model).
+                if state::publish(&g.state, A).is_ok() {
+                    publishes.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(publishes.load(Ordering::Relaxed), 1);
+        assert_eq!(state::observe(&g.state), PageState::Present);
+    });
+}
