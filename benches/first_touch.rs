@@ -1,0 +1,123 @@
+//! Baseline: what a first touch of a 4 KiB page costs when the kernel
+//! resolves it natively, on each kind of memory a region can be made of.
+//! These are the numbers userfaultfd population is later compared with.
+//!
+//! ```text
+//! cargo bench --bench first_touch [-- PAGES]
+//! ```
+//!
+//! Each case maps fresh memory, touches every 4 KiB page once (a write of
+//! one byte), and records the latency of each touch in an hdrhistogram.
+//! "page cache hot" cases fill the file through the alias first, so the
+//! primary's touch is a minor fault (map an existing page); the others
+//! allocate and zero on touch. Memory is not pre-warmed at the host level.
+
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use hugearena::{BackendKind, Region, RegionOptions};
+
+const PAGE: usize = 4096;
+
+fn touch_all(base: *mut u8, len: usize) -> Histogram<u64> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("bounds");
+    for off in (0..len).step_by(PAGE) {
+        let start = Instant::now();
+        // SAFETY: `off` is inside the caller's mapping of `len` bytes.
+        unsafe { base.add(off).write_volatile(1) };
+        hist.record(start.elapsed().as_nanos().max(1) as u64)
+            .expect("in range");
+    }
+    hist
+}
+
+fn report(name: &str, hist: &Histogram<u64>, pages: usize, baseline_p50: Option<u64>) {
+    let p50 = hist.value_at_quantile(0.5);
+    let ratio = baseline_p50.map_or(String::from("1.00"), |b| {
+        format!("{:.2}", p50 as f64 / b as f64)
+    });
+    println!(
+        "| {name:<44} | {pages:>7} | {:>8.2} | {:>8.2} | {:>8.2} | {:>8.2} | {ratio:>6} |",
+        p50 as f64 / 1000.0,
+        hist.value_at_quantile(0.99) as f64 / 1000.0,
+        hist.value_at_quantile(0.999) as f64 / 1000.0,
+        hist.mean() / 1000.0,
+    );
+}
+
+fn anonymous(len: usize) -> Histogram<u64> {
+    // SAFETY: a fresh private anonymous mapping, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    // SAFETY: keep the baseline at 4 KiB pages.
+    unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
+    let hist = touch_all(p.cast(), len);
+    // SAFETY: unmapping what was mapped above.
+    unsafe { libc::munmap(p, len) };
+    hist
+}
+
+fn region_touch(kind: BackendKind, len: usize, page_cache_hot: bool) -> Option<Histogram<u64>> {
+    let region = match Region::create(RegionOptions::new(len as u64).backend(kind)) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("| {kind:<44} | skipped: {e}");
+            return None;
+        }
+    };
+    if page_cache_hot {
+        let chunk = vec![7u8; 1 << 20];
+        for off in (0..len).step_by(chunk.len()) {
+            region
+                .write_via_alias(off, &chunk[..chunk.len().min(len - off)])
+                .expect("in bounds");
+        }
+    }
+    Some(touch_all(region.primary().as_ptr(), len))
+}
+
+fn main() {
+    let pages: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(16384);
+    let len = pages * PAGE;
+    println!("first touch of {pages} pages of 4 KiB, one thread; latency in µs");
+    println!();
+    println!("| case | pages | p50 | p99 | p99.9 | mean | p50 vs anon |");
+    println!("|---|---|---|---|---|---|---|");
+    let anon = anonymous(len);
+    let base = anon.value_at_quantile(0.5);
+    report("anonymous memory (allocate + zero)", &anon, pages, None);
+    for (kind, hot, name) in [
+        (BackendKind::Shmem, false, "Shmem primary (allocate + zero)"),
+        (
+            BackendKind::Shmem,
+            true,
+            "Shmem primary (page cache hot, minor)",
+        ),
+        (
+            BackendKind::ShmemThp,
+            true,
+            "ShmemThp primary (page cache hot, minor)",
+        ),
+        (
+            BackendKind::Hugetlb,
+            false,
+            "Hugetlb primary (one fault per 2 MiB, hot pool)",
+        ),
+    ] {
+        if let Some(h) = region_touch(kind, len, hot) {
+            report(name, &h, pages, Some(base));
+        }
+    }
+}
