@@ -230,15 +230,7 @@ pub fn check_pool(backend: Backend, pages: u64) -> Result<()> {
     if pool.available() >= pages {
         return Ok(());
     }
-    Err(Error::HugePagesShort {
-        page_size: size,
-        needed: pages,
-        available: pool.available(),
-        total: pool.total,
-        free: pool.free,
-        reserved: pool.reserved,
-        fix: HugePagePool::reserve_command(size, pool.total + (pages - pool.available())),
-    })
+    Err(Error::huge_pages_short(&pool, pages, pool.available()))
 }
 
 /// Picks a backend for `request`. `hugetlb_pages(backend)` says how many

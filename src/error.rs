@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use crate::backend::BackendKind;
+use crate::probe::HugePagePool;
 use crate::sys::SysError;
 use crate::sys::size::PageSize;
 use crate::sys::uffd::OpenError;
@@ -235,6 +236,23 @@ pub enum Error {
 }
 
 impl Error {
+    /// The pool cannot give `needed` pages of its size; `available` is the
+    /// number to report as still obtainable.
+    pub(crate) fn huge_pages_short(pool: &HugePagePool, needed: u64, available: u64) -> Error {
+        Error::HugePagesShort {
+            page_size: pool.size,
+            needed,
+            available,
+            total: pool.total,
+            free: pool.free,
+            reserved: pool.reserved,
+            fix: HugePagePool::reserve_command(
+                pool.size,
+                pool.total + needed.saturating_sub(available),
+            ),
+        }
+    }
+
     /// Wraps a syscall failure with what hugearena was doing.
     pub(crate) fn sys(context: &'static str) -> impl FnOnce(SysError) -> Error {
         move |source| Error::Sys {

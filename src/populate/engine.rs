@@ -9,9 +9,9 @@ use super::source::{PageSource, SourceError};
 use super::state::{self, Claim, Owner, PageState};
 use crate::error::{Error, Result};
 use crate::region::Region;
+use crate::sys::Errno;
 use crate::sys::memfd::{self, Fallocate};
 use crate::sys::uffd::{Features, OpenFlags, RegisterMode, Userfaultfd};
-use crate::sys::{Errno, SysError};
 
 /// Per-populator counters.
 #[derive(Debug, Default)]
@@ -110,13 +110,13 @@ impl<'r, S: PageSource> Populator<'r, S> {
         let slot = &self.region.page_states()[index];
         loop {
             match state::claim(slot, self.me) {
-                Claim::Won => return self.fill(index),
+                Claim::Won => return self.fill(index, slot),
                 Claim::Present => return Outcome::Ready,
                 Claim::Poisoned => return Outcome::Failed,
                 Claim::Busy(owner) => {
                     if !owner.is_alive() && state::take_over(slot, owner, self.me) {
                         self.counters.takeovers.fetch_add(1, Ordering::Relaxed);
-                        return self.fill(index);
+                        return self.fill(index, slot);
                     }
                     // Another live filler: it publishes within one fill.
                     std::thread::yield_now();
@@ -129,9 +129,8 @@ impl<'r, S: PageSource> Populator<'r, S> {
     }
 
     /// Fills a claimed granule through the alias and publishes it.
-    fn fill(&self, index: usize) -> Outcome {
+    fn fill(&self, index: usize, slot: &AtomicU64) -> Outcome {
         let g = self.region.granule().bytes();
-        let slot = &self.region.page_states()[index];
         let result = if self.source.fills_zero() {
             // Allocating the page is the whole fill: fresh pages are zero.
             let file_offset = self.region.layout().data_offset() + (index * g) as u64;
@@ -232,6 +231,6 @@ impl<'r, S: PageSource> Populator<'r, S> {
         let start = unsafe { self.region.primary().as_ptr().add(at) };
         self.uffd
             .wake(start, len)
-            .map_err(|e: SysError| Error::sys("waking faulting threads")(e))
+            .map_err(Error::sys("waking faulting threads"))
     }
 }

@@ -501,15 +501,7 @@ fn short_pool_error(layout: &Layout, e: SysError) -> Error {
             // The pool looked big enough a moment ago but the kernel refused:
             // another mapping took pages in between. Report it as a shortfall.
             let shown = pool.available().min(needed.saturating_sub(1));
-            Error::HugePagesShort {
-                page_size: size,
-                needed,
-                available: shown,
-                total: pool.total,
-                free: pool.free,
-                reserved: pool.reserved,
-                fix: HugePagePool::reserve_command(size, pool.total + needed.saturating_sub(shown)),
-            }
+            Error::huge_pages_short(&pool, needed, shown)
         }
         _ => Error::sys("allocating the region's memory")(e),
     }

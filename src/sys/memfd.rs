@@ -2,7 +2,7 @@
 //! hole punching and file-system identification.
 
 use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use super::error::{Errno, SysError, SysResult, check};
 use super::size::PageSize;
@@ -159,24 +159,10 @@ pub unsafe fn adopt_inherited(raw: i32) -> SysResult<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-impl MemfdKind {
-    /// The size of the pages backing this kind of file.
-    pub fn page_size(self) -> PageSize {
-        match self {
-            MemfdKind::Shmem => PageSize::Base4K,
-            MemfdKind::Hugetlb(size) => size,
-        }
-    }
-}
-
-/// Lets callers pass either an `OwnedFd` or a `BorrowedFd` to the helpers.
-pub fn borrow(fd: &impl AsFd) -> BorrowedFd<'_> {
-    fd.as_fd()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn shmem_memfd_sizes_and_punches() {
