@@ -85,6 +85,30 @@ pub enum Error {
         reason: String,
     },
 
+    /// An option value makes no sense.
+    #[error("invalid option {option}: {reason}")]
+    InvalidOption {
+        /// The option.
+        option: &'static str,
+        /// What is wrong and what would be valid.
+        reason: String,
+    },
+
+    /// The userfaultfd lacks a feature the chosen population driver needs.
+    #[error(
+        "this kernel's userfaultfd lacks {missing} (offered: {offered}), which the {driver} \
+         driver needs: run `cargo run --example probe` to see what this kernel supports, and \
+         use a driver or backend that it does"
+    )]
+    FeatureMissing {
+        /// The driver.
+        driver: &'static str,
+        /// The missing feature names.
+        missing: String,
+        /// The features the kernel offers.
+        offered: String,
+    },
+
     /// A backend needs something this kernel or machine lacks.
     #[error("the {backend} backend is unavailable here: {reason}; fix: {fix}")]
     BackendUnavailable {
@@ -222,6 +246,19 @@ pub enum Error {
         /// The failed call.
         #[source]
         source: Box<SysError>,
+    },
+
+    /// A thread could not be started.
+    #[error(
+        "starting the {what} thread failed: {source}; the process may be at its thread or \
+         memory limit (see `ulimit -u` and /proc/sys/kernel/threads-max)"
+    )]
+    Spawn {
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
 
     /// File I/O failed.

@@ -19,6 +19,12 @@ pub trait AtomicSlot {
         success: Ordering,
         failure: Ordering,
     ) -> Result<u64, u64>;
+    /// Stores the word.
+    fn store(&self, value: u64, order: Ordering);
+    /// Adds to the word (wrapping); returns the previous value.
+    fn fetch_add(&self, value: u64, order: Ordering) -> u64;
+    /// Subtracts from the word (wrapping); returns the previous value.
+    fn fetch_sub(&self, value: u64, order: Ordering) -> u64;
 }
 
 impl AtomicSlot for AtomicU64 {
@@ -34,6 +40,18 @@ impl AtomicSlot for AtomicU64 {
         failure: Ordering,
     ) -> Result<u64, u64> {
         AtomicU64::compare_exchange(self, current, new, success, failure)
+    }
+
+    fn store(&self, value: u64, order: Ordering) {
+        AtomicU64::store(self, value, order)
+    }
+
+    fn fetch_add(&self, value: u64, order: Ordering) -> u64 {
+        AtomicU64::fetch_add(self, value, order)
+    }
+
+    fn fetch_sub(&self, value: u64, order: Ordering) -> u64 {
+        AtomicU64::fetch_sub(self, value, order)
     }
 }
 
@@ -53,5 +71,17 @@ impl AtomicSlot for std::sync::atomic::AtomicU64 {
     ) -> Result<u64, u64> {
         // loom re-exports std's `Ordering`, so orderings pass through.
         std::sync::atomic::AtomicU64::compare_exchange(self, current, new, success, failure)
+    }
+
+    fn store(&self, value: u64, order: Ordering) {
+        std::sync::atomic::AtomicU64::store(self, value, order)
+    }
+
+    fn fetch_add(&self, value: u64, order: Ordering) -> u64 {
+        std::sync::atomic::AtomicU64::fetch_add(self, value, order)
+    }
+
+    fn fetch_sub(&self, value: u64, order: Ordering) -> u64 {
+        std::sync::atomic::AtomicU64::fetch_sub(self, value, order)
     }
 }

@@ -1,18 +1,25 @@
-//! Proactive population on the real kernel: every granule is filled once
-//! from its source, mapped with UFFDIO_CONTINUE, and a second process maps
-//! the same pages without filling any.
+//! Demand population on the real kernel: every backend × every driver,
+//! two threads touching pages in random order, a second process that maps
+//! without filling, poisoned pages, a filler killed mid-fill, handler
+//! threads that stop, readahead, and promotion to PMD mappings.
 
 mod common;
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use common::*;
-use hugearena::populate::{FileSource, FnSource, Populator, SourceError, ZeroSource};
+use hugearena::populate::{
+    Driver, FileSource, FillError, FnSource, PageSource, PopulateOptions, Populator, Promotion,
+    ZeroSource,
+};
 use hugearena::{BackendKind, PageSize, Region, RegionOptions};
 
 const LEN: usize = 64 << 20;
 
+/// A 64 MiB file holding pattern 1.
 fn patterned_file() -> tempfile::NamedTempFile {
     let mut f = tempfile::NamedTempFile::new().unwrap();
     let mut buf = vec![0u8; 1 << 20];
@@ -38,50 +45,177 @@ fn verify(region: &Region, expect: impl Fn(usize) -> u8) {
     }
 }
 
+fn driver_from(name: &str) -> Driver {
+    match name {
+        "handlers" => Driver::HandlerThreads(2),
+        "in-thread" => Driver::InThread,
+        "proactive" => Driver::Proactive,
+        other => panic!("unknown driver {other}"),
+    }
+}
+
+fn driver_arg(driver: Driver) -> &'static str {
+    match driver {
+        Driver::HandlerThreads(_) => "handlers",
+        Driver::InThread => "in-thread",
+        Driver::Proactive => "proactive",
+    }
+}
+
+/// Granule offsets in a random order (xorshift-driven Fisher-Yates).
+fn shuffled(granules: usize, granule: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..granules).map(|i| i * granule).collect();
+    let mut x = seed | 1;
+    for i in (1..order.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    order
+}
+
+/// Touches one byte of every granule in a random order, as a user of the
+/// driver would: proactive users populate first.
+fn touch_all<S: PageSource>(populator: &Populator<S>, seed: u64) {
+    let region = populator.region();
+    let g = region.granule().bytes();
+    let mut byte = [0u8; 1];
+    for off in shuffled(region.len() / g, g, seed) {
+        if populator.driver() == Driver::Proactive {
+            populator.populate(off, 1).unwrap();
+        }
+        region.read_via_primary(off + 7, &mut byte).unwrap();
+    }
+}
+
+/// Two threads, two random orders, the same pages.
+fn touch_from_two_threads<S: PageSource>(populator: &Populator<S>) {
+    std::thread::scope(|s| {
+        s.spawn(|| touch_all(populator, 0x1234_5678));
+        s.spawn(|| touch_all(populator, 0x9abc_def0));
+    });
+}
+
 #[test]
 fn child_entry() {
     let Ok(role) = std::env::var(CHILD_ROLE) else {
         return;
     };
-    if role == "touch-poisoned" {
-        let region =
-            Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap();
-        let populator = Populator::new(&region, failing_source()).unwrap();
-        populator.populate(0, region.len()).unwrap();
-        let mut page = [0u8; 16];
-        region.read_via_primary(4 * 4096, &mut page).unwrap();
-        println!("CHILD-READ-PAGE-4");
-        // Page 5 is poisoned: this read must raise SIGBUS and kill us.
-        region.read_via_primary(5 * 4096, &mut page).unwrap();
-        println!("CHILD-SURVIVED");
-        return;
+    let env = |k: &str| std::env::var(k).unwrap();
+    match role.as_str() {
+        "share" => {
+            // Map what the parent populated: no fill may happen here.
+            let region = Arc::new(Region::open(env("REGION_PATH")).unwrap());
+            let options = PopulateOptions::new().driver(driver_from(&env("DRIVER")));
+            let source = env("SOURCE");
+            let fills = if source == "zero" {
+                let p = Populator::with_options(region.clone(), ZeroSource, options).unwrap();
+                touch_from_two_threads(&p);
+                verify(&region, |_| 0);
+                p.stats().fills
+            } else {
+                let file = FileSource::open(&source).unwrap();
+                let p = Populator::with_options(region.clone(), file, options).unwrap();
+                touch_from_two_threads(&p);
+                verify(&region, |i| pattern_byte(1, i));
+                p.stats().fills
+            };
+            println!("CHILD-FILLS {fills}");
+        }
+        "touch-poisoned" => {
+            let region = Arc::new(
+                Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap(),
+            );
+            let options = PopulateOptions::new().driver(driver_from(&env("DRIVER")));
+            let p = Populator::with_options(region.clone(), failing_source(), options).unwrap();
+            if p.driver() == Driver::Proactive {
+                p.populate(0, region.len()).unwrap();
+            }
+            let mut page = [0u8; 16];
+            for index in [4usize, 6, 200] {
+                region.read_via_primary(index * 4096, &mut page).unwrap();
+                assert_eq!(page[0], index as u8 + 1);
+            }
+            println!("CHILD-READ-OTHER-PAGES");
+            // Page 5's fill fails: this read must raise SIGBUS and kill us,
+            // after the error was recorded.
+            let _ = region.read_via_primary(5 * 4096, &mut page);
+            println!("CHILD-SURVIVED {:?}", p.errors());
+        }
+        "hold-claims" => {
+            // Fill the first half and the second half from two threads;
+            // pages 3 and 1500 never finish, so their claims stay held.
+            let region = Arc::new(Region::open(env("REGION_PATH")).unwrap());
+            let source = FnSource(|index: u64, dst: &mut [u8]| {
+                if index == 3 || index == 1500 {
+                    println!("HOLDING {index}");
+                    loop {
+                        std::thread::sleep(Duration::from_secs(60));
+                    }
+                }
+                let mut page = vec![0u8; dst.len()];
+                fill_pattern(2, index as usize * dst.len(), &mut page);
+                dst.copy_from_slice(&page);
+                Ok(())
+            });
+            let options = PopulateOptions::new().driver(Driver::Proactive);
+            let p = Populator::with_options(region.clone(), source, options).unwrap();
+            let half = region.len() / 2;
+            std::thread::scope(|s| {
+                s.spawn(|| p.populate(0, half).unwrap());
+                s.spawn(|| p.populate(half, half).unwrap());
+            });
+            unreachable!("the parent kills this process");
+        }
+        "handler-stop" => handler_stop_child(),
+        other => panic!("unknown role {other}"),
     }
-    assert_eq!(role, "populate");
-    let region = Region::open(std::env::var("REGION_PATH").unwrap()).unwrap();
-    let populator = Populator::new(&region, ZeroSource).unwrap();
-    populator.populate(0, region.len()).unwrap();
-    verify(&region, |i| pattern_byte(1, i));
-    println!(
-        "CHILD-FILLS {}",
-        populator.counters().fills.load(Ordering::Relaxed)
-    );
 }
 
-fn populate_from_file(kind: BackendKind) {
-    let file = patterned_file();
-    let region = Region::create(RegionOptions::new(LEN as u64).backend(kind)).unwrap();
-    let populator = Populator::new(&region, FileSource::open(file.path()).unwrap()).unwrap();
-    // Two threads populate overlapping halves: no granule is filled twice.
-    std::thread::scope(|s| {
-        s.spawn(|| populator.populate(0, LEN * 3 / 4).unwrap());
-        s.spawn(|| populator.populate(LEN / 4, LEN * 3 / 4).unwrap());
-    });
+fn acceptance(kind: BackendKind, driver: Driver, from_file: bool) {
+    if kind == BackendKind::Hugetlb && !ensure_huge_pages(PageSize::Huge2M, 40) {
+        return;
+    }
+    let region = Arc::new(Region::create(RegionOptions::new(LEN as u64).backend(kind)).unwrap());
+    assert_eq!(region.backend().kind(), kind);
+    let options = PopulateOptions::new().driver(driver);
     let granules = (LEN / region.granule().bytes()) as u64;
-    assert_eq!(populator.counters().fills.load(Ordering::Relaxed), granules);
-    verify(&region, |i| pattern_byte(1, i));
+    let (file, fills) = if from_file {
+        let file = patterned_file();
+        let source = FileSource::open(file.path()).unwrap();
+        let p = Populator::with_options(region.clone(), source, options).unwrap();
+        touch_from_two_threads(&p);
+        verify(&region, |i| pattern_byte(1, i));
+        assert!(p.errors().is_empty() && p.failures().is_empty());
+        (Some(file), p.stats())
+    } else {
+        let p = Populator::with_options(region.clone(), ZeroSource, options).unwrap();
+        touch_from_two_threads(&p);
+        verify(&region, |_| 0);
+        assert!(p.errors().is_empty() && p.failures().is_empty());
+        (None, p.stats())
+    };
+    // Every granule was touched by both threads, and filled exactly once.
+    assert_eq!(fills.fills, granules, "{fills}");
+    match driver {
+        Driver::HandlerThreads(_) => assert!(fills.faults_handler > 0, "{fills}"),
+        Driver::InThread => assert!(fills.faults_in_thread > 0, "{fills}"),
+        // Faults can still happen (a collapse in another thread drops the
+        // 4 KiB mappings of its block for a moment), but populate did the
+        // filling.
+        Driver::Proactive => assert!(fills.populate_calls > 0, "{fills}"),
+    }
+    let source = file
+        .as_ref()
+        .map_or("zero".to_string(), |f| f.path().display().to_string());
     let out = run_child(
-        "populate",
-        &[("REGION_PATH", region.shareable_path().display().to_string())],
+        "share",
+        &[
+            ("REGION_PATH", region.shareable_path().display().to_string()),
+            ("DRIVER", driver_arg(driver).to_string()),
+            ("SOURCE", source),
+        ],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -90,40 +224,41 @@ fn populate_from_file(kind: BackendKind) {
     );
 }
 
-#[test]
-fn shmem_is_populated_once_and_shared() {
-    populate_from_file(BackendKind::Shmem);
+macro_rules! acceptance_tests {
+    ($($name:ident: $kind:ident, $driver:expr, $file:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            acceptance(BackendKind::$kind, $driver, $file);
+        }
+    )*};
 }
 
-#[test]
-fn shmem_thp_is_populated_once_and_shared() {
-    populate_from_file(BackendKind::ShmemThp);
-}
-
-#[test]
-fn hugetlb_is_populated_once_and_shared() {
-    if ensure_huge_pages(PageSize::Huge2M, 40) {
-        populate_from_file(BackendKind::Hugetlb);
-    }
-}
-
-#[test]
-fn zero_source_allocates_without_copying() {
-    let region = Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap();
-    let populator = Populator::new(&region, ZeroSource).unwrap();
-    populator.populate(0, region.len()).unwrap();
-    verify(&region, |_| 0);
-    assert_eq!(populator.counters().fills.load(Ordering::Relaxed), 2048);
+acceptance_tests! {
+    shmem_handlers_file: Shmem, Driver::HandlerThreads(2), true;
+    shmem_handlers_zero: Shmem, Driver::HandlerThreads(2), false;
+    shmem_in_thread_file: Shmem, Driver::InThread, true;
+    shmem_in_thread_zero: Shmem, Driver::InThread, false;
+    shmem_proactive_file: Shmem, Driver::Proactive, true;
+    shmem_proactive_zero: Shmem, Driver::Proactive, false;
+    shmem_thp_handlers_file: ShmemThp, Driver::HandlerThreads(2), true;
+    shmem_thp_handlers_zero: ShmemThp, Driver::HandlerThreads(2), false;
+    shmem_thp_in_thread_file: ShmemThp, Driver::InThread, true;
+    shmem_thp_in_thread_zero: ShmemThp, Driver::InThread, false;
+    shmem_thp_proactive_file: ShmemThp, Driver::Proactive, true;
+    shmem_thp_proactive_zero: ShmemThp, Driver::Proactive, false;
+    hugetlb_handlers_file: Hugetlb, Driver::HandlerThreads(2), true;
+    hugetlb_handlers_zero: Hugetlb, Driver::HandlerThreads(2), false;
+    hugetlb_in_thread_file: Hugetlb, Driver::InThread, true;
+    hugetlb_in_thread_zero: Hugetlb, Driver::InThread, false;
+    hugetlb_proactive_file: Hugetlb, Driver::Proactive, true;
+    hugetlb_proactive_zero: Hugetlb, Driver::Proactive, false;
 }
 
 /// Fills page i with i + 1, except page 5, whose fill fails.
-fn failing_source() -> impl hugearena::populate::PageSource {
+fn failing_source() -> impl PageSource {
     FnSource(|index: u64, dst: &mut [u8]| {
         if index == 5 {
-            return Err(SourceError::Custom {
-                index,
-                message: "checksum mismatch".into(),
-            });
+            return Err(FillError::Failed("checksum mismatch"));
         }
         dst.fill((index as u8).wrapping_add(1));
         Ok(())
@@ -133,24 +268,36 @@ fn failing_source() -> impl hugearena::populate::PageSource {
 #[test]
 fn touching_a_poisoned_page_raises_sigbus_for_that_page_only() {
     use std::os::unix::process::ExitStatusExt;
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ROLE, "touch-poisoned")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("CHILD-READ-PAGE-4"), "{stdout}");
-    assert!(!stdout.contains("CHILD-SURVIVED"), "{stdout}");
-    assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{:?}", out.status);
+    for driver in ["handlers", "in-thread", "proactive"] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ROLE, "touch-poisoned")
+            .env("DRIVER", driver)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("CHILD-READ-OTHER-PAGES"),
+            "{driver}: {stdout}"
+        );
+        assert!(!stdout.contains("CHILD-SURVIVED"), "{driver}: {stdout}");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGBUS),
+            "{driver}: {:?}",
+            out.status
+        );
+    }
 }
 
 #[test]
 fn a_failing_source_poisons_only_its_pages_and_reports_why() {
-    let region = Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap();
-    let populator = Populator::new(&region, failing_source()).unwrap();
-    populator.populate(0, region.len()).unwrap();
-    assert_eq!(populator.counters().poisoned.load(Ordering::Relaxed), 1);
-    let errors = populator.take_errors();
+    let region =
+        Arc::new(Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap());
+    let p = Populator::new(region.clone(), failing_source()).unwrap();
+    p.populate(0, region.len()).unwrap();
+    assert_eq!(p.counters().poisoned.load(Ordering::Relaxed), 1);
+    let errors = p.errors();
     assert_eq!(errors.len(), 1);
     assert_eq!(errors[0].to_string(), "page 5: checksum mismatch");
     let mut page = vec![0u8; 4096];
@@ -161,4 +308,212 @@ fn a_failing_source_poisons_only_its_pages_and_reports_why() {
             "page {index}"
         );
     }
+}
+
+#[test]
+fn a_panicking_source_poisons_its_page_and_the_rest_keeps_working() {
+    let region =
+        Arc::new(Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap());
+    let source = FnSource(|index: u64, dst: &mut [u8]| {
+        assert_ne!(index, 9, "a bug in a page source");
+        dst.fill(index as u8);
+        Ok(())
+    });
+    let options = PopulateOptions::new().driver(Driver::HandlerThreads(1));
+    let p = Populator::with_options(region.clone(), source, options).unwrap();
+    p.populate(0, region.len()).unwrap();
+    let errors = p.errors();
+    assert_eq!(errors.len(), 1);
+    assert_eq!((errors[0].index, errors[0].error), (9, FillError::Panicked));
+    // The handler thread survived the panic and serves faults.
+    assert_eq!(p.live_handlers(), 1);
+    let mut byte = [0u8; 1];
+    region.read_via_primary(10 * 4096, &mut byte).unwrap();
+    assert_eq!(byte[0], 10);
+}
+
+#[test]
+fn a_filler_killed_mid_fill_is_taken_over_by_another_process() {
+    use std::process::{Command, Stdio};
+    let region =
+        Arc::new(Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap());
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ROLE, "hold-claims")
+        .env("REGION_PATH", region.shareable_path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut holding = 0;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        if line.unwrap().contains("HOLDING") {
+            holding += 1;
+            if holding == 2 {
+                break;
+            }
+        }
+    }
+    assert_eq!(holding, 2, "the child did not reach its stuck fills");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let source = FnSource(|index: u64, dst: &mut [u8]| {
+        let mut page = vec![0u8; dst.len()];
+        fill_pattern(2, index as usize * dst.len(), &mut page);
+        dst.copy_from_slice(&page);
+        Ok(())
+    });
+    let options = PopulateOptions::new().driver(Driver::Proactive);
+    let p = Populator::with_options(region.clone(), source, options).unwrap();
+    p.populate(0, region.len()).unwrap();
+    let stats = p.stats();
+    assert_eq!(stats.takeovers, 2, "{stats}");
+    // The child filled pages 0..3 and 1024..1500 before it was killed.
+    assert_eq!(stats.fills, 2048 - 3 - 476, "{stats}");
+    verify(&region, |i| pattern_byte(2, i));
+}
+
+/// A handler thread is filling page 0 (slowly) for a parked thread when
+/// the handlers are told to stop: the parked thread gets its page, and a
+/// later touch of an unpopulated page raises SIGBUS instead of sleeping
+/// forever.
+fn handler_stop_child() {
+    let region =
+        Arc::new(Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap());
+    let source = FnSource(|index: u64, dst: &mut [u8]| {
+        if index == 0 {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        dst.fill(index as u8 + 1);
+        Ok(())
+    });
+    let options = PopulateOptions::new().driver(Driver::HandlerThreads(2));
+    let mut p = Populator::with_options(region.clone(), source, options).unwrap();
+    let parked = {
+        let region = region.clone();
+        std::thread::spawn(move || {
+            let mut byte = [0u8; 1];
+            region.read_via_primary(0, &mut byte).unwrap();
+            byte[0]
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    p.stop_handlers();
+    assert_eq!(parked.join().unwrap(), 1);
+    println!("CHILD-PARKED-THREAD-GOT-ITS-PAGE");
+    let mut byte = [0u8; 1];
+    let _ = region.read_via_primary(4096, &mut byte);
+    println!("CHILD-SURVIVED");
+}
+
+#[test]
+fn stopped_handlers_never_leave_a_thread_parked() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ROLE, "handler-stop")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("CHILD-PARKED-THREAD-GOT-ITS-PAGE"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("CHILD-SURVIVED"), "{stdout}");
+    assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{:?}", out.status);
+}
+
+#[test]
+fn sequential_faults_read_ahead_and_random_ones_do_not() {
+    for (readahead, sequential) in [(256 << 10, true), (0, true), (256 << 10, false)] {
+        let region = Arc::new(
+            Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap(),
+        );
+        let options = PopulateOptions::new()
+            .driver(Driver::InThread)
+            .readahead(readahead);
+        let p = Populator::with_options(region.clone(), ZeroSource, options).unwrap();
+        let mut byte = [0u8; 1];
+        let order: Vec<usize> = if sequential {
+            (0..2048).map(|i| i * 4096).collect()
+        } else {
+            shuffled(2048, 4096, 42)
+        };
+        for off in order {
+            region.read_via_primary(off, &mut byte).unwrap();
+        }
+        let s = p.stats();
+        assert_eq!(s.fills, 2048, "{s}");
+        match (readahead, sequential) {
+            (0, _) => assert_eq!((s.readahead, s.faults_in_thread), (0, 2048), "{s}"),
+            // Windows of 4, 8, ... 64 pages: about 2048 / 64 faults, and
+            // every page is either faulted on or read ahead.
+            (_, true) => {
+                assert!(s.faults_in_thread < 64, "{s}");
+                assert_eq!(s.faults_in_thread + s.readahead, 2048, "{s}");
+            }
+            // Random faults rarely look sequential.
+            (_, false) => assert!(s.faults_in_thread > 2048 * 7 / 8, "{s}"),
+        }
+    }
+}
+
+/// Sums a field of `/proc/self/smaps` over the mappings inside
+/// `[start, end)`, in KiB.
+fn smaps_kib(start: usize, end: usize, field: &str) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((a, b)) = range.split_once('-')
+            && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+        {
+            inside = a >= start && b <= end;
+            continue;
+        }
+        if inside && let Some(v) = line.strip_prefix(field) {
+            total += v
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap();
+        }
+    }
+    total
+}
+
+#[test]
+fn shmem_thp_blocks_are_pmd_mapped_once_full() {
+    for promotion in [Promotion::Inline, Promotion::Background] {
+        let region = Arc::new(
+            Region::create(RegionOptions::new(16 << 20).backend(BackendKind::ShmemThp)).unwrap(),
+        );
+        let options = PopulateOptions::new()
+            .driver(Driver::InThread)
+            .promotion(promotion);
+        let p = Populator::with_options(region.clone(), ZeroSource, options).unwrap();
+        let primary = region.primary().as_ptr() as usize;
+        touch_from_two_threads(&p);
+        p.flush_promotions();
+        let stats = p.stats();
+        assert_eq!(stats.collapses, 8, "{promotion:?}: {stats}");
+        let pmd = smaps_kib(primary, primary + region.len(), "ShmemPmdMapped:");
+        assert_eq!(pmd, 16 << 10, "{promotion:?}: PMD-mapped KiB");
+        verify(&region, |_| 0);
+    }
+}
+
+#[test]
+fn handler_threads_need_at_least_one_thread() {
+    let region =
+        Arc::new(Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap());
+    let err = Populator::with_options(
+        region,
+        ZeroSource,
+        PopulateOptions::new().driver(Driver::HandlerThreads(0)),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("at least one thread"), "{err}");
 }

@@ -1,11 +1,20 @@
 //! Demand population: who fills a granule (the page-state protocol), what
-//! it is filled with (page sources).
+//! it is filled with (page sources), and who resolves a first touch (the
+//! drivers: handler threads, the faulting thread itself, or `populate`).
 
-pub mod engine;
+mod engine;
+mod handlers;
 pub mod owner;
+mod populator;
+pub mod promote;
+pub mod readahead;
+pub mod signal;
 pub mod source;
 pub mod state;
+pub mod stats;
 
-pub use engine::{Counters, Populator};
-pub use source::{FileSource, FnSource, PageSource, SourceError, ZeroSource};
+pub use populator::{DEFAULT_READAHEAD, Driver, PopulateOptions, Populator};
+pub use promote::Promotion;
+pub use source::{FileSource, FillError, FnSource, PageSource, SourceError, ZeroSource};
 pub use state::{Claim, Owner, PageState};
+pub use stats::{Counters, Stats};

@@ -4,51 +4,55 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-/// Why a page source could not fill a page.
-#[derive(Debug, thiserror::Error)]
+use crate::sys::Errno;
+
+/// Why a page source could not fill a page. Small and `Copy`, so sources
+/// can report failures from a signal handler without allocating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum SourceError {
-    /// Reading the backing file failed.
-    #[error("page {index}: reading {} at offset {offset}: {source}", path.display())]
-    Io {
-        /// The page.
-        index: u64,
-        /// The file.
-        path: PathBuf,
-        /// Byte offset of the read.
-        offset: u64,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The page lies past the end of the source.
-    #[error("page {index} starts past the end of {} ({len} bytes): the source is shorter than the region", path.display())]
+pub enum FillError {
+    /// Reading the source failed.
+    #[error("reading the source failed: {0}")]
+    Io(Errno),
+    /// The page starts past the end of the source.
+    #[error(
+        "the page starts past the end of the source ({len} bytes): the source is shorter than the region"
+    )]
     PastEnd {
-        /// The page.
-        index: u64,
-        /// The file.
-        path: PathBuf,
-        /// The file's length.
+        /// The source's length in bytes.
         len: u64,
     },
-    /// A custom source failed.
-    #[error("page {index}: {message}")]
-    Custom {
-        /// The page.
-        index: u64,
-        /// What went wrong.
-        message: String,
-    },
+    /// A custom source failed for the reason given.
+    #[error("{0}")]
+    Failed(&'static str),
+    /// The source panicked; the populator caught it.
+    #[error("the page source panicked")]
+    Panicked,
+}
+
+/// A failed fill: which granule, and why. Its granule is poisoned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("page {index}: {error}")]
+pub struct SourceError {
+    /// The granule index in the region.
+    pub index: u64,
+    /// Why it failed.
+    #[source]
+    pub error: FillError,
 }
 
 /// Fills granules on demand. Called from whichever thread populates the
-/// page (a handler thread, or the thread that touched it), so it must be
-/// `Send + Sync`, and it must not touch the region's unpopulated pages
-/// itself.
+/// page: a handler thread, a thread calling `populate`, or (with the
+/// in-thread driver) the faulting thread inside its SIGBUS handler.
+///
+/// So a source must be `Send + Sync`, must not touch the region's
+/// unpopulated pages itself, and, for the in-thread driver, must be
+/// async-signal-safe: no allocation, no locks that the interrupted code
+/// could hold. The sources in this module are.
 pub trait PageSource: Send + Sync {
     /// Writes the content of granule `index` into `dst` (one granule long;
     /// its prior content is unspecified).
-    fn fill(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError>;
+    fn fill(&self, index: u64, dst: &mut [u8]) -> Result<(), FillError>;
 
     /// Whether every page is all zeroes, so that a fresh (zero) page needs
     /// no fill at all.
@@ -62,7 +66,7 @@ pub trait PageSource: Send + Sync {
 pub struct ZeroSource;
 
 impl PageSource for ZeroSource {
-    fn fill(&self, _index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+    fn fill(&self, _index: u64, dst: &mut [u8]) -> Result<(), FillError> {
         dst.fill(0);
         Ok(())
     }
@@ -132,29 +136,29 @@ impl FileSource {
     }
 }
 
+impl FileSource {
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 impl PageSource for FileSource {
-    fn fill(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+    fn fill(&self, index: u64, dst: &mut [u8]) -> Result<(), FillError> {
+        let past_end = FillError::PastEnd { len: self.len };
         let start = index
             .checked_mul(dst.len() as u64)
             .and_then(|s| s.checked_add(self.offset))
             .filter(|&s| s < self.len)
-            .ok_or_else(|| SourceError::PastEnd {
-                index,
-                path: self.path.clone(),
-                len: self.len,
-            })?;
+            .ok_or(past_end)?;
         let available = ((self.len - start) as usize).min(dst.len());
         let (data, padding) = dst.split_at_mut(available);
         match &self.reader {
-            Reader::Pread(file) => {
-                file.read_exact_at(data, start)
-                    .map_err(|source| SourceError::Io {
-                        index,
-                        path: self.path.clone(),
-                        offset: start,
-                        source,
-                    })?
-            }
+            Reader::Pread(file) => file.read_exact_at(data, start).map_err(|e| {
+                // An OS error carries its errno without allocating; a short
+                // read means the file shrank under us.
+                FillError::Io(e.raw_os_error().map_or(Errno::EIO, Errno::from_raw))
+            })?,
             Reader::Mapped(map) => {
                 data.copy_from_slice(&map[start as usize..start as usize + available])
             }
@@ -169,9 +173,9 @@ pub struct FnSource<F>(pub F);
 
 impl<F> PageSource for FnSource<F>
 where
-    F: Fn(u64, &mut [u8]) -> Result<(), SourceError> + Send + Sync,
+    F: Fn(u64, &mut [u8]) -> Result<(), FillError> + Send + Sync,
 {
-    fn fill(&self, index: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+    fn fill(&self, index: u64, dst: &mut [u8]) -> Result<(), FillError> {
         (self.0)(index, dst)
     }
 }
@@ -211,9 +215,11 @@ mod tests {
             assert_eq!(page[99], ((8192 + 99) % 251) as u8);
             assert!(page[100..].iter().all(|&b| b == 0), "tail is zero-padded");
             let err = source.fill(3, &mut page).unwrap_err();
-            assert!(
-                matches!(err, SourceError::PastEnd { index: 3, .. }),
-                "{err}"
+            assert_eq!(
+                err,
+                FillError::PastEnd {
+                    len: 4096 * 2 + 100
+                }
             );
             assert!(err.to_string().contains("shorter than the region"));
         }
@@ -232,10 +238,7 @@ mod tests {
     fn closures_and_zero_sources() {
         let source = FnSource(|index: u64, dst: &mut [u8]| {
             if index == 7 {
-                return Err(SourceError::Custom {
-                    index,
-                    message: "unlucky page".into(),
-                });
+                return Err(FillError::Failed("unlucky page"));
             }
             dst.fill(index as u8);
             Ok(())
@@ -243,8 +246,9 @@ mod tests {
         let mut page = [0u8; 64];
         source.fill(3, &mut page).unwrap();
         assert_eq!(page, [3u8; 64]);
+        let error = source.fill(7, &mut page).unwrap_err();
         assert_eq!(
-            source.fill(7, &mut page).unwrap_err().to_string(),
+            SourceError { index: 7, error }.to_string(),
             "page 7: unlucky page"
         );
         assert!(ZeroSource.fills_zero());

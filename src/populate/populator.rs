@@ -1,0 +1,391 @@
+//! [`Populator`]: demand population of one region in this process, with a
+//! choice of driver.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::engine::Core;
+use super::handlers::HandlerPool;
+use super::promote::{Promoter, Promotion};
+use super::signal::{self, Registration};
+use super::source::{PageSource, SourceError};
+use super::stats::{Counters, Stats};
+use crate::backend::BackendKind;
+use crate::error::{Error, Result};
+use crate::probe::KernelCaps;
+use crate::region::Region;
+use crate::sys::SysError;
+use crate::sys::mman::{self, Advice};
+use crate::sys::size::PageSize;
+use crate::sys::uffd::{Features, OpenFlags, RegisterMode, Userfaultfd};
+
+/// Who resolves a first touch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    /// This many threads read fault events from the userfaultfd and
+    /// resolve them while the faulting thread sleeps. Kernel-mode accesses
+    /// (`read(2)` into an unpopulated page) are resolved too. Each fault
+    /// costs a wake-up of the faulting thread, often on another CPU.
+    HandlerThreads(usize),
+    /// The faulting thread resolves its own fault in a SIGBUS handler
+    /// (`UFFD_FEATURE_SIGBUS`): no thread switch, the fastest path. The
+    /// handler is process-wide and chains to the previous one for every
+    /// address that is not an arena's. A kernel-mode access to an
+    /// unpopulated page fails with `EFAULT` instead: call
+    /// [`Populator::populate`] on a range before passing it to a system
+    /// call.
+    InThread,
+    /// The application calls [`Populator::populate`] on ranges before it
+    /// touches them (no readahead). Faults that happen anyway are resolved
+    /// in the faulting thread as with [`Driver::InThread`]: a page the
+    /// application did not populate, or a mapping the kernel dropped
+    /// because a process collapsed a block into a huge page (collapse
+    /// removes 4 KiB page tables in every process mapping the block).
+    Proactive,
+}
+
+impl Driver {
+    /// A short name for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::HandlerThreads(_) => "handler-threads",
+            Driver::InThread => "in-thread",
+            Driver::Proactive => "proactive",
+        }
+    }
+}
+
+impl std::fmt::Display for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Driver::HandlerThreads(n) => write!(f, "handler-threads({n})"),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+/// Default readahead cap in bytes: 64 granules of 4 KiB.
+pub const DEFAULT_READAHEAD: usize = 256 << 10;
+
+/// How a [`Populator`] works.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PopulateOptions {
+    driver: Driver,
+    readahead: usize,
+    promotion: Promotion,
+}
+
+impl Default for PopulateOptions {
+    fn default() -> Self {
+        PopulateOptions {
+            driver: Driver::InThread,
+            readahead: DEFAULT_READAHEAD,
+            promotion: Promotion::Background,
+        }
+    }
+}
+
+impl PopulateOptions {
+    /// In-thread driver, 256 KiB readahead, background promotion.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Chooses the driver.
+    pub fn driver(mut self, driver: Driver) -> Self {
+        self.driver = driver;
+        self
+    }
+
+    /// Caps sequential readahead at `bytes` (at least one granule when not
+    /// 0; 0 turns it off).
+    pub fn readahead(mut self, bytes: usize) -> Self {
+        self.readahead = bytes;
+        self
+    }
+
+    /// Chooses when full blocks are collapsed into huge mappings
+    /// (`ShmemThp`, and `HugetlbHgm` where the kernel has it).
+    pub fn promotion(mut self, promotion: Promotion) -> Self {
+        self.promotion = promotion;
+        self
+    }
+}
+
+/// Populates one region's primary view in this process: first touches are
+/// filled from `S` exactly once across all threads and processes, and
+/// mapped with `UFFDIO_CONTINUE`.
+///
+/// Dropping it stops its threads and closes the userfaultfd, which turns
+/// the primary back into plain shared memory: drop it only when nothing
+/// touches unpopulated pages any more (or call
+/// [`stop_handlers`](Populator::stop_handlers) first, which makes later
+/// touches of unpopulated pages raise SIGBUS).
+pub struct Populator<S: PageSource + 'static> {
+    core: Arc<Core<S>>,
+    driver: Driver,
+    handlers: Option<HandlerPool>,
+    registration: Option<Registration>,
+    collapser: Option<JoinHandle<()>>,
+}
+
+impl<S: PageSource + 'static> std::fmt::Debug for Populator<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Populator")
+            .field("region", &self.core.region.name())
+            .field("driver", &self.driver)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: PageSource + 'static> Populator<S> {
+    /// Populates `region` from `source` with the default options.
+    pub fn new(region: Arc<Region>, source: S) -> Result<Self> {
+        Self::with_options(region, source, PopulateOptions::default())
+    }
+
+    /// Registers `region`'s primary view for minor faults and starts the
+    /// driver.
+    pub fn with_options(region: Arc<Region>, source: S, options: PopulateOptions) -> Result<Self> {
+        if options.driver == Driver::HandlerThreads(0) {
+            return Err(Error::InvalidOption {
+                option: "Driver::HandlerThreads",
+                reason: "needs at least one thread".into(),
+            });
+        }
+        let handlers = matches!(options.driver, Driver::HandlerThreads(_));
+        let kind = region.backend().kind();
+        // A first touch is a MISSING fault if the page is not in the page
+        // cache yet, a MINOR fault if another process (or the alias) put it
+        // there: both are caught, and both are resolved by filling the page
+        // cache through the alias and mapping it with UFFDIO_CONTINUE.
+        let mut features = Features::POISON
+            | if kind.uses_hugetlb() {
+                Features::MISSING_HUGETLBFS | Features::MINOR_HUGETLBFS
+            } else {
+                Features::MISSING_SHMEM | Features::MINOR_SHMEM
+            };
+        if !handlers {
+            features = features | Features::SIGBUS;
+        }
+        check_features(options.driver, features)?;
+        let flags = OpenFlags {
+            nonblocking: handlers,
+            ..OpenFlags::default()
+        };
+        let (uffd, _) = Userfaultfd::open(flags).map_err(Error::userfaultfd)?;
+        uffd.api(features)
+            .map_err(Error::sys("userfaultfd API handshake"))?;
+        let (primary, len) = (region.primary().as_ptr(), region.len());
+        if kind == BackendKind::HugetlbHgm {
+            // SAFETY: the primary is a shared hugetlb mapping owned by the
+            // region; splitting only permits smaller mappings later.
+            unsafe { mman::madvise(primary, len, Advice::Split) }.map_err(Error::sys(
+                "allowing 4 KiB mappings of huge pages (MADV_SPLIT)",
+            ))?;
+        }
+        uffd.register(primary, len, RegisterMode::MISSING | RegisterMode::MINOR)
+            .map_err(Error::sys(
+                "registering the primary view for missing and minor faults",
+            ))?;
+
+        let granule = region.granule().bytes();
+        let block = match kind {
+            BackendKind::ShmemThp => Some(PageSize::Huge2M.bytes()),
+            BackendKind::HugetlbHgm => Some(region.backend().mapping_unit().bytes()),
+            BackendKind::Hugetlb | BackendKind::Shmem => None,
+        };
+        let promoter = block
+            .filter(|_| options.promotion != Promotion::Off)
+            .map(|b| Promoter::new(options.promotion, primary as usize, len, b, granule));
+        let readahead = match options.readahead {
+            _ if options.driver == Driver::Proactive => 0,
+            0 => 0,
+            bytes => (bytes / granule).max(1) as u64,
+        };
+        let core = Arc::new(Core::new(
+            Arc::clone(&region),
+            uffd,
+            source,
+            handlers,
+            readahead,
+            promoter,
+        ));
+        let mut populator = Populator {
+            core,
+            driver: options.driver,
+            handlers: None,
+            registration: None,
+            collapser: None,
+        };
+        if populator
+            .core
+            .promoter
+            .as_ref()
+            .is_some_and(|p| p.mode() == Promotion::Background)
+        {
+            let core = Arc::clone(&populator.core);
+            let worker = std::thread::Builder::new()
+                .name("hugearena-collapse".into())
+                .spawn(move || {
+                    if let Some(p) = &core.promoter {
+                        p.run_worker(&core.counters);
+                    }
+                })
+                .map_err(|source| Error::Spawn {
+                    what: "background collapse",
+                    source,
+                })?;
+            populator.collapser = Some(worker);
+        }
+        match options.driver {
+            Driver::HandlerThreads(n) => {
+                let pool =
+                    HandlerPool::spawn(&populator.core, n).map_err(|source| Error::Spawn {
+                        what: "userfaultfd handler",
+                        source,
+                    })?;
+                populator.handlers = Some(pool);
+            }
+            Driver::InThread | Driver::Proactive => {
+                let ctx = Arc::as_ptr(&populator.core).cast::<()>();
+                let start = primary as usize;
+                // SAFETY: `ctx` points into the `Arc` this populator holds
+                // until after the registration is dropped (see `Drop`), and
+                // the resolve routine is async-signal-safe (engine docs).
+                let registration =
+                    unsafe { signal::register(start, start + len, ctx, resolve_in_thread::<S>) }
+                        .map_err(Error::sys("installing the in-thread fault handler"))?;
+                populator.registration = Some(registration);
+            }
+        }
+        Ok(populator)
+    }
+
+    /// The region.
+    pub fn region(&self) -> &Arc<Region> {
+        &self.core.region
+    }
+
+    /// The driver.
+    pub fn driver(&self) -> Driver {
+        self.driver
+    }
+
+    /// Populates every granule overlapping `[offset, offset + len)` of the
+    /// primary view, so touching it never faults: one fill per absent
+    /// granule, one `UFFDIO_CONTINUE` per contiguous run. A granule whose
+    /// fill fails is poisoned and reported by [`errors`](Self::errors).
+    pub fn populate(&self, offset: usize, len: usize) -> Result<()> {
+        let g = self.core.granule();
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.core.region.len())
+            .ok_or(Error::OutOfBounds {
+                offset: offset as u64,
+                len: len as u64,
+                region_len: self.core.region.len() as u64,
+            })?;
+        self.core
+            .populate_range(offset / g, end.div_ceil(g))
+            .map_err(Error::sys("populating a range"))
+    }
+
+    /// The live counters.
+    pub fn counters(&self) -> &Counters {
+        &self.core.counters
+    }
+
+    /// The counters and the fill latency distribution, now.
+    pub fn stats(&self) -> Stats {
+        self.core.counters.snapshot(self.core.latency.histogram())
+    }
+
+    /// The first source errors (up to 64); their granules are poisoned.
+    pub fn errors(&self) -> Vec<SourceError> {
+        self.core.errors.to_vec()
+    }
+
+    /// How many fills failed, including those not kept by
+    /// [`errors`](Self::errors).
+    pub fn error_count(&self) -> usize {
+        self.core.errors.total()
+    }
+
+    /// Unexpected system call failures of the driver (up to 16), e.g. a
+    /// handler thread that died. Empty in normal operation.
+    pub fn failures(&self) -> Vec<SysError> {
+        self.core.failures.to_vec()
+    }
+
+    /// Handler threads still running.
+    pub fn live_handlers(&self) -> usize {
+        self.core
+            .live_handlers
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Collapses the blocks waiting for the background thread now, in the
+    /// calling thread.
+    pub fn flush_promotions(&self) {
+        if let Some(p) = &self.core.promoter {
+            p.flush(&self.core.counters);
+        }
+    }
+
+    /// Stops the handler threads after they resolve what is pending, and
+    /// fails closed: present pages are mapped, unpopulated ones poisoned in
+    /// this process, so a later touch raises SIGBUS instead of sleeping
+    /// forever. Does nothing for other drivers.
+    pub fn stop_handlers(&mut self) {
+        if let Some(mut pool) = self.handlers.take() {
+            pool.stop();
+            self.core.fail_closed();
+        }
+    }
+}
+
+impl<S: PageSource + 'static> Drop for Populator<S> {
+    fn drop(&mut self) {
+        if let Some(mut pool) = self.handlers.take() {
+            pool.stop();
+        }
+        // Waits for signal handlers inside this populator to leave.
+        drop(self.registration.take());
+        if let Some(worker) = self.collapser.take() {
+            if let Some(p) = &self.core.promoter {
+                p.stop();
+            }
+            let _ = worker.join();
+        }
+    }
+}
+
+/// The in-thread driver's entry from the SIGBUS handler.
+///
+/// # Safety
+///
+/// `ctx` must point to a live `Core<S>`.
+unsafe fn resolve_in_thread<S: PageSource>(ctx: *const (), addr: usize) -> bool {
+    // SAFETY: the registration's contract keeps `ctx` alive while entered.
+    let core = unsafe { &*ctx.cast::<Core<S>>() };
+    let Some(index) = core.index_of(addr) else {
+        return false;
+    };
+    Counters::bump(&core.counters.faults_in_thread);
+    matches!(core.resolve_fault(index), Ok(true))
+}
+
+fn check_features(driver: Driver, wanted: Features) -> Result<()> {
+    let offered = KernelCaps::cached().uffd.features;
+    let missing = Features(wanted.0 & !offered.0);
+    if missing.0 == 0 || offered.0 == 0 {
+        // Nothing missing, or userfaultfd unusable: opening it reports why.
+        return Ok(());
+    }
+    Err(Error::FeatureMissing {
+        driver: driver.name(),
+        missing: missing.names().join(" | "),
+        offered: offered.names().join(" | "),
+    })
+}
