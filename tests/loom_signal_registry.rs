@@ -88,7 +88,10 @@ fn unregistering_waits_for_handlers_before_reuse() {
         assert!(e.register(8));
         if let Some(late) = handler {
             let late = late.join().unwrap();
-            assert!(late.is_none() || late == Some(7) || late == Some(8), "{late:?}");
+            assert!(
+                late.is_none() || late == Some(7) || late == Some(8),
+                "{late:?}"
+            );
         }
     });
 }
