@@ -86,6 +86,8 @@ fn touch_all<S: PageSource>(populator: &Populator<S>, seed: u64) {
             populator.populate(off, 1).unwrap();
         }
         region.read_via_primary(off + 7, &mut byte).unwrap();
+        // The byte is otherwise unused: keep the read (and its fault).
+        std::hint::black_box(&mut byte);
     }
 }
 
@@ -441,6 +443,7 @@ fn sequential_faults_read_ahead_and_random_ones_do_not() {
         };
         for off in order {
             region.read_via_primary(off, &mut byte).unwrap();
+            std::hint::black_box(&mut byte);
         }
         let s = p.stats();
         assert_eq!(s.fills, 2048, "{s}");
@@ -516,4 +519,52 @@ fn handler_threads_need_at_least_one_thread() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("at least one thread"), "{err}");
+}
+
+/// `read(2)` from a pipe straight into the primary view at `offset`.
+fn pipe_read_into(region: &Region, offset: usize, len: usize) -> Result<usize, nix::errno::Errno> {
+    let (r, w) = nix::unistd::pipe().unwrap();
+    nix::unistd::write(&w, &vec![0xA5u8; len]).unwrap();
+    // SAFETY: the destination is inside the region's primary view, which
+    // stays mapped for the region's lifetime; the kernel writes it (or
+    // fails with EFAULT) and nothing in Rust holds a reference to it.
+    let n = unsafe {
+        libc::read(
+            std::os::fd::AsRawFd::as_raw_fd(&r),
+            region.primary().as_ptr().add(offset).cast(),
+            len,
+        )
+    };
+    if n < 0 {
+        Err(nix::errno::Errno::last())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+#[test]
+fn kernel_mode_writes_fail_in_thread_until_populated_and_wait_for_handlers() {
+    let region =
+        Arc::new(Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap());
+    let p = Populator::new(region.clone(), ZeroSource).unwrap();
+    // The in-thread driver cannot catch a fault taken inside the kernel.
+    assert_eq!(
+        pipe_read_into(&region, 0, 4096),
+        Err(nix::errno::Errno::EFAULT)
+    );
+    // The way around it: populate the range first.
+    p.populate(0, 4096).unwrap();
+    assert_eq!(pipe_read_into(&region, 0, 4096), Ok(4096));
+    let mut byte = [0u8; 1];
+    region.read_via_primary(100, &mut byte).unwrap();
+    assert_eq!(byte[0], 0xA5);
+    drop(p);
+
+    let region =
+        Arc::new(Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap());
+    let options = PopulateOptions::new().driver(Driver::HandlerThreads(1));
+    let p = Populator::with_options(region.clone(), ZeroSource, options).unwrap();
+    // With handler threads the kernel waits for the handler and succeeds.
+    assert_eq!(pipe_read_into(&region, 8192, 4096), Ok(4096));
+    assert_eq!(p.stats().faults_handler, 1);
 }
