@@ -248,6 +248,48 @@ pub enum Error {
         source: Box<SysError>,
     },
 
+    /// An allocation of zero bytes.
+    #[error("allocation of 0 bytes: ask for at least 1 byte")]
+    ZeroAllocation,
+
+    /// The requested alignment is more than an arena can give.
+    #[error("alignment {align} is larger than the arena's largest (2 MiB, one block)")]
+    AlignmentTooLarge {
+        /// The requested alignment.
+        align: usize,
+    },
+
+    /// The arena has no room for the request.
+    #[error(
+        "the arena is out of memory: no room for {size} bytes (in use {in_use} of {capacity} \
+         bytes); free memory, call release_free_blocks() if other processes hold empty blocks, \
+         or create a larger arena"
+    )]
+    ArenaExhausted {
+        /// The requested size.
+        size: usize,
+        /// Bytes allocated when it failed.
+        in_use: u64,
+        /// Bytes the arena can hand out.
+        capacity: u64,
+    },
+
+    /// `free` was given something that is not a live allocation.
+    #[error("invalid free of offset {offset:#x}: {reason}")]
+    InvalidFree {
+        /// The offset passed.
+        offset: u64,
+        /// Why it is not a live allocation.
+        reason: &'static str,
+    },
+
+    /// The region does not hold an arena, or one of another layout.
+    #[error("not a hugearena arena: {reason}")]
+    NotAnArena {
+        /// What was found.
+        reason: String,
+    },
+
     /// A thread could not be started.
     #[error(
         "starting the {what} thread failed: {source}; the process may be at its thread or \

@@ -333,6 +333,15 @@ impl<S: PageSource + 'static> Populator<S> {
         }
     }
 
+    /// Tells promotion that the pages of `[offset, offset + len)` were
+    /// punched out of the backing file (and their states reset), so their
+    /// blocks count up from zero again.
+    pub fn forget_mapped(&self, offset: u64, len: u64) {
+        if let Some(p) = &self.core.promoter {
+            p.forget(offset as usize, len as usize);
+        }
+    }
+
     /// Stops the handler threads after they resolve what is pending, and
     /// fails closed: present pages are mapped, unpopulated ones poisoned in
     /// this process, so a later touch raises SIGBUS instead of sleeping

@@ -115,6 +115,21 @@ impl Promoter {
         }
     }
 
+    /// Forgets the mapped counts of the blocks in `[offset, offset + len)`
+    /// of the primary, whose pages were punched out (they count up again
+    /// as they are mapped anew).
+    pub(crate) fn forget(&self, offset: usize, len: usize) {
+        let first = offset / self.block_bytes;
+        for count in self
+            .mapped
+            .iter()
+            .skip(first)
+            .take(len.div_ceil(self.block_bytes))
+        {
+            count.store(0, Ordering::Release);
+        }
+    }
+
     /// Collapses every pending block now, in the calling thread, and waits
     /// for blocks another thread took to be collapsed too.
     pub(crate) fn flush(&self, counters: &Counters) {

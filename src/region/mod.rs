@@ -378,6 +378,32 @@ impl Region {
         }
     }
 
+    /// `count` atomic words of the data at `offset`, through the primary
+    /// view: shared structures (the arena's tables) live there. Touching
+    /// them populates their pages like any other access.
+    pub fn shared_atomics<T: SharedAtomic>(&self, offset: usize, count: usize) -> Result<&[T]> {
+        let bytes = count
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or(Error::OutOfBounds {
+                offset: offset as u64,
+                len: u64::MAX,
+                region_len: self.len() as u64,
+            })?;
+        self.check_bounds(offset, bytes)?;
+        assert_eq!(
+            offset % std::mem::align_of::<T>(),
+            0,
+            "shared atomics must be aligned"
+        );
+        // SAFETY: in bounds and aligned (checked); the primary view lives as
+        // long as `self`; `SharedAtomic` types have no invalid bit patterns
+        // and are only accessed atomically, so sharing them with other
+        // threads and processes is sound.
+        Ok(unsafe {
+            std::slice::from_raw_parts(self.primary.as_ptr().add(offset).cast::<T>(), count)
+        })
+    }
+
     /// Copies `bytes` into the data at `offset` through the alias view.
     pub fn write_via_alias(&self, offset: usize, bytes: &[u8]) -> Result<()> {
         self.check_bounds(offset, bytes.len())?;
@@ -388,6 +414,22 @@ impl Region {
             std::ptr::copy_nonoverlapping(
                 bytes.as_ptr(),
                 self.alias.as_ptr().add(offset),
+                bytes.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Copies `bytes` into the data at `offset` through the primary view
+    /// (what users touch: unpopulated pages are populated first).
+    pub fn write_via_primary(&self, offset: usize, bytes: &[u8]) -> Result<()> {
+        self.check_bounds(offset, bytes.len())?;
+        // SAFETY: in bounds (checked); shared bytes are copied raw, never
+        // borrowed.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.primary.as_ptr().add(offset),
                 bytes.len(),
             )
         };
@@ -420,6 +462,18 @@ impl Region {
             }),
         }
     }
+}
+
+/// Atomic integer types that can be viewed in shared memory: any bit
+/// pattern is valid, and all access is atomic.
+pub trait SharedAtomic: sealed::Sealed + Sync {}
+impl SharedAtomic for AtomicU64 {}
+impl SharedAtomic for std::sync::atomic::AtomicU32 {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for std::sync::atomic::AtomicU64 {}
+    impl Sealed for std::sync::atomic::AtomicU32 {}
 }
 
 /// Removes a half-created region file unless disarmed, so a failed create

@@ -1,0 +1,209 @@
+//! Bitmaps in shared memory: one bit per page of a block (or per object of
+//! a span), set = in use.
+//!
+//! # Protocol
+//!
+//! - **Claim**: a range of bits is taken word by word, each with a CAS that
+//!   requires the range's bits in that word to be clear (`AcqRel`: the
+//!   claimant sees the writes of whoever freed them). If a later word's
+//!   bits are taken, the words already claimed are given back and the claim
+//!   fails: no range is ever half-owned once the call returns.
+//! - **Release**: a CAS per word that requires the bits to be set
+//!   (`AcqRel`: the releaser's writes to the memory happen before the next
+//!   claimant's); finding one clear is reported (a double free, or a
+//!   pointer that was never allocated), after putting back what was cleared.
+//!
+//! Scans (`find_clear_run`) read with `Relaxed`: they only propose a range
+//! for a claim, which checks again.
+
+use crate::sync::{AtomicSlot, Ordering};
+
+const BITS: usize = 64;
+
+/// The bits of word `w` that `[start, start + n)` covers.
+fn segments(start: usize, n: usize) -> impl Iterator<Item = (usize, u64)> {
+    let end = start + n;
+    let mut at = start;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let word = at / BITS;
+        let lo = at % BITS;
+        let hi = (end - word * BITS).min(BITS);
+        let mask = if hi - lo == BITS {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        at = (word + 1) * BITS;
+        Some((word, mask))
+    })
+}
+
+fn set_bits(word: &impl AtomicSlot, mask: u64) -> bool {
+    let mut w = word.load(Ordering::Relaxed);
+    loop {
+        if w & mask != 0 {
+            return false;
+        }
+        match word.compare_exchange(w, w | mask, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(found) => w = found,
+        }
+    }
+}
+
+fn clear_bits(word: &impl AtomicSlot, mask: u64) -> bool {
+    let mut w = word.load(Ordering::Relaxed);
+    loop {
+        if w & mask != mask {
+            return false;
+        }
+        match word.compare_exchange(w, w & !mask, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(found) => w = found,
+        }
+    }
+}
+
+/// Claims bits `[start, start + n)` if all are clear.
+pub fn claim_range(words: &[impl AtomicSlot], start: usize, n: usize) -> bool {
+    let mut claimed = 0;
+    for (i, (w, mask)) in segments(start, n).enumerate() {
+        if !set_bits(&words[w], mask) {
+            for (w, mask) in segments(start, n).take(i) {
+                let ok = clear_bits(&words[w], mask);
+                debug_assert!(ok, "bits this call set were cleared by someone else");
+            }
+            return false;
+        }
+        claimed += 1;
+    }
+    debug_assert!(claimed > 0 || n == 0);
+    true
+}
+
+/// Releases bits `[start, start + n)`; `false` (and nothing changed) if any
+/// of them was clear.
+pub fn release_range(words: &[impl AtomicSlot], start: usize, n: usize) -> bool {
+    for (i, (w, mask)) in segments(start, n).enumerate() {
+        if !clear_bits(&words[w], mask) {
+            for (w, mask) in segments(start, n).take(i) {
+                set_bits(&words[w], mask);
+            }
+            return false;
+        }
+    }
+    true
+}
+
+/// Claims one clear bit among the first `len` bits, lowest first.
+pub fn claim_one(words: &[impl AtomicSlot], len: usize) -> Option<usize> {
+    for (w, word) in words.iter().enumerate().take(len.div_ceil(BITS)) {
+        let valid = if (w + 1) * BITS <= len {
+            u64::MAX
+        } else {
+            (1u64 << (len - w * BITS)) - 1
+        };
+        let mut cur = word.load(Ordering::Relaxed);
+        loop {
+            let free = !cur & valid;
+            if free == 0 {
+                break;
+            }
+            let bit = free & free.wrapping_neg();
+            match word.compare_exchange(cur, cur | bit, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(w * BITS + bit.trailing_zeros() as usize),
+                Err(found) => cur = found,
+            }
+        }
+    }
+    None
+}
+
+/// Whether bit `i` is set.
+pub fn is_set(words: &[impl AtomicSlot], i: usize) -> bool {
+    words[i / BITS].load(Ordering::Acquire) & (1 << (i % BITS)) != 0
+}
+
+/// The first run of `n` clear bits among the first `len` whose start is a
+/// multiple of `align`, as the bitmap looks now.
+pub fn find_clear_run(
+    words: &[impl AtomicSlot],
+    len: usize,
+    n: usize,
+    align: usize,
+) -> Option<usize> {
+    let snapshot: Vec<u64> = words
+        .iter()
+        .take(len.div_ceil(BITS))
+        .map(|w| w.load(Ordering::Relaxed))
+        .collect();
+    let clear = |i: usize| snapshot[i / BITS] & (1 << (i % BITS)) == 0;
+    let mut start = 0;
+    while start + n <= len {
+        match (start..start + n).rfind(|&i| !clear(i)) {
+            None => return Some(start),
+            // Restart after the set bit, at the next aligned position.
+            Some(taken) => start = (taken + 1).next_multiple_of(align),
+        }
+    }
+    None
+}
+
+/// Counts the set bits among the first `len`.
+pub fn count_set(words: &[impl AtomicSlot], len: usize) -> usize {
+    (0..len.div_ceil(BITS))
+        .map(|w| {
+            let valid = if (w + 1) * BITS <= len {
+                u64::MAX
+            } else {
+                (1u64 << (len - w * BITS)) - 1
+            };
+            (words[w].load(Ordering::Acquire) & valid).count_ones() as usize
+        })
+        .sum()
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::sync::AtomicU64;
+
+    fn bitmap(words: usize) -> Vec<AtomicU64> {
+        (0..words).map(|_| AtomicU64::new(0)).collect()
+    }
+
+    #[test]
+    fn ranges_across_words_claim_release_and_roll_back() {
+        let b = bitmap(8);
+        assert!(claim_range(&b, 60, 10));
+        assert!(is_set(&b, 60) && is_set(&b, 69) && !is_set(&b, 70));
+        assert!(!claim_range(&b, 50, 20), "overlaps");
+        assert_eq!(count_set(&b, 512), 10, "the failed claim rolled back");
+        assert!(claim_range(&b, 0, 60));
+        assert!(claim_range(&b, 70, 442));
+        assert_eq!(count_set(&b, 512), 512);
+        assert!(release_range(&b, 60, 10));
+        assert!(!release_range(&b, 60, 10), "double release");
+        assert!(!release_range(&b, 55, 10), "partly clear");
+        assert_eq!(count_set(&b, 512), 502, "the failed release put back");
+    }
+
+    #[test]
+    fn runs_respect_alignment_and_one_bit_claims_fill_up() {
+        let b = bitmap(8);
+        assert!(claim_range(&b, 0, 3));
+        assert_eq!(find_clear_run(&b, 512, 16, 16), Some(16));
+        assert_eq!(find_clear_run(&b, 512, 5, 1), Some(3));
+        assert!(claim_range(&b, 16, 496));
+        assert_eq!(find_clear_run(&b, 512, 14, 1), None);
+        assert_eq!(find_clear_run(&b, 512, 13, 1), Some(3));
+        let small = bitmap(2);
+        for i in 0..100 {
+            assert_eq!(claim_one(&small, 100), Some(i));
+        }
+        assert_eq!(claim_one(&small, 100), None, "bits past len stay unused");
+    }
+}

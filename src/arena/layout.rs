@@ -1,0 +1,154 @@
+//! Where the arena's tables live in the region's data, and its size
+//! classes.
+//!
+//! ```text
+//! offset 0          header (4 KiB): magic, version, state, geometry,
+//!                   per-class current span and partial-stack heads
+//! blocks_offset     block words, one u64 per 2 MiB block
+//! bitmaps_offset    page bitmaps, 512 bits per block
+//! runs_offset       run lengths, one u32 per 4 KiB page (pages of a run start)
+//! spans_offset      span slots, one per 64 KiB: state u64, link u64,
+//!                   object bitmap of 4096 bits
+//! meta_len          (rounded up to whole blocks, marked META)
+//! ... data blocks ...
+//! ```
+//!
+//! The tables are zero in a fresh region (everything free) and are paged
+//! in on first touch like all data, so a large arena costs resident memory
+//! only for the parts of the tables that are used.
+
+/// Bytes per page.
+pub const PAGE: u64 = 4096;
+/// Bytes per block.
+pub const BLOCK: u64 = 2 << 20;
+/// Bytes per small-object span.
+pub const SPAN: u64 = 64 << 10;
+/// Pages per span.
+pub const SPAN_PAGES: u64 = SPAN / PAGE;
+/// Words of a span's object bitmap (room for 4096 objects of 16 bytes).
+pub const SPAN_BITMAP_WORDS: usize = 64;
+/// Bytes of one span slot's descriptor.
+pub const SPAN_DESC: u64 = 16 + SPAN_BITMAP_WORDS as u64 * 8;
+/// Bytes of the header.
+pub const HEADER: u64 = 4096;
+/// The largest small object.
+pub const SMALL_MAX: usize = 8192;
+
+/// Size classes: 16-byte steps to 128, then four per doubling to 8 KiB.
+pub const CLASSES: [u32; 32] = [
+    16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024,
+    1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192,
+];
+
+/// The class serving `size` bytes aligned to `align`, if small. Classes
+/// are placed at multiples of their size in 64 KiB-aligned spans, so a
+/// power-of-two class is aligned to its size.
+pub fn class_for(size: usize, align: usize) -> Option<u32> {
+    let size = if align > 16 {
+        size.max(align).next_power_of_two()
+    } else {
+        size
+    };
+    if size > SMALL_MAX {
+        return None;
+    }
+    CLASSES
+        .iter()
+        .position(|&c| c as usize >= size)
+        .map(|i| i as u32)
+}
+
+/// Objects of class `class` per span.
+pub fn capacity(class: u32) -> u64 {
+    SPAN / u64::from(CLASSES[class as usize])
+}
+
+/// Byte offsets of the tables for a data area of `data_len` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArenaLayout {
+    /// Bytes of data (the region's length).
+    pub data_len: u64,
+    /// 2 MiB blocks.
+    pub blocks: u64,
+    /// Block words.
+    pub blocks_offset: u64,
+    /// Page bitmaps.
+    pub bitmaps_offset: u64,
+    /// Run lengths.
+    pub runs_offset: u64,
+    /// Span slots.
+    pub spans_offset: u64,
+    /// Bytes of metadata, a whole number of blocks.
+    pub meta_len: u64,
+}
+
+impl ArenaLayout {
+    /// The layout for `data_len` bytes (a multiple of 2 MiB).
+    pub fn new(data_len: u64) -> ArenaLayout {
+        let blocks = data_len / BLOCK;
+        let pages = data_len / PAGE;
+        let slots = data_len / SPAN;
+        let blocks_offset = HEADER;
+        let bitmaps_offset = blocks_offset + blocks * 8;
+        let runs_offset = bitmaps_offset + blocks * 64;
+        let spans_offset = (runs_offset + pages * 4).next_multiple_of(64);
+        let end = spans_offset + slots * SPAN_DESC;
+        ArenaLayout {
+            data_len,
+            blocks,
+            blocks_offset,
+            bitmaps_offset,
+            runs_offset,
+            spans_offset,
+            meta_len: end.next_multiple_of(BLOCK),
+        }
+    }
+
+    /// Blocks taken by metadata.
+    pub fn meta_blocks(&self) -> u64 {
+        self.meta_len / BLOCK
+    }
+
+    /// Span slots.
+    pub fn slots(&self) -> u64 {
+        self.data_len / SPAN
+    }
+
+    /// Pages.
+    pub fn pages(&self) -> u64 {
+        self.data_len / PAGE
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_cover_small_sizes_with_bounded_waste() {
+        assert_eq!(class_for(1, 1), Some(0));
+        assert_eq!(class_for(16, 8), Some(0));
+        assert_eq!(class_for(17, 8), Some(1));
+        assert_eq!(CLASSES[class_for(8192, 8).unwrap() as usize], 8192);
+        assert_eq!(class_for(8193, 8), None);
+        // Over-aligned requests take a power-of-two class of at least align.
+        assert_eq!(CLASSES[class_for(8, 64).unwrap() as usize], 64);
+        assert_eq!(CLASSES[class_for(100, 128).unwrap() as usize], 128);
+        assert_eq!(class_for(8, 16384), None);
+        for w in CLASSES.windows(2) {
+            assert!(w[1] > w[0] && (w[1] - w[0]) * 4 <= w[0].max(64), "{w:?}");
+        }
+        assert!(capacity(0) as usize <= SPAN_BITMAP_WORDS * 64);
+    }
+
+    #[test]
+    fn metadata_is_small_and_block_aligned() {
+        let l = ArenaLayout::new(1 << 30);
+        assert_eq!(l.blocks, 512);
+        assert_eq!(l.meta_len % BLOCK, 0);
+        assert!(l.meta_len * 50 <= 1 << 30, "metadata ≤ 2 % of 1 GiB");
+        assert!(l.spans_offset % 64 == 0 && l.runs_offset % 4 == 0);
+        let small = ArenaLayout::new(4 << 20);
+        assert_eq!(small.meta_blocks(), 1);
+    }
+}

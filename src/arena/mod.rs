@@ -1,0 +1,829 @@
+//! The arena: a lock-free allocator over a demand-populated shared region,
+//! addressed by offsets that mean the same in every process.
+//!
+//! Three size ranges:
+//! - **small** (1 B – 8 KiB): 32 size classes, objects carved from 64 KiB
+//!   spans; each span has an object bitmap and a state word; spans with
+//!   room wait on a per-class lock-free stack;
+//! - **page runs** (8 KiB – 2 MiB − 4 KiB): whole 4 KiB pages from a
+//!   block's page bitmap, first fit by address so that high blocks empty
+//!   out;
+//! - **large** (from 2 MiB): whole 2 MiB blocks.
+//!
+//! Allocation never writes into the memory it hands out: only the tables
+//! (in the first blocks of the region) change, and the population engine
+//! fills a page on its first touch. Every shared word follows a protocol
+//! documented where it is declared (`block`, `bitmap`, `span`, `stack`).
+
+pub mod bitmap;
+pub mod block;
+pub mod layout;
+pub mod span;
+pub mod stack;
+
+use std::alloc::Layout as AllocLayout;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use self::block::{Kind, PAGES_PER_BLOCK};
+use self::layout::{
+    ArenaLayout, BLOCK, CLASSES, HEADER, PAGE, SPAN, SPAN_BITMAP_WORDS, SPAN_DESC, SPAN_PAGES,
+};
+use self::span::AfterFree;
+use crate::error::{Error, Result};
+use crate::populate::{PageSource, PopulateOptions, Populator, ZeroSource};
+use crate::region::{Region, RegionOptions};
+use crate::sys::memfd::{self, Fallocate};
+
+/// An allocation: a byte offset into the region's data, the same in every
+/// process that maps the region (like PostgreSQL's `dsa_pointer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ShmPtr(u64);
+
+impl ShmPtr {
+    /// No allocation (offset 0 holds the arena's header, never an object).
+    pub const NULL: ShmPtr = ShmPtr(0);
+
+    /// The pointer for a byte offset.
+    pub const fn from_offset(offset: u64) -> ShmPtr {
+        ShmPtr(offset)
+    }
+
+    /// The byte offset.
+    pub const fn offset(self) -> u64 {
+        self.0
+    }
+
+    /// Whether this is [`ShmPtr::NULL`].
+    pub const fn is_null(self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// When blocks that became entirely free go back to the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReleasePolicy {
+    /// Only on [`Arena::release_free_blocks`].
+    #[default]
+    OnRequest,
+    /// As soon as a free empties a block (punching pages out costs a
+    /// system call and refilling them a fault each: for arenas whose
+    /// memory use swings widely).
+    Eager,
+}
+
+/// Usage and fragmentation, from a scan of the tables.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ArenaStats {
+    /// Bytes of the region's data.
+    pub data_bytes: u64,
+    /// Bytes taken by the arena's tables.
+    pub meta_bytes: u64,
+    /// Blocks that hold page runs and spans.
+    pub page_blocks: u64,
+    /// Blocks of large allocations.
+    pub large_blocks: u64,
+    /// Free blocks whose pages may still be resident.
+    pub free_dirty_blocks: u64,
+    /// Free blocks with no resident pages.
+    pub free_clean_blocks: u64,
+    /// Live small objects.
+    pub small_objects: u64,
+    /// Bytes of live small objects (class sizes).
+    pub small_bytes: u64,
+    /// Spans carved.
+    pub spans: u64,
+    /// Live page runs.
+    pub runs: u64,
+    /// Bytes of live page runs.
+    pub run_bytes: u64,
+    /// Live large allocations.
+    pub large_allocs: u64,
+    /// Bytes of live large allocations.
+    pub large_bytes: u64,
+}
+
+impl ArenaStats {
+    /// Bytes handed out.
+    pub fn in_use_bytes(&self) -> u64 {
+        self.small_bytes + self.run_bytes + self.large_bytes
+    }
+
+    /// Bytes of blocks in use (page blocks and large blocks).
+    pub fn held_bytes(&self) -> u64 {
+        (self.page_blocks + self.large_blocks) * BLOCK
+    }
+
+    /// Share of held bytes not handed out: free pages in page blocks and
+    /// free objects in spans (0 when nothing is held).
+    pub fn fragmentation(&self) -> f64 {
+        match self.held_bytes() {
+            0 => 0.0,
+            held => 1.0 - self.in_use_bytes() as f64 / held as f64,
+        }
+    }
+}
+
+const MAGIC: u64 = u64::from_le_bytes(*b"HAARENA\0");
+const VERSION: u64 = 1;
+const READY: u64 = 1;
+
+/// Header word indices (u64 words at offset 0 of the data).
+mod hdr {
+    pub const MAGIC: usize = 0;
+    pub const VERSION: usize = 1;
+    pub const STATE: usize = 2;
+    pub const DATA_LEN: usize = 3;
+    pub const CURRENT: usize = 8;
+    pub const PARTIAL: usize = 8 + 32;
+    pub const WORDS: usize = 8 + 64;
+}
+
+/// A lock-free allocator in a shared region. See the module docs.
+pub struct Arena<S: PageSource + 'static = ZeroSource> {
+    populator: Populator<S>,
+    layout: ArenaLayout,
+    base: NonNull<u8>,
+    release: ReleasePolicy,
+}
+
+// SAFETY: `base` points into the region the populator keeps alive; every
+// shared word is accessed atomically, and handed-out memory is the caller's.
+unsafe impl<S: PageSource + 'static> Send for Arena<S> {}
+// SAFETY: as above.
+unsafe impl<S: PageSource + 'static> Sync for Arena<S> {}
+
+impl<S: PageSource + 'static> std::fmt::Debug for Arena<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Arena")
+            .field("region", &self.region().name())
+            .field("data_len", &self.layout.data_len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Arena<ZeroSource> {
+    /// Creates a region and an empty arena in it, populated with zero pages
+    /// on first touch.
+    pub fn create(region: RegionOptions, populate: PopulateOptions) -> Result<Arena> {
+        let region = Arc::new(Region::create(region)?);
+        let populator = Populator::with_options(region, ZeroSource, populate)?;
+        Arena::format(populator)
+    }
+
+    /// Opens the arena in an existing region (another process's, by path).
+    pub fn open(path: impl AsRef<Path>, populate: PopulateOptions) -> Result<Arena> {
+        let region = Arc::new(Region::open(path)?);
+        let populator = Populator::with_options(region, ZeroSource, populate)?;
+        Arena::attach(populator)
+    }
+}
+
+impl<S: PageSource + 'static> Arena<S> {
+    fn new(populator: Populator<S>) -> Result<Arena<S>> {
+        let data_len = populator.region().len() as u64;
+        if data_len % BLOCK != 0 || data_len < 2 * BLOCK {
+            return Err(Error::InvalidOption {
+                option: "arena size",
+                reason: format!(
+                    "{data_len} bytes: an arena needs a multiple of 2 MiB and at least 4 MiB \
+                     (one block of tables, one of data)"
+                ),
+            });
+        }
+        let layout = ArenaLayout::new(data_len);
+        if layout.meta_blocks() >= layout.blocks {
+            return Err(Error::InvalidOption {
+                option: "arena size",
+                reason: format!("{data_len} bytes leave no room after the tables"),
+            });
+        }
+        let base = populator.region().primary();
+        Ok(Arena {
+            populator,
+            layout,
+            base,
+            release: ReleasePolicy::default(),
+        })
+    }
+
+    /// Writes a fresh arena's header into a populator's (new, zeroed)
+    /// region.
+    pub fn format(populator: Populator<S>) -> Result<Arena<S>> {
+        let arena = Arena::new(populator)?;
+        let h = arena.header();
+        if h[hdr::MAGIC].load(Ordering::Acquire) != 0 {
+            return Err(Error::NotAnArena {
+                reason: "the region already holds data: open it instead".into(),
+            });
+        }
+        for b in 0..arena.layout.meta_blocks() {
+            arena.block(b).store(block::META, Ordering::Relaxed);
+        }
+        h[hdr::VERSION].store(VERSION, Ordering::Relaxed);
+        h[hdr::DATA_LEN].store(arena.layout.data_len, Ordering::Relaxed);
+        h[hdr::MAGIC].store(MAGIC, Ordering::Relaxed);
+        // Publishes everything above to openers that acquire READY.
+        h[hdr::STATE].store(READY, Ordering::Release);
+        Ok(arena)
+    }
+
+    /// Attaches to the arena in a populator's region, checking its header.
+    pub fn attach(populator: Populator<S>) -> Result<Arena<S>> {
+        let arena = Arena::new(populator)?;
+        let h = arena.header();
+        if h[hdr::STATE].load(Ordering::Acquire) != READY
+            || h[hdr::MAGIC].load(Ordering::Relaxed) != MAGIC
+        {
+            return Err(Error::NotAnArena {
+                reason: "no arena header (or its creator has not finished)".into(),
+            });
+        }
+        let version = h[hdr::VERSION].load(Ordering::Relaxed);
+        if version != VERSION {
+            return Err(Error::NotAnArena {
+                reason: format!("arena format version {version}, this build reads {VERSION}"),
+            });
+        }
+        let len = h[hdr::DATA_LEN].load(Ordering::Relaxed);
+        if len != arena.layout.data_len {
+            return Err(Error::NotAnArena {
+                reason: format!(
+                    "the header says {len} bytes, the region has {}",
+                    arena.layout.data_len
+                ),
+            });
+        }
+        Ok(arena)
+    }
+
+    /// Sets when empty blocks go back to the kernel (this process).
+    pub fn set_release_policy(&mut self, policy: ReleasePolicy) {
+        self.release = policy;
+    }
+
+    /// The region.
+    pub fn region(&self) -> &Arc<Region> {
+        self.populator.region()
+    }
+
+    /// The populator.
+    pub fn populator(&self) -> &Populator<S> {
+        &self.populator
+    }
+
+    /// Where the tables are.
+    pub fn layout(&self) -> &ArenaLayout {
+        &self.layout
+    }
+
+    /// The local address of `ptr` in this process.
+    pub fn local(&self, ptr: ShmPtr) -> NonNull<u8> {
+        assert!(ptr.0 < self.layout.data_len, "{ptr:?} is outside the arena");
+        // SAFETY: in bounds of the primary view (asserted).
+        unsafe { self.base.add(ptr.0 as usize) }
+    }
+
+    /// The `ShmPtr` of a local address inside the arena.
+    pub fn shm_ptr(&self, local: *const u8) -> Option<ShmPtr> {
+        let offset = (local as usize).checked_sub(self.base.as_ptr() as usize)?;
+        ((offset as u64) < self.layout.data_len).then_some(ShmPtr(offset as u64))
+    }
+
+    /// A typed reference to the `T` at `ptr`.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must be a live allocation of at least `size_of::<T>()` bytes,
+    /// aligned for `T`, holding a valid `T`, and nothing may write it (in
+    /// any process) while the reference lives, unless `T` is itself made
+    /// of atomics or cells meant for sharing.
+    pub unsafe fn get<T>(&self, ptr: ShmPtr) -> &T {
+        // SAFETY: the caller's contract.
+        unsafe { self.local(ptr).cast::<T>().as_ref() }
+    }
+
+    fn words<T: crate::region::SharedAtomic>(&self, offset: u64, count: u64) -> &[T] {
+        self.region()
+            .shared_atomics(offset as usize, count as usize)
+            .expect("arena tables lie inside the region")
+    }
+
+    fn header(&self) -> &[AtomicU64] {
+        self.words(0, hdr::WORDS as u64)
+    }
+
+    fn blocks(&self) -> &[AtomicU64] {
+        self.words(self.layout.blocks_offset, self.layout.blocks)
+    }
+
+    fn block(&self, b: u64) -> &AtomicU64 {
+        &self.blocks()[b as usize]
+    }
+
+    fn page_bitmap(&self, b: u64) -> &[AtomicU64] {
+        self.words(self.layout.bitmaps_offset + b * 64, 8)
+    }
+
+    fn run_len(&self, page: u64) -> &AtomicU32 {
+        &self.words::<AtomicU32>(self.layout.runs_offset + page * 4, 1)[0]
+    }
+
+    fn span_state(&self, slot: u64) -> &AtomicU64 {
+        &self.words(self.layout.spans_offset + slot * SPAN_DESC, 1)[0]
+    }
+
+    fn span_links(&self) -> SpanLinks<'_, S> {
+        SpanLinks(self)
+    }
+
+    fn span_bitmap(&self, slot: u64) -> &[AtomicU64] {
+        self.words(
+            self.layout.spans_offset + slot * SPAN_DESC + 16,
+            SPAN_BITMAP_WORDS as u64,
+        )
+    }
+
+    fn current(&self, class: u32) -> &AtomicU64 {
+        &self.header()[hdr::CURRENT + class as usize]
+    }
+
+    fn partial(&self, class: u32) -> &AtomicU64 {
+        &self.header()[hdr::PARTIAL + class as usize]
+    }
+
+    fn exhausted(&self, size: usize) -> Error {
+        let stats = self.stats();
+        Error::ArenaExhausted {
+            size,
+            in_use: stats.in_use_bytes(),
+            capacity: self.layout.data_len - self.layout.meta_len,
+        }
+    }
+
+    /// Allocates `layout.size()` bytes aligned to `layout.align()` (at most
+    /// 2 MiB). The memory is not touched: it reads as whatever was freed
+    /// there last (zero when fresh), and its pages fill on first touch.
+    pub fn alloc(&self, layout: AllocLayout) -> Result<ShmPtr> {
+        let (size, align) = (layout.size(), layout.align());
+        if size == 0 {
+            return Err(Error::ZeroAllocation);
+        }
+        if align as u64 > BLOCK {
+            return Err(Error::AlignmentTooLarge { align });
+        }
+        if let Some(class) = layout::class_for(size, align) {
+            return self.alloc_small(class).ok_or_else(|| self.exhausted(size));
+        }
+        let pages = (size as u64).div_ceil(PAGE);
+        if pages < PAGES_PER_BLOCK {
+            let align_pages = (align as u64 / PAGE).max(1);
+            return self
+                .alloc_pages(pages, align_pages)
+                .map(|page| {
+                    self.run_len(page).store(pages as u32, Ordering::Release);
+                    ShmPtr(page * PAGE)
+                })
+                .ok_or_else(|| self.exhausted(size));
+        }
+        let blocks = (size as u64).div_ceil(BLOCK);
+        self.alloc_large(blocks).ok_or_else(|| self.exhausted(size))
+    }
+
+    /// Allocates `bytes` bytes with 16-byte alignment.
+    pub fn alloc_bytes(&self, bytes: usize) -> Result<ShmPtr> {
+        let layout =
+            AllocLayout::from_size_align(bytes, 16).map_err(|_| Error::ArenaExhausted {
+                size: bytes,
+                in_use: 0,
+                capacity: self.layout.data_len,
+            })?;
+        self.alloc(layout)
+    }
+
+    fn alloc_large(&self, n: u64) -> Option<ShmPtr> {
+        let blocks = self.blocks();
+        let first = self.layout.meta_blocks();
+        let mut b = first;
+        while b + n <= self.layout.blocks {
+            let range = &blocks[b as usize..(b + n) as usize];
+            match range
+                .iter()
+                .rposition(|w| block::observe(w).kind != Kind::Free)
+            {
+                Some(taken) => b += taken as u64 + 1,
+                None if block::claim_large(range) => return Some(ShmPtr(b * BLOCK)),
+                None => b += 1,
+            }
+        }
+        None
+    }
+
+    /// Claims `n` pages (`n` < 512) aligned to `align` pages, first fit by
+    /// address; returns the first page's index.
+    fn alloc_pages(&self, n: u64, align: u64) -> Option<u64> {
+        loop {
+            let mut saw_free_block = None;
+            for b in self.layout.meta_blocks()..self.layout.blocks {
+                let slot = self.block(b);
+                let state = block::observe(slot);
+                if state.kind == Kind::Free && saw_free_block.is_none() {
+                    saw_free_block = Some(b);
+                }
+                if state.kind != Kind::Pages
+                    || state.free_pages < n
+                    || !block::reserve_pages(slot, n)
+                {
+                    continue;
+                }
+                let bits = self.page_bitmap(b);
+                // A few tries: a concurrent claim may take the run we found.
+                for _ in 0..4 {
+                    let Some(start) = bitmap::find_clear_run(
+                        bits,
+                        PAGES_PER_BLOCK as usize,
+                        n as usize,
+                        align as usize,
+                    ) else {
+                        break;
+                    };
+                    if bitmap::claim_range(bits, start, n as usize) {
+                        return Some(b * PAGES_PER_BLOCK + start as u64);
+                    }
+                }
+                block::unreserve_pages(slot, n);
+            }
+            // No page block fits: open a new one (first free by address).
+            let b = saw_free_block?;
+            block::to_pages(self.block(b));
+        }
+    }
+
+    fn free_pages(&self, page: u64, n: u64) {
+        let b = page / PAGES_PER_BLOCK;
+        let released = bitmap::release_range(
+            self.page_bitmap(b),
+            (page % PAGES_PER_BLOCK) as usize,
+            n as usize,
+        );
+        assert!(
+            released,
+            "arena tables corrupt: pages {page}+{n} were not all in use"
+        );
+        let free = block::unreserve_pages(self.block(b), n);
+        if free == PAGES_PER_BLOCK && self.release == ReleasePolicy::Eager {
+            self.release_block(b);
+        }
+    }
+
+    fn alloc_small(&self, class: u32) -> Option<ShmPtr> {
+        let cap = layout::capacity(class);
+        loop {
+            let current = self.current(class).load(Ordering::Acquire);
+            if current != 0 && span::reserve(self.span_state(current - 1), class, cap) {
+                return Some(self.claim_object(current - 1, class));
+            }
+            if let Some(slot) = stack::pop(self.partial(class), &self.span_links()) {
+                let slot = u64::from(slot);
+                let state = self.span_state(slot);
+                if !span::unlist(state, class) {
+                    continue;
+                }
+                if span::reserve(state, class, cap) {
+                    let _ = self.current(class).compare_exchange(
+                        current,
+                        slot + 1,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    );
+                    return Some(self.claim_object(slot, class));
+                }
+                // Full again, or empty and abandoned: retire if empty.
+                if self.current(class).load(Ordering::Acquire) != slot + 1
+                    && span::try_retire(state)
+                {
+                    self.free_pages(slot * SPAN_PAGES, SPAN_PAGES);
+                }
+                continue;
+            }
+            // Carve a new span; its object bitmap is clear (retired spans
+            // leave it so).
+            let page = self.alloc_pages(SPAN_PAGES, SPAN_PAGES)?;
+            let slot = page / SPAN_PAGES;
+            let first = bitmap::claim_range(self.span_bitmap(slot), 0, 1);
+            debug_assert!(first, "a fresh span's bitmap is clear");
+            span::activate(self.span_state(slot), class);
+            if self
+                .current(class)
+                .compare_exchange(current, slot + 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+            {
+                // Another thread installed its own span: list ours so its
+                // room is found. Freeing our object first would retire it.
+                self.list_if_unlisted(slot, class);
+            }
+            return Some(ShmPtr(slot * SPAN));
+        }
+    }
+
+    fn list_if_unlisted(&self, slot: u64, class: u32) {
+        // Reserve and unreserve: unreserve lists a non-current span.
+        let state = self.span_state(slot);
+        if span::reserve(state, class, layout::capacity(class)) {
+            match span::unreserve(state, false) {
+                AfterFree::List => {
+                    stack::push(self.partial(class), &self.span_links(), slot as u32)
+                }
+                AfterFree::Keep => {}
+                AfterFree::Retire => unreachable!("the span holds the caller's object"),
+            }
+        }
+    }
+
+    /// Claims a bit in a span where this thread holds a reservation.
+    fn claim_object(&self, slot: u64, class: u32) -> ShmPtr {
+        let cap = layout::capacity(class) as usize;
+        loop {
+            if let Some(i) = bitmap::claim_one(self.span_bitmap(slot), cap) {
+                return ShmPtr(slot * SPAN + i as u64 * u64::from(CLASSES[class as usize]));
+            }
+            // Every reservation has a clear bit; a racing claimer took the
+            // one this scan saw. Scan again.
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Frees an allocation. Pointers that are not live allocations (never
+    /// allocated, freed already, or pointing inside an allocation) are
+    /// rejected with [`Error::InvalidFree`] and change nothing.
+    pub fn free(&self, ptr: ShmPtr) -> Result<()> {
+        let offset = ptr.0;
+        let invalid = |reason| Error::InvalidFree { offset, reason };
+        if offset < self.layout.meta_len || offset >= self.layout.data_len {
+            return Err(invalid("outside the arena's allocatable blocks"));
+        }
+        let b = offset / BLOCK;
+        match block::observe(self.block(b)).kind {
+            Kind::LargeHead if offset % BLOCK == 0 => {
+                self.free_large(b).ok_or(invalid("already freed"))
+            }
+            Kind::Pages => {
+                let slot = offset / SPAN;
+                if let Some((class, _)) = span::describe(self.span_state(slot)) {
+                    return self.free_small(slot, class, offset).map_err(invalid);
+                }
+                if offset % PAGE != 0 {
+                    return Err(invalid("not the start of an allocation"));
+                }
+                let page = offset / PAGE;
+                let n = self.run_len(page).swap(0, Ordering::AcqRel);
+                if n == 0 {
+                    return Err(invalid(
+                        "not the start of a live allocation (never allocated or already freed)",
+                    ));
+                }
+                self.free_pages(page, u64::from(n));
+                Ok(())
+            }
+            Kind::LargeHead | Kind::LargeTail => Err(invalid("inside a large allocation")),
+            _ => Err(invalid("in a block with no live allocation")),
+        }
+    }
+
+    fn free_small(&self, slot: u64, class: u32, offset: u64) -> Result<(), &'static str> {
+        let size = u64::from(CLASSES[class as usize]);
+        let within = offset - slot * SPAN;
+        if within % size != 0 || within / size >= layout::capacity(class) {
+            return Err("not the start of an object");
+        }
+        if !bitmap::release_range(self.span_bitmap(slot), (within / size) as usize, 1) {
+            return Err("object not allocated (or already freed)");
+        }
+        let is_current = self.current(class).load(Ordering::Acquire) == slot + 1;
+        match span::unreserve(self.span_state(slot), is_current) {
+            AfterFree::Keep => {}
+            AfterFree::List => stack::push(self.partial(class), &self.span_links(), slot as u32),
+            AfterFree::Retire => self.free_pages(slot * SPAN_PAGES, SPAN_PAGES),
+        }
+        Ok(())
+    }
+
+    fn free_large(&self, b: u64) -> Option<()> {
+        let n = block::begin_free_large(self.block(b))?;
+        let punch = self.release == ReleasePolicy::Eager;
+        if punch {
+            self.punch(b, n);
+        }
+        // Tails first: the head stays RELEASING (ours) until the end.
+        for t in b + 1..b + n {
+            block::finish(self.block(t), !punch);
+        }
+        block::finish(self.block(b), !punch);
+        Some(())
+    }
+
+    /// Gives every entirely free block's pages back to the kernel (punch
+    /// hole, and their population state goes back to absent, so the next
+    /// touch fills them again). Returns the number of blocks released.
+    pub fn release_free_blocks(&self) -> usize {
+        (self.layout.meta_blocks()..self.layout.blocks)
+            .filter(|&b| self.release_block(b))
+            .count()
+    }
+
+    fn release_block(&self, b: u64) -> bool {
+        let slot = self.block(b);
+        if !block::begin_release(slot) {
+            return false;
+        }
+        self.punch(b, 1);
+        block::finish(slot, false);
+        true
+    }
+
+    /// Punches blocks `[b, b + n)` out of the backing file and marks their
+    /// granules absent.
+    fn punch(&self, b: u64, n: u64) {
+        let region = self.region();
+        let file_offset = region.layout().data_offset() + b * BLOCK;
+        if let Err(e) = memfd::fallocate(
+            region.fd().as_fd(),
+            Fallocate::PunchHole,
+            file_offset,
+            n * BLOCK,
+        ) {
+            // The pages stay resident; the block is still free and correct.
+            debug_assert!(false, "punching a free block failed: {e}");
+            return;
+        }
+        let g = region.granule().bytes() as u64;
+        let states = region.page_states();
+        for i in (b * BLOCK / g)..((b + n) * BLOCK / g) {
+            crate::populate::state::evict(&states[i as usize]);
+        }
+        self.populator.forget_mapped(b * BLOCK, n * BLOCK);
+    }
+
+    /// Checks that the tables agree with each other, for tests and
+    /// debugging; call it while nobody allocates or frees. Every page of a
+    /// page block must be free, in exactly one live run, or in one span;
+    /// each block's free count must match its bitmap; each span's count
+    /// must match its object bitmap. Returns the first disagreement.
+    pub fn audit(&self) -> std::result::Result<ArenaStats, String> {
+        for b in self.layout.meta_blocks()..self.layout.blocks {
+            let st = block::observe(self.block(b));
+            if st.kind != Kind::Pages {
+                continue;
+            }
+            let bits = self.page_bitmap(b);
+            let set = bitmap::count_set(bits, PAGES_PER_BLOCK as usize) as u64;
+            if st.free_pages != PAGES_PER_BLOCK - set {
+                return Err(format!(
+                    "block {b}: {} free pages counted, bitmap has {set} in use",
+                    st.free_pages
+                ));
+            }
+            let first = b * PAGES_PER_BLOCK;
+            let mut covered = vec![false; PAGES_PER_BLOCK as usize];
+            let mut cover = |from: u64, n: u64, what: &str| -> std::result::Result<(), String> {
+                for p in from..from + n {
+                    let i = (p - first) as usize;
+                    if i >= covered.len() || covered[i] || !bitmap::is_set(bits, i) {
+                        return Err(format!(
+                            "page {p} ({what}) is double-booked or not marked in use"
+                        ));
+                    }
+                    covered[i] = true;
+                }
+                Ok(())
+            };
+            for slot in first / SPAN_PAGES..(first + PAGES_PER_BLOCK) / SPAN_PAGES {
+                if let Some((class, used)) = span::describe(self.span_state(slot)) {
+                    cover(slot * SPAN_PAGES, SPAN_PAGES, "span")?;
+                    let objects =
+                        bitmap::count_set(self.span_bitmap(slot), layout::capacity(class) as usize)
+                            as u64;
+                    if objects != used {
+                        return Err(format!(
+                            "span {slot}: {used} reserved, {objects} objects in its bitmap"
+                        ));
+                    }
+                }
+            }
+            for p in first..first + PAGES_PER_BLOCK {
+                let n = u64::from(self.run_len(p).load(Ordering::Acquire));
+                if n != 0 {
+                    cover(p, n, "run")?;
+                }
+            }
+            if let Some(i) = covered
+                .iter()
+                .enumerate()
+                .position(|(i, &c)| !c && bitmap::is_set(bits, i))
+            {
+                return Err(format!(
+                    "page {} is marked in use but belongs to nothing (leaked)",
+                    first + i as u64
+                ));
+            }
+        }
+        Ok(self.stats())
+    }
+
+    /// Scans the tables. Not atomic as a whole: under concurrent use the
+    /// numbers are each right at some moment of the scan.
+    pub fn stats(&self) -> ArenaStats {
+        let mut s = ArenaStats {
+            data_bytes: self.layout.data_len,
+            meta_bytes: self.layout.meta_len,
+            ..ArenaStats::default()
+        };
+        for b in self.layout.meta_blocks()..self.layout.blocks {
+            let st = block::observe(self.block(b));
+            match st.kind {
+                Kind::Pages => {
+                    s.page_blocks += 1;
+                    let first_slot = b * BLOCK / SPAN;
+                    let mut span_pages = 0;
+                    for slot in first_slot..first_slot + BLOCK / SPAN {
+                        if let Some((class, used)) = span::describe(self.span_state(slot)) {
+                            s.spans += 1;
+                            s.small_objects += used;
+                            s.small_bytes += used * u64::from(CLASSES[class as usize]);
+                            span_pages += SPAN_PAGES;
+                        }
+                    }
+                    let used_pages =
+                        bitmap::count_set(self.page_bitmap(b), PAGES_PER_BLOCK as usize) as u64;
+                    s.run_bytes += (used_pages.saturating_sub(span_pages)) * PAGE;
+                    let first_page = b * PAGES_PER_BLOCK;
+                    s.runs += (first_page..first_page + PAGES_PER_BLOCK)
+                        .filter(|&p| self.run_len(p).load(Ordering::Relaxed) != 0)
+                        .count() as u64;
+                }
+                Kind::LargeHead => {
+                    s.large_allocs += 1;
+                    s.large_blocks += st.blocks;
+                    s.large_bytes += st.blocks * BLOCK;
+                }
+                Kind::Free if st.dirty => s.free_dirty_blocks += 1,
+                Kind::Free => s.free_clean_blocks += 1,
+                _ => {}
+            }
+        }
+        s
+    }
+}
+
+/// The span slots' link words, as the stack's link table.
+struct SpanLinks<'a, S: PageSource + 'static>(&'a Arena<S>);
+
+impl<S: PageSource + 'static> stack::Links for SpanLinks<'_, S> {
+    type Slot = AtomicU64;
+    fn link(&self, slot: u32) -> &AtomicU64 {
+        &self.0.words(
+            self.0.layout.spans_offset + u64::from(slot) * SPAN_DESC + 8,
+            1,
+        )[0]
+    }
+}
+
+const _: () = assert!(HEADER as usize >= hdr::WORDS * 8);
+
+// SAFETY: `allocate` returns memory of at least `layout.size()` bytes with
+// `layout.align()` alignment that no other allocation overlaps until it is
+// passed to `deallocate`; the arena (and so its mapping) outlives every use
+// through `&self`. Zero-sized requests get a dangling aligned pointer.
+unsafe impl<S: PageSource + 'static> allocator_api2::alloc::Allocator for Arena<S> {
+    fn allocate(
+        &self,
+        layout: AllocLayout,
+    ) -> std::result::Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        if layout.size() == 0 {
+            let dangling = NonNull::new(layout.align() as *mut u8).expect("align is non-zero");
+            return Ok(NonNull::slice_from_raw_parts(dangling, 0));
+        }
+        let ptr = self
+            .alloc(layout)
+            .map_err(|_| allocator_api2::alloc::AllocError)?;
+        Ok(NonNull::slice_from_raw_parts(
+            self.local(ptr),
+            layout.size(),
+        ))
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: AllocLayout) {
+        if layout.size() == 0 {
+            return;
+        }
+        let shm = self
+            .shm_ptr(ptr.as_ptr())
+            .expect("deallocate of a pointer from another allocator");
+        if let Err(e) = self.free(shm) {
+            panic!("deallocate: {e}");
+        }
+    }
+}

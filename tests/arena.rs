@@ -1,0 +1,425 @@
+//! The arena on the real kernel: every size range, bad input, a reference
+//! model under random operation sequences, `hashbrown` in the arena, three
+//! processes × two threads allocating and freeing at once, and release of
+//! empty blocks back to the kernel.
+
+mod common;
+
+use std::alloc::Layout;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use common::*;
+use hugearena::arena::layout::BLOCK;
+use hugearena::populate::PopulateOptions;
+use hugearena::probe::HugePagePool;
+use hugearena::{Arena, BackendKind, Error, PageSize, RegionOptions, ReleasePolicy, ShmPtr};
+use proptest::prelude::*;
+
+fn arena(size: u64, kind: BackendKind) -> Arena {
+    Arena::create(
+        RegionOptions::new(size).backend(kind),
+        PopulateOptions::new(),
+    )
+    .unwrap()
+}
+
+fn layout(size: usize, align: usize) -> Layout {
+    Layout::from_size_align(size, align).unwrap()
+}
+
+/// Writes `tag` over the whole allocation, through the primary view.
+fn stamp(a: &Arena, p: ShmPtr, size: usize, tag: u8) {
+    a.region()
+        .write_via_primary(p.offset() as usize, &vec![tag; size])
+        .unwrap();
+}
+
+fn check_stamp(a: &Arena, p: ShmPtr, size: usize, tag: u8) {
+    let mut buf = vec![0u8; size];
+    a.region()
+        .read_via_primary(p.offset() as usize, &mut buf)
+        .unwrap();
+    if let Some(i) = buf.iter().position(|&b| b != tag) {
+        panic!(
+            "allocation {p:?} ({size} B) byte {i} is {:#x}, stamped {tag:#x}: overlap",
+            buf[i]
+        );
+    }
+}
+
+/// Live allocations as intervals: no two may overlap.
+#[derive(Default)]
+struct Model {
+    live: BTreeMap<u64, u64>,
+}
+
+impl Model {
+    fn insert(&mut self, p: ShmPtr, size: u64) {
+        let start = p.offset();
+        if let Some((&s, &len)) = self.live.range(..=start).next_back() {
+            assert!(s + len <= start, "{p:?} overlaps [{s:#x}, +{len})");
+        }
+        if let Some((&s, _)) = self.live.range(start..).next() {
+            assert!(start + size <= s, "{p:?}+{size} overlaps {s:#x}");
+        }
+        self.live.insert(start, size);
+    }
+}
+
+#[test]
+fn every_size_range_allocates_distinct_aligned_memory_and_frees_it() {
+    let a = arena(64 << 20, BackendKind::Shmem);
+    let mut model = Model::default();
+    let mut live = Vec::new();
+    let requests = [
+        (1, 1),
+        (16, 16),
+        (24, 8),
+        (100, 64),
+        (1000, 8),
+        (4096, 4096),
+        (8192, 8),
+        (8193, 8),
+        (64 << 10, 4096),
+        (100 << 10, 64 << 10),
+        ((2 << 20) - 4096, 4096),
+        (2 << 20, 2 << 20),
+        (5 << 20, 8),
+    ];
+    for (round, &(size, align)) in requests.iter().cycle().take(60).enumerate() {
+        let p = a.alloc(layout(size, align)).unwrap();
+        assert_eq!(p.offset() % align as u64, 0, "{size} B aligned {align}");
+        assert_eq!(a.local(p).as_ptr() as usize % align, 0);
+        assert_eq!(a.shm_ptr(a.local(p).as_ptr()), Some(p));
+        model.insert(p, size as u64);
+        stamp(&a, p, size, round as u8);
+        live.push((p, size, round as u8));
+    }
+    let stats = a.audit().unwrap();
+    assert!(
+        stats.small_objects > 0 && stats.runs > 0 && stats.large_allocs > 0,
+        "{stats:?}"
+    );
+    for &(p, size, tag) in &live {
+        check_stamp(&a, p, size, tag);
+        a.free(p).unwrap();
+    }
+    let stats = a.audit().unwrap();
+    assert_eq!(stats.in_use_bytes(), 0, "{stats:?}");
+}
+
+#[test]
+fn bad_input_is_an_error_and_changes_nothing() {
+    let a = arena(16 << 20, BackendKind::Shmem);
+    assert!(matches!(a.alloc(layout(0, 1)), Err(Error::ZeroAllocation)));
+    assert!(matches!(
+        a.alloc(layout(64, 4 << 20)),
+        Err(Error::AlignmentTooLarge { .. })
+    ));
+    let err = a.alloc(layout(64 << 20, 8)).unwrap_err();
+    assert!(matches!(err, Error::ArenaExhausted { .. }), "{err}");
+    assert!(err.to_string().contains("create a larger arena"), "{err}");
+
+    let small = a.alloc(layout(48, 8)).unwrap();
+    let run = a.alloc(layout(20 << 10, 8)).unwrap();
+    let large = a.alloc(layout(3 << 20, 8)).unwrap();
+    let before = a.audit().unwrap();
+    for (p, why) in [
+        (ShmPtr::NULL, "outside"),
+        (ShmPtr::from_offset(4096), "outside"),
+        (ShmPtr::from_offset(small.offset() + 8), "not the start"),
+        (ShmPtr::from_offset(small.offset() + 48), "not allocated"),
+        (
+            ShmPtr::from_offset(run.offset() + 4096),
+            "not the start of a live",
+        ),
+        (
+            ShmPtr::from_offset(large.offset() + BLOCK),
+            "inside a large",
+        ),
+        (ShmPtr::from_offset(a.layout().data_len), "outside"),
+    ] {
+        let err = a.free(p).unwrap_err();
+        assert!(matches!(err, Error::InvalidFree { .. }), "{err}");
+        assert!(err.to_string().contains(why), "{p:?}: {err}");
+    }
+    assert_eq!(a.audit().unwrap(), before, "rejected frees changed nothing");
+    for p in [small, run, large] {
+        a.free(p).unwrap();
+        assert!(
+            matches!(a.free(p), Err(Error::InvalidFree { .. })),
+            "double free of {p:?}"
+        );
+    }
+    assert_eq!(a.audit().unwrap().in_use_bytes(), 0);
+}
+
+#[test]
+fn a_region_that_is_not_an_arena_is_refused() {
+    let region =
+        hugearena::Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap();
+    let region = Arc::new(region);
+    let p = hugearena::populate::Populator::new(region.clone(), hugearena::populate::ZeroSource)
+        .unwrap();
+    let err = Arena::attach(p).unwrap_err();
+    assert!(matches!(err, Error::NotAnArena { .. }), "{err}");
+    let too_small = Arena::create(
+        RegionOptions::new(2 << 20).backend(BackendKind::Shmem),
+        PopulateOptions::new(),
+    )
+    .unwrap_err();
+    assert!(
+        too_small.to_string().contains("at least 4 MiB"),
+        "{too_small}"
+    );
+}
+
+#[test]
+fn hashbrown_and_vec_live_in_the_arena() {
+    let a = arena(32 << 20, BackendKind::Shmem);
+    {
+        let mut map = hashbrown::HashMap::new_in(&a);
+        for i in 0..20_000u64 {
+            map.insert(i, i * 3);
+        }
+        assert_eq!(map.get(&777), Some(&2331));
+        let mut v = allocator_api2::vec::Vec::new_in(&a);
+        v.extend(0..100_000u32);
+        assert_eq!(v.iter().map(|&x| u64::from(x)).sum::<u64>(), 4_999_950_000);
+        let stats = a.audit().unwrap();
+        assert!(stats.in_use_bytes() >= 400_000, "{stats:?}");
+    }
+    assert_eq!(a.audit().unwrap().in_use_bytes(), 0);
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Alloc { size: usize, align_shift: u32 },
+    Free { pick: usize },
+    FreeBogus { pick: usize, delta: u64 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (1usize..=2048, 0u32..=6).prop_map(|(size, align_shift)| Op::Alloc { size, align_shift }),
+        2 => (2049usize..=(300 << 10), 0u32..=14).prop_map(|(size, align_shift)| Op::Alloc { size, align_shift }),
+        1 => ((2usize << 20)..=(5 << 20), 0u32..=21).prop_map(|(size, align_shift)| Op::Alloc { size, align_shift }),
+        5 => any::<usize>().prop_map(|pick| Op::Free { pick }),
+        1 => (any::<usize>(), 1u64..=4096).prop_map(|(pick, delta)| Op::FreeBogus { pick, delta }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Random operation sequences against a reference model: no overlap,
+    /// every valid free accepted, every bogus one rejected, the tables
+    /// consistent and the statistics equal to the model's.
+    #[test]
+    fn operation_sequences_match_a_reference_model(ops in proptest::collection::vec(op(), 1..300)) {
+        let a = arena(48 << 20, BackendKind::Shmem);
+        let mut model = Model::default();
+        let mut live: Vec<(ShmPtr, usize)> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Alloc { size, align_shift } => match a.alloc(layout(size, 1 << align_shift)) {
+                    Ok(p) => {
+                        prop_assert_eq!(p.offset() % (1u64 << align_shift), 0);
+                        model.insert(p, size as u64);
+                        live.push((p, size));
+                    }
+                    Err(Error::ArenaExhausted { .. }) => {}
+                    Err(e) => prop_assert!(false, "{}", e),
+                },
+                Op::Free { pick } if !live.is_empty() => {
+                    let (p, _) = live.swap_remove(pick % live.len());
+                    model.live.remove(&p.offset());
+                    prop_assert!(a.free(p).is_ok());
+                    prop_assert!(a.free(p).is_err(), "double free accepted");
+                }
+                Op::FreeBogus { pick, delta } if !live.is_empty() => {
+                    let (p, _) = live[pick % live.len()];
+                    let bogus = ShmPtr::from_offset(p.offset() + delta);
+                    if !model.live.contains_key(&bogus.offset()) {
+                        prop_assert!(a.free(bogus).is_err(), "bogus free of {:?} accepted", bogus);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let stats = a.audit().map_err(TestCaseError::fail)?;
+        let allocs = live.len() as u64;
+        prop_assert_eq!(stats.small_objects + stats.runs + stats.large_allocs, allocs);
+        for (p, _) in live {
+            prop_assert!(a.free(p).is_ok());
+        }
+        prop_assert_eq!(a.audit().map_err(TestCaseError::fail)?.in_use_bytes(), 0);
+    }
+}
+
+const STRESS_OPS_PER_THREAD: u64 = 500_000;
+
+/// One thread's share of the stress test: allocate, stamp, check, free.
+fn stress_thread(a: &Arena, seed: u64) -> u64 {
+    let mut x = seed | 1;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut live: Vec<(ShmPtr, usize, u8)> = Vec::new();
+    let mut ops = 0;
+    while ops < STRESS_OPS_PER_THREAD {
+        let r = next();
+        if live.len() < 400 && (r % 2 == 0 || live.is_empty()) {
+            let size = match r % 1000 {
+                0 => (2 << 20) + (r as usize >> 20) % (2 << 20),
+                1..=150 => 8192 + (r as usize >> 16) % (24 << 10),
+                _ => 1 + (r as usize >> 16) % 1024,
+            };
+            match a.alloc(layout(size, 8)) {
+                Ok(p) => {
+                    let tag = (r >> 40) as u8;
+                    stamp(a, p, size, tag);
+                    live.push((p, size, tag));
+                }
+                Err(Error::ArenaExhausted { .. }) => {}
+                Err(e) => panic!("{e}"),
+            }
+        } else {
+            let (p, size, tag) = live.swap_remove((r >> 8) as usize % live.len());
+            check_stamp(a, p, size, tag);
+            a.free(p).unwrap();
+        }
+        ops += 1;
+    }
+    for (p, size, tag) in live.drain(..) {
+        check_stamp(a, p, size, tag);
+        a.free(p).unwrap();
+    }
+    ops
+}
+
+#[test]
+fn child_entry() {
+    let Ok(role) = std::env::var(CHILD_ROLE) else {
+        return;
+    };
+    assert_eq!(role, "stress");
+    let a = Arena::open(
+        std::env::var("REGION_PATH").unwrap(),
+        PopulateOptions::new(),
+    )
+    .unwrap();
+    let seed: u64 = std::env::var("SEED").unwrap().parse().unwrap();
+    let ops: u64 = std::thread::scope(|s| {
+        let t1 = s.spawn(|| stress_thread(&a, seed));
+        let t2 = s.spawn(|| stress_thread(&a, seed.wrapping_mul(7919)));
+        t1.join().unwrap() + t2.join().unwrap()
+    });
+    println!("CHILD-OPS {ops}");
+}
+
+#[test]
+fn three_processes_two_threads_each_never_overlap_and_leak_nothing() {
+    let a = arena(128 << 20, BackendKind::ShmemThp);
+    let path = a.region().shareable_path().display().to_string();
+    let children: Vec<_> = (1..=3u64)
+        .map(|i| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                run_child(
+                    "stress",
+                    &[
+                        ("REGION_PATH", path),
+                        ("SEED", (i * 0x9E37_79B9).to_string()),
+                    ],
+                )
+            })
+        })
+        .collect();
+    for c in children {
+        let out = c.join().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let ops: u64 = stdout
+            .split("CHILD-OPS ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no op count: {stdout}"));
+        assert!(ops >= 1_000_000, "{ops} operations");
+    }
+    let stats = a.audit().unwrap();
+    assert_eq!(stats.in_use_bytes(), 0, "leaked: {stats:?}");
+    assert_eq!(stats.small_objects + stats.runs + stats.large_allocs, 0);
+}
+
+fn resident_bytes(a: &Arena) -> u64 {
+    nix::sys::stat::fstat(a.region().fd()).unwrap().st_blocks as u64 * 512
+}
+
+#[test]
+fn freeing_everything_and_releasing_gives_memory_back() {
+    let a = arena(64 << 20, BackendKind::Shmem);
+    let blocks: Vec<ShmPtr> = (0..10)
+        .map(|_| a.alloc(layout(2 << 20, 8)).unwrap())
+        .collect();
+    let runs: Vec<ShmPtr> = (0..200)
+        .map(|_| a.alloc(layout(64 << 10, 8)).unwrap())
+        .collect();
+    for &p in blocks.iter().chain(&runs) {
+        stamp(&a, p, 4096, 1);
+    }
+    // Touch everything so it is resident.
+    for &p in &blocks {
+        stamp(&a, p, 2 << 20, 2);
+    }
+    let full = resident_bytes(&a);
+    assert!(full >= 20 << 20, "{full}");
+    for p in blocks.into_iter().chain(runs) {
+        a.free(p).unwrap();
+    }
+    assert!(
+        resident_bytes(&a) >= full,
+        "freeing alone keeps pages (OnRequest)"
+    );
+    let released = a.release_free_blocks();
+    assert!(released >= 17, "{released} blocks released");
+    let after = resident_bytes(&a);
+    assert!(
+        after < 4 << 20,
+        "resident after release: {after} bytes (was {full})"
+    );
+    // Released memory is usable again, and reads as zero.
+    let p = a.alloc(layout(2 << 20, 8)).unwrap();
+    check_stamp(&a, p, 2 << 20, 0);
+    a.audit().unwrap();
+}
+
+#[test]
+fn eager_release_returns_huge_pages_to_the_pool() {
+    if !ensure_huge_pages(PageSize::Huge2M, 40) {
+        return;
+    }
+    let mut a = arena(64 << 20, BackendKind::Hugetlb);
+    a.set_release_policy(ReleasePolicy::Eager);
+    let free_before = HugePagePool::read(PageSize::Huge2M).unwrap().free;
+    let blocks: Vec<ShmPtr> = (0..8)
+        .map(|_| a.alloc(layout(2 << 20, 8)).unwrap())
+        .collect();
+    for &p in &blocks {
+        stamp(&a, p, 2 << 20, 3);
+    }
+    let during = HugePagePool::read(PageSize::Huge2M).unwrap().free;
+    assert!(during + 8 <= free_before, "{free_before} → {during}");
+    for p in blocks {
+        a.free(p).unwrap();
+    }
+    let after = HugePagePool::read(PageSize::Huge2M).unwrap().free;
+    assert!(
+        after >= during + 8,
+        "pool free: {free_before} → {during} → {after}"
+    );
+}
