@@ -20,6 +20,13 @@ use crate::sync::{AtomicSlot, Ordering};
 
 const BITS: usize = 64;
 
+/// Ordering of a successful claim. `--cfg hugearena_mutation` weakens it on
+/// purpose so CI can check that the loom tests notice.
+#[cfg(not(hugearena_mutation))]
+const CLAIM: Ordering = Ordering::AcqRel;
+#[cfg(hugearena_mutation)]
+const CLAIM: Ordering = Ordering::Relaxed;
+
 /// The bits of word `w` that `[start, start + n)` covers.
 fn segments(start: usize, n: usize) -> impl Iterator<Item = (usize, u64)> {
     let end = start + n;
@@ -47,7 +54,7 @@ fn set_bits(word: &impl AtomicSlot, mask: u64) -> bool {
         if w & mask != 0 {
             return false;
         }
-        match word.compare_exchange(w, w | mask, Ordering::AcqRel, Ordering::Relaxed) {
+        match word.compare_exchange(w, w | mask, CLAIM, Ordering::Relaxed) {
             Ok(_) => return true,
             Err(found) => w = found,
         }
