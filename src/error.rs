@@ -290,6 +290,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A snapshot file is damaged, truncated, or of another format.
+    #[error("snapshot {}: {reason}; nothing was mapped: take a new snapshot or restore another", path.display())]
+    BadSnapshot {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A thread could not be started.
     #[error(
         "starting the {what} thread failed: {source}; the process may be at its thread or \

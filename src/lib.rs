@@ -4,6 +4,7 @@
 pub mod arena;
 pub mod backend;
 pub mod error;
+pub mod persist;
 pub mod populate;
 pub mod probe;
 pub mod region;

@@ -182,6 +182,15 @@ impl Arena<ZeroSource> {
     }
 }
 
+impl Arena<crate::persist::SnapshotSource> {
+    /// Restores an arena from a snapshot: returns at once, pages fill from
+    /// the snapshot on first touch, and allocation continues where the
+    /// snapshot left off.
+    pub fn restore(path: impl AsRef<Path>, populate: PopulateOptions) -> Result<Self> {
+        Arena::attach(crate::persist::restore(path, populate)?)
+    }
+}
+
 impl<S: PageSource + 'static> Arena<S> {
     fn new(populator: Populator<S>) -> Result<Arena<S>> {
         let data_len = populator.region().len() as u64;
@@ -623,6 +632,12 @@ impl<S: PageSource + 'static> Arena<S> {
         }
         block::finish(self.block(b), !punch);
         Some(())
+    }
+
+    /// Writes a snapshot of the arena (its tables and every populated page)
+    /// to `path`; see [`crate::persist`] for the consistency contract.
+    pub fn snapshot(&self, path: impl AsRef<Path>) -> Result<crate::persist::SnapshotInfo> {
+        crate::persist::snapshot(self.region(), path)
     }
 
     /// Gives every entirely free block's pages back to the kernel (punch

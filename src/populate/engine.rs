@@ -183,7 +183,7 @@ impl<S: PageSource> Core<S> {
     /// poisons it if the source fails or panics).
     fn fill(&self, index: usize, slot: &AtomicU64) -> Outcome {
         let started = Instant::now();
-        let result = if self.source.fills_zero() {
+        let result = if self.source.is_zero(index as u64) {
             // Allocating the page is the whole fill: fresh pages are zero.
             let file_offset = self.region.layout().data_offset() + (index * self.granule) as u64;
             memfd::fallocate(

@@ -13,7 +13,7 @@ pub mod source;
 pub mod state;
 pub mod stats;
 
-pub use populator::{DEFAULT_READAHEAD, Driver, PopulateOptions, Populator};
+pub use populator::{DEFAULT_READAHEAD, Drain, Driver, PopulateOptions, Populator};
 pub use promote::Promotion;
 pub use source::{FileSource, FillError, FnSource, PageSource, SourceError, ZeroSource};
 pub use state::{Claim, Owner, PageState};

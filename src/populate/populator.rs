@@ -2,6 +2,7 @@
 //! choice of driver.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use super::engine::Core;
@@ -320,9 +321,7 @@ impl<S: PageSource + 'static> Populator<S> {
 
     /// Handler threads still running.
     pub fn live_handlers(&self) -> usize {
-        self.core
-            .live_handlers
-            .load(std::sync::atomic::Ordering::Acquire)
+        self.core.live_handlers.load(Ordering::Acquire)
     }
 
     /// Collapses the blocks waiting for the background thread now, in the
@@ -331,6 +330,44 @@ impl<S: PageSource + 'static> Populator<S> {
         if let Some(p) = &self.core.promoter {
             p.flush(&self.core.counters);
         }
+    }
+
+    /// Starts populating the whole region in a background thread at the
+    /// lowest priority, `chunk` bytes at a time (rounded to granules), in
+    /// address order; faults keep being served meanwhile. The returned
+    /// [`Drain`] reports progress and stops the thread when dropped.
+    pub fn start_drain(&self, chunk: usize) -> Result<Drain> {
+        let core = Arc::clone(&self.core);
+        let per_chunk = (chunk / core.granule()).max(1);
+        let total = self.core.region.len() / core.granule();
+        let progress = Arc::new(DrainProgress {
+            done: AtomicU64::new(0),
+            total: total as u64,
+            stop: AtomicBool::new(false),
+        });
+        let shared = Arc::clone(&progress);
+        let handle = std::thread::Builder::new()
+            .name("hugearena-drain".into())
+            .spawn(move || -> std::result::Result<(), SysError> {
+                // Best effort: a drain at normal priority is still correct.
+                let _ = crate::sys::thread::lower_priority();
+                let mut at = 0;
+                while at < total && !shared.stop.load(Ordering::Acquire) {
+                    let end = (at + per_chunk).min(total);
+                    core.populate_range(at, end)?;
+                    shared.done.store(end as u64, Ordering::Release);
+                    at = end;
+                }
+                Ok(())
+            })
+            .map_err(|source| Error::Spawn {
+                what: "background drain",
+                source,
+            })?;
+        Ok(Drain {
+            progress,
+            handle: Some(handle),
+        })
     }
 
     /// Tells promotion that the pages of `[offset, offset + len)` were
@@ -367,6 +404,59 @@ impl<S: PageSource + 'static> Drop for Populator<S> {
             }
             let _ = worker.join();
         }
+    }
+}
+
+/// Progress of a background drain.
+#[derive(Debug)]
+struct DrainProgress {
+    done: AtomicU64,
+    total: u64,
+    stop: AtomicBool,
+}
+
+/// A background drain started by [`Populator::start_drain`].
+#[derive(Debug)]
+pub struct Drain {
+    progress: Arc<DrainProgress>,
+    handle: Option<JoinHandle<std::result::Result<(), SysError>>>,
+}
+
+impl Drain {
+    /// Granules populated so far and in all.
+    pub fn progress(&self) -> (u64, u64) {
+        (
+            self.progress.done.load(Ordering::Acquire),
+            self.progress.total,
+        )
+    }
+
+    /// Whether the drain has finished (or failed).
+    pub fn is_finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Waits for the drain to finish.
+    pub fn wait(mut self) -> Result<()> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<()> {
+        match self.handle.take().map(|h| h.join()) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(Error::sys("draining the region")(e)),
+            Some(Err(_)) => Err(Error::sys("draining the region")(SysError::new(
+                "drain thread panicked",
+                crate::sys::Errno::ECANCELED,
+            ))),
+        }
+    }
+}
+
+impl Drop for Drain {
+    fn drop(&mut self) {
+        self.progress.stop.store(true, Ordering::Release);
+        let _ = self.join();
     }
 }
 

@@ -59,6 +59,12 @@ pub trait PageSource: Send + Sync {
     fn fills_zero(&self) -> bool {
         false
     }
+
+    /// Whether granule `index` is all zeroes (a hole in a sparse
+    /// snapshot, say), so that allocating the page is its whole fill.
+    fn is_zero(&self, _index: u64) -> bool {
+        self.fills_zero()
+    }
 }
 
 /// Every page reads as zero. Fresh pages already are, so it copies nothing.

@@ -436,6 +436,23 @@ impl Region {
         Ok(())
     }
 
+    /// Copies data at `offset` into `buf` through the alias view, which is
+    /// never registered: reading a page that was never populated reads
+    /// zeroes (and allocates it), so read only populated pages this way.
+    pub fn read_via_alias(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        self.check_bounds(offset, buf.len())?;
+        // SAFETY: in bounds (checked); shared bytes are copied raw, never
+        // borrowed; the alias never faults into userfaultfd.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.alias.as_ptr().add(offset),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
+
     /// Copies data at `offset` into `buf` through the primary view. Touching
     /// unpopulated pages of a registered region waits for population.
     pub fn read_via_primary(&self, offset: usize, buf: &mut [u8]) -> Result<()> {

@@ -8,6 +8,7 @@ pub mod memfd;
 pub mod mman;
 pub mod signal;
 pub mod size;
+pub mod thread;
 pub mod uffd;
 
 pub use error::{Errno, SysError, SysResult};

@@ -1,0 +1,315 @@
+//! Snapshots and lazy restore.
+//!
+//! A snapshot holds a region's populated granules, each with a crc32c, in
+//! a sparse file ([`format`]). Restoring maps a new region whose page
+//! source is the snapshot and returns at once: nothing is read until a
+//! page is touched (or a background drain gets to it), and every page is
+//! verified as it is filled; a corrupt page is poisoned and reported, the
+//! rest stays usable.
+//!
+//! # Consistency
+//!
+//! [`snapshot`] copies each present granule once, in address order. The
+//! snapshot is a consistent image of the region if **no thread of any
+//! process writes the region while it runs** (the caller quiesces writers,
+//! as a database does around a checkpoint); otherwise each granule is
+//! internally whatever it held when copied, with no order across granules.
+//!
+//! # Crash safety
+//!
+//! The snapshot is written to a temporary file next to `path`, synced,
+//! renamed over `path`, and the directory is synced: a crash at any point
+//! leaves either the previous snapshot or the new one at `path`, never a
+//! mix. A crash can leave the temporary file behind (`.NAME.tmp-PID`);
+//! the next snapshot of the same path by that pid replaces it.
+
+pub mod format;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use self::format::{HEADER_LEN, MAP_ENTRY, PRESENT, SnapshotHeader};
+use crate::error::{Error, Result};
+use crate::populate::state::{self, PageState};
+use crate::populate::{FillError, PageSource, PopulateOptions, Populator};
+use crate::region::{Region, RegionOptions};
+use crate::sys::Errno;
+use crate::sys::size::PageSize;
+
+/// What [`snapshot`] wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The snapshot file.
+    pub path: PathBuf,
+    /// Granules in the region.
+    pub granules: u64,
+    /// Granules written (the populated ones).
+    pub present: u64,
+    /// Bytes of page data written.
+    pub data_bytes: u64,
+    /// The file's length (most of it holes if the region was sparse).
+    pub file_len: u64,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes a snapshot of `region` to `path`, replacing any previous one
+/// atomically. See the module docs for what it captures.
+pub fn snapshot(region: &Region, path: impl AsRef<Path>) -> Result<SnapshotInfo> {
+    let started = Instant::now();
+    let path = path.as_ref();
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::InvalidOption {
+            option: "snapshot path",
+            reason: format!("{} has no file name", path.display()),
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = write_snapshot(region, &tmp);
+    let mut info = match result {
+        Ok(info) => info,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, path).map_err(io_error(path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))?;
+    info.path = path.to_path_buf();
+    info.elapsed = started.elapsed();
+    Ok(info)
+}
+
+fn write_snapshot(region: &Region, tmp: &Path) -> Result<SnapshotInfo> {
+    let backend = region.backend();
+    let granule = region.granule();
+    let mut header = SnapshotHeader::new(
+        backend.kind(),
+        backend.mapping_unit().shift(),
+        granule.shift(),
+        region.len() as u64,
+    );
+    let file = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)
+        .map_err(io_error(tmp))?;
+    // Holes where nothing is written: the file is as sparse as the region.
+    file.set_len(header.file_len()).map_err(io_error(tmp))?;
+    let g = granule.bytes();
+    let mut map = vec![0u8; (header.granules * MAP_ENTRY) as usize];
+    // Copy runs of present granules up to 1 MiB at a time.
+    let per_batch = ((1 << 20) / g).max(1);
+    let mut buf = vec![0u8; per_batch * g];
+    let states = region.page_states();
+    let mut i = 0;
+    let mut data_bytes = 0;
+    while i < states.len() {
+        if state::observe(&states[i]) != PageState::Present {
+            i += 1;
+            continue;
+        }
+        let mut end = i + 1;
+        while end < states.len()
+            && end - i < per_batch
+            && state::observe(&states[end]) == PageState::Present
+        {
+            end += 1;
+        }
+        let bytes = &mut buf[..(end - i) * g];
+        region.read_via_alias(i * g, bytes)?;
+        for (k, page) in bytes.chunks(g).enumerate() {
+            let at = (i + k) * MAP_ENTRY as usize;
+            map[at..at + 4].copy_from_slice(&PRESENT.to_le_bytes());
+            map[at + 4..at + 8].copy_from_slice(&crc32c::crc32c(page).to_le_bytes());
+        }
+        file.write_all_at(bytes, header.data_offset + (i * g) as u64)
+            .map_err(io_error(tmp))?;
+        header.present += (end - i) as u64;
+        data_bytes += bytes.len() as u64;
+        i = end;
+    }
+    header.map_crc = crc32c::crc32c(&map);
+    file.write_all_at(&map, header.map_offset)
+        .map_err(io_error(tmp))?;
+    // The header last: a file without it is not a snapshot.
+    file.write_all_at(&header.encode(), 0)
+        .map_err(io_error(tmp))?;
+    file.sync_all().map_err(io_error(tmp))?;
+    Ok(SnapshotInfo {
+        path: tmp.to_path_buf(),
+        granules: header.granules,
+        present: header.present,
+        data_bytes,
+        file_len: header.file_len(),
+        elapsed: Duration::ZERO,
+    })
+}
+
+/// A snapshot opened for restore: its header and page map, checked.
+#[derive(Debug)]
+pub struct SnapshotSource {
+    path: PathBuf,
+    file: File,
+    header: SnapshotHeader,
+    /// Per granule: (flags, crc32c).
+    map: Vec<(u32, u32)>,
+}
+
+impl SnapshotSource {
+    /// Opens and checks a snapshot: header, geometry, file length and page
+    /// map. Nothing is mapped yet.
+    pub fn open(path: impl AsRef<Path>) -> Result<SnapshotSource> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(io_error(&path))?;
+        let len = file.metadata().map_err(io_error(&path))?.len();
+        let mut head = vec![0u8; HEADER_LEN.min(len) as usize];
+        file.read_exact_at(&mut head, 0).map_err(io_error(&path))?;
+        let header = SnapshotHeader::decode(&head, len, &path)?;
+        let mut raw = vec![0u8; (header.granules * MAP_ENTRY) as usize];
+        file.read_exact_at(&mut raw, header.map_offset)
+            .map_err(io_error(&path))?;
+        if crc32c::crc32c(&raw) != header.map_crc {
+            return Err(Error::BadSnapshot {
+                path,
+                reason: "page map checksum mismatch: the map is corrupt".into(),
+            });
+        }
+        let map: Vec<(u32, u32)> = raw
+            .chunks_exact(8)
+            .map(|e| {
+                (
+                    u32::from_le_bytes(e[0..4].try_into().expect("4 bytes")),
+                    u32::from_le_bytes(e[4..8].try_into().expect("4 bytes")),
+                )
+            })
+            .collect();
+        let present = map.iter().filter(|(f, _)| f & PRESENT != 0).count() as u64;
+        if present != header.present {
+            return Err(Error::BadSnapshot {
+                path,
+                reason: format!(
+                    "the header counts {} present pages, the map {present}",
+                    header.present
+                ),
+            });
+        }
+        Ok(SnapshotSource {
+            path,
+            file,
+            header,
+            map,
+        })
+    }
+
+    /// The header.
+    pub fn header(&self) -> &SnapshotHeader {
+        &self.header
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Region options that recreate the snapshot's region: same size,
+    /// backend and huge page size.
+    pub fn region_options(&self) -> Result<RegionOptions> {
+        let huge = PageSize::from_bytes(1 << self.header.huge_page_shift).ok_or_else(|| {
+            Error::BadSnapshot {
+                path: self.path.clone(),
+                reason: format!("unknown huge page shift {}", self.header.huge_page_shift),
+            }
+        })?;
+        let options = RegionOptions::new(self.header.data_len).backend(self.header.backend);
+        Ok(if self.header.backend.uses_hugetlb() {
+            options.huge_page_size(huge)
+        } else {
+            options
+        })
+    }
+}
+
+impl PageSource for SnapshotSource {
+    fn fill(&self, index: u64, dst: &mut [u8]) -> std::result::Result<(), FillError> {
+        let g = self.header.granule() as usize;
+        // The region's granule is the snapshot's (restore checks it).
+        debug_assert_eq!(dst.len(), g);
+        let (flags, crc) = *self.map.get(index as usize).ok_or(FillError::PastEnd {
+            len: self.header.data_len,
+        })?;
+        if flags & PRESENT == 0 {
+            dst.fill(0);
+            return Ok(());
+        }
+        self.file
+            .read_exact_at(dst, self.header.data_offset + index * g as u64)
+            .map_err(|e| FillError::Io(e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)))?;
+        if crc32c::crc32c(dst) != crc {
+            return Err(FillError::Failed(
+                "snapshot page checksum mismatch (corrupt page)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn is_zero(&self, index: u64) -> bool {
+        self.map
+            .get(index as usize)
+            .is_some_and(|(flags, _)| flags & PRESENT == 0)
+    }
+}
+
+/// Restores a snapshot into a new region (anonymous, or at
+/// `region.path(..)` if the options say so) and returns at once: pages
+/// fill from the snapshot, verified, on first touch.
+pub fn restore(
+    path: impl AsRef<Path>,
+    populate: PopulateOptions,
+) -> Result<Populator<SnapshotSource>> {
+    let source = SnapshotSource::open(path)?;
+    restore_with(source.region_options()?, source, populate)
+}
+
+/// [`restore`] with explicit region options (e.g. a named file); the size
+/// and backend must match the snapshot's.
+pub fn restore_with(
+    options: RegionOptions,
+    source: SnapshotSource,
+    populate: PopulateOptions,
+) -> Result<Populator<SnapshotSource>> {
+    let region = Region::create(options)?;
+    let h = *source.header();
+    if region.len() as u64 != h.data_len || region.granule().bytes() as u64 != h.granule() {
+        return Err(Error::BadSnapshot {
+            path: source.path().to_path_buf(),
+            reason: format!(
+                "it holds {} bytes in {}-byte granules; the region has {} bytes in {} granules",
+                h.data_len,
+                h.granule(),
+                region.len(),
+                region.granule()
+            ),
+        });
+    }
+    Populator::with_options(Arc::new(region), source, populate)
+}

@@ -1,0 +1,423 @@
+//! Snapshots and lazy restore on the real kernel: round trips on every
+//! backend into a fresh process, an arena that keeps allocating after
+//! restore, crashes in the middle of a snapshot, corrupt and truncated
+//! files, and a background drain.
+
+mod common;
+
+use std::alloc::Layout;
+use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hugearena::persist::{self, SnapshotSource};
+use hugearena::populate::{Driver, FnSource, PopulateOptions, Populator};
+use hugearena::{Arena, BackendKind, Error, PageSize, Region, RegionOptions, ShmPtr};
+
+/// Pattern `seed` for every granule whose index is not 3 mod 4 (those are
+/// never populated, so the snapshot has holes there).
+fn expected(seed: u64, granule: usize) -> impl Fn(usize) -> u8 {
+    move |i| {
+        if (i / granule) % 4 == 3 {
+            0
+        } else {
+            pattern_byte(seed, i)
+        }
+    }
+}
+
+fn pattern_source(
+    seed: u64,
+) -> FnSource<impl Fn(u64, &mut [u8]) -> Result<(), hugearena::populate::FillError> + Send + Sync> {
+    FnSource(move |index: u64, dst: &mut [u8]| {
+        fill_pattern(seed, index as usize * dst.len(), dst);
+        Ok(())
+    })
+}
+
+fn verify(region: &Region, expect: impl Fn(usize) -> u8) {
+    let mut buf = vec![0u8; 1 << 20];
+    for off in (0..region.len()).step_by(buf.len()) {
+        region.read_via_primary(off, &mut buf).unwrap();
+        if let Some(i) = (0..buf.len()).find(|&i| buf[i] != expect(off + i)) {
+            panic!(
+                "byte {} is {:#x}, want {:#x}",
+                off + i,
+                buf[i],
+                expect(off + i)
+            );
+        }
+    }
+}
+
+fn snapshot_dir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+#[test]
+fn child_entry() {
+    let Ok(role) = std::env::var(CHILD_ROLE) else {
+        return;
+    };
+    let env = |k: &str| std::env::var(k).unwrap();
+    match role.as_str() {
+        "restore-verify" => {
+            let started = Instant::now();
+            let p = persist::restore(env("SNAPSHOT"), PopulateOptions::new()).unwrap();
+            let restored_in = started.elapsed();
+            let region = p.region().clone();
+            let granule = region.granule().bytes();
+            let mut first = [0u8; 1];
+            region.read_via_primary(granule, &mut first).unwrap();
+            let first_access = started.elapsed();
+            assert_eq!(p.stats().fills, 1, "one page read for the first access");
+            verify(&region, expected(5, granule));
+            assert!(p.errors().is_empty(), "{:?}", p.errors());
+            println!(
+                "CHILD-RESTORED in {restored_in:?}, first access after {first_access:?}; {}",
+                p.stats()
+            );
+        }
+        "arena-after-restore" => {
+            let a = Arena::restore(env("SNAPSHOT"), PopulateOptions::new()).unwrap();
+            let list = std::fs::read_to_string(env("LIST")).unwrap();
+            let old: Vec<(u64, usize, u8)> = list
+                .lines()
+                .map(|l| {
+                    let mut f = l.split(' ').map(|x| x.parse::<u64>().unwrap());
+                    (
+                        f.next().unwrap(),
+                        f.next().unwrap() as usize,
+                        f.next().unwrap() as u8,
+                    )
+                })
+                .collect();
+            for &(off, size, tag) in &old {
+                let mut buf = vec![0u8; size];
+                a.region().read_via_primary(off as usize, &mut buf).unwrap();
+                assert!(
+                    buf.iter().all(|&b| b == tag),
+                    "restored allocation {off:#x} differs"
+                );
+            }
+            let stats = a.audit().unwrap();
+            assert_eq!(
+                stats.small_objects + stats.runs + stats.large_allocs,
+                old.len() as u64
+            );
+            // Allocate more: nothing may land on restored allocations.
+            let mut taken: Vec<(u64, u64)> = old.iter().map(|&(o, s, _)| (o, s as u64)).collect();
+            for i in 0..300usize {
+                let size = [40, 3000, 20_000, 300_000][i % 4];
+                let p = a.alloc(Layout::from_size_align(size, 8).unwrap()).unwrap();
+                let (s, e) = (p.offset(), p.offset() + size as u64);
+                assert!(
+                    taken.iter().all(|&(o, l)| e <= o || o + l <= s),
+                    "{p:?} overlaps"
+                );
+                taken.push((s, size as u64));
+            }
+            for &(off, _, _) in &old {
+                a.free(ShmPtr::from_offset(off)).unwrap();
+            }
+            a.audit().unwrap();
+            println!("CHILD-ARENA-OK");
+        }
+        "snapshot-loop" => {
+            let region = Region::open(env("REGION_PATH")).unwrap();
+            println!("CHILD-SNAPSHOTTING");
+            loop {
+                persist::snapshot(&region, env("SNAPSHOT")).unwrap();
+            }
+        }
+        "touch-corrupt" => {
+            let p = persist::restore(env("SNAPSHOT"), PopulateOptions::new()).unwrap();
+            let mut b = [0u8; 1];
+            p.region().read_via_primary(6 * 4096, &mut b).unwrap();
+            println!("CHILD-READ-PAGE-6");
+            let _ = p.region().read_via_primary(7 * 4096, &mut b);
+            println!("CHILD-SURVIVED");
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+/// A region of `kind` with pattern 5 in three granules of every four,
+/// snapshotted into `dir`.
+fn patterned_snapshot(
+    kind: BackendKind,
+    len: usize,
+    dir: &tempfile::TempDir,
+) -> (std::path::PathBuf, persist::SnapshotInfo) {
+    let region = Arc::new(Region::create(RegionOptions::new(len as u64).backend(kind)).unwrap());
+    let g = region.granule().bytes();
+    let p = Populator::with_options(
+        region.clone(),
+        pattern_source(5),
+        PopulateOptions::new().driver(Driver::Proactive),
+    )
+    .unwrap();
+    for i in (0..len / g).filter(|i| i % 4 != 3) {
+        p.populate(i * g, g).unwrap();
+    }
+    let path = dir.path().join("snap");
+    let info = persist::snapshot(&region, &path).unwrap();
+    (path, info)
+}
+
+fn round_trip(kind: BackendKind) {
+    if kind == BackendKind::Hugetlb && !ensure_huge_pages(PageSize::Huge2M, 80) {
+        return;
+    }
+    let dir = snapshot_dir();
+    let (path, info) = patterned_snapshot(kind, 64 << 20, &dir);
+    assert_eq!(info.present, info.granules - info.granules / 4, "{info:?}");
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), info.file_len);
+    assert!(
+        meta.blocks() * 512 < info.file_len - (info.file_len / 5),
+        "the holes take no space: {} of {} bytes allocated",
+        meta.blocks() * 512,
+        info.file_len
+    );
+    let out = run_child(
+        "restore-verify",
+        &[("SNAPSHOT", path.display().to_string())],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("CHILD-RESTORED"), "{stdout}");
+    eprintln!(
+        "{kind}: {}",
+        stdout
+            .lines()
+            .find(|l| l.contains("CHILD-RESTORED"))
+            .unwrap_or("")
+    );
+}
+
+#[test]
+fn shmem_round_trip() {
+    round_trip(BackendKind::Shmem);
+}
+
+#[test]
+fn shmem_thp_round_trip() {
+    round_trip(BackendKind::ShmemThp);
+}
+
+#[test]
+fn hugetlb_round_trip() {
+    round_trip(BackendKind::Hugetlb);
+}
+
+#[test]
+fn an_arena_keeps_allocating_after_restore() {
+    let dir = snapshot_dir();
+    let a = Arena::create(
+        RegionOptions::new(64 << 20).backend(BackendKind::Shmem),
+        PopulateOptions::new(),
+    )
+    .unwrap();
+    let mut list = String::new();
+    for i in 0..300usize {
+        let size = [24, 5000, 70_000, 2 << 20][i % 4];
+        let p = a.alloc(Layout::from_size_align(size, 8).unwrap()).unwrap();
+        let tag = (i % 251) as u8 + 1;
+        a.region()
+            .write_via_primary(p.offset() as usize, &vec![tag; size])
+            .unwrap();
+        list.push_str(&format!("{} {} {}\n", p.offset(), size, tag));
+        if i % 4 == 3 && i > 20 {
+            break;
+        }
+    }
+    let path = dir.path().join("arena.snap");
+    a.snapshot(&path).unwrap();
+    let list_path = dir.path().join("list");
+    std::fs::write(&list_path, list).unwrap();
+    let out = run_child(
+        "arena-after-restore",
+        &[
+            ("SNAPSHOT", path.display().to_string()),
+            ("LIST", list_path.display().to_string()),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CHILD-ARENA-OK"));
+}
+
+#[test]
+fn a_crash_during_snapshot_leaves_the_previous_one_intact() {
+    use std::process::{Command, Stdio};
+    let dir = snapshot_dir();
+    let len = 64 << 20;
+    let region = Arc::new(
+        Region::create(RegionOptions::new(len as u64).backend(BackendKind::Shmem)).unwrap(),
+    );
+    let p = Populator::with_options(
+        region.clone(),
+        pattern_source(1),
+        PopulateOptions::new().driver(Driver::Proactive),
+    )
+    .unwrap();
+    p.populate(0, len).unwrap();
+    let path = dir.path().join("crash.snap");
+    persist::snapshot(&region, &path).unwrap();
+    // New contents: a completed new snapshot holds pattern 2 everywhere.
+    let mut chunk = vec![0u8; 1 << 20];
+    for off in (0..len).step_by(chunk.len()) {
+        fill_pattern(2, off, &mut chunk);
+        region.write_via_primary(off, &chunk).unwrap();
+    }
+    for delay_ms in [1, 4, 15, 40, 100, 250] {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ROLE, "snapshot-loop")
+            .env("REGION_PATH", region.shareable_path())
+            .env("SNAPSHOT", &path)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Whatever is at `path` is one whole snapshot, old or new.
+        let restored =
+            persist::restore(&path, PopulateOptions::new().driver(Driver::Proactive)).unwrap();
+        restored.populate(0, len).unwrap();
+        assert!(
+            restored.errors().is_empty(),
+            "after a kill at {delay_ms} ms: {:?}",
+            restored.errors()
+        );
+        let mut first = [0u8; 1];
+        restored.region().read_via_primary(0, &mut first).unwrap();
+        let seed = if first[0] == pattern_byte(1, 0) { 1 } else { 2 };
+        verify(restored.region(), |i| pattern_byte(seed, i));
+        eprintln!("killed after {delay_ms} ms: the snapshot holds pattern {seed}");
+    }
+}
+
+#[test]
+fn corrupt_truncated_and_foreign_snapshots_are_refused_or_poisoned() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = snapshot_dir();
+    let region =
+        Arc::new(Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap());
+    let p = Populator::with_options(
+        region.clone(),
+        pattern_source(3),
+        PopulateOptions::new().driver(Driver::Proactive),
+    )
+    .unwrap();
+    p.populate(0, 8 << 20).unwrap();
+    let path = dir.path().join("good.snap");
+    persist::snapshot(&region, &path).unwrap();
+    let header = *SnapshotSource::open(&path).unwrap().header();
+
+    // A flipped byte in page 7: that page is poisoned and reported.
+    let bad = dir.path().join("flipped.snap");
+    std::fs::copy(&path, &bad).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&bad)
+        .unwrap();
+    let at = header.data_offset + 7 * 4096 + 100;
+    let mut byte = [0u8; 1];
+    f.read_exact_at(&mut byte, at).unwrap();
+    f.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
+    let restored =
+        persist::restore(&bad, PopulateOptions::new().driver(Driver::Proactive)).unwrap();
+    restored.populate(0, 8 << 20).unwrap();
+    let errors = restored.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].index, 7);
+    assert!(
+        errors[0].to_string().contains("checksum mismatch"),
+        "{}",
+        errors[0]
+    );
+    for page in (0..2048usize).filter(|&i| i != 7) {
+        let mut buf = vec![0u8; 4096];
+        restored
+            .region()
+            .read_via_primary(page * 4096, &mut buf)
+            .unwrap();
+        assert!(
+            (0..4096).all(|i| buf[i] == pattern_byte(3, page * 4096 + i)),
+            "page {page}"
+        );
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ROLE, "touch-corrupt")
+        .env("SNAPSHOT", &bad)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("CHILD-READ-PAGE-6") && !stdout.contains("CHILD-SURVIVED"),
+        "{stdout}"
+    );
+    assert_eq!(out.status.signal(), Some(libc::SIGBUS));
+
+    // Damage found before anything is mapped.
+    type Damage = Box<dyn Fn(&std::fs::File)>;
+    let cases: [(&str, Damage, &str); 4] = [
+        (
+            "truncated",
+            Box::new(|f| f.set_len(header.file_len() - 4096).unwrap()),
+            "truncated or extended",
+        ),
+        ("short", Box::new(|f| f.set_len(100).unwrap()), "truncated"),
+        (
+            "version",
+            Box::new(|f| f.write_all_at(&2u32.to_le_bytes(), 8).unwrap()),
+            "version 2",
+        ),
+        (
+            "map",
+            Box::new(|f| f.write_all_at(&[0xFF], header.map_offset + 9).unwrap()),
+            "page map checksum",
+        ),
+    ];
+    for (name, damage, message) in cases {
+        let copy = dir.path().join(format!("{name}.snap"));
+        std::fs::copy(&path, &copy).unwrap();
+        damage(&std::fs::OpenOptions::new().write(true).open(&copy).unwrap());
+        let err = persist::restore(&copy, PopulateOptions::new()).unwrap_err();
+        assert!(matches!(err, Error::BadSnapshot { .. }), "{name}: {err}");
+        assert!(err.to_string().contains(message), "{name}: {err}");
+    }
+    let mut not_a_snapshot = tempfile::NamedTempFile::new().unwrap();
+    not_a_snapshot.write_all(&[7u8; 8192]).unwrap();
+    let err = persist::restore(not_a_snapshot.path(), PopulateOptions::new()).unwrap_err();
+    assert!(err.to_string().contains("magic"), "{err}");
+}
+
+#[test]
+fn a_background_drain_fills_everything_and_reports_progress() {
+    let dir = snapshot_dir();
+    let (path, info) = patterned_snapshot(BackendKind::ShmemThp, 64 << 20, &dir);
+    let p = persist::restore(&path, PopulateOptions::new()).unwrap();
+    let drain = p.start_drain(2 << 20).unwrap();
+    let mut seen = Vec::new();
+    while !drain.is_finished() {
+        seen.push(drain.progress().0);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(drain.progress(), (info.granules, info.granules));
+    drain.wait().unwrap();
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "progress only grows");
+    let stats = p.stats();
+    assert_eq!(stats.fills, info.granules, "{stats}");
+    verify(p.region(), expected(5, 4096));
+}
