@@ -370,7 +370,7 @@ fn corrupt_truncated_and_foreign_snapshots_are_refused_or_poisoned() {
     assert_eq!(out.status.signal(), Some(libc::SIGBUS));
 
     // Damage found before anything is mapped.
-    type Damage = Box<dyn Fn(&std::fs::File)>;
+    type Damage<'a> = Box<dyn Fn(&std::fs::File) + 'a>;
     let cases: [(&str, Damage, &str); 4] = [
         (
             "truncated",
