@@ -132,6 +132,24 @@ fn child_entry() {
                 persist::snapshot(&region, env("SNAPSHOT")).unwrap();
             }
         }
+        "verify-chain" => {
+            let p = persist::restore(env("SNAPSHOT"), PopulateOptions::new()).unwrap();
+            let changed: Vec<usize> = env("CHANGED")
+                .split(',')
+                .map(|x| x.parse().unwrap())
+                .collect();
+            let region = p.region().clone();
+            verify(&region, |i| {
+                let page = i / 4096;
+                match changed.iter().rposition(|&c| c == page) {
+                    // Later entries won: the seed is the change's position.
+                    Some(k) => pattern_byte(100 + k as u64, i),
+                    None => pattern_byte(1, i),
+                }
+            });
+            assert!(p.errors().is_empty(), "{:?}", p.errors());
+            println!("CHILD-CHAIN-OK");
+        }
         "touch-corrupt" => {
             let p = persist::restore(env("SNAPSHOT"), PopulateOptions::new()).unwrap();
             let mut b = [0u8; 1];
@@ -320,7 +338,7 @@ fn corrupt_truncated_and_foreign_snapshots_are_refused_or_poisoned() {
     p.populate(0, 8 << 20).unwrap();
     let path = dir.path().join("good.snap");
     persist::snapshot(&region, &path).unwrap();
-    let header = *SnapshotSource::open(&path).unwrap().header();
+    let header = SnapshotSource::open(&path).unwrap().header().clone();
 
     // A flipped byte in page 7: that page is poisoned and reported.
     let bad = dir.path().join("flipped.snap");
@@ -420,4 +438,92 @@ fn a_background_drain_fills_everything_and_reports_progress() {
     let stats = p.stats();
     assert_eq!(stats.fills, info.granules, "{stats}");
     verify(p.region(), expected(5, 4096));
+}
+
+#[test]
+fn write_tracking_reports_exactly_the_written_pages() {
+    for driver in [Driver::InThread, Driver::HandlerThreads(1)] {
+        let region = Arc::new(
+            Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap(),
+        );
+        let options = PopulateOptions::new().driver(driver).track_writes(true);
+        let p = Populator::with_options(region.clone(), pattern_source(1), options).unwrap();
+        p.populate(0, 4 << 20).unwrap();
+        let mut b = [0u8; 64];
+        region.read_via_primary(6 << 20, &mut b).unwrap();
+        assert_eq!(
+            p.take_changed().unwrap(),
+            Vec::<usize>::new(),
+            "{driver}: reads and fills are not writes"
+        );
+        for page in [3usize, 700, 1500] {
+            region
+                .write_via_primary(page * 4096 + 10, b"changed")
+                .unwrap();
+        }
+        assert_eq!(p.take_changed().unwrap(), vec![3, 700, 1500], "{driver}");
+        assert_eq!(
+            p.take_changed().unwrap(),
+            Vec::<usize>::new(),
+            "{driver}: re-protected"
+        );
+        region.write_via_primary(700 * 4096, b"again").unwrap();
+        assert_eq!(p.take_changed().unwrap(), vec![700], "{driver}");
+    }
+}
+
+#[test]
+fn incremental_snapshots_write_only_what_changed_and_restore_as_a_chain() {
+    let dir = snapshot_dir();
+    let len = 8usize << 20;
+    let region = Arc::new(
+        Region::create(RegionOptions::new(len as u64).backend(BackendKind::Shmem)).unwrap(),
+    );
+    let options = PopulateOptions::new().track_writes(true);
+    let p = Populator::with_options(region.clone(), pattern_source(1), options).unwrap();
+    p.populate(0, len).unwrap();
+    let mut snap = persist::Snapshotter::new();
+    let base = snap.full(&p, dir.path().join("s0")).unwrap();
+    assert_eq!(base.present, 2048);
+    // Change 1 % of the pages (20), each with its own pattern.
+    let mut changed = Vec::new();
+    let mut page_buf = vec![0u8; 4096];
+    let mut change = |page: usize, changed: &mut Vec<usize>| {
+        fill_pattern(100 + changed.len() as u64, page * 4096, &mut page_buf);
+        region.write_via_primary(page * 4096, &page_buf).unwrap();
+        changed.push(page);
+    };
+    for k in 0..20 {
+        change(k * 97 + 5, &mut changed);
+    }
+    let inc = snap.incremental(&p, dir.path().join("s1")).unwrap();
+    assert_eq!((inc.present, inc.inherited), (20, 2028), "{inc:?}");
+    assert_eq!(inc.data_bytes, 20 * 4096);
+    let allocated = std::fs::metadata(dir.path().join("s1")).unwrap().blocks() * 512;
+    assert!(allocated < 200 << 10, "s1 takes {allocated} bytes on disk");
+    // A second increment, overwriting one page changed in the first.
+    for page in [5usize, 2000, 1234] {
+        change(page, &mut changed);
+    }
+    let inc2 = snap.incremental(&p, dir.path().join("s2")).unwrap();
+    assert_eq!(inc2.present, 3, "{inc2:?}");
+    let source = SnapshotSource::open(dir.path().join("s2")).unwrap();
+    assert_eq!(source.depth(), 2);
+    let list = changed
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = run_child(
+        "verify-chain",
+        &[
+            ("SNAPSHOT", dir.path().join("s2").display().to_string()),
+            ("CHANGED", list),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CHILD-CHAIN-OK"));
+    // A parent replaced under the chain is noticed before anything is mapped.
+    persist::snapshot(&region, dir.path().join("s0")).unwrap();
+    let err = SnapshotSource::open(dir.path().join("s2")).unwrap_err();
+    assert!(err.to_string().contains("was replaced"), "{err}");
 }

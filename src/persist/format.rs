@@ -7,8 +7,11 @@
 //!         24  data length u64       32  granules u64
 //!         40  map offset u64        48  data offset u64
 //!         56  present granules u64  64  map crc32c u32   68 header crc32c u32
-//! 4096   page map: per granule, u32 flags (bit 0: present) and u32 crc32c
-//!        of the granule's bytes
+//!         72  parent's header crc32c u32  76  parent name length u16
+//!         78  parent file name (incremental snapshots; length 0 otherwise)
+//!        (the header crc covers all 4096 bytes with its own field zeroed)
+//! 4096   page map: per granule, u32 flags (bit 0: present here, bit 1:
+//!        inherited from the parent) and u32 crc32c of the granule's bytes
 //! data   granule i at data_offset + i × granule; absent granules are holes
 //!        (never written), so the file is sparse
 //! ```
@@ -29,9 +32,22 @@ pub const HEADER_LEN: u64 = 4096;
 pub const MAP_ENTRY: u64 = 8;
 /// Page-map flag: the granule's bytes are in the file.
 pub const PRESENT: u32 = 1;
+/// Page-map flag: the granule's bytes are in the parent snapshot.
+pub const INHERITED: u32 = 2;
+/// Longest parent file name.
+pub const MAX_PARENT_NAME: usize = 1024;
+
+/// The snapshot an incremental snapshot builds on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentRef {
+    /// Its file name, in the same directory.
+    pub name: String,
+    /// Its header checksum, so a replaced parent is noticed.
+    pub header_crc: u32,
+}
 
 /// A decoded, validated snapshot header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotHeader {
     /// The backend of the region it was taken from.
     pub backend: BackendKind,
@@ -51,6 +67,10 @@ pub struct SnapshotHeader {
     pub present: u64,
     /// crc32c of the page map.
     pub map_crc: u32,
+    /// The parent, for an incremental snapshot.
+    pub parent: Option<ParentRef>,
+    /// The header's own checksum (set by `encode` and `decode`).
+    pub header_crc: u32,
 }
 
 impl SnapshotHeader {
@@ -76,6 +96,8 @@ impl SnapshotHeader {
             data_offset,
             present: 0,
             map_crc: 0,
+            parent: None,
+            header_crc: 0,
         }
     }
 
@@ -89,8 +111,8 @@ impl SnapshotHeader {
         self.data_offset + self.data_len
     }
 
-    /// The encoded header.
-    pub fn encode(&self) -> [u8; HEADER_LEN as usize] {
+    /// The encoded header; records its checksum in `header_crc`.
+    pub fn encode(&mut self) -> [u8; HEADER_LEN as usize] {
         let mut b = [0u8; HEADER_LEN as usize];
         b[0..8].copy_from_slice(&MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -107,8 +129,15 @@ impl SnapshotHeader {
             b[at..at + 8].copy_from_slice(&v.to_le_bytes());
         }
         b[64..68].copy_from_slice(&self.map_crc.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..68]);
-        b[68..72].copy_from_slice(&crc.to_le_bytes());
+        if let Some(parent) = &self.parent {
+            let name = parent.name.as_bytes();
+            assert!(name.len() <= MAX_PARENT_NAME, "parent name too long");
+            b[72..76].copy_from_slice(&parent.header_crc.to_le_bytes());
+            b[76..78].copy_from_slice(&(name.len() as u16).to_le_bytes());
+            b[78..78 + name.len()].copy_from_slice(name);
+        }
+        self.header_crc = crc32c::crc32c(&b);
+        b[68..72].copy_from_slice(&self.header_crc.to_le_bytes());
         b
     }
 
@@ -119,7 +148,7 @@ impl SnapshotHeader {
             path: path.to_path_buf(),
             reason,
         };
-        if b.len() < 72 || file_len < HEADER_LEN {
+        if b.len() < HEADER_LEN as usize || file_len < HEADER_LEN {
             return Err(bad(format!(
                 "truncated: {file_len} bytes, shorter than the {HEADER_LEN}-byte header"
             )));
@@ -135,9 +164,22 @@ impl SnapshotHeader {
                 "format version {version}; this build reads version {VERSION}"
             )));
         }
-        if crc32c::crc32c(&b[..68]) != u32_at(68) {
+        let mut zeroed = b[..HEADER_LEN as usize].to_vec();
+        zeroed[68..72].fill(0);
+        let header_crc = u32_at(68);
+        if crc32c::crc32c(&zeroed) != header_crc {
             return Err(bad("header checksum mismatch: the header is corrupt".into()));
         }
+        let name_len = u16::from_le_bytes([b[76], b[77]]) as usize;
+        let parent = match name_len {
+            0 => None,
+            n if n <= MAX_PARENT_NAME => Some(ParentRef {
+                name: String::from_utf8(b[78..78 + n].to_vec())
+                    .map_err(|_| bad("the parent's name is not UTF-8".into()))?,
+                header_crc: u32_at(72),
+            }),
+            n => return Err(bad(format!("parent name of {n} bytes"))),
+        };
         let backend = BackendKind::from_code(u32_at(12))
             .ok_or_else(|| bad(format!("unknown backend code {}", u32_at(12))))?;
         let h = SnapshotHeader {
@@ -150,6 +192,8 @@ impl SnapshotHeader {
             data_offset: u64_at(48),
             present: u64_at(56),
             map_crc: u32_at(64),
+            parent,
+            header_crc,
         };
         let expect = SnapshotHeader::new(h.backend, h.huge_page_shift, h.granule_shift, h.data_len);
         if !(12..=30).contains(&h.granule_shift)
@@ -182,6 +226,10 @@ mod tests {
         let mut h = SnapshotHeader::new(BackendKind::ShmemThp, 21, 12, 64 << 20);
         h.present = 17;
         h.map_crc = 0xDEAD_BEEF;
+        h.parent = Some(ParentRef {
+            name: "base.snap".into(),
+            header_crc: 42,
+        });
         let b = h.encode();
         let p = Path::new("snap");
         assert_eq!(SnapshotHeader::decode(&b, h.file_len(), p).unwrap(), h);
@@ -196,7 +244,7 @@ mod tests {
                 .contains("version 9")
         );
         let mut c = b;
-        c[30] ^= 1;
+        c[80] ^= 1;
         assert!(
             SnapshotHeader::decode(&c, h.file_len(), p)
                 .unwrap_err()

@@ -46,8 +46,10 @@ pub struct SnapshotInfo {
     pub path: PathBuf,
     /// Granules in the region.
     pub granules: u64,
-    /// Granules written (the populated ones).
+    /// Granules whose bytes this file holds.
     pub present: u64,
+    /// Granules left to the parent snapshot (incremental snapshots).
+    pub inherited: u64,
     /// Bytes of page data written.
     pub data_bytes: u64,
     /// The file's length (most of it holes if the region was sparse).
@@ -66,8 +68,15 @@ fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 /// Writes a snapshot of `region` to `path`, replacing any previous one
 /// atomically. See the module docs for what it captures.
 pub fn snapshot(region: &Region, path: impl AsRef<Path>) -> Result<SnapshotInfo> {
+    write_atomically(region, path.as_ref(), None)
+}
+
+fn write_atomically(
+    region: &Region,
+    path: &Path,
+    increment: Option<&Increment<'_>>,
+) -> Result<SnapshotInfo> {
     let started = Instant::now();
-    let path = path.as_ref();
     let name = path
         .file_name()
         .ok_or_else(|| Error::InvalidOption {
@@ -81,7 +90,7 @@ pub fn snapshot(region: &Region, path: impl AsRef<Path>) -> Result<SnapshotInfo>
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = write_snapshot(region, &tmp);
+    let result = write_snapshot(region, &tmp, increment);
     let mut info = match result {
         Ok(info) => info,
         Err(e) => {
@@ -98,7 +107,19 @@ pub fn snapshot(region: &Region, path: impl AsRef<Path>) -> Result<SnapshotInfo>
     Ok(info)
 }
 
-fn write_snapshot(region: &Region, tmp: &Path) -> Result<SnapshotInfo> {
+/// The parent of an incremental snapshot, and what changed since it.
+struct Increment<'a> {
+    parent: &'a SnapshotSource,
+    name: String,
+    /// Changed granules, sorted.
+    changed: &'a [usize],
+}
+
+fn write_snapshot(
+    region: &Region,
+    tmp: &Path,
+    increment: Option<&Increment<'_>>,
+) -> Result<SnapshotInfo> {
     let backend = region.backend();
     let granule = region.granule();
     let mut header = SnapshotHeader::new(
@@ -107,6 +128,21 @@ fn write_snapshot(region: &Region, tmp: &Path) -> Result<SnapshotInfo> {
         granule.shift(),
         region.len() as u64,
     );
+    if let Some(inc) = increment {
+        let p = inc.parent.header();
+        if (p.data_len, p.granule_shift, p.backend)
+            != (header.data_len, header.granule_shift, header.backend)
+        {
+            return Err(Error::BadSnapshot {
+                path: inc.parent.path().to_path_buf(),
+                reason: "its geometry differs from the region's: it cannot be a parent".into(),
+            });
+        }
+        header.parent = Some(format::ParentRef {
+            name: inc.name.clone(),
+            header_crc: p.header_crc,
+        });
+    }
     let file = File::options()
         .write(true)
         .create(true)
@@ -123,8 +159,23 @@ fn write_snapshot(region: &Region, tmp: &Path) -> Result<SnapshotInfo> {
     let states = region.page_states();
     let mut i = 0;
     let mut data_bytes = 0;
+    // A present granule the parent holds and nobody changed is inherited:
+    // its map entry points to the parent, no bytes are written.
+    let inherited = |i: usize| {
+        increment.is_some_and(|inc| inc.parent.holds(i) && inc.changed.binary_search(&i).is_err())
+    };
+    let mut inherited_count = 0;
     while i < states.len() {
         if state::observe(&states[i]) != PageState::Present {
+            i += 1;
+            continue;
+        }
+        if inherited(i) {
+            let at = i * MAP_ENTRY as usize;
+            let crc = increment.map_or(0, |inc| inc.parent.map[i].1);
+            map[at..at + 4].copy_from_slice(&format::INHERITED.to_le_bytes());
+            map[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
+            inherited_count += 1;
             i += 1;
             continue;
         }
@@ -132,6 +183,7 @@ fn write_snapshot(region: &Region, tmp: &Path) -> Result<SnapshotInfo> {
         while end < states.len()
             && end - i < per_batch
             && state::observe(&states[end]) == PageState::Present
+            && !inherited(end)
         {
             end += 1;
         }
@@ -159,6 +211,7 @@ fn write_snapshot(region: &Region, tmp: &Path) -> Result<SnapshotInfo> {
         path: tmp.to_path_buf(),
         granules: header.granules,
         present: header.present,
+        inherited: inherited_count,
         data_bytes,
         file_len: header.file_len(),
         elapsed: Duration::ZERO,
@@ -173,6 +226,8 @@ pub struct SnapshotSource {
     header: SnapshotHeader,
     /// Per granule: (flags, crc32c).
     map: Vec<(u32, u32)>,
+    /// The snapshot this one builds on, opened and checked.
+    parent: Option<Box<SnapshotSource>>,
 }
 
 impl SnapshotSource {
@@ -184,6 +239,7 @@ impl SnapshotSource {
         let len = file.metadata().map_err(io_error(&path))?.len();
         let mut head = vec![0u8; HEADER_LEN.min(len) as usize];
         file.read_exact_at(&mut head, 0).map_err(io_error(&path))?;
+        head.resize(HEADER_LEN as usize, 0);
         let header = SnapshotHeader::decode(&head, len, &path)?;
         let mut raw = vec![0u8; (header.granules * MAP_ENTRY) as usize];
         file.read_exact_at(&mut raw, header.map_offset)
@@ -213,12 +269,51 @@ impl SnapshotSource {
                 ),
             });
         }
+        let parent = match &header.parent {
+            None => None,
+            Some(p) => {
+                let parent_path = path.parent().unwrap_or(Path::new(".")).join(&p.name);
+                let parent = SnapshotSource::open(&parent_path)?;
+                let ph = parent.header();
+                if ph.header_crc != p.header_crc
+                    || (ph.data_len, ph.granule_shift) != (header.data_len, header.granule_shift)
+                {
+                    return Err(Error::BadSnapshot {
+                        path,
+                        reason: format!(
+                            "its parent {} was replaced or does not match (this snapshot builds on another one)",
+                            parent_path.display()
+                        ),
+                    });
+                }
+                Some(Box::new(parent))
+            }
+        };
+        if parent.is_none() && map.iter().any(|(f, _)| f & format::INHERITED != 0) {
+            return Err(Error::BadSnapshot {
+                path,
+                reason: "the map inherits pages but there is no parent".into(),
+            });
+        }
         Ok(SnapshotSource {
             path,
             file,
             header,
             map,
+            parent,
         })
+    }
+
+    /// Whether granule `index` has bytes in this snapshot or its parents.
+    fn holds(&self, index: usize) -> bool {
+        self.map
+            .get(index)
+            .is_some_and(|(flags, _)| flags & (PRESENT | format::INHERITED) != 0)
+    }
+
+    /// How many snapshots this one builds on.
+    pub fn depth(&self) -> usize {
+        self.parent.as_ref().map_or(0, |p| 1 + p.depth())
     }
 
     /// The header.
@@ -257,6 +352,14 @@ impl PageSource for SnapshotSource {
         let (flags, crc) = *self.map.get(index as usize).ok_or(FillError::PastEnd {
             len: self.header.data_len,
         })?;
+        if flags & format::INHERITED != 0 {
+            return match &self.parent {
+                Some(parent) => parent.fill(index, dst),
+                None => Err(FillError::Failed(
+                    "snapshot page inherited from a missing parent",
+                )),
+            };
+        }
         if flags & PRESENT == 0 {
             dst.fill(0);
             return Ok(());
@@ -275,7 +378,7 @@ impl PageSource for SnapshotSource {
     fn is_zero(&self, index: u64) -> bool {
         self.map
             .get(index as usize)
-            .is_some_and(|(flags, _)| flags & PRESENT == 0)
+            .is_some_and(|(flags, _)| flags & (PRESENT | format::INHERITED) == 0)
     }
 }
 
@@ -298,7 +401,7 @@ pub fn restore_with(
     populate: PopulateOptions,
 ) -> Result<Populator<SnapshotSource>> {
     let region = Region::create(options)?;
-    let h = *source.header();
+    let h = source.header().clone();
     if region.len() as u64 != h.data_len || region.granule().bytes() as u64 != h.granule() {
         return Err(Error::BadSnapshot {
             path: source.path().to_path_buf(),
@@ -312,4 +415,96 @@ pub fn restore_with(
         });
     }
     Populator::with_options(Arc::new(region), source, populate)
+}
+
+/// Takes full and incremental snapshots of one populator's region,
+/// remembering the last one it wrote.
+///
+/// Incremental snapshots write only the granules that changed since the
+/// previous snapshot by this snapshotter: pages this process wrote (seen
+/// through [`PopulateOptions::track_writes`] and `PAGEMAP_SCAN`), pages it
+/// replaced (released and refilled), and pages that were not in the
+/// previous snapshot. Everything else points to the previous file, which
+/// must stay next to the new one. Writes by *other* processes are in their
+/// page tables, not ours: take incremental snapshots only of regions this
+/// process alone writes, or take full ones.
+#[derive(Debug, Default)]
+pub struct Snapshotter {
+    last: Option<PathBuf>,
+}
+
+impl Snapshotter {
+    /// A snapshotter with no previous snapshot.
+    pub fn new() -> Snapshotter {
+        Snapshotter::default()
+    }
+
+    /// The last snapshot written.
+    pub fn last(&self) -> Option<&Path> {
+        self.last.as_deref()
+    }
+
+    /// A full snapshot; starts a new chain.
+    pub fn full<S: PageSource + 'static>(
+        &mut self,
+        populator: &Populator<S>,
+        path: impl AsRef<Path>,
+    ) -> Result<SnapshotInfo> {
+        let changed = populator.take_changed()?;
+        match snapshot(populator.region(), path.as_ref()) {
+            Ok(info) => {
+                self.last = Some(info.path.clone());
+                Ok(info)
+            }
+            Err(e) => {
+                populator.mark_changed(&changed);
+                Err(e)
+            }
+        }
+    }
+
+    /// An incremental snapshot on top of the last one, which must be in
+    /// the same directory as `path`.
+    pub fn incremental<S: PageSource + 'static>(
+        &mut self,
+        populator: &Populator<S>,
+        path: impl AsRef<Path>,
+    ) -> Result<SnapshotInfo> {
+        let path = path.as_ref();
+        let last = self.last.clone().ok_or_else(|| Error::InvalidOption {
+            option: "incremental snapshot",
+            reason: "no previous snapshot by this snapshotter: take a full one first".into(),
+        })?;
+        let same_dir = |p: &Path| p.parent().map(Path::to_path_buf).unwrap_or_default();
+        if same_dir(&last) != same_dir(path) || last.file_name() == path.file_name() {
+            return Err(Error::InvalidOption {
+                option: "incremental snapshot path",
+                reason: format!(
+                    "{} must be a new file in the directory of its parent {}",
+                    path.display(),
+                    last.display()
+                ),
+            });
+        }
+        let parent = SnapshotSource::open(&last)?;
+        let changed = populator.take_changed()?;
+        let increment = Increment {
+            parent: &parent,
+            name: last
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            changed: &changed,
+        };
+        match write_atomically(populator.region(), path, Some(&increment)) {
+            Ok(info) => {
+                self.last = Some(info.path.clone());
+                Ok(info)
+            }
+            Err(e) => {
+                populator.mark_changed(&changed);
+                Err(e)
+            }
+        }
+    }
 }

@@ -19,7 +19,7 @@ use super::state::{self, Claim, Owner, PageState};
 use super::stats::{Counters, LatencyRecorder, RecordLog};
 use crate::region::Region;
 use crate::sys::memfd::{self, Fallocate};
-use crate::sys::uffd::{MODE_DONTWAKE, Userfaultfd};
+use crate::sys::uffd::{CONTINUE_MODE_WP, MODE_DONTWAKE, Userfaultfd};
 use crate::sys::{Errno, SysError, SysResult};
 
 /// Source errors kept for [`Core::errors`]; later ones are only counted.
@@ -50,9 +50,14 @@ pub(crate) struct Core<S> {
     granule: usize,
     granules: usize,
     primary: usize,
-    /// `UFFDIO_CONTINUE` mode: wake parked faulters (handler threads), or
-    /// not (nobody parks with `UFFD_FEATURE_SIGBUS`).
+    /// `MODE_DONTWAKE` when nobody parks (`UFFD_FEATURE_SIGBUS`), else 0.
+    wake_mode: u64,
+    /// `UFFDIO_CONTINUE` mode: the wake mode, plus `CONTINUE_MODE_WP` when
+    /// writes are tracked (pages are mapped write-protected).
     continue_mode: u64,
+    /// Granules whose pages were replaced behind write tracking (punched
+    /// out and refilled), one bit each; reported with the written ones.
+    pub(crate) replaced: Box<[AtomicU64]>,
     pub(crate) counters: Counters,
     pub(crate) latency: LatencyRecorder,
     pub(crate) errors: RecordLog<SourceError, KEPT_ERRORS>,
@@ -69,19 +74,26 @@ impl<S: PageSource> Core<S> {
         uffd: Userfaultfd,
         source: S,
         wakes: bool,
+        track_writes: bool,
         readahead_granules: u64,
         promoter: Option<Promoter>,
     ) -> Core<S> {
         let granule = region.granule().bytes();
+        let granules = region.len() / granule;
         Core {
-            granules: region.len() / granule,
+            granules,
             primary: region.primary().as_ptr() as usize,
             region,
             uffd,
             source,
             me: Owner::current(),
             granule,
-            continue_mode: if wakes { 0 } else { MODE_DONTWAKE },
+            wake_mode: if wakes { 0 } else { MODE_DONTWAKE },
+            continue_mode: if wakes { 0 } else { MODE_DONTWAKE }
+                | if track_writes { CONTINUE_MODE_WP } else { 0 },
+            replaced: (0..granules.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             counters: Counters::default(),
             latency: LatencyRecorder::default(),
             errors: RecordLog::default(),
@@ -245,7 +257,7 @@ impl<S: PageSource> Core<S> {
             // SAFETY: the range is registered, and its granules are not
             // present (or their fill failed), so nobody relies on reading
             // them: an access raises SIGBUS instead of returning bytes.
-            unsafe { self.uffd.poison(start, len, self.continue_mode) }
+            unsafe { self.uffd.poison(start, len, self.wake_mode) }
         })?;
         self.counters
             .poisoned
@@ -288,7 +300,7 @@ impl<S: PageSource> Core<S> {
                 Err(e) if e.errno() == Errno::EEXIST => {
                     // Someone mapped this granule first. A racing faulter
                     // could stay parked unless woken.
-                    if self.continue_mode & MODE_DONTWAKE == 0 {
+                    if self.wake_mode == 0 {
                         self.uffd.wake(self.addr(at), g)?;
                     }
                     at += 1;

@@ -74,6 +74,7 @@ pub struct PopulateOptions {
     driver: Driver,
     readahead: usize,
     promotion: Promotion,
+    track_writes: bool,
 }
 
 impl Default for PopulateOptions {
@@ -82,6 +83,7 @@ impl Default for PopulateOptions {
             driver: Driver::InThread,
             readahead: DEFAULT_READAHEAD,
             promotion: Promotion::Background,
+            track_writes: false,
         }
     }
 }
@@ -105,6 +107,17 @@ impl PopulateOptions {
         self
     }
 
+    /// Tracks which pages this process writes (`UFFD_FEATURE_WP_ASYNC`:
+    /// pages are mapped write-protected and the kernel notes the first
+    /// write without a trap to user space), for
+    /// [`take_changed`](Populator::take_changed) and incremental snapshots.
+    /// Write-protected ranges cannot be collapsed into huge mappings, so
+    /// this turns promotion off.
+    pub fn track_writes(mut self, on: bool) -> Self {
+        self.track_writes = on;
+        self
+    }
+
     /// Chooses when full blocks are collapsed into huge mappings
     /// (`ShmemThp`, and `HugetlbHgm` where the kernel has it).
     pub fn promotion(mut self, promotion: Promotion) -> Self {
@@ -125,6 +138,7 @@ impl PopulateOptions {
 pub struct Populator<S: PageSource + 'static> {
     core: Arc<Core<S>>,
     driver: Driver,
+    tracking: bool,
     handlers: Option<HandlerPool>,
     registration: Option<Registration>,
     collapser: Option<JoinHandle<()>>,
@@ -169,6 +183,11 @@ impl<S: PageSource + 'static> Populator<S> {
         if !handlers {
             features = features | Features::SIGBUS;
         }
+        let mut mode = RegisterMode::MISSING | RegisterMode::MINOR;
+        if options.track_writes {
+            features = features | Features::WP_HUGETLBFS_SHMEM | Features::WP_ASYNC;
+            mode = mode | RegisterMode::WP;
+        }
         check_features(options.driver, features)?;
         let flags = OpenFlags {
             nonblocking: handlers,
@@ -185,10 +204,9 @@ impl<S: PageSource + 'static> Populator<S> {
                 "allowing 4 KiB mappings of huge pages (MADV_SPLIT)",
             ))?;
         }
-        uffd.register(primary, len, RegisterMode::MISSING | RegisterMode::MINOR)
-            .map_err(Error::sys(
-                "registering the primary view for missing and minor faults",
-            ))?;
+        uffd.register(primary, len, mode).map_err(Error::sys(
+            "registering the primary view for missing and minor faults",
+        ))?;
 
         let granule = region.granule().bytes();
         let block = match kind {
@@ -197,7 +215,7 @@ impl<S: PageSource + 'static> Populator<S> {
             BackendKind::Hugetlb | BackendKind::Shmem => None,
         };
         let promoter = block
-            .filter(|_| options.promotion != Promotion::Off)
+            .filter(|_| options.promotion != Promotion::Off && !options.track_writes)
             .map(|b| Promoter::new(options.promotion, primary as usize, len, b, granule));
         let readahead = match options.readahead {
             _ if options.driver == Driver::Proactive => 0,
@@ -209,12 +227,14 @@ impl<S: PageSource + 'static> Populator<S> {
             uffd,
             source,
             handlers,
+            options.track_writes,
             readahead,
             promoter,
         ));
         let mut populator = Populator {
             core,
             driver: options.driver,
+            tracking: options.track_writes,
             handlers: None,
             registration: None,
             collapser: None,
@@ -377,6 +397,58 @@ impl<S: PageSource + 'static> Populator<S> {
         if let Some(p) = &self.core.promoter {
             p.forget(offset as usize, len as usize);
         }
+        let g = self.core.granule() as u64;
+        for i in offset / g..(offset + len).div_ceil(g) {
+            self.core.replaced[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// The granules this process wrote (or whose pages it replaced) since
+    /// the previous call, in order; write-protects them again. Needs
+    /// [`PopulateOptions::track_writes`]. Writes by other processes are
+    /// tracked in their own page tables and not seen here.
+    pub fn take_changed(&self) -> Result<Vec<usize>> {
+        if !self.tracking {
+            return Err(Error::InvalidOption {
+                option: "PopulateOptions::track_writes",
+                reason: "write tracking is off for this populator: enable it to ask what changed"
+                    .into(),
+            });
+        }
+        let start = self.core.region.primary().as_ptr() as u64;
+        let end = start + self.core.region.len() as u64;
+        let written = crate::sys::pagemap::take_written(start, end).map_err(Error::sys(
+            "asking the kernel which pages were written (PAGEMAP_SCAN)",
+        ))?;
+        let g = self.core.granule() as u64;
+        let mut changed: Vec<usize> = written
+            .into_iter()
+            .flat_map(|(a, b)| ((a - start) / g) as usize..((b - start).div_ceil(g)) as usize)
+            .collect();
+        for (w, word) in self.core.replaced.iter().enumerate() {
+            let mut bits = word.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                changed.push(w * 64 + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        Ok(changed)
+    }
+
+    /// Reports granules as changed at the next
+    /// [`take_changed`](Self::take_changed) (e.g. after a snapshot that
+    /// took them failed).
+    pub fn mark_changed(&self, granules: &[usize]) {
+        for &i in granules {
+            self.core.replaced[i / 64].fetch_or(1 << (i % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether this populator tracks writes.
+    pub fn tracks_writes(&self) -> bool {
+        self.tracking
     }
 
     /// Stops the handler threads after they resolve what is pending, and

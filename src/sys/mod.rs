@@ -6,6 +6,7 @@
 mod error;
 pub mod memfd;
 pub mod mman;
+pub mod pagemap;
 pub mod signal;
 pub mod size;
 pub mod thread;

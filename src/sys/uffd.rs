@@ -280,6 +280,11 @@ impl std::ops::BitOr for RegisterMode {
 pub const MODE_DONTWAKE: u64 = 1 << 0;
 /// `UFFDIO_CONTINUE_MODE_WP` / `UFFDIO_COPY_MODE_WP`: map write-protected.
 pub const MODE_WP: u64 = 1 << 1;
+/// `UFFDIO_CONTINUE_MODE_WP`: map the pages write-protected (Linux 6.4;
+/// `1 << 1` in `include/uapi/linux/userfaultfd.h`, which linux-raw-sys
+/// 0.12 does not carry).
+pub const CONTINUE_MODE_WP: u64 = 1 << 1;
+
 /// `UFFDIO_WRITEPROTECT_MODE_WP`: protect (set) instead of unprotect.
 pub const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 
@@ -795,6 +800,7 @@ mod tests {
         assert_eq!(MODE_DONTWAKE, u64::from(k::UFFDIO_ZEROPAGE_MODE_DONTWAKE));
         assert_eq!(MODE_WP, u64::from(k::UFFDIO_COPY_MODE_WP));
         assert_eq!(WRITEPROTECT_MODE_WP, 1);
+
         assert_eq!(event::PAGEFAULT, k::UFFD_EVENT_PAGEFAULT as u8);
         assert_eq!(event::FORK, k::UFFD_EVENT_FORK as u8);
         assert_eq!(event::REMAP, k::UFFD_EVENT_REMAP as u8);
