@@ -49,7 +49,7 @@ fn populated(
     let options = PopulateOptions::new()
         .driver(Driver::Proactive)
         .track_writes(track);
-    let source: FnSource<fn(u64, &mut [u8]) -> Result<(), FillError>> = FnSource(pattern);
+    let source: PatternSource = FnSource(pattern);
     let p = Populator::with_options(region, source, options).expect("populator");
     p.populate(0, len).expect("populate");
     p
