@@ -38,11 +38,10 @@ fn drop_cache(path: &Path) {
     unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
 }
 
+type PatternSource = FnSource<fn(u64, &mut [u8]) -> Result<(), FillError>>;
+
 /// A region of `len` bytes, every page populated with a pattern.
-fn populated(
-    len: usize,
-    track: bool,
-) -> Populator<FnSource<fn(u64, &mut [u8]) -> Result<(), FillError>>> {
+fn populated(len: usize, track: bool) -> Populator<PatternSource> {
     let region = Arc::new(
         Region::create(RegionOptions::new(len as u64).backend(BackendKind::Shmem)).expect("region"),
     );
