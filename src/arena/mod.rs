@@ -128,6 +128,8 @@ impl ArenaStats {
 }
 
 const MAGIC: u64 = u64::from_le_bytes(*b"HAARENA\0");
+/// Application root words in the header (see [`Arena::roots`]).
+pub const ROOTS: usize = 4;
 const VERSION: u64 = 1;
 const READY: u64 = 1;
 
@@ -137,6 +139,7 @@ mod hdr {
     pub const VERSION: usize = 1;
     pub const STATE: usize = 2;
     pub const DATA_LEN: usize = 3;
+    pub const ROOTS: usize = 4;
     pub const CURRENT: usize = 8;
     pub const PARTIAL: usize = 8 + 32;
     pub const WORDS: usize = 8 + 64;
@@ -267,6 +270,13 @@ impl<S: PageSource + 'static> Arena<S> {
             });
         }
         Ok(arena)
+    }
+
+    /// Four words in the arena's header for the application's own use,
+    /// typically the `ShmPtr` of its root structure, so that another
+    /// process (or a restore) finds it. Zero in a fresh arena.
+    pub fn roots(&self) -> &[AtomicU64] {
+        &self.header()[hdr::ROOTS..hdr::ROOTS + ROOTS]
     }
 
     /// Sets when empty blocks go back to the kernel (this process).
