@@ -527,3 +527,28 @@ fn incremental_snapshots_write_only_what_changed_and_restore_as_a_chain() {
     let err = SnapshotSource::open(dir.path().join("s2")).unwrap_err();
     assert!(err.to_string().contains("was replaced"), "{err}");
 }
+
+#[test]
+fn a_snapshot_of_a_lazily_restored_region_keeps_the_untouched_pages() {
+    let dir = snapshot_dir();
+    let (path, info) = patterned_snapshot(BackendKind::Shmem, 8 << 20, &dir);
+    let restored = persist::restore(&path, PopulateOptions::new()).unwrap();
+    // Touch and change one page; leave the rest untouched.
+    restored
+        .region()
+        .write_via_primary(4096 * 10, b"new bytes")
+        .unwrap();
+    let again = dir.path().join("again");
+    let info2 = persist::snapshot_populator(&restored, &again).unwrap();
+    assert_eq!(info2.present, info.present, "{info2:?}");
+    let back = persist::restore(&again, PopulateOptions::new().driver(Driver::Proactive)).unwrap();
+    back.populate(0, 8 << 20).unwrap();
+    let e = expected(5, 4096);
+    verify(back.region(), |i| {
+        if (40960..40960 + 9).contains(&i) {
+            b"new bytes"[i - 40960]
+        } else {
+            e(i)
+        }
+    });
+}

@@ -644,10 +644,11 @@ impl<S: PageSource + 'static> Arena<S> {
         Some(())
     }
 
-    /// Writes a snapshot of the arena (its tables and every populated page)
-    /// to `path`; see [`crate::persist`] for the consistency contract.
+    /// Writes a snapshot of the arena (its tables and all its data,
+    /// including pages of a restored arena not touched since) to `path`;
+    /// see [`crate::persist`] for the consistency contract.
     pub fn snapshot(&self, path: impl AsRef<Path>) -> Result<crate::persist::SnapshotInfo> {
-        crate::persist::snapshot(self.region(), path)
+        crate::persist::snapshot_populator(&self.populator, path)
     }
 
     /// Gives every entirely free block's pages back to the kernel (punch

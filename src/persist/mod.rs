@@ -65,8 +65,46 @@ fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
+/// Populates every granule that is absent but not zero in `populator`'s
+/// source, so that a snapshot of the region holds it. After a lazy restore,
+/// pages nobody touched yet exist only in the old snapshot: a new snapshot
+/// must not drop them.
+pub fn fill_from_source<S: PageSource + 'static>(populator: &Populator<S>) -> Result<()> {
+    let region = populator.region();
+    let g = region.granule().bytes();
+    let states = region.page_states();
+    let needs = |i: usize| {
+        state::observe(&states[i]) != PageState::Present && !populator.source().is_zero(i as u64)
+    };
+    let mut i = 0;
+    while i < states.len() {
+        if !needs(i) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < states.len() && needs(i) {
+            i += 1;
+        }
+        populator.populate(start * g, (i - start) * g)?;
+    }
+    Ok(())
+}
+
+/// Writes a snapshot of the region `populator` fills, including pages its
+/// source holds that were never touched (see [`fill_from_source`]).
+pub fn snapshot_populator<S: PageSource + 'static>(
+    populator: &Populator<S>,
+    path: impl AsRef<Path>,
+) -> Result<SnapshotInfo> {
+    fill_from_source(populator)?;
+    snapshot(populator.region(), path)
+}
+
 /// Writes a snapshot of `region` to `path`, replacing any previous one
-/// atomically. See the module docs for what it captures.
+/// atomically. See the module docs for what it captures. Only populated
+/// granules are written: for a region filled from a non-zero source, use
+/// [`snapshot_populator`].
 pub fn snapshot(region: &Region, path: impl AsRef<Path>) -> Result<SnapshotInfo> {
     write_atomically(region, path.as_ref(), None)
 }
@@ -451,6 +489,7 @@ impl Snapshotter {
         path: impl AsRef<Path>,
     ) -> Result<SnapshotInfo> {
         let changed = populator.take_changed()?;
+        fill_from_source(populator)?;
         match snapshot(populator.region(), path.as_ref()) {
             Ok(info) => {
                 self.last = Some(info.path.clone());
@@ -487,6 +526,7 @@ impl Snapshotter {
             });
         }
         let parent = SnapshotSource::open(&last)?;
+        fill_from_source(populator)?;
         let changed = populator.take_changed()?;
         let increment = Increment {
             parent: &parent,

@@ -108,6 +108,10 @@ impl<S: PageSource> Core<S> {
         self.granule
     }
 
+    pub(crate) fn source(&self) -> &S {
+        &self.source
+    }
+
     /// The granule holding primary address `addr`, if it is in the region.
     pub(crate) fn index_of(&self, addr: usize) -> Option<usize> {
         let offset = addr.checked_sub(self.primary)?;

@@ -288,6 +288,11 @@ impl<S: PageSource + 'static> Populator<S> {
         &self.core.region
     }
 
+    /// The page source.
+    pub fn source(&self) -> &S {
+        self.core.source()
+    }
+
     /// The driver.
     pub fn driver(&self) -> Driver {
         self.driver
