@@ -1,0 +1,330 @@
+//! A Redis-protocol key-value server whose index and values live in a
+//! hugearena arena: several worker processes share one key space, `SAVE`
+//! writes a snapshot, and a restart restores it lazily, answering at once.
+//!
+//! ```text
+//! cargo run --release --example kvstore -- demo [--size SIZE] [--data SIZE]
+//! cargo run --release --example kvstore -- serve --addr 127.0.0.1:6380 --dir DIR
+//!     [--workers N] [--size SIZE] [--eager]
+//! ```
+//!
+//! `SIZE` takes K, M and G suffixes (binary). `--eager` reads the whole
+//! snapshot before accepting connections (for comparison).
+
+mod demo;
+mod resp;
+mod server;
+mod store;
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use hugearena::persist::{self, SnapshotSource};
+use hugearena::populate::{PageSource, PopulateOptions, Populator, ZeroSource};
+use hugearena::{Arena, HugePages, Region, RegionOptions};
+
+use server::{SHUTDOWN, Shared, dump_path};
+
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, ""),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let shift = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => return Err(format!("bad size unit in {s:?} (use K, M or G)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or(format!("size {s:?} too large"))
+}
+
+/// Command-line flags: `--name value` pairs and bare `--flags`.
+struct Flags(Vec<String>);
+
+impl Flags {
+    fn value(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .position(|a| a == name)
+            .and_then(|i| self.0.get(i + 1))
+            .map(String::as_str)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|a| a == name)
+    }
+}
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("kvstore: {msg}");
+    std::process::exit(1)
+}
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    SHUTDOWN.store(true, Ordering::Relaxed);
+}
+
+fn install_terminate_handler() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let action = SigAction::new(
+        SigHandler::Handler(on_terminate),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe.
+        unsafe { sigaction(sig, &action) }.unwrap_or_else(|e| fail(format!("sigaction: {e}")));
+    }
+}
+
+/// A listening socket with `SO_REUSEPORT`, so every worker binds the same
+/// port and the kernel spreads connections over them.
+fn listen(addr: SocketAddr) -> TcpListener {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt,
+        socket, sockopt,
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd: OwnedFd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .unwrap_or_else(|e| fail(format!("socket: {e}")));
+    setsockopt(&fd, sockopt::ReuseAddr, &true)
+        .unwrap_or_else(|e| fail(format!("SO_REUSEADDR: {e}")));
+    setsockopt(&fd, sockopt::ReusePort, &true)
+        .unwrap_or_else(|e| fail(format!("SO_REUSEPORT: {e}")));
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+        .unwrap_or_else(|e| fail(format!("bind {addr}: {e}")));
+    listen(&fd, Backlog::new(1024).expect("backlog"))
+        .unwrap_or_else(|e| fail(format!("listen: {e}")));
+    TcpListener::from(fd)
+}
+
+/// Buckets for an arena of `size` bytes: about one per KiB.
+fn buckets_for(size: u64) -> u64 {
+    (size >> 10).clamp(1 << 12, 1 << 24)
+}
+
+fn run_server<S: PageSource + 'static>(
+    arena: Arena<S>,
+    addr: SocketAddr,
+    dir: PathBuf,
+    restored_from: Option<PathBuf>,
+    workers: &mut [Child],
+    parent: bool,
+) {
+    let store = store::Store::open(&arena, buckets_for(arena.region().len() as u64))
+        .unwrap_or_else(|e| fail(e));
+    let listener = listen(addr);
+    let shared = Shared {
+        arena: &arena,
+        store,
+        dir,
+        port: addr.port(),
+        started: Instant::now(),
+        restored_from,
+        commands: AtomicU64::new(0),
+        connections: AtomicU64::new(0),
+    };
+    server::accept_loop(&shared, &listener);
+    if parent {
+        for w in workers.iter() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(w.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        for w in workers.iter_mut() {
+            let _ = w.wait();
+        }
+        match shared.save() {
+            Ok(what) => eprintln!("kvstore: saved on shutdown: {what}"),
+            Err(e) => eprintln!("kvstore: saving on shutdown failed: {e}"),
+        }
+    }
+}
+
+fn spawn_workers(
+    n: usize,
+    region: &Region,
+    addr: SocketAddr,
+    dir: &Path,
+    snapshot: Option<&Path>,
+) -> Vec<Child> {
+    (1..n)
+        .map(|_| {
+            let mut cmd = Command::new(std::env::current_exe().expect("own path"));
+            cmd.arg("worker")
+                .args(["--region", &region.shareable_path().display().to_string()])
+                .args(["--addr", &addr.to_string()])
+                .args(["--dir", &dir.display().to_string()]);
+            if let Some(s) = snapshot {
+                cmd.args(["--snapshot", &s.display().to_string()]);
+            }
+            cmd.spawn()
+                .unwrap_or_else(|e| fail(format!("starting a worker: {e}")))
+        })
+        .collect()
+}
+
+fn serve(flags: &Flags) {
+    let addr: SocketAddr = flags
+        .value("--addr")
+        .unwrap_or("127.0.0.1:6380")
+        .parse()
+        .unwrap_or_else(|e| fail(format!("--addr: {e}")));
+    let dir = PathBuf::from(
+        flags
+            .value("--dir")
+            .unwrap_or_else(|| fail("serve needs --dir DIR")),
+    );
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(format!("{}: {e}", dir.display())));
+    let workers: usize = flags
+        .value("--workers")
+        .map_or(Ok(1), str::parse)
+        .unwrap_or_else(|e| fail(format!("--workers: {e}")));
+    if workers == 0 {
+        fail("--workers must be at least 1");
+    }
+    let size = flags
+        .value("--size")
+        .map_or(Ok(1 << 30), parse_size)
+        .unwrap_or_else(|e| fail(e));
+    install_terminate_handler();
+    let dump = dump_path(&dir);
+    let started = Instant::now();
+    if dump.exists() {
+        let source = SnapshotSource::open(&dump).unwrap_or_else(|e| fail(e));
+        let options = source.region_options().unwrap_or_else(|e| fail(e));
+        let populator = persist::restore_with(options, source, PopulateOptions::new())
+            .unwrap_or_else(|e| fail(e));
+        if flags.has("--eager") {
+            populator
+                .populate(0, populator.region().len())
+                .unwrap_or_else(|e| fail(e));
+        }
+        let arena = Arena::attach(populator).unwrap_or_else(|e| fail(e));
+        eprintln!(
+            "kvstore: restored {} from {} in {:.1} ms ({}), listening on {addr}",
+            hugearena::sys::size::human_bytes(arena.region().len() as u64),
+            dump.display(),
+            started.elapsed().as_secs_f64() * 1e3,
+            if flags.has("--eager") {
+                "eager: every page read"
+            } else {
+                "lazy: pages load on first touch"
+            },
+        );
+        let mut children = spawn_workers(workers, arena.region(), addr, &dir, Some(&dump));
+        run_server(arena, addr, dir, Some(dump), &mut children, true);
+    } else {
+        let options = RegionOptions::new(size).huge_pages(HugePages::Try);
+        let arena = Arena::create(options, PopulateOptions::new()).unwrap_or_else(|e| fail(e));
+        eprintln!(
+            "kvstore: new {} arena on {} ({}), listening on {addr}",
+            hugearena::sys::size::human_bytes(size),
+            arena.region().backend().kind(),
+            arena.region().choice().reason
+        );
+        let mut children = spawn_workers(workers, arena.region(), addr, &dir, None);
+        run_server(arena, addr, dir, None, &mut children, true);
+    }
+}
+
+fn worker(flags: &Flags) {
+    install_terminate_handler();
+    let region = Arc::new(
+        Region::open(
+            flags
+                .value("--region")
+                .unwrap_or_else(|| fail("worker needs --region")),
+        )
+        .unwrap_or_else(|e| fail(e)),
+    );
+    let addr: SocketAddr = flags
+        .value("--addr")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| fail("worker needs --addr"));
+    let dir = PathBuf::from(flags.value("--dir").unwrap_or("."));
+    let mut none: Vec<Child> = Vec::new();
+    match flags.value("--snapshot") {
+        Some(snap) => {
+            let source = SnapshotSource::open(snap).unwrap_or_else(|e| fail(e));
+            let p = Populator::with_options(region, source, PopulateOptions::new())
+                .unwrap_or_else(|e| fail(e));
+            let arena = Arena::attach(p).unwrap_or_else(|e| fail(e));
+            run_server(
+                arena,
+                addr,
+                dir,
+                Some(PathBuf::from(snap)),
+                &mut none,
+                false,
+            );
+        }
+        None => {
+            let p = Populator::with_options(region, ZeroSource, PopulateOptions::new())
+                .unwrap_or_else(|e| fail(e));
+            let arena = Arena::attach(p).unwrap_or_else(|e| fail(e));
+            run_server(arena, addr, dir, None, &mut none, false);
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        fail(
+            "usage: kvstore demo | serve --addr ADDR --dir DIR [--workers N] [--size SIZE] [--eager]",
+        );
+    };
+    let flags = Flags(args[1..].to_vec());
+    match cmd.as_str() {
+        "serve" => serve(&flags),
+        "worker" => worker(&flags),
+        "demo" => demo::run(&flags_to_demo(&flags)),
+        other => fail(format!("unknown command {other:?}: use demo or serve")),
+    }
+}
+
+fn flags_to_demo(flags: &Flags) -> demo::Options {
+    let size = |name: &str, default: u64| {
+        flags
+            .value(name)
+            .map_or(Ok(default), parse_size)
+            .unwrap_or_else(|e| fail(e))
+    };
+    demo::Options {
+        arena: size("--size", 3 << 30),
+        data: size("--data", 1 << 30),
+        value_len: size("--value", 1000) as usize,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(super::parse_size("512M"), Ok(512 << 20));
+        assert_eq!(super::parse_size("2G"), Ok(2 << 30));
+        assert_eq!(super::parse_size("4KiB"), Ok(4096));
+        assert_eq!(super::parse_size("100"), Ok(100));
+        assert!(super::parse_size("1X").is_err());
+    }
+}

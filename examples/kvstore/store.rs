@@ -1,0 +1,445 @@
+//! The key space, entirely in the arena so that every worker process sees
+//! one index and a snapshot holds it: a chained hash table whose buckets
+//! and entries are arena allocations addressed by `ShmPtr`.
+//!
+//! ```text
+//! table (root word 0):  magic | buckets | keys | lock[STRIPES] | head[buckets]
+//! entry:                next | hash | expires_ms | key_len << 32 | value_len | key | value
+//! ```
+//!
+//! Concurrency: bucket `b` is guarded by lock word `b % STRIPES`, held by
+//! a process id (0 = free). A waiter that finds the holder dead (killed
+//! mid-operation) takes the lock over; every operation makes its change
+//! visible with one store of a chain link, so a dead holder leaves either
+//! the old or the new entry linked (and at worst leaks one allocation).
+//! Values are immutable: SET links a new entry and frees the old one.
+
+use std::alloc::Layout;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hugearena::populate::PageSource;
+use hugearena::{Arena, ShmPtr};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"HAKVTAB1");
+/// Lock stripes.
+pub const STRIPES: u64 = 4096;
+const HEADER_WORDS: u64 = 3 + STRIPES;
+const ENTRY_WORDS: u64 = 5;
+
+/// A handle to the table in one process.
+pub struct Store<'a, S: PageSource + 'static> {
+    arena: &'a Arena<S>,
+    table: u64,
+    buckets: u64,
+    pid: u64,
+}
+
+/// Errors a command can hit.
+#[derive(Debug)]
+pub enum StoreError {
+    /// The arena is full.
+    OutOfMemory(String),
+    /// The value is not an integer (INCR and friends).
+    NotInteger,
+    /// INCR would overflow.
+    Overflow,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn hash(key: &[u8]) -> u64 {
+    // FNV-1a, then a final mix so bucket bits are well spread.
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for &b in key {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    h ^ (h >> 29)
+}
+
+/// What SET should do about an existing key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetMode {
+    /// Always set.
+    Always,
+    /// Only if absent (NX).
+    IfAbsent,
+    /// Only if present (XX).
+    IfPresent,
+}
+
+impl<'a, S: PageSource + 'static> Store<'a, S> {
+    /// Opens the table in root word 0, creating it with `buckets` buckets
+    /// if the arena has none.
+    pub fn open(arena: &'a Arena<S>, buckets: u64) -> Result<Self, String> {
+        let root = &arena.roots()[0];
+        let mut table = root.load(Ordering::Acquire);
+        if table == 0 {
+            let buckets = buckets.next_power_of_two();
+            let bytes = ((HEADER_WORDS + buckets) * 8) as usize;
+            let p = arena
+                .alloc(Layout::from_size_align(bytes, 4096).map_err(|e| e.to_string())?)
+                .map_err(|e| format!("allocating the index: {e}"))?;
+            // Fresh memory may hold an older table's bytes: clear it.
+            let words = arena
+                .region()
+                .shared_atomics::<AtomicU64>(p.offset() as usize, (HEADER_WORDS + buckets) as usize)
+                .map_err(|e| e.to_string())?;
+            for w in words {
+                w.store(0, Ordering::Relaxed);
+            }
+            words[1].store(buckets, Ordering::Relaxed);
+            words[0].store(MAGIC, Ordering::Release);
+            match root.compare_exchange(0, p.offset(), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => table = p.offset(),
+                Err(other) => {
+                    let _ = arena.free(p);
+                    table = other;
+                }
+            }
+        }
+        let words = arena
+            .region()
+            .shared_atomics::<AtomicU64>(table as usize, 3)
+            .map_err(|e| e.to_string())?;
+        if words[0].load(Ordering::Acquire) != MAGIC {
+            return Err("root word 0 does not point to a key-value table".into());
+        }
+        Ok(Store {
+            arena,
+            table,
+            buckets: words[1].load(Ordering::Relaxed),
+            pid: u64::from(std::process::id()),
+        })
+    }
+
+    fn words(&self, offset: u64, n: u64) -> &[AtomicU64] {
+        self.arena
+            .region()
+            .shared_atomics(offset as usize, n as usize)
+            .expect("table and entries lie in the arena")
+    }
+
+    fn keys(&self) -> &AtomicU64 {
+        &self.words(self.table, 3)[2]
+    }
+
+    fn lock_word(&self, stripe: u64) -> &AtomicU64 {
+        &self.words(self.table + (3 + stripe) * 8, 1)[0]
+    }
+
+    fn head(&self, bucket: u64) -> &AtomicU64 {
+        &self.words(self.table + (HEADER_WORDS + bucket) * 8, 1)[0]
+    }
+
+    fn lock(&self, stripe: u64) -> Guard<'_, 'a, S> {
+        let word = self.lock_word(stripe);
+        let mut spins = 0u32;
+        loop {
+            match word.compare_exchange(0, self.pid, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => {
+                    return Guard {
+                        store: self,
+                        stripe,
+                    };
+                }
+                Err(holder) => {
+                    spins += 1;
+                    if spins % 1024 == 0 && !alive(holder) {
+                        // The holder died mid-operation: take the lock over.
+                        if word
+                            .compare_exchange(
+                                holder,
+                                self.pid,
+                                Ordering::Acquire,
+                                Ordering::Relaxed,
+                            )
+                            .is_ok()
+                        {
+                            return Guard {
+                                store: self,
+                                stripe,
+                            };
+                        }
+                    }
+                    if spins % 64 == 0 {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Holds every stripe: no other operation runs in any process.
+    pub fn lock_all(&self) -> Vec<Guard<'_, 'a, S>> {
+        (0..STRIPES).map(|s| self.lock(s)).collect()
+    }
+
+    fn entry(&self, e: u64) -> &[AtomicU64] {
+        self.words(e, ENTRY_WORDS)
+    }
+
+    fn key_of(&self, e: u64, klen: usize) -> Vec<u8> {
+        let mut k = vec![0u8; klen];
+        self.arena
+            .region()
+            .read_via_primary((e + ENTRY_WORDS * 8) as usize, &mut k)
+            .expect("entry in bounds");
+        k
+    }
+
+    /// Finds `key` in its bucket (lock held): (link word pointing at the
+    /// entry, entry).
+    fn find(&self, bucket: u64, h: u64, key: &[u8]) -> Option<(&AtomicU64, u64)> {
+        let mut link = self.head(bucket);
+        loop {
+            let e = link.load(Ordering::Acquire);
+            if e == 0 {
+                return None;
+            }
+            let w = self.entry(e);
+            let klen = (w[3].load(Ordering::Relaxed) >> 32) as usize;
+            if w[1].load(Ordering::Relaxed) == h && klen == key.len() && self.key_of(e, klen) == key
+            {
+                return Some((link, e));
+            }
+            link = &w[0];
+        }
+    }
+
+    fn expired(&self, e: u64, now: u64) -> bool {
+        let at = self.entry(e)[2].load(Ordering::Relaxed);
+        at != 0 && at <= now
+    }
+
+    fn unlink(&self, link: &AtomicU64, e: u64) {
+        link.store(self.entry(e)[0].load(Ordering::Relaxed), Ordering::Release);
+        self.keys().fetch_sub(1, Ordering::Relaxed);
+        let _ = self.arena.free(ShmPtr::from_offset(e));
+    }
+
+    fn value_of(&self, e: u64) -> Vec<u8> {
+        let w = self.entry(e);
+        let klen = w[3].load(Ordering::Relaxed) >> 32;
+        let vlen = w[4].load(Ordering::Relaxed) as usize;
+        let mut v = vec![0u8; vlen];
+        self.arena
+            .region()
+            .read_via_primary((e + ENTRY_WORDS * 8 + klen) as usize, &mut v)
+            .expect("entry in bounds");
+        v
+    }
+
+    fn new_entry(&self, h: u64, key: &[u8], value: &[u8], expires: u64) -> Result<u64, StoreError> {
+        let bytes = (ENTRY_WORDS * 8) as usize + key.len() + value.len();
+        let p = self
+            .arena
+            .alloc(Layout::from_size_align(bytes, 8).expect("valid layout"))
+            .map_err(|e| StoreError::OutOfMemory(e.to_string()))?;
+        let e = p.offset();
+        let w = self.entry(e);
+        w[0].store(0, Ordering::Relaxed);
+        w[1].store(h, Ordering::Relaxed);
+        w[2].store(expires, Ordering::Relaxed);
+        w[3].store((key.len() as u64) << 32, Ordering::Relaxed);
+        w[4].store(value.len() as u64, Ordering::Relaxed);
+        let region = self.arena.region();
+        let at = (e + ENTRY_WORDS * 8) as usize;
+        region.write_via_primary(at, key).expect("entry in bounds");
+        region
+            .write_via_primary(at + key.len(), value)
+            .expect("entry in bounds");
+        Ok(e)
+    }
+
+    fn locate(&self, key: &[u8]) -> (u64, u64) {
+        let h = hash(key);
+        (h, h & (self.buckets - 1))
+    }
+
+    /// GET.
+    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let (h, b) = self.locate(key);
+        let _g = self.lock(b % STRIPES);
+        let (link, e) = self.find(b, h, key)?;
+        if self.expired(e, now_ms()) {
+            self.unlink(link, e);
+            return None;
+        }
+        Some(self.value_of(e))
+    }
+
+    /// SET with an absolute expiry (0: none). Returns whether it was set.
+    pub fn set(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        expires: u64,
+        mode: SetMode,
+    ) -> Result<bool, StoreError> {
+        let (h, b) = self.locate(key);
+        // Allocate and write outside the lock.
+        let new = self.new_entry(h, key, value, expires)?;
+        let _g = self.lock(b % STRIPES);
+        let existing = self.find(b, h, key).filter(|&(link, e)| {
+            if self.expired(e, now_ms()) {
+                self.unlink(link, e);
+                false
+            } else {
+                true
+            }
+        });
+        let allowed = match mode {
+            SetMode::Always => true,
+            SetMode::IfAbsent => existing.is_none(),
+            SetMode::IfPresent => existing.is_some(),
+        };
+        if !allowed {
+            drop(_g);
+            let _ = self.arena.free(ShmPtr::from_offset(new));
+            return Ok(false);
+        }
+        self.link(b, new, existing);
+        Ok(true)
+    }
+
+    /// Links `new` in place of `existing` (or at the bucket's head).
+    fn link(&self, b: u64, new: u64, existing: Option<(&AtomicU64, u64)>) {
+        match existing {
+            Some((link, old)) => {
+                self.entry(new)[0].store(
+                    self.entry(old)[0].load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                link.store(new, Ordering::Release);
+                let _ = self.arena.free(ShmPtr::from_offset(old));
+            }
+            None => {
+                let head = self.head(b);
+                self.entry(new)[0].store(head.load(Ordering::Relaxed), Ordering::Relaxed);
+                head.store(new, Ordering::Release);
+                self.keys().fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// DEL of one key; whether it existed.
+    pub fn del(&self, key: &[u8]) -> bool {
+        let (h, b) = self.locate(key);
+        let _g = self.lock(b % STRIPES);
+        match self.find(b, h, key) {
+            Some((link, e)) => {
+                let live = !self.expired(e, now_ms());
+                self.unlink(link, e);
+                live
+            }
+            None => false,
+        }
+    }
+
+    /// Read-modify-write of one value under the lock: `f` gets the current
+    /// value (None if absent) and returns the new one and a result.
+    pub fn update<T>(
+        &self,
+        key: &[u8],
+        f: impl FnOnce(Option<&[u8]>) -> Result<(Vec<u8>, T), StoreError>,
+    ) -> Result<T, StoreError> {
+        let (h, b) = self.locate(key);
+        let _g = self.lock(b % STRIPES);
+        let now = now_ms();
+        let existing = self.find(b, h, key).filter(|&(link, e)| {
+            if self.expired(e, now) {
+                self.unlink(link, e);
+                false
+            } else {
+                true
+            }
+        });
+        let old =
+            existing.map(|(_, e)| (self.value_of(e), self.entry(e)[2].load(Ordering::Relaxed)));
+        let (value, out) = f(old.as_ref().map(|(v, _)| v.as_slice()))?;
+        let new = self.new_entry(h, key, &value, old.map_or(0, |(_, exp)| exp))?;
+        self.link(b, new, existing);
+        Ok(out)
+    }
+
+    /// Number of keys (expired ones not yet removed included, as Redis).
+    pub fn len(&self) -> u64 {
+        self.keys().load(Ordering::Relaxed)
+    }
+
+    /// FLUSHDB.
+    pub fn clear(&self) {
+        let _all = self.lock_all();
+        for b in 0..self.buckets {
+            let head = self.head(b);
+            while head.load(Ordering::Acquire) != 0 {
+                let e = head.load(Ordering::Acquire);
+                self.unlink(head, e);
+            }
+        }
+    }
+
+    /// Removes expired keys from `count` buckets starting at `from`;
+    /// returns the next bucket to look at.
+    pub fn sweep(&self, from: u64, count: u64) -> u64 {
+        let now = now_ms();
+        for b in (from..from + count).map(|b| b & (self.buckets - 1)) {
+            if self.head(b).load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let _g = self.lock(b % STRIPES);
+            let mut link = self.head(b);
+            loop {
+                let e = link.load(Ordering::Acquire);
+                if e == 0 {
+                    break;
+                }
+                if self.expired(e, now) {
+                    self.unlink(link, e);
+                } else {
+                    link = &self.entry(e)[0];
+                }
+            }
+        }
+        (from + count) & (self.buckets - 1)
+    }
+}
+
+/// A held stripe lock.
+pub struct Guard<'s, 'a, S: PageSource + 'static> {
+    store: &'s Store<'a, S>,
+    stripe: u64,
+}
+
+impl<S: PageSource + 'static> Drop for Guard<'_, '_, S> {
+    fn drop(&mut self) {
+        self.store
+            .lock_word(self.stripe)
+            .store(0, Ordering::Release);
+    }
+}
+
+fn alive(pid: u64) -> bool {
+    // Signal 0 checks existence; a zombie still "exists" but holds nothing
+    // useful, so also look at /proc's state.
+    let exists = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
+    exists
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+            .is_some_and(|zombie| !zombie)
+}
+
+/// Absolute expiry for a relative one in milliseconds.
+pub fn expiry_in(ms: u64) -> u64 {
+    now_ms().saturating_add(ms)
+}
