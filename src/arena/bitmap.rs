@@ -142,11 +142,13 @@ pub fn find_clear_run(
     n: usize,
     align: usize,
 ) -> Option<usize> {
-    let snapshot: Vec<u64> = words
-        .iter()
-        .take(len.div_ceil(BITS))
-        .map(|w| w.load(Ordering::Relaxed))
-        .collect();
+    // Block bitmaps are 8 words and span bitmaps 64: snapshot on the stack.
+    let mut snapshot = [0u64; 64];
+    let used = len.div_ceil(BITS).min(snapshot.len());
+    for (s, w) in snapshot.iter_mut().zip(words).take(used) {
+        *s = w.load(Ordering::Relaxed);
+    }
+    let len = len.min(used * BITS);
     let clear = |i: usize| snapshot[i / BITS] & (1 << (i % BITS)) == 0;
     let mut start = 0;
     while start + n <= len {
