@@ -343,3 +343,23 @@ fn a_killed_server_restarts_lazily_with_every_saved_key() {
     eprintln!("pages populated at first reply: {populated} of {total}");
     server.kill9();
 }
+
+#[test]
+fn sigterm_saves_and_a_restart_has_the_keys() {
+    if !have("redis-cli") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    {
+        let _server = Server::start(dir.path(), port, &["--workers", "2"]);
+        assert_eq!(cli(port, &["SET", "kept", "by sigterm"]).trim(), "OK");
+        // Dropping the server sends SIGTERM and waits.
+    }
+    assert!(
+        dir.path().join("dump.hasnap").exists(),
+        "SIGTERM wrote a snapshot"
+    );
+    let _server = Server::start(dir.path(), port, &[]);
+    assert_eq!(cli(port, &["GET", "kept"]).trim(), "by sigterm");
+}
