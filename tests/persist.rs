@@ -37,21 +37,6 @@ fn pattern_source(
     })
 }
 
-fn verify(region: &Region, expect: impl Fn(usize) -> u8) {
-    let mut buf = vec![0u8; 1 << 20];
-    for off in (0..region.len()).step_by(buf.len()) {
-        region.read_via_primary(off, &mut buf).unwrap();
-        if let Some(i) = (0..buf.len()).find(|&i| buf[i] != expect(off + i)) {
-            panic!(
-                "byte {} is {:#x}, want {:#x}",
-                off + i,
-                buf[i],
-                expect(off + i)
-            );
-        }
-    }
-}
-
 fn snapshot_dir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }

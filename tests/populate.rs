@@ -30,21 +30,6 @@ fn patterned_file() -> tempfile::NamedTempFile {
     f
 }
 
-fn verify(region: &Region, expect: impl Fn(usize) -> u8) {
-    let mut buf = vec![0u8; 1 << 20];
-    for off in (0..region.len()).step_by(buf.len()) {
-        region.read_via_primary(off, &mut buf).unwrap();
-        if let Some(i) = (0..buf.len()).find(|&i| buf[i] != expect(off + i)) {
-            panic!(
-                "byte {} is {:#x}, want {:#x}",
-                off + i,
-                buf[i],
-                expect(off + i)
-            );
-        }
-    }
-}
-
 fn driver_from(name: &str) -> Driver {
     match name {
         "handlers" => Driver::HandlerThreads(2),

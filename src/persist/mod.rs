@@ -489,14 +489,26 @@ impl Snapshotter {
         path: impl AsRef<Path>,
     ) -> Result<SnapshotInfo> {
         let changed = populator.take_changed()?;
-        fill_from_source(populator)?;
-        match snapshot(populator.region(), path.as_ref()) {
+        let written =
+            fill_from_source(populator).and_then(|()| snapshot(populator.region(), path.as_ref()));
+        self.record(populator, &changed, written)
+    }
+
+    /// Remembers a written snapshot as the next parent, or, if writing
+    /// failed, hands the changes back so the next snapshot includes them.
+    fn record<S: PageSource + 'static>(
+        &mut self,
+        populator: &Populator<S>,
+        changed: &[usize],
+        written: Result<SnapshotInfo>,
+    ) -> Result<SnapshotInfo> {
+        match written {
             Ok(info) => {
                 self.last = Some(info.path.clone());
                 Ok(info)
             }
             Err(e) => {
-                populator.mark_changed(&changed);
+                populator.mark_changed(changed);
                 Err(e)
             }
         }
@@ -536,15 +548,7 @@ impl Snapshotter {
                 .unwrap_or_default(),
             changed: &changed,
         };
-        match write_atomically(populator.region(), path, Some(&increment)) {
-            Ok(info) => {
-                self.last = Some(info.path.clone());
-                Ok(info)
-            }
-            Err(e) => {
-                populator.mark_changed(&changed);
-                Err(e)
-            }
-        }
+        let written = write_atomically(populator.region(), path, Some(&increment));
+        self.record(populator, &changed, written)
     }
 }

@@ -154,3 +154,21 @@ pub fn fill_pattern(seed: u64, offset: usize, buf: &mut [u8]) {
         *b = pattern_byte(seed, offset + i);
     }
 }
+
+/// Checks every byte of `region` through its primary view against
+/// `expect(offset)`, 1 MiB at a time.
+pub fn verify(region: &hugearena::Region, expect: impl Fn(usize) -> u8) {
+    let mut buf = vec![0u8; 1 << 20];
+    for off in (0..region.len()).step_by(buf.len()) {
+        let n = buf.len().min(region.len() - off);
+        region.read_via_primary(off, &mut buf[..n]).unwrap();
+        if let Some(i) = (0..n).find(|&i| buf[i] != expect(off + i)) {
+            panic!(
+                "byte {} is {:#x}, want {:#x}",
+                off + i,
+                buf[i],
+                expect(off + i)
+            );
+        }
+    }
+}
