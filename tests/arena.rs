@@ -217,8 +217,12 @@ proptest! {
     /// every valid free accepted, every bogus one rejected, the tables
     /// consistent and the statistics equal to the model's.
     #[test]
-    fn operation_sequences_match_a_reference_model(ops in proptest::collection::vec(op(), 1..300)) {
+    fn operation_sequences_match_a_reference_model(
+        ops in proptest::collection::vec(op(), 1..300),
+        caches: bool,
+    ) {
         let a = arena(48 << 20, BackendKind::Shmem);
+        a.set_thread_caches(caches);
         let mut model = Model::default();
         let mut live: Vec<(ShmPtr, usize)> = Vec::new();
         for op in ops {
@@ -422,4 +426,40 @@ fn eager_release_returns_huge_pages_to_the_pool() {
         after >= during + 8,
         "pool free: {free_before} → {during} → {after}"
     );
+}
+
+#[test]
+fn thread_caches_keep_small_frees_local_until_flushed() {
+    let a = arena(16 << 20, BackendKind::Shmem);
+    a.set_thread_caches(true);
+    let objects: Vec<ShmPtr> = (0..10).map(|_| a.alloc(layout(64, 8)).unwrap()).collect();
+    for &p in &objects {
+        a.free(p).unwrap();
+    }
+    assert!(
+        matches!(a.free(objects[3]), Err(Error::InvalidFree { .. })),
+        "double free into the cache"
+    );
+    // Cached objects are still reserved in the shared tables...
+    assert_eq!(a.stats().small_objects, 10);
+    // ...and come back first, without touching them.
+    let again: Vec<ShmPtr> = (0..10).map(|_| a.alloc(layout(50, 8)).unwrap()).collect();
+    let mut sorted = again.clone();
+    sorted.sort();
+    let mut expected = objects.clone();
+    expected.sort();
+    assert_eq!(sorted, expected);
+    for p in again {
+        a.free(p).unwrap();
+    }
+    // Another thread's cache is its own; a flush returns everything.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let p = a.alloc(layout(64, 8)).unwrap();
+            a.free(p).unwrap();
+        });
+    });
+    a.flush_thread_caches();
+    assert_eq!(a.stats().small_objects, 0);
+    assert_eq!(a.audit().unwrap().in_use_bytes(), 0);
 }

@@ -17,6 +17,7 @@
 
 pub mod bitmap;
 pub mod block;
+mod cache;
 pub mod layout;
 pub mod span;
 pub mod stack;
@@ -151,6 +152,7 @@ pub struct Arena<S: PageSource + 'static = ZeroSource> {
     layout: ArenaLayout,
     base: NonNull<u8>,
     release: ReleasePolicy,
+    caches: cache::Caches,
 }
 
 // SAFETY: `base` points into the region the populator keeps alive; every
@@ -219,6 +221,7 @@ impl<S: PageSource + 'static> Arena<S> {
             layout,
             base,
             release: ReleasePolicy::default(),
+            caches: cache::Caches::new(cfg!(not(debug_assertions))),
         })
     }
 
@@ -277,6 +280,28 @@ impl<S: PageSource + 'static> Arena<S> {
     /// process (or a restore) finds it. Zero in a fresh arena.
     pub fn roots(&self) -> &[AtomicU64] {
         &self.header()[hdr::ROOTS..hdr::ROOTS + ROOTS]
+    }
+
+    /// Turns this process's per-thread caches of free small objects on or
+    /// off (on by default in release builds, off in debug builds, which
+    /// keep full double-free checks). Turning them off flushes them.
+    pub fn set_thread_caches(&self, on: bool) {
+        self.caches.set_enabled(on);
+        if !on {
+            self.flush_thread_caches();
+        }
+    }
+
+    /// Returns every object held in this process's per-thread caches to
+    /// the shared tables. Snapshots, `audit` and dropping the arena do it
+    /// too; objects cached by other processes stay theirs.
+    pub fn flush_thread_caches(&self) {
+        for (class, offset) in self.caches.drain() {
+            let slot = offset / SPAN;
+            if let Err(why) = self.free_small_shared(slot, class, offset) {
+                debug_assert!(false, "a cached object was not allocated: {why}");
+            }
+        }
     }
 
     /// Sets when empty blocks go back to the kernel (this process).
@@ -499,6 +524,9 @@ impl<S: PageSource + 'static> Arena<S> {
     }
 
     fn alloc_small(&self, class: u32) -> Option<ShmPtr> {
+        if let Some(offset) = self.caches.pop(class) {
+            return Some(ShmPtr(offset));
+        }
         let cap = layout::capacity(class);
         loop {
             let current = self.current(class).load(Ordering::Acquire);
@@ -618,6 +646,25 @@ impl<S: PageSource + 'static> Arena<S> {
         if within % size != 0 || within / size >= layout::capacity(class) {
             return Err("not the start of an object");
         }
+        if self.caches.enabled() {
+            if !bitmap::is_set(self.span_bitmap(slot), (within / size) as usize) {
+                return Err("object not allocated (or already freed)");
+            }
+            match self.caches.push(class, offset) {
+                cache::Freed::Kept => return Ok(()),
+                cache::Freed::Twice => {
+                    return Err("object already freed (it is in this thread's cache)");
+                }
+                cache::Freed::Full => {}
+            }
+        }
+        self.free_small_shared(slot, class, offset)
+    }
+
+    /// Frees a small object to the shared tables.
+    fn free_small_shared(&self, slot: u64, class: u32, offset: u64) -> Result<(), &'static str> {
+        let size = u64::from(CLASSES[class as usize]);
+        let within = offset - slot * SPAN;
         if !bitmap::release_range(self.span_bitmap(slot), (within / size) as usize, 1) {
             return Err("object not allocated (or already freed)");
         }
@@ -648,6 +695,7 @@ impl<S: PageSource + 'static> Arena<S> {
     /// including pages of a restored arena not touched since) to `path`;
     /// see [`crate::persist`] for the consistency contract.
     pub fn snapshot(&self, path: impl AsRef<Path>) -> Result<crate::persist::SnapshotInfo> {
+        self.flush_thread_caches();
         crate::persist::snapshot_populator(&self.populator, path)
     }
 
@@ -699,6 +747,7 @@ impl<S: PageSource + 'static> Arena<S> {
     /// each block's free count must match its bitmap; each span's count
     /// must match its object bitmap. Returns the first disagreement.
     pub fn audit(&self) -> std::result::Result<ArenaStats, String> {
+        self.flush_thread_caches();
         for b in self.layout.meta_blocks()..self.layout.blocks {
             let st = block::observe(self.block(b));
             if st.kind != Kind::Pages {
@@ -801,6 +850,12 @@ impl<S: PageSource + 'static> Arena<S> {
             }
         }
         s
+    }
+}
+
+impl<S: PageSource + 'static> Drop for Arena<S> {
+    fn drop(&mut self) {
+        self.flush_thread_caches();
     }
 }
 

@@ -1,0 +1,150 @@
+//! Process-local per-thread caches of free small objects: a free pushes
+//! the object on the thread's bin for its class, an allocation pops it,
+//! and neither touches a shared word. Objects in a cache stay reserved in
+//! the shared tables (they count as in use) until the cache is flushed.
+//!
+//! Each thread has one cache per arena, behind a mutex that only its
+//! thread takes on the hot path (`try_lock`, uncontended) and that a
+//! flush (`Arena::flush_thread_caches`, a snapshot, `audit`, the arena's
+//! drop) takes to empty it. The arena keeps every cache it handed out, so
+//! a thread that exits leaves its cache to the next flush.
+//!
+//! Trade-off: a cached object is not marked free in the shared bitmap, so
+//! a second free of it is caught only if it reaches the same thread's
+//! cache. Debug builds therefore keep the caches off by default (full
+//! double-free checks); release builds turn them on.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::layout::CLASSES;
+
+/// Objects kept per class and thread.
+pub const PER_CLASS: usize = 32;
+
+/// One thread's free objects for one arena, per class.
+#[derive(Debug)]
+pub(crate) struct ThreadCache {
+    bins: Vec<Vec<u64>>,
+}
+
+impl ThreadCache {
+    fn new() -> ThreadCache {
+        ThreadCache {
+            bins: (0..CLASSES.len())
+                .map(|_| Vec::with_capacity(PER_CLASS))
+                .collect(),
+        }
+    }
+}
+
+type Cell = Arc<Mutex<ThreadCache>>;
+
+/// What a free into the cache did.
+pub(crate) enum Freed {
+    /// Cached.
+    Kept,
+    /// The object is already in this cache: a double free.
+    Twice,
+    /// The bin is full (or the cache is busy): free it to the arena.
+    Full,
+}
+
+/// The caches of one arena.
+#[derive(Debug)]
+pub(crate) struct Caches {
+    id: u64,
+    enabled: AtomicBool,
+    cells: Mutex<Vec<Cell>>,
+}
+
+thread_local! {
+    /// This thread's caches, by arena id.
+    static LOCAL: RefCell<Vec<(u64, Cell)>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Caches {
+    pub(crate) fn new(enabled: bool) -> Caches {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Caches {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            enabled: AtomicBool::new(enabled),
+            cells: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on this thread's cache, if caching is on and the cache is
+    /// not being flushed right now.
+    fn with_local<R>(&self, f: impl FnOnce(&mut ThreadCache) -> R) -> Option<R> {
+        if !self.enabled() {
+            return None;
+        }
+        LOCAL
+            .try_with(|local| {
+                let mut local = local.borrow_mut();
+                let cell = match local.iter().find(|(id, _)| *id == self.id) {
+                    Some((_, cell)) => Arc::clone(cell),
+                    None => {
+                        // Forget caches of arenas that are gone (only this
+                        // thread still holds them).
+                        local.retain(|(_, c)| Arc::strong_count(c) > 1);
+                        let cell = Arc::new(Mutex::new(ThreadCache::new()));
+                        self.cells
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(Arc::clone(&cell));
+                        local.push((self.id, Arc::clone(&cell)));
+                        cell
+                    }
+                };
+                drop(local);
+                let mut guard = cell.try_lock().ok()?;
+                Some(f(&mut guard))
+            })
+            .ok()
+            .flatten()
+    }
+
+    /// Pops a cached object of `class`.
+    pub(crate) fn pop(&self, class: u32) -> Option<u64> {
+        self.with_local(|c| c.bins[class as usize].pop()).flatten()
+    }
+
+    /// Offers a freed object of `class` to the cache.
+    pub(crate) fn push(&self, class: u32, offset: u64) -> Freed {
+        self.with_local(|c| {
+            let bin = &mut c.bins[class as usize];
+            if bin.contains(&offset) {
+                Freed::Twice
+            } else if bin.len() < PER_CLASS {
+                bin.push(offset);
+                Freed::Kept
+            } else {
+                Freed::Full
+            }
+        })
+        .unwrap_or(Freed::Full)
+    }
+
+    /// Takes every cached object of every thread: `(class, offset)`.
+    pub(crate) fn drain(&self) -> Vec<(u32, u64)> {
+        let cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = Vec::new();
+        for cell in cells.iter() {
+            let mut cache = cell.lock().unwrap_or_else(PoisonError::into_inner);
+            for (class, bin) in cache.bins.iter_mut().enumerate() {
+                out.extend(bin.drain(..).map(|off| (class as u32, off)));
+            }
+        }
+        out
+    }
+}
