@@ -48,7 +48,7 @@ fn main() {
             let len = size_mib << 20;
             let region = Region::create(RegionOptions::new(len as u64).backend(BackendKind::Shmem))
                 .unwrap_or_else(|e| fail(e));
-            let source: FnSource<fn(u64, &mut [u8]) -> Result<(), FillError>> = FnSource(fill);
+            let source = FnSource(fill as fn(u64, &mut [u8]) -> Result<(), FillError>);
             let options = PopulateOptions::new().driver(Driver::Proactive);
             let p = Populator::with_options(Arc::new(region), source, options)
                 .unwrap_or_else(|e| fail(e));
