@@ -316,15 +316,3 @@ fn flags_to_demo(flags: &Flags) -> demo::Options {
         value_len: size("--value", 1000) as usize,
     }
 }
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(super::parse_size("512M"), Ok(512 << 20));
-        assert_eq!(super::parse_size("2G"), Ok(2 << 30));
-        assert_eq!(super::parse_size("4KiB"), Ok(4096));
-        assert_eq!(super::parse_size("100"), Ok(100));
-        assert!(super::parse_size("1X").is_err());
-    }
-}

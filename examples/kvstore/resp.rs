@@ -137,36 +137,3 @@ impl Reply<'_> {
         self.0.extend_from_slice(format!("*{n}\r\n").as_bytes());
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commands_pipelines_and_errors() {
-        let buf = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r\nPING\r\n";
-        let Parsed::Command(args, n) = parse(buf) else {
-            panic!()
-        };
-        assert_eq!(args, vec![b"GET".to_vec(), b"k".to_vec()]);
-        assert_eq!(
-            parse(&buf[n..]),
-            Parsed::Command(vec![b"PING".to_vec()], 14)
-        );
-        assert_eq!(parse(&buf[..10]), Parsed::Incomplete);
-        assert_eq!(
-            parse(b"PING  hello\r\n"),
-            Parsed::Command(vec![b"PING".to_vec(), b"hello".to_vec()], 13)
-        );
-        assert!(
-            matches!(parse(b"*1\r\n$99999999999\r\n"), Parsed::Error(e) if e.contains("invalid bulk length"))
-        );
-        assert!(matches!(parse(b"*x\r\n"), Parsed::Error(e) if e.contains("multibulk length")));
-        assert!(matches!(parse(b"*1\r\n:5\r\n"), Parsed::Error(e) if e.contains("expected '$'")));
-        let binary = b"*1\r\n$4\r\n\0\r\n\xff\r\n";
-        assert_eq!(
-            parse(binary),
-            Parsed::Command(vec![b"\0\r\n\xff".to_vec()], binary.len())
-        );
-    }
-}
