@@ -366,8 +366,11 @@ fn a_filler_killed_mid_fill_is_taken_over_by_another_process() {
 fn handler_stop_child() {
     let region =
         Arc::new(Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap());
+    static FILLING_PAGE_0: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
     let source = FnSource(|index: u64, dst: &mut [u8]| {
         if index == 0 {
+            FILLING_PAGE_0.store(true, Ordering::Release);
             std::thread::sleep(Duration::from_millis(300));
         }
         dst.fill(index as u8 + 1);
@@ -383,7 +386,10 @@ fn handler_stop_child() {
             byte[0]
         })
     };
-    std::thread::sleep(Duration::from_millis(50));
+    // Stop while a handler is in the middle of the parked thread's fill.
+    while !FILLING_PAGE_0.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     p.stop_handlers();
     assert_eq!(parked.join().unwrap(), 1);
     println!("CHILD-PARKED-THREAD-GOT-ITS-PAGE");
