@@ -91,8 +91,8 @@ impl Caches {
         LOCAL
             .try_with(|local| {
                 let mut local = local.borrow_mut();
-                let cell = match local.iter().find(|(id, _)| *id == self.id) {
-                    Some((_, cell)) => Arc::clone(cell),
+                let at = match local.iter().position(|(id, _)| *id == self.id) {
+                    Some(at) => at,
                     None => {
                         // Forget caches of arenas that are gone (only this
                         // thread still holds them).
@@ -102,12 +102,12 @@ impl Caches {
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
                             .push(Arc::clone(&cell));
-                        local.push((self.id, Arc::clone(&cell)));
-                        cell
+                        local.push((self.id, cell));
+                        local.len() - 1
                     }
                 };
-                drop(local);
-                let mut guard = cell.try_lock().ok()?;
+                // `f` never touches `LOCAL`, so the borrow can stay held.
+                let mut guard = local[at].1.try_lock().ok()?;
                 Some(f(&mut guard))
             })
             .ok()
