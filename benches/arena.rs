@@ -1,5 +1,5 @@
-//! Arena allocation throughput and latency, side by side with glibc malloc
-//! and a mutex-protected allocator over the same kind of shared region, for
+//! Arena allocation throughput and latency, side by side with glibc malloc,
+//! mimalloc and a mutex-protected allocator over the same kind of shared region, for
 //! small objects, page runs and large blocks, from 1 and 2 threads.
 //!
 //! ```text
@@ -57,6 +57,24 @@ impl Alloc for Malloc {
     fn free(&self, p: usize, layout: Layout) {
         // SAFETY: `p` came from `alloc` with this layout.
         unsafe { std::alloc::dealloc(p as *mut u8, layout) }
+    }
+}
+
+struct MiMalloc(mimalloc::MiMalloc);
+
+impl Alloc for MiMalloc {
+    fn name(&self) -> &'static str {
+        "mimalloc"
+    }
+    fn alloc(&self, layout: Layout) -> usize {
+        use std::alloc::GlobalAlloc;
+        // SAFETY: the layout has a non-zero size.
+        unsafe { self.0.alloc(layout) as usize }
+    }
+    fn free(&self, p: usize, layout: Layout) {
+        use std::alloc::GlobalAlloc;
+        // SAFETY: `p` came from `alloc` with this layout.
+        unsafe { self.0.dealloc(p as *mut u8, layout) }
     }
 }
 
@@ -147,6 +165,7 @@ fn main() {
     let allocators: Vec<Box<dyn Alloc>> = vec![
         Box::new(ArenaAlloc(arena())),
         Box::new(Malloc),
+        Box::new(MiMalloc(mimalloc::MiMalloc)),
         Box::new(Locked(Mutex::new(arena()))),
     ];
     println!("| range | threads | allocator | Mops/s | p50 ns | p99 ns | p99.9 ns | vs malloc |");

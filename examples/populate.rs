@@ -6,7 +6,7 @@
 //! ```text
 //! cargo run --release --example populate -- [--backend auto|shmem|thp|hugetlb]
 //!     [--driver in-thread|handlers:N|proactive] [--size MIB] [--source file|zero]
-//!     [--order random|sequential]
+//!     [--order random|sequential] [--threads N]
 //! ```
 
 use std::io::Write;
@@ -23,6 +23,7 @@ struct Args {
     size: u64,
     from_file: bool,
     sequential: bool,
+    threads: usize,
 }
 
 fn parse() -> Result<Args, String> {
@@ -32,6 +33,7 @@ fn parse() -> Result<Args, String> {
         size: 256 << 20,
         from_file: true,
         sequential: false,
+        threads: 2,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -64,6 +66,12 @@ fn parse() -> Result<Args, String> {
             }
             "--source" => args.from_file = value()? == "file",
             "--order" => args.sequential = value()? == "sequential",
+            "--threads" => {
+                args.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?;
+                if args.threads == 0 {
+                    return Err("--threads must be at least 1".into());
+                }
+            }
             other => return Err(format!("unknown argument {other} (see the example's docs)")),
         }
     }
@@ -132,15 +140,24 @@ fn run<S: PageSource + 'static>(
     let g = region.granule().bytes();
     let granules = region.len() / g;
     let started = Instant::now();
-    let (a, b) = std::thread::scope(|s| {
-        let t1 = s.spawn(|| touch(&p, &order(granules, g, 1, args.sequential)));
-        let t2 = s.spawn(|| touch(&p, &order(granules, g, 2, args.sequential)));
-        (t1.join().expect("toucher"), t2.join().expect("toucher"))
+    let hists: Vec<Histogram<u64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..args.threads)
+            .map(|t| {
+                let p = &p;
+                s.spawn(move || touch(p, &order(granules, g, t as u64 + 1, args.sequential)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("toucher"))
+            .collect()
     });
     let elapsed = started.elapsed();
     p.flush_promotions();
-    let mut touches = a;
-    touches.add(b).expect("same precision");
+    let mut touches = Histogram::<u64>::new(3).expect("valid precision");
+    for h in hists {
+        touches.add(h).expect("same precision");
+    }
 
     let mut buf = vec![0u8; 1 << 20];
     for off in (0..region.len()).step_by(buf.len()) {
@@ -152,21 +169,42 @@ fn run<S: PageSource + 'static>(
     let stats = p.stats();
     println!("driver:    {}", p.driver());
     println!(
-        "populated: {} in {:.1} ms by two threads ({:.2} GB/s); every byte verified",
+        "populated: {} in {:.1} ms by {} threads ({:.2} GB/s); every byte verified",
         hugearena::sys::size::human_bytes(region.len() as u64),
         elapsed.as_secs_f64() * 1e3,
+        args.threads,
         region.len() as f64 / elapsed.as_secs_f64() / 1e9
     );
     println!("counters:  {stats}");
     let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e3;
     println!(
-        "touch latency (first byte of each granule, both threads, {} touches): \
+        "touch latency (first byte of each granule, all threads, {} touches): \
          p50 {:.2} µs, p99 {:.2} µs, p99.9 {:.2} µs, max {:.1} µs",
         touches.len(),
         us(&touches, 0.5),
         us(&touches, 0.99),
         us(&touches, 0.999),
         touches.max() as f64 / 1e3
+    );
+    // One machine-readable line for scripts/bench.sh.
+    println!(
+        "RESULT backend={} driver={} order={} threads={} wall_ms={:.1} gbps={:.3} p50_us={:.2} p99_us={:.2} p999_us={:.2} faults={} readahead={} fills={}",
+        region.backend().kind(),
+        p.driver(),
+        if args.sequential {
+            "sequential"
+        } else {
+            "random"
+        },
+        args.threads,
+        elapsed.as_secs_f64() * 1e3,
+        region.len() as f64 / elapsed.as_secs_f64() / 1e9,
+        us(&touches, 0.5),
+        us(&touches, 0.99),
+        us(&touches, 0.999),
+        stats.faults_handler + stats.faults_in_thread,
+        stats.readahead,
+        stats.fills
     );
     let errors = p.errors();
     if !errors.is_empty() {

@@ -199,6 +199,66 @@ fn kill9(mut child: Child) {
     let _ = child.wait();
 }
 
+/// Loads `keys` keys (`key:N` → `value_for(N)`) into the server at
+/// `addr` with pipelined SETs, then SAVEs; for benchmarks against any
+/// RESP server.
+pub fn load(addr: SocketAddr, keys: u64, value_len: usize, save: bool) {
+    let mut c = Client::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < keys {
+        out.clear();
+        let n = 512.min(keys - i);
+        for k in i..i + n {
+            encode(
+                &[
+                    b"SET",
+                    format!("key:{k}").as_bytes(),
+                    &value_for(k, value_len),
+                ],
+                &mut out,
+            );
+        }
+        c.send(&out);
+        for _ in 0..n {
+            match c.read() {
+                Value::Simple(s) if s == "OK" => {}
+                other => panic!("SET: {other:?}"),
+            }
+        }
+        i += n;
+    }
+    println!(
+        "loaded {keys} keys in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    if save {
+        let t = Instant::now();
+        match c.call(&[b"SAVE"]) {
+            Value::Simple(s) if s == "OK" => {
+                println!("saved in {:.2} s", t.elapsed().as_secs_f64())
+            }
+            other => panic!("SAVE: {other:?}"),
+        }
+    }
+}
+
+/// Polls `addr` until `GET key` answers with the value it was loaded with
+/// (a loading Redis answers -LOADING); prints the milliseconds since `since`.
+pub fn wait_get(addr: SocketAddr, key: u64, value_len: usize, since: Instant) -> Duration {
+    loop {
+        if let Ok(mut c) = Client::connect(addr) {
+            if c.call(&[b"GET", format!("key:{key}").as_bytes()])
+                == Value::Bulk(Some(value_for(key, value_len)))
+            {
+                return since.elapsed();
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 /// Runs the demo.
 pub fn run(o: &Options) {
     let dir = tempfile::tempdir().expect("temporary directory");

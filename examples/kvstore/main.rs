@@ -6,6 +6,8 @@
 //! cargo run --release --example kvstore -- demo [--size SIZE] [--data SIZE]
 //! cargo run --release --example kvstore -- serve --addr 127.0.0.1:6380 --dir DIR
 //!     [--workers N] [--size SIZE] [--eager]
+//! cargo run --release --example kvstore -- load --addr ADDR [--keys N] [--value BYTES] [--save]
+//! cargo run --release --example kvstore -- wait-get --addr ADDR [--key N] [--value BYTES]
 //! ```
 //!
 //! `SIZE` takes K, M and G suffixes (binary). `--eager` reads the whole
@@ -299,6 +301,37 @@ fn main() {
         "serve" => serve(&flags),
         "worker" => worker(&flags),
         "demo" => demo::run(&flags_to_demo(&flags)),
+        "load" => {
+            let addr = flags
+                .value("--addr")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| fail("load needs --addr"));
+            let keys = flags
+                .value("--keys")
+                .map_or(Ok(100_000), str::parse)
+                .unwrap_or_else(|e| fail(e));
+            let value = flags
+                .value("--value")
+                .map_or(Ok(1000), str::parse)
+                .unwrap_or_else(|e| fail(e));
+            demo::load(addr, keys, value, flags.has("--save"));
+        }
+        "wait-get" => {
+            let addr = flags
+                .value("--addr")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| fail("wait-get needs --addr"));
+            let key = flags
+                .value("--key")
+                .map_or(Ok(0), str::parse)
+                .unwrap_or_else(|e| fail(e));
+            let value = flags
+                .value("--value")
+                .map_or(Ok(1000), str::parse)
+                .unwrap_or_else(|e| fail(e));
+            let waited = demo::wait_get(addr, key, value, Instant::now());
+            println!("answered after {:.1} ms", waited.as_secs_f64() * 1e3);
+        }
         other => fail(format!("unknown command {other:?}: use demo or serve")),
     }
 }

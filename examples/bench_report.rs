@@ -1,0 +1,572 @@
+//! Runs every benchmark scenario on this machine and writes
+//! `docs/BENCHMARKS.md` (tables, the command, the machine) and SVG charts
+//! under `docs/plots/` that the document links.
+//!
+//! ```text
+//! cargo run --release --example bench_report [-- --quick]
+//! ```
+//!
+//! Needs root (userfaultfd, huge page reservation) and, for the Redis
+//! comparison, `redis-server` and `redis-benchmark` (`apt-get install
+//! redis-server redis-tools`); a missing tool skips that section and says
+//! so in the report. `--quick` runs every scenario at a smaller size in a
+//! few minutes. Nothing here passes or fails on speed.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn cargo(args: &[&str]) -> String {
+    run(Command::new(env!("CARGO")).current_dir(root()).args(args))
+}
+
+fn example(name: &str) -> PathBuf {
+    root().join("target/release/examples").join(name)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn machine() -> String {
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let kernel = read("/proc/sys/kernel/osrelease");
+    let mem_gib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib >> 20);
+    format!(
+        "{cpu}, {} cores, {mem_gib} GiB, Linux {kernel}; 2 MiB huge pages reserved: {}; shmem THP: {}; THP: {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        read("/proc/sys/vm/nr_hugepages"),
+        read("/sys/kernel/mm/transparent_hugepage/shmem_enabled"),
+        read("/sys/kernel/mm/transparent_hugepage/enabled"),
+    )
+}
+
+/// Markdown table lines of a benchmark's output.
+fn tables(out: &str) -> String {
+    out.lines()
+        .filter(|l| {
+            l.starts_with('|') || l.starts_with("###") || l.starts_with("memcpy") || l.is_empty()
+        })
+        .map(|l| format!("{}\n", l.replace("## ", "### ")))
+        .collect()
+}
+
+/// `key=value` fields of a `RESULT` line.
+fn fields(line: &str) -> Vec<(String, String)> {
+    line.split_whitespace()
+        .skip(1)
+        .filter_map(|f| {
+            f.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+fn get<'a>(f: &'a [(String, String)], k: &str) -> &'a str {
+    f.iter()
+        .find(|(key, _)| key == k)
+        .map_or("?", |(_, v)| v.as_str())
+}
+
+/// A horizontal bar chart as SVG.
+fn bar_chart(path: &Path, title: &str, unit: &str, bars: &[(String, f64)]) {
+    let (w, row, left) = (760.0, 22.0, 300.0);
+    let h = 50.0 + row * bars.len() as f64;
+    let max = bars.iter().map(|b| b.1).fold(0.0f64, f64::max).max(1e-9);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\" font-weight=\"bold\">{title}</text>\n"
+    );
+    for (i, (label, v)) in bars.iter().enumerate() {
+        let y = 35.0 + row * i as f64;
+        let len = (w - left - 90.0) * v / max;
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\
+             <rect x=\"{left}\" y=\"{}\" width=\"{len:.1}\" height=\"{}\" fill=\"#4a7ab0\"/>\
+             <text x=\"{}\" y=\"{}\">{v:.2} {unit}</text>",
+            left - 6.0,
+            y + 13.0,
+            label.replace('&', "&amp;").replace('<', "&lt;"),
+            y + 2.0,
+            row - 6.0,
+            left + len + 4.0,
+            y + 13.0
+        );
+    }
+    svg.push_str("</svg>\n");
+    std::fs::write(path, svg).expect("write chart");
+}
+
+/// Parses the p50 column of a first_touch table row.
+fn baseline_p50(first_touch: &str, case: &str) -> Option<f64> {
+    first_touch
+        .lines()
+        .find(|l| l.contains(case))
+        .and_then(|l| l.split('|').nth(3))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn population(
+    quick: bool,
+    doc: &mut String,
+    plots: &Path,
+    first_touch: &str,
+    losses: &mut Vec<String>,
+) {
+    let size = if quick { "64" } else { "256" };
+    let mut rows = Vec::new();
+    let mut bars = Vec::new();
+    let backends = ["shmem", "thp", "hugetlb"];
+    let drivers = ["in-thread", "handlers:1", "handlers:2", "proactive"];
+    for backend in backends {
+        for driver in drivers {
+            for order in ["random", "sequential"] {
+                let out = run(Command::new(example("populate")).args([
+                    "--backend",
+                    backend,
+                    "--driver",
+                    driver,
+                    "--order",
+                    order,
+                    "--source",
+                    "zero",
+                    "--size",
+                    size,
+                ]));
+                let Some(line) = out.lines().find(|l| l.starts_with("RESULT")) else {
+                    continue;
+                };
+                let f = fields(line);
+                if order == "random" {
+                    let p50: f64 = get(&f, "p50_us").parse().unwrap_or(0.0);
+                    bars.push((format!("{} {driver}", get(&f, "backend")), p50));
+                    if backend == "shmem" && driver != "proactive" {
+                        if let Some(native) =
+                            baseline_p50(first_touch, "Shmem primary (allocate + zero)")
+                        {
+                            if p50 > native {
+                                losses.push(format!(
+                                    "Random 4 KiB first touches on Shmem with the {driver} driver: {p50:.2} µs p50 against {native:.2} µs \
+                                     for a kernel-native shmem first touch ({:.1}× slower; p99 {} µs).",
+                                    p50 / native,
+                                    get(&f, "p99_us")
+                                ));
+                            }
+                        }
+                    }
+                }
+                rows.push(format!(
+                    "| {} | {driver} | {order} | {} | {} | {} | {} | {} | {} |",
+                    get(&f, "backend"),
+                    get(&f, "p50_us"),
+                    get(&f, "p99_us"),
+                    get(&f, "p999_us"),
+                    get(&f, "gbps"),
+                    get(&f, "faults"),
+                    get(&f, "readahead"),
+                ));
+            }
+        }
+    }
+    let _ = writeln!(
+        doc,
+        "## 1–2. Population latency and throughput, per backend × driver\n\n\
+         ```sh\ncargo run --release --example populate -- --backend B --driver D --order O --source zero --size {size}\n```\n\n\
+         Two threads touch the first byte of every granule of a {size} MiB region, each in its own order; every touch is timed \
+         (touches of pages the other thread already populated included). `sequential` is where readahead works. Throughput is \
+         the region size over the wall time. Compare with the kernel-native rows and memcpy in section 0.\n\n\
+         | backend | driver | order | touch p50 µs | p99 µs | p99.9 µs | GB/s | faults | readahead granules |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    for r in rows {
+        let _ = writeln!(doc, "{r}");
+    }
+    bar_chart(
+        &plots.join("population_p50.svg"),
+        "First-touch p50, random order (µs, lower is better)",
+        "µs",
+        &bars,
+    );
+    let _ = writeln!(doc, "\n![first-touch p50](plots/population_p50.svg)\n");
+}
+
+fn scaling(quick: bool, doc: &mut String, plots: &Path) {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let size = if quick { "64" } else { "256" };
+    let _ = writeln!(
+        doc,
+        "## 3. Scaling: faulting threads × handler threads (Shmem, random order, {size} MiB)\n\n\
+         | touching threads | driver | GB/s | touch p50 µs | p99 µs |\n|---|---|---|---|---|"
+    );
+    let mut bars = Vec::new();
+    for threads in 1..=n {
+        let mut drivers = vec!["in-thread".to_string()];
+        drivers.extend((1..=n).map(|h| format!("handlers:{h}")));
+        for driver in drivers {
+            let out = run(Command::new(example("populate")).args([
+                "--backend",
+                "shmem",
+                "--driver",
+                &driver,
+                "--source",
+                "zero",
+                "--size",
+                size,
+                "--threads",
+                &threads.to_string(),
+            ]));
+            if let Some(line) = out.lines().find(|l| l.starts_with("RESULT")) {
+                let f = fields(line);
+                let _ = writeln!(
+                    doc,
+                    "| {threads} | {driver} | {} | {} | {} |",
+                    get(&f, "gbps"),
+                    get(&f, "p50_us"),
+                    get(&f, "p99_us")
+                );
+                bars.push((
+                    format!("{threads} toucher(s), {driver}"),
+                    get(&f, "gbps").parse().unwrap_or(0.0),
+                ));
+            }
+        }
+    }
+    bar_chart(
+        &plots.join("scaling.svg"),
+        "Population throughput (GB/s, higher is better)",
+        "GB/s",
+        &bars,
+    );
+    let _ = writeln!(
+        doc,
+        "\n![scaling](plots/scaling.svg)\n\nTwo processes sharing a region: the acceptance tests check that the second process \
+         fills nothing (`tests/populate.rs`); its mapping cost is the minor-fault row of section 0.\n"
+    );
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+/// redis-benchmark --csv: (test, rps, p50 ms, p99 ms).
+fn redis_bench(port: u16, pipeline: &str, n: &str) -> Vec<(String, f64, f64, f64)> {
+    let out = run(Command::new("redis-benchmark").args([
+        "-p",
+        &port.to_string(),
+        "-t",
+        "set,get",
+        "-c",
+        "50",
+        "-n",
+        n,
+        "-P",
+        pipeline,
+        "-d",
+        "100",
+        "-r",
+        "100000",
+        "--csv",
+    ]));
+    out.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let c: Vec<&str> = l.split(',').map(|x| x.trim_matches('"')).collect();
+            (c.len() >= 7).then(|| {
+                (
+                    c[0].to_string(),
+                    c[1].parse().unwrap_or(0.0),
+                    c[4].parse().unwrap_or(0.0),
+                    c[6].parse().unwrap_or(0.0),
+                )
+            })
+        })
+        .collect()
+}
+
+fn wait_get(port: u16, key: u64) -> Duration {
+    let t = Instant::now();
+    run(Command::new(example("kvstore")).args([
+        "wait-get",
+        "--addr",
+        &format!("127.0.0.1:{port}"),
+        "--key",
+        &key.to_string(),
+    ]));
+    t.elapsed()
+}
+
+fn kv_vs_redis(quick: bool, doc: &mut String, plots: &Path, losses: &mut Vec<String>) {
+    let _ = writeln!(doc, "## 6. Key-value example against Redis\n");
+    if !have("redis-server") || !have("redis-benchmark") {
+        let _ = writeln!(
+            doc,
+            "Skipped: `redis-server`/`redis-benchmark` not installed (`apt-get install redis-server redis-tools`).\n"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (kp, rp) = (free_port(), free_port());
+    let start_kv = |eager: bool| {
+        let mut c = Command::new(example("kvstore"));
+        c.args(["serve", "--addr", &format!("127.0.0.1:{kp}"), "--dir"])
+            .arg(dir.path().join("kv"))
+            .args(["--size", "3G"]);
+        if eager {
+            c.arg("--eager");
+        }
+        c.stderr(Stdio::null()).spawn().expect("kvstore")
+    };
+    let start_redis = || {
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &rp.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+            ])
+            .arg(dir.path())
+            .args(["--dbfilename", "dump.rdb"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server")
+    };
+    let n = if quick { "100000" } else { "1000000" };
+    let mut kv = start_kv(false);
+    let mut redis = start_redis();
+    wait_get_ready(kp);
+    wait_get_ready(rp);
+    let _ = writeln!(
+        doc,
+        "```sh\nredis-benchmark -p PORT -t set,get -c 50 -n {n} -P {{1,16}} -d 100 -r 100000 --csv\n```\n\n\
+         Same parameters against `redis-server` (no persistence) and `kvstore serve` (one worker), both on loopback.\n\n\
+         | server | test | pipeline | requests/s | p50 ms | p99 ms | vs Redis |\n|---|---|---|---|---|---|---|"
+    );
+    let mut bars = Vec::new();
+    for pipeline in ["1", "16"] {
+        let r = redis_bench(rp, pipeline, n);
+        let k = redis_bench(kp, pipeline, n);
+        for ((test, rps, p50, p99), (_, krps, kp50, kp99)) in r.iter().zip(&k) {
+            let _ = writeln!(
+                doc,
+                "| Redis | {test} | {pipeline} | {rps:.0} | {p50} | {p99} | 1.00× |"
+            );
+            let _ = writeln!(
+                doc,
+                "| hugearena kvstore | {test} | {pipeline} | {krps:.0} | {kp50} | {kp99} | {:.2}× |",
+                krps / rps
+            );
+            if krps < rps {
+                losses.push(format!(
+                    "KV example against Redis, {test} with pipeline {pipeline}: {krps:.0} against {rps:.0} requests/s ({:.2}×).",
+                    krps / rps
+                ));
+            }
+            bars.push((format!("Redis {test} P{pipeline}"), rps / 1e3));
+            bars.push((format!("kvstore {test} P{pipeline}"), krps / 1e3));
+        }
+    }
+    bar_chart(
+        &plots.join("kv_vs_redis.svg"),
+        "Throughput (thousand requests/s, higher is better)",
+        "k/s",
+        &bars,
+    );
+    // Restart with the same data set.
+    let keys: u64 = if quick { 200_000 } else { 1_000_000 };
+    for port in [kp, rp] {
+        run(Command::new(example("kvstore")).args([
+            "load",
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--keys",
+            &keys.to_string(),
+            "--save",
+        ]));
+    }
+    let _ = kv.kill();
+    let _ = kv.wait();
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let mut restart = Vec::new();
+    for (name, eager) in [
+        ("hugearena kvstore, lazy restore", Some(false)),
+        ("hugearena kvstore, eager restore", Some(true)),
+        ("Redis, RDB load", None),
+    ] {
+        let t = Instant::now();
+        let (mut child, port) = match eager {
+            Some(e) => (start_kv(e), kp),
+            None => (start_redis(), rp),
+        };
+        let waited = {
+            let w = wait_get(port, keys / 2);
+            w.max(t.elapsed().min(w))
+        };
+        restart.push((name, waited));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = writeln!(
+        doc,
+        "\n![kv vs redis](plots/kv_vs_redis.svg)\n\nRestart with the same {keys} keys (1000-byte values), from spawning the server to \
+         the first correct `GET`:\n\n| restart | first correct GET |\n|---|---|"
+    );
+    for (name, d) in &restart {
+        let _ = writeln!(doc, "| {name} | {:.1} ms |", d.as_secs_f64() * 1e3);
+    }
+    if let (Some(lazy), Some(redis)) = (restart.first(), restart.last()) {
+        if lazy.1 > redis.1 {
+            losses.push(format!(
+                "Restart: the lazy restore answered after {:?}, Redis after {:?}.",
+                lazy.1, redis.1
+            ));
+        }
+    }
+    let _ = writeln!(doc);
+}
+
+fn wait_get_ready(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "server on {port} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let q: &[&str] = if quick { &["--", "--quick"] } else { &[] };
+    let plots = root().join("docs/plots");
+    std::fs::create_dir_all(&plots).expect("docs/plots");
+    eprintln!("building benches and examples");
+    cargo(&["build", "--release", "--benches", "--examples"]);
+    let started = Instant::now();
+    let mut doc = String::new();
+    let _ = writeln!(
+        doc,
+        "# Benchmarks\n\nProduced by `cargo run --release --example bench_report{}` on {}. \
+         These guests are noisy (2 vCPUs, host-side memory management threads): compare numbers within one run, and rerun \
+         before trusting a difference under ~30 %. Analysis of individual runs (drivers, arena, restore, the KV demo): \
+         [PERFORMANCE-NOTES.md](PERFORMANCE-NOTES.md).\n",
+        if quick { " -- --quick" } else { "" },
+        machine()
+    );
+    let mut losses = Vec::new();
+    eprintln!("0. kernel-native first touch");
+    let first_touch = cargo(&["bench", "--bench", "first_touch"]);
+    let _ = writeln!(
+        doc,
+        "## 0. Kernel-native first touch, MADV_POPULATE_WRITE and memcpy (the baselines)\n\n```sh\ncargo bench --bench first_touch\n```\n\n{}",
+        tables(&first_touch)
+    );
+    eprintln!("1-2. population");
+    population(quick, &mut doc, &plots, &first_touch, &mut losses);
+    eprintln!("3. scaling");
+    scaling(quick, &mut doc, &plots);
+    eprintln!("4. arena");
+    let mut args = vec!["bench", "--bench", "arena"];
+    args.extend_from_slice(q);
+    let arena = cargo(&args);
+    for row in arena.lines().filter(|l| l.contains("| hugearena |")) {
+        let c: Vec<&str> = row.split('|').map(str::trim).collect();
+        let ratio: f64 = c
+            .get(8)
+            .and_then(|v| v.trim_end_matches('×').parse().ok())
+            .unwrap_or(1.0);
+        if ratio < 1.0 {
+            losses.push(format!(
+                "Arena, {} from {} thread(s): {} Mops/s, {ratio:.2}× glibc malloc (p50 {} ns).",
+                c[1], c[2], c[4], c[5]
+            ));
+        }
+    }
+    let _ = writeln!(
+        doc,
+        "## 4. Arena allocation against glibc malloc, mimalloc and a mutex-protected arena\n\n```sh\ncargo bench --bench arena{}\n```\n\n{}",
+        if quick { " -- --quick" } else { "" },
+        tables(&arena)
+    );
+    eprintln!("5. restore");
+    let mut args = vec!["bench", "--bench", "restore"];
+    args.extend_from_slice(q);
+    let restore = cargo(&args);
+    for row in restore
+        .lines()
+        .filter(|l| l.contains("GB/s |") && l.matches('|').count() == 6)
+    {
+        let c: Vec<&str> = row.split('|').map(str::trim).collect();
+        if c[5].parse::<f64>().is_ok_and(|r| r < 1.0) {
+            losses.push(format!(
+                "Background drain of a {} snapshot: {} against {} for a sequential read of the file ({}×).",
+                c[1], c[3], c[4], c[5]
+            ));
+        }
+    }
+    let _ = writeln!(
+        doc,
+        "## 5. Snapshots and restore\n\n```sh\ncargo bench --bench restore{}\n```\n\n{}",
+        if quick { " -- --quick" } else { "" },
+        tables(&restore)
+    );
+    eprintln!("6. kv vs redis");
+    kv_vs_redis(quick, &mut doc, &plots, &mut losses);
+    let _ = writeln!(
+        doc,
+        "## Where hugearena loses (computed from the tables above)\n"
+    );
+    for l in &losses {
+        let _ = writeln!(doc, "- {l}");
+    }
+    if losses.is_empty() {
+        let _ = writeln!(doc, "- Nowhere in this run.");
+    }
+    let _ = writeln!(
+        doc,
+        "\n---\nThe whole report took {:.0} s.\n",
+        started.elapsed().as_secs_f64()
+    );
+    let out = root().join("docs/BENCHMARKS.md");
+    std::fs::write(&out, doc).expect("write the report");
+    println!("wrote {} and {}", out.display(), plots.display());
+}
