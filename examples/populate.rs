@@ -6,7 +6,14 @@
 //! ```text
 //! cargo run --release --example populate -- [--backend auto|shmem|thp|hugetlb]
 //!     [--driver in-thread|handlers:N|proactive] [--size MIB] [--source file|zero]
-//!     [--order random|sequential] [--threads N]
+//!     [--order random|sequential] [--threads N] [--second-process]
+//! ```
+//!
+//! `--second-process` then starts a second process that opens the same
+//! region and touches every page the same way: it maps pages the first one
+//! filled, and its fill counter stays 0.
+//!
+//! ```text
 //! ```
 
 use std::io::Write;
@@ -24,6 +31,11 @@ struct Args {
     from_file: bool,
     sequential: bool,
     threads: usize,
+    second_process: bool,
+    /// Internal: this is the second process, attached to this region.
+    attach: Option<String>,
+    /// Internal: the first process's source file.
+    source_file: Option<String>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -34,6 +46,9 @@ fn parse() -> Result<Args, String> {
         from_file: true,
         sequential: false,
         threads: 2,
+        second_process: false,
+        attach: None,
+        source_file: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -66,6 +81,9 @@ fn parse() -> Result<Args, String> {
             }
             "--source" => args.from_file = value()? == "file",
             "--order" => args.sequential = value()? == "sequential",
+            "--second-process" => args.second_process = true,
+            "--attach" => args.attach = Some(value()?),
+            "--source-file" => args.source_file = Some(value()?),
             "--threads" => {
                 args.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?;
                 if args.threads == 0 {
@@ -188,7 +206,12 @@ fn run<S: PageSource + 'static>(
     );
     // One machine-readable line for scripts/bench.sh.
     println!(
-        "RESULT backend={} driver={} order={} threads={} wall_ms={:.1} gbps={:.3} p50_us={:.2} p99_us={:.2} p999_us={:.2} faults={} readahead={} fills={}",
+        "RESULT process={} backend={} driver={} order={} threads={} wall_ms={:.1} gbps={:.3} p50_us={:.2} p99_us={:.2} p999_us={:.2} faults={} readahead={} fills={}",
+        if args.attach.is_some() {
+            "second"
+        } else {
+            "first"
+        },
         region.backend().kind(),
         p.driver(),
         if args.sequential {
@@ -213,6 +236,14 @@ fn run<S: PageSource + 'static>(
     Ok(())
 }
 
+fn driver_arg(d: Driver) -> String {
+    match d {
+        Driver::HandlerThreads(n) => format!("handlers:{n}"),
+        Driver::InThread => "in-thread".into(),
+        Driver::Proactive => "proactive".into(),
+    }
+}
+
 fn main() {
     let args = match parse() {
         Ok(a) => a,
@@ -221,6 +252,26 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Some(path) = &args.attach {
+        let region = Arc::new(Region::open(path).unwrap_or_else(|e| {
+            eprintln!("error: {e}");
+            std::process::exit(1)
+        }));
+        let result = match &args.source_file {
+            Some(f) => run(
+                region,
+                FileSource::open(f).expect("the first process's source"),
+                &args,
+                byte_at,
+            ),
+            None => run(region, ZeroSource, &args, |_| 0),
+        };
+        if let Err(e) = result {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let mut options = RegionOptions::new(args.size);
     options = match args.backend {
         Some(kind) => options.backend(kind),
@@ -240,14 +291,42 @@ fn main() {
         region.granule(),
         choice.reason
     );
+    let second = |file: Option<&std::path::Path>| {
+        if !args.second_process {
+            return;
+        }
+        println!("second process:");
+        let mut cmd = std::process::Command::new(std::env::current_exe().expect("own path"));
+        cmd.arg("--attach")
+            .arg(region.shareable_path())
+            .args(["--driver", &driver_arg(args.driver)])
+            .args(["--threads", &args.threads.to_string()])
+            .args([
+                "--order",
+                if args.sequential {
+                    "sequential"
+                } else {
+                    "random"
+                },
+            ]);
+        if let Some(f) = file {
+            cmd.arg("--source-file").arg(f);
+        }
+        let status = cmd.status().expect("second process");
+        assert!(status.success(), "second process failed: {status}");
+    };
     let result = if args.from_file {
         let file = snapshot(region.len()).expect("temporary snapshot file");
         println!("source:    file {}", file.path().display());
         let source = FileSource::open(file.path()).expect("open the snapshot");
-        run(region, source, &args, byte_at)
+        let r = run(region.clone(), source, &args, byte_at);
+        second(Some(file.path()));
+        r
     } else {
         println!("source:    zeroes");
-        run(region, ZeroSource, &args, |_| 0)
+        let r = run(region.clone(), ZeroSource, &args, |_| 0);
+        second(None);
+        r
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
