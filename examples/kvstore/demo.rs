@@ -199,6 +199,28 @@ fn kill9(mut child: Child) {
     let _ = child.wait();
 }
 
+/// Sends keys `[from, to)` as one pipeline of SETs and checks every reply.
+fn set_batch(c: &mut Client, from: u64, to: u64, value_len: usize, out: &mut Vec<u8>) {
+    out.clear();
+    for k in from..to {
+        encode(
+            &[
+                b"SET",
+                format!("key:{k}").as_bytes(),
+                &value_for(k, value_len),
+            ],
+            out,
+        );
+    }
+    c.send(out);
+    for _ in from..to {
+        match c.read() {
+            Value::Simple(s) if s == "OK" => {}
+            other => panic!("SET: {other:?}"),
+        }
+    }
+}
+
 /// Loads `keys` keys (`key:N` → `value_for(N)`) into the server at
 /// `addr` with pipelined SETs, then SAVEs; for benchmarks against any
 /// RESP server.
@@ -208,25 +230,8 @@ pub fn load(addr: SocketAddr, keys: u64, value_len: usize, save: bool) {
     let mut out = Vec::new();
     let mut i = 0;
     while i < keys {
-        out.clear();
         let n = 512.min(keys - i);
-        for k in i..i + n {
-            encode(
-                &[
-                    b"SET",
-                    format!("key:{k}").as_bytes(),
-                    &value_for(k, value_len),
-                ],
-                &mut out,
-            );
-        }
-        c.send(&out);
-        for _ in 0..n {
-            match c.read() {
-                Value::Simple(s) if s == "OK" => {}
-                other => panic!("SET: {other:?}"),
-            }
-        }
+        set_batch(&mut c, i, i + n, value_len, &mut out);
         i += n;
     }
     println!(
@@ -282,25 +287,8 @@ pub fn run(o: &Options) {
     let mut out = Vec::new();
     let mut i = 0;
     while i < keys {
-        out.clear();
         let n = batch.min(keys - i);
-        for k in i..i + n {
-            encode(
-                &[
-                    b"SET",
-                    format!("key:{k}").as_bytes(),
-                    &value_for(k, o.value_len),
-                ],
-                &mut out,
-            );
-        }
-        c.send(&out);
-        for _ in 0..n {
-            match c.read() {
-                Value::Simple(s) if s == "OK" => {}
-                other => panic!("SET: {other:?}"),
-            }
-        }
+        set_batch(&mut c, i, i + n, o.value_len, &mut out);
         i += n;
         if i % (batch * 64) == 0 || i == keys {
             progress("loading", i, keys, started);
