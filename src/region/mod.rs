@@ -406,65 +406,47 @@ impl Region {
 
     /// Copies `bytes` into the data at `offset` through the alias view.
     pub fn write_via_alias(&self, offset: usize, bytes: &[u8]) -> Result<()> {
-        self.check_bounds(offset, bytes.len())?;
-        // SAFETY: in bounds (checked); the alias is never registered with
-        // userfaultfd, so the copy cannot block; shared bytes are copied
-        // raw, never borrowed.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.alias.as_ptr().add(offset),
-                bytes.len(),
-            )
-        };
-        Ok(())
+        self.copy_in(self.alias, offset, bytes)
     }
 
     /// Copies `bytes` into the data at `offset` through the primary view
     /// (what users touch: unpopulated pages are populated first).
     pub fn write_via_primary(&self, offset: usize, bytes: &[u8]) -> Result<()> {
-        self.check_bounds(offset, bytes.len())?;
-        // SAFETY: in bounds (checked); shared bytes are copied raw, never
-        // borrowed.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.primary.as_ptr().add(offset),
-                bytes.len(),
-            )
-        };
-        Ok(())
+        self.copy_in(self.primary, offset, bytes)
     }
 
     /// Copies data at `offset` into `buf` through the alias view, which is
     /// never registered: reading a page that was never populated reads
     /// zeroes (and allocates it), so read only populated pages this way.
     pub fn read_via_alias(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
-        self.check_bounds(offset, buf.len())?;
-        // SAFETY: in bounds (checked); shared bytes are copied raw, never
-        // borrowed; the alias never faults into userfaultfd.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.alias.as_ptr().add(offset),
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
-        };
-        Ok(())
+        self.copy_out(self.alias, offset, buf)
     }
 
     /// Copies data at `offset` into `buf` through the primary view. Touching
     /// unpopulated pages of a registered region waits for population.
     pub fn read_via_primary(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
-        self.check_bounds(offset, buf.len())?;
-        // SAFETY: in bounds (checked); shared bytes are copied raw, never
-        // borrowed.
+        self.copy_out(self.primary, offset, buf)
+    }
+
+    /// Copies `bytes` to `offset` of `view` (the primary or the alias).
+    fn copy_in(&self, view: NonNull<u8>, offset: usize, bytes: &[u8]) -> Result<()> {
+        self.check_bounds(offset, bytes.len())?;
+        // SAFETY: `view` is one of this region's data views, mapped for
+        // `len()` bytes as long as `self` lives; in bounds (checked). Shared
+        // bytes are copied raw, never borrowed. (Through the alias, which is
+        // never registered, the copy cannot block on userfaultfd.)
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.primary.as_ptr().add(offset),
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), view.as_ptr().add(offset), bytes.len())
+        };
+        Ok(())
+    }
+
+    /// Copies from `offset` of `view` (the primary or the alias) into `buf`.
+    fn copy_out(&self, view: NonNull<u8>, offset: usize, buf: &mut [u8]) -> Result<()> {
+        self.check_bounds(offset, buf.len())?;
+        // SAFETY: as in `copy_in`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(view.as_ptr().add(offset), buf.as_mut_ptr(), buf.len())
         };
         Ok(())
     }
