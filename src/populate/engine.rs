@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
+use super::bits::AtomicBits;
 use super::promote::Promoter;
 use super::readahead::Readahead;
 use super::source::{FillError, PageSource, SourceError};
@@ -56,8 +57,8 @@ pub(crate) struct Core<S> {
     /// writes are tracked (pages are mapped write-protected).
     continue_mode: u64,
     /// Granules whose pages were replaced behind write tracking (punched
-    /// out and refilled), one bit each; reported with the written ones.
-    pub(crate) replaced: Box<[AtomicU64]>,
+    /// out and refilled); reported with the written ones.
+    pub(crate) replaced: AtomicBits,
     pub(crate) counters: Counters,
     pub(crate) latency: LatencyRecorder,
     pub(crate) errors: RecordLog<SourceError, KEPT_ERRORS>,
@@ -91,9 +92,7 @@ impl<S: PageSource> Core<S> {
             wake_mode: if wakes { 0 } else { MODE_DONTWAKE },
             continue_mode: if wakes { 0 } else { MODE_DONTWAKE }
                 | if track_writes { CONTINUE_MODE_WP } else { 0 },
-            replaced: (0..granules.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            replaced: AtomicBits::new(granules),
             counters: Counters::default(),
             latency: LatencyRecorder::default(),
             errors: RecordLog::default(),

@@ -2,6 +2,7 @@
 //! it is filled with (page sources), and who resolves a first touch (the
 //! drivers: handler threads, the faulting thread itself, or `populate`).
 
+mod bits;
 mod engine;
 mod handlers;
 pub mod owner;

@@ -402,9 +402,11 @@ impl<S: PageSource + 'static> Populator<S> {
         if let Some(p) = &self.core.promoter {
             p.forget(offset as usize, len as usize);
         }
-        let g = self.core.granule() as u64;
-        for i in offset / g..(offset + len).div_ceil(g) {
-            self.core.replaced[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Relaxed);
+        if self.tracking {
+            let g = self.core.granule() as u64;
+            for i in offset / g..(offset + len).div_ceil(g) {
+                self.core.replaced.insert(i as usize);
+            }
         }
     }
 
@@ -430,13 +432,7 @@ impl<S: PageSource + 'static> Populator<S> {
             .into_iter()
             .flat_map(|(a, b)| ((a - start) / g) as usize..((b - start).div_ceil(g)) as usize)
             .collect();
-        for (w, word) in self.core.replaced.iter().enumerate() {
-            let mut bits = word.swap(0, Ordering::AcqRel);
-            while bits != 0 {
-                changed.push(w * 64 + bits.trailing_zeros() as usize);
-                bits &= bits - 1;
-            }
-        }
+        self.core.replaced.take(|i| changed.push(i));
         changed.sort_unstable();
         changed.dedup();
         Ok(changed)
@@ -447,7 +443,7 @@ impl<S: PageSource + 'static> Populator<S> {
     /// took them failed).
     pub fn mark_changed(&self, granules: &[usize]) {
         for &i in granules {
-            self.core.replaced[i / 64].fetch_or(1 << (i % 64), Ordering::Relaxed);
+            self.core.replaced.insert(i);
         }
     }
 

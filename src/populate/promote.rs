@@ -9,9 +9,10 @@
 //! ones never continued.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread::Thread;
 
+use super::bits::AtomicBits;
 use super::stats::Counters;
 use crate::sys::mman::{self, Advice};
 
@@ -37,8 +38,8 @@ pub(crate) struct Promoter {
     block_bytes: usize,
     granules_per_block: u32,
     mapped: Box<[AtomicU32]>,
-    /// Blocks waiting for the background thread, one bit each.
-    pending: Box<[AtomicU64]>,
+    /// Blocks waiting for the background thread.
+    pending: AtomicBits,
     worker: OnceLock<Thread>,
     stop: AtomicBool,
     /// Drains in progress (taken blocks not yet collapsed).
@@ -60,9 +61,7 @@ impl Promoter {
             block_bytes,
             granules_per_block: (block_bytes / granule) as u32,
             mapped: (0..blocks).map(|_| AtomicU32::new(0)).collect(),
-            pending: (0..blocks.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            pending: AtomicBits::new(blocks),
             worker: OnceLock::new(),
             stop: AtomicBool::new(false),
             draining: AtomicU32::new(0),
@@ -96,7 +95,7 @@ impl Promoter {
             Promotion::Off => {}
             Promotion::Inline => self.collapse(block, counters),
             Promotion::Background => {
-                self.pending[block / 64].fetch_or(1 << (block % 64), Ordering::Release);
+                self.pending.insert(block);
                 if let Some(worker) = self.worker.get() {
                     worker.unpark();
                 }
@@ -143,14 +142,7 @@ impl Promoter {
     fn drain(&self, counters: &Counters) {
         // Counted before taking blocks, so `flush` cannot miss them.
         self.draining.fetch_add(1, Ordering::AcqRel);
-        for (word_index, word) in self.pending.iter().enumerate() {
-            let mut bits = word.swap(0, Ordering::Acquire);
-            while bits != 0 {
-                let bit = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                self.collapse(word_index * 64 + bit, counters);
-            }
-        }
+        self.pending.take(|block| self.collapse(block, counters));
         self.draining.fetch_sub(1, Ordering::AcqRel);
     }
 
