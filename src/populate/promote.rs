@@ -14,7 +14,11 @@ use std::thread::Thread;
 
 use super::bits::AtomicBits;
 use super::stats::Counters;
+use crate::sys::Errno;
 use crate::sys::mman::{self, Advice};
+
+/// Attempts per block when `MADV_COLLAPSE` reports a transient failure.
+const COLLAPSE_TRIES: u32 = 16;
 
 /// When to collapse a full block.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -105,13 +109,25 @@ impl Promoter {
 
     fn collapse(&self, block: usize, counters: &Counters) {
         let start = (self.primary + block * self.block_bytes) as *mut u8;
-        // SAFETY: the block lies inside the primary view, and every page of
-        // it is present in the page cache with its final bytes (its counter
-        // is full), so mapping all of them changes no byte anyone reads.
-        match unsafe { mman::madvise(start, self.block_bytes, Advice::Collapse) } {
-            Ok(()) => Counters::bump(&counters.collapses),
-            Err(_) => Counters::bump(&counters.collapse_failures),
+        for _ in 0..COLLAPSE_TRIES {
+            // SAFETY: the block lies inside the primary view, and every page
+            // of it is present in the page cache with its final bytes (its
+            // counter is full), so mapping all of them changes no byte
+            // anyone reads.
+            match unsafe { mman::madvise(start, self.block_bytes, Advice::Collapse) } {
+                Ok(()) => return Counters::bump(&counters.collapses),
+                // Transient when another thread of this process is mapping
+                // a page of the block at the same moment (a fault taken
+                // while an earlier collapse retracted its page table): the
+                // kernel reports EAGAIN, or EINVAL for the scan results it
+                // has no other errno for. Both pass on a retry.
+                Err(e) if e.errno() == Errno::EAGAIN || e.errno() == Errno::EINVAL => {
+                    std::thread::yield_now()
+                }
+                Err(_) => break,
+            }
         }
+        Counters::bump(&counters.collapse_failures);
     }
 
     /// Forgets the mapped counts of the blocks in `[offset, offset + len)`
