@@ -27,61 +27,42 @@ pub trait AtomicSlot {
     fn fetch_sub(&self, value: u64, order: Ordering) -> u64;
 }
 
-impl AtomicSlot for AtomicU64 {
-    fn load(&self, order: Ordering) -> u64 {
-        AtomicU64::load(self, order)
-    }
+/// Forwards every `AtomicSlot` method to the inherent method of `$t`.
+macro_rules! atomic_slot_for {
+    ($t:ty) => {
+        impl AtomicSlot for $t {
+            fn load(&self, order: Ordering) -> u64 {
+                <$t>::load(self, order)
+            }
 
-    fn compare_exchange(
-        &self,
-        current: u64,
-        new: u64,
-        success: Ordering,
-        failure: Ordering,
-    ) -> Result<u64, u64> {
-        AtomicU64::compare_exchange(self, current, new, success, failure)
-    }
+            fn compare_exchange(
+                &self,
+                current: u64,
+                new: u64,
+                success: Ordering,
+                failure: Ordering,
+            ) -> Result<u64, u64> {
+                <$t>::compare_exchange(self, current, new, success, failure)
+            }
 
-    fn store(&self, value: u64, order: Ordering) {
-        AtomicU64::store(self, value, order)
-    }
+            fn store(&self, value: u64, order: Ordering) {
+                <$t>::store(self, value, order)
+            }
 
-    fn fetch_add(&self, value: u64, order: Ordering) -> u64 {
-        AtomicU64::fetch_add(self, value, order)
-    }
+            fn fetch_add(&self, value: u64, order: Ordering) -> u64 {
+                <$t>::fetch_add(self, value, order)
+            }
 
-    fn fetch_sub(&self, value: u64, order: Ordering) -> u64 {
-        AtomicU64::fetch_sub(self, value, order)
-    }
+            fn fetch_sub(&self, value: u64, order: Ordering) -> u64 {
+                <$t>::fetch_sub(self, value, order)
+            }
+        }
+    };
 }
 
-/// Under loom, the std atomics of shared memory still need to be slots.
+atomic_slot_for!(AtomicU64);
+
+// Under loom, the std atomics of shared memory still need to be slots
+// (loom re-exports std's `Ordering`, so orderings pass through).
 #[cfg(loom)]
-impl AtomicSlot for std::sync::atomic::AtomicU64 {
-    fn load(&self, order: Ordering) -> u64 {
-        std::sync::atomic::AtomicU64::load(self, order)
-    }
-
-    fn compare_exchange(
-        &self,
-        current: u64,
-        new: u64,
-        success: Ordering,
-        failure: Ordering,
-    ) -> Result<u64, u64> {
-        // loom re-exports std's `Ordering`, so orderings pass through.
-        std::sync::atomic::AtomicU64::compare_exchange(self, current, new, success, failure)
-    }
-
-    fn store(&self, value: u64, order: Ordering) {
-        std::sync::atomic::AtomicU64::store(self, value, order)
-    }
-
-    fn fetch_add(&self, value: u64, order: Ordering) -> u64 {
-        std::sync::atomic::AtomicU64::fetch_add(self, value, order)
-    }
-
-    fn fetch_sub(&self, value: u64, order: Ordering) -> u64 {
-        std::sync::atomic::AtomicU64::fetch_sub(self, value, order)
-    }
-}
+atomic_slot_for!(std::sync::atomic::AtomicU64);

@@ -298,8 +298,11 @@ impl<S: PageSource + 'static> Arena<S> {
     pub fn flush_thread_caches(&self) {
         for (class, offset) in self.caches.drain() {
             let slot = offset / SPAN;
-            if let Err(why) = self.free_small_shared(slot, class, offset) {
-                debug_assert!(false, "a cached object was not allocated: {why}");
+            let freed = Self::object_index(slot, class, offset)
+                .ok_or("not the start of an object")
+                .and_then(|index| self.free_small_shared(slot, class, index));
+            if let Err(why) = freed {
+                debug_assert!(false, "a cached object was not a live object: {why}");
             }
         }
     }
@@ -640,14 +643,19 @@ impl<S: PageSource + 'static> Arena<S> {
         }
     }
 
-    fn free_small(&self, slot: u64, class: u32, offset: u64) -> Result<(), &'static str> {
+    /// The index in its span of the object of `class` at `offset`, if
+    /// `offset` is an object boundary.
+    fn object_index(slot: u64, class: u32, offset: u64) -> Option<usize> {
         let size = u64::from(CLASSES[class as usize]);
         let within = offset - slot * SPAN;
-        if within % size != 0 || within / size >= layout::capacity(class) {
-            return Err("not the start of an object");
-        }
+        (within % size == 0 && within / size < layout::capacity(class))
+            .then_some((within / size) as usize)
+    }
+
+    fn free_small(&self, slot: u64, class: u32, offset: u64) -> Result<(), &'static str> {
+        let index = Self::object_index(slot, class, offset).ok_or("not the start of an object")?;
         if self.caches.enabled() {
-            if !bitmap::is_set(self.span_bitmap(slot), (within / size) as usize) {
+            if !bitmap::is_set(self.span_bitmap(slot), index) {
                 return Err("object not allocated (or already freed)");
             }
             match self.caches.push(class, offset) {
@@ -658,14 +666,12 @@ impl<S: PageSource + 'static> Arena<S> {
                 cache::Freed::Full => {}
             }
         }
-        self.free_small_shared(slot, class, offset)
+        self.free_small_shared(slot, class, index)
     }
 
-    /// Frees a small object to the shared tables.
-    fn free_small_shared(&self, slot: u64, class: u32, offset: u64) -> Result<(), &'static str> {
-        let size = u64::from(CLASSES[class as usize]);
-        let within = offset - slot * SPAN;
-        if !bitmap::release_range(self.span_bitmap(slot), (within / size) as usize, 1) {
+    /// Frees object `index` of a span to the shared tables.
+    fn free_small_shared(&self, slot: u64, class: u32, index: usize) -> Result<(), &'static str> {
+        if !bitmap::release_range(self.span_bitmap(slot), index, 1) {
             return Err("object not allocated (or already freed)");
         }
         let is_current = self.current(class).load(Ordering::Acquire) == slot + 1;
