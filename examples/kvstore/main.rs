@@ -68,6 +68,29 @@ impl Flags {
     fn has(&self, name: &str) -> bool {
         self.0.iter().any(|a| a == name)
     }
+
+    /// The value of `name`, or exits saying that `cmd` needs it.
+    fn required(&self, name: &str, cmd: &str) -> &str {
+        self.value(name)
+            .unwrap_or_else(|| fail(format!("{cmd} needs {name}")))
+    }
+
+    /// The value of `name` parsed, `default` if absent; exits on a bad value.
+    fn parsed<T: std::str::FromStr>(&self, name: &str, default: T) -> T
+    where
+        T::Err: std::fmt::Display,
+    {
+        self.value(name)
+            .map_or(Ok(default), str::parse)
+            .unwrap_or_else(|e| fail(format!("{name}: {e}")))
+    }
+
+    /// `--addr` of `cmd`, parsed.
+    fn addr(&self, cmd: &str) -> SocketAddr {
+        self.required("--addr", cmd)
+            .parse()
+            .unwrap_or_else(|e| fail(format!("--addr: {e}")))
+    }
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
@@ -191,16 +214,9 @@ fn serve(flags: &Flags) {
         .unwrap_or("127.0.0.1:6380")
         .parse()
         .unwrap_or_else(|e| fail(format!("--addr: {e}")));
-    let dir = PathBuf::from(
-        flags
-            .value("--dir")
-            .unwrap_or_else(|| fail("serve needs --dir DIR")),
-    );
+    let dir = PathBuf::from(flags.required("--dir", "serve"));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(format!("{}: {e}", dir.display())));
-    let workers: usize = flags
-        .value("--workers")
-        .map_or(Ok(1), str::parse)
-        .unwrap_or_else(|e| fail(format!("--workers: {e}")));
+    let workers: usize = flags.parsed("--workers", 1);
     if workers == 0 {
         fail("--workers must be at least 1");
     }
@@ -251,18 +267,9 @@ fn serve(flags: &Flags) {
 
 fn worker(flags: &Flags) {
     install_terminate_handler();
-    let region = Arc::new(
-        Region::open(
-            flags
-                .value("--region")
-                .unwrap_or_else(|| fail("worker needs --region")),
-        )
-        .unwrap_or_else(|e| fail(e)),
-    );
-    let addr: SocketAddr = flags
-        .value("--addr")
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| fail("worker needs --addr"));
+    let region =
+        Arc::new(Region::open(flags.required("--region", "worker")).unwrap_or_else(|e| fail(e)));
+    let addr = flags.addr("worker");
     let dir = PathBuf::from(flags.value("--dir").unwrap_or("."));
     let mut none: Vec<Child> = Vec::new();
     match flags.value("--snapshot") {
@@ -302,34 +309,20 @@ fn main() {
         "worker" => worker(&flags),
         "demo" => demo::run(&flags_to_demo(&flags)),
         "load" => {
-            let addr = flags
-                .value("--addr")
-                .and_then(|a| a.parse().ok())
-                .unwrap_or_else(|| fail("load needs --addr"));
-            let keys = flags
-                .value("--keys")
-                .map_or(Ok(100_000), str::parse)
-                .unwrap_or_else(|e| fail(e));
-            let value = flags
-                .value("--value")
-                .map_or(Ok(1000), str::parse)
-                .unwrap_or_else(|e| fail(e));
-            demo::load(addr, keys, value, flags.has("--save"));
+            demo::load(
+                flags.addr("load"),
+                flags.parsed("--keys", 100_000),
+                flags.parsed("--value", 1000),
+                flags.has("--save"),
+            );
         }
         "wait-get" => {
-            let addr = flags
-                .value("--addr")
-                .and_then(|a| a.parse().ok())
-                .unwrap_or_else(|| fail("wait-get needs --addr"));
-            let key = flags
-                .value("--key")
-                .map_or(Ok(0), str::parse)
-                .unwrap_or_else(|e| fail(e));
-            let value = flags
-                .value("--value")
-                .map_or(Ok(1000), str::parse)
-                .unwrap_or_else(|e| fail(e));
-            let waited = demo::wait_get(addr, key, value, Instant::now());
+            let waited = demo::wait_get(
+                flags.addr("wait-get"),
+                flags.parsed("--key", 0),
+                flags.parsed("--value", 1000),
+                Instant::now(),
+            );
             println!("answered after {:.1} ms", waited.as_secs_f64() * 1e3);
         }
         other => fail(format!("unknown command {other:?}: use demo or serve")),
