@@ -9,10 +9,13 @@
 //! drop) takes to empty it. The arena keeps every cache it handed out, so
 //! a thread that exits leaves its cache to the next flush.
 //!
-//! Trade-off: a cached object is not marked free in the shared bitmap, so
-//! a second free of it is caught only if it reaches the same thread's
-//! cache. Debug builds therefore keep the caches off by default (full
-//! double-free checks); release builds turn them on.
+//! A cached object is marked free in the shared object bitmap when it is
+//! freed (so a second free of it fails in any thread or process); what
+//! the cache keeps is the span reservation, which stops the span from
+//! being retired, and the object's offset as a hint. An allocation from
+//! the cache reclaims the hint's bit, or any clear bit of the same span if
+//! another reservation took that one (a reservation always has a clear
+//! bit to claim).
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,16 +43,6 @@ impl ThreadCache {
 }
 
 type Cell = Arc<Mutex<ThreadCache>>;
-
-/// What a free into the cache did.
-pub(crate) enum Freed {
-    /// Cached.
-    Kept,
-    /// The object is already in this cache: a double free.
-    Twice,
-    /// The bin is full (or the cache is busy): free it to the arena.
-    Full,
-}
 
 /// The caches of one arena.
 #[derive(Debug)]
@@ -119,20 +112,18 @@ impl Caches {
         self.with_local(|c| c.bins[class as usize].pop()).flatten()
     }
 
-    /// Offers a freed object of `class` to the cache.
-    pub(crate) fn push(&self, class: u32, offset: u64) -> Freed {
+    /// Offers a freed object of `class` to the cache; `false` if the bin
+    /// is full (or the cache is busy): free it to the arena.
+    pub(crate) fn push(&self, class: u32, offset: u64) -> bool {
         self.with_local(|c| {
             let bin = &mut c.bins[class as usize];
-            if bin.contains(&offset) {
-                Freed::Twice
-            } else if bin.len() < PER_CLASS {
+            let room = bin.len() < PER_CLASS;
+            if room {
                 bin.push(offset);
-                Freed::Kept
-            } else {
-                Freed::Full
             }
+            room
         })
-        .unwrap_or(Freed::Full)
+        .unwrap_or(false)
     }
 
     /// Takes every cached object of every thread: `(class, offset)`.

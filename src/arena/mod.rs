@@ -221,7 +221,7 @@ impl<S: PageSource + 'static> Arena<S> {
             layout,
             base,
             release: ReleasePolicy::default(),
-            caches: cache::Caches::new(cfg!(not(debug_assertions))),
+            caches: cache::Caches::new(true),
         })
     }
 
@@ -297,13 +297,9 @@ impl<S: PageSource + 'static> Arena<S> {
     /// too; objects cached by other processes stay theirs.
     pub fn flush_thread_caches(&self) {
         for (class, offset) in self.caches.drain() {
-            let slot = offset / SPAN;
-            let freed = Self::object_index(slot, class, offset)
-                .ok_or("not the start of an object")
-                .and_then(|index| self.free_small_shared(slot, class, index));
-            if let Err(why) = freed {
-                debug_assert!(false, "a cached object was not a live object: {why}");
-            }
+            // A cached object's bit is already clear; what the cache held
+            // is the span reservation, given back here.
+            self.return_reservation(offset / SPAN, class);
         }
     }
 
@@ -527,8 +523,16 @@ impl<S: PageSource + 'static> Arena<S> {
     }
 
     fn alloc_small(&self, class: u32) -> Option<ShmPtr> {
-        if let Some(offset) = self.caches.pop(class) {
-            return Some(ShmPtr(offset));
+        if let Some(hint) = self.caches.pop(class) {
+            // The cache holds a reservation in the hint's span: take the
+            // hint's bit back, or, if another thread's reservation took
+            // it meanwhile, another clear bit of that span.
+            let slot = hint / SPAN;
+            let index = ((hint - slot * SPAN) / u64::from(CLASSES[class as usize])) as usize;
+            if bitmap::claim_range(self.span_bitmap(slot), index, 1) {
+                return Some(ShmPtr(hint));
+            }
+            return Some(self.claim_object(slot, class));
         }
         let cap = layout::capacity(class);
         loop {
@@ -652,35 +656,32 @@ impl<S: PageSource + 'static> Arena<S> {
             .then_some((within / size) as usize)
     }
 
+    /// Frees a small object. Its bit in the span's object bitmap is
+    /// cleared by one atomic read-modify-write in every case, so a second
+    /// free of it (from any thread or process) finds the bit clear and is
+    /// rejected, caches or not. A thread cache then keeps only the span
+    /// reservation, with the object as a hint for the next allocation.
     fn free_small(&self, slot: u64, class: u32, offset: u64) -> Result<(), &'static str> {
         let index = Self::object_index(slot, class, offset).ok_or("not the start of an object")?;
-        if self.caches.enabled() {
-            if !bitmap::is_set(self.span_bitmap(slot), index) {
-                return Err("object not allocated (or already freed)");
-            }
-            match self.caches.push(class, offset) {
-                cache::Freed::Kept => return Ok(()),
-                cache::Freed::Twice => {
-                    return Err("object already freed (it is in this thread's cache)");
-                }
-                cache::Freed::Full => {}
-            }
-        }
-        self.free_small_shared(slot, class, index)
-    }
-
-    /// Frees object `index` of a span to the shared tables.
-    fn free_small_shared(&self, slot: u64, class: u32, index: usize) -> Result<(), &'static str> {
         if !bitmap::release_range(self.span_bitmap(slot), index, 1) {
             return Err("object not allocated (or already freed)");
         }
+        if self.caches.enabled() && self.caches.push(class, offset) {
+            return Ok(());
+        }
+        self.return_reservation(slot, class);
+        Ok(())
+    }
+
+    /// Gives back one reservation of a span whose object bit was cleared:
+    /// lists the span if it has room again, retires it if it is empty.
+    fn return_reservation(&self, slot: u64, class: u32) {
         let is_current = self.current(class).load(Ordering::Acquire) == slot + 1;
         match span::unreserve(self.span_state(slot), is_current) {
             AfterFree::Keep => {}
             AfterFree::List => stack::push(self.partial(class), &self.span_links(), slot as u32),
             AfterFree::Retire => self.free_pages(slot * SPAN_PAGES, SPAN_PAGES),
         }
-        Ok(())
     }
 
     fn free_large(&self, b: u64) -> Option<()> {

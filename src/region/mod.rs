@@ -138,6 +138,21 @@ impl Region {
             Errno::ENOMEM | Errno::ENOSPC => short_pool_error(&layout, e),
             _ => Error::sys("sizing the backing file")(e),
         })?;
+        // The header and the page-state table get their memory now: a
+        // first touch on a full file system must fail as a fill (an
+        // error, a poisoned page), not as a fault on the state table.
+        memfd::fallocate(
+            file.as_fd(),
+            memfd::Fallocate::Allocate,
+            0,
+            layout.data_offset(),
+        )
+        .map_err(|e| match e.errno() {
+            Errno::ENOMEM | Errno::ENOSPC if layout.backend().kind().uses_hugetlb() => {
+                short_pool_error(&layout, e)
+            }
+            _ => Error::sys("allocating the region's page-state table")(e),
+        })?;
         let header = Header {
             layout,
             creator_pid: std::process::id(),
@@ -212,8 +227,14 @@ impl Region {
         let meta_len = layout.data_offset() as usize;
         let span = layout.data_span();
         let data_len = layout.data_len() as usize;
-        let unit = layout.backend().mapping_unit();
-        let reservation = Reservation::new(meta_len + 2 * span, unit)
+        // The views start on 2 MiB boundaries whatever the backend, so an
+        // offset aligned to up to 2 MiB (the arena's largest alignment) is
+        // as aligned in memory, and shmem blocks can be PMD-mapped.
+        let unit = layout.backend().mapping_unit().max(PageSize::Huge2M);
+        let round = |n: usize| unit.round_up(n).expect("bounded by MAX_DATA_LEN");
+        let primary_at = round(meta_len);
+        let span = round(span);
+        let reservation = Reservation::new(primary_at + 2 * span, unit)
             .map_err(Error::sys("reserving address space for the region"))?;
         let fd = file.as_fd();
         let place = |offset: usize, len: usize, file_offset: u64| {
@@ -229,9 +250,9 @@ impl Region {
                 _ => Error::sys("mapping the region")(e),
             })
         };
-        let meta = place(0, meta_len, 0)?;
-        let primary = place(meta_len, data_len, layout.data_offset())?;
-        let alias = place(meta_len + span, data_len, layout.data_offset())?;
+        let meta = place(primary_at - meta_len, meta_len, 0)?;
+        let primary = place(primary_at, data_len, layout.data_offset())?;
+        let alias = place(primary_at + span, data_len, layout.data_offset())?;
         match layout.backend().kind() {
             BackendKind::ShmemThp => {
                 // Filling through a huge-page-advised alias allocates 2 MiB
