@@ -8,7 +8,26 @@ use std::sync::Barrier;
 
 use common::*;
 use hugearena::populate::PopulateOptions;
-use hugearena::{Arena, BackendKind, Error, RegionOptions, ShmPtr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hugearena::populate::{Driver, FillError, FnSource, Populator};
+use hugearena::{Arena, BackendKind, Error, Region, RegionOptions, ShmPtr};
+
+fn in_thread() -> PopulateOptions {
+    PopulateOptions::new().driver(Driver::InThread).readahead(0)
+}
+
+/// Page 0 takes 1.5 s to fill (with 0x5A); the others fill at once.
+fn slow_page_zero() -> FnSource<impl Fn(u64, &mut [u8]) -> Result<(), FillError> + Send + Sync> {
+    FnSource(|index: u64, dst: &mut [u8]| {
+        if index == 0 {
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        dst.fill(0x5A);
+        Ok(())
+    })
+}
 
 fn arena(size: u64, kind: BackendKind) -> Arena {
     Arena::create(
@@ -85,6 +104,25 @@ fn child_entry() {
                 Err(e) => println!("FREE err {e}"),
             }
         }
+        "wait-at-emfile" => {
+            let region = Arc::new(Region::open(&path).unwrap());
+            let p = Populator::with_options(region.clone(), slow_page_zero(), in_thread()).unwrap();
+            // Use up every descriptor: /proc cannot be opened any more.
+            let mut held = Vec::new();
+            while let Ok(fd) = nix::unistd::dup(std::io::stdout()) {
+                held.push(fd);
+            }
+            println!("HELD {}", held.len());
+            let mut b = [0u8; 1];
+            region.read_via_primary(0, &mut b).unwrap();
+            drop(held);
+            println!(
+                "TAKEOVERS {} FILLS {} BYTE {}",
+                p.stats().takeovers,
+                p.stats().fills,
+                b[0]
+            );
+        }
         other => panic!("unknown role {other}"),
     }
 }
@@ -137,4 +175,35 @@ fn over_aligned_allocations_are_aligned_in_memory() {
             assert_eq!(v.as_ptr() as usize % 65536, 0, "{kind}: Vec in the arena");
         }
     }
+}
+
+/// A waiter that cannot open `/proc` (every descriptor in use) must not
+/// declare the live filler dead and fill the page a second time (a write
+/// the filler made after its touch returned would be lost).
+#[test]
+fn a_waiter_out_of_descriptors_never_takes_over_a_live_filler() {
+    let region =
+        Arc::new(Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap());
+    let p = Populator::with_options(region.clone(), slow_page_zero(), in_thread()).unwrap();
+    let path = region.shareable_path().display().to_string();
+    let filler = {
+        let region = region.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 1];
+            region.read_via_primary(0, &mut b).unwrap();
+            // The filler's own write, after its touch returned.
+            region.write_via_primary(0, &[0xEE]).unwrap();
+            b[0]
+        })
+    };
+    // The child starts waiting while the fill is in progress.
+    std::thread::sleep(Duration::from_millis(200));
+    let out = run_child("wait-at-emfile", &[("REGION_PATH", path)]);
+    assert_eq!(filler.join().unwrap(), 0x5A);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("TAKEOVERS 0 FILLS 0"), "child: {stdout}");
+    let mut b = [0u8; 1];
+    region.read_via_primary(0, &mut b).unwrap();
+    assert_eq!(b[0], 0xEE, "the filler's write was lost");
+    assert_eq!(p.stats().fills, 1);
 }

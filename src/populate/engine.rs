@@ -74,6 +74,7 @@ impl<S: PageSource> Core<S> {
         region: Arc<Region>,
         uffd: Userfaultfd,
         source: S,
+        me: Owner,
         wakes: bool,
         track_writes: bool,
         readahead_granules: u64,
@@ -87,7 +88,7 @@ impl<S: PageSource> Core<S> {
             region,
             uffd,
             source,
-            me: Owner::current(),
+            me,
             granule,
             wake_mode: if wakes { 0 } else { MODE_DONTWAKE },
             continue_mode: if wakes { 0 } else { MODE_DONTWAKE }

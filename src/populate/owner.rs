@@ -1,5 +1,12 @@
 //! Identifying the process behind a `Filling` claim, and telling whether it
 //! is still alive, robustly against pid reuse.
+//!
+//! A claim is taken over only when its owner is *proven* dead: its
+//! `/proc/PID/stat` shows a zombie or another process's start time, or the
+//! pid does not exist at all (`kill(pid, 0)` fails with `ESRCH`). Any
+//! failure to find out (no descriptor left, `/proc` unreadable or not
+//! mounted) counts as alive: the waiter keeps waiting, up to its deadline,
+//! and never fills a page a live process is filling.
 
 use super::state::Owner;
 
@@ -13,8 +20,10 @@ struct ProcStat {
 }
 
 /// Reads `/proc/PID/stat` without allocating (the SIGBUS driver calls this
-/// from a signal handler); `None` if there is no such process.
-fn proc_stat(pid: u32) -> Option<ProcStat> {
+/// from a signal handler). `Ok(None)`: the file does not exist; `Err`: it
+/// could not be read (e.g. `EMFILE`), which proves nothing.
+fn proc_stat(pid: u32) -> Result<Option<ProcStat>, nix::errno::Errno> {
+    use nix::errno::Errno;
     use nix::fcntl::{OFlag, open};
     use nix::sys::stat::Mode;
 
@@ -38,16 +47,24 @@ fn proc_stat(pid: u32) -> Option<ProcStat> {
     }
     push(&digits[at..]);
     push(b"/stat");
-    let fd = open(
+    let fd = match open(
         &path[..len],
         OFlag::O_RDONLY | OFlag::O_CLOEXEC,
         Mode::empty(),
-    )
-    .ok()?;
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT | Errno::ESRCH) => return Ok(None),
+        Err(e) => return Err(e),
+    };
     // The command name is at most 64 bytes, so field 22 is well inside.
     let mut buf = [0u8; 512];
-    let n = nix::unistd::read(&fd, &mut buf).ok()?;
-    parse_stat(&buf[..n])
+    let n = match nix::unistd::read(&fd, &mut buf) {
+        Ok(n) => n,
+        // The process exited between the open and the read.
+        Err(Errno::ESRCH) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    parse_stat(&buf[..n]).map(Some).ok_or(Errno::EINVAL)
 }
 
 /// Parses the fields after the command name, which may itself contain
@@ -72,27 +89,52 @@ fn parse_stat(stat: &[u8]) -> Option<ProcStat> {
     Some(ProcStat { state, start_time })
 }
 
+#[cfg(test)]
 fn start_time(pid: u32) -> Option<u64> {
-    proc_stat(pid).map(|s| s.start_time)
+    proc_stat(pid).ok().flatten().map(|s| s.start_time)
+}
+
+/// What is known about a claim's owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    /// It runs (or could not be checked: treated as running).
+    Alive,
+    /// It is gone, or its pid now belongs to another process.
+    Dead,
 }
 
 impl Owner {
-    /// This process as a claim owner.
-    pub fn current() -> Owner {
+    /// This process as a claim owner. Fails if its start time cannot be
+    /// read (a token of 0 would make every other process think it dead).
+    pub fn current() -> Result<Owner, nix::errno::Errno> {
         let pid = std::process::id();
-        Owner::new(pid, start_time(pid).unwrap_or(0) as u32)
+        let stat = proc_stat(pid)?.ok_or(nix::errno::Errno::ENOENT)?;
+        Ok(Owner::new(pid, stat.start_time as u32))
     }
 
-    /// Whether the process that made this claim still runs. A process that
-    /// reuses the pid has a different start time, so it does not count; a
-    /// zombie (killed, not yet reaped) is dead. Does not allocate.
-    pub fn is_alive(self) -> bool {
+    /// Whether the process that made this claim still runs; `Dead` only
+    /// when proven (see the module docs). Does not allocate.
+    pub fn liveness(self) -> Liveness {
         match proc_stat(self.pid) {
-            Some(s) if s.state != b'Z' && s.state != b'X' => {
-                Owner::new(self.pid, s.start_time as u32).token == self.token
+            Ok(Some(s)) if s.state == b'Z' || s.state == b'X' => Liveness::Dead,
+            Ok(Some(s)) if Owner::new(self.pid, s.start_time as u32).token != self.token => {
+                Liveness::Dead
             }
-            _ => false,
+            Ok(Some(_)) => Liveness::Alive,
+            // No /proc entry, or no way to read it: only a pid that does
+            // not exist at all is proof.
+            Ok(None) | Err(_) => {
+                match nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), None) {
+                    Err(nix::errno::Errno::ESRCH) => Liveness::Dead,
+                    _ => Liveness::Alive,
+                }
+            }
         }
+    }
+
+    /// `liveness() == Alive`.
+    pub fn is_alive(self) -> bool {
+        self.liveness() == Liveness::Alive
     }
 }
 
@@ -102,7 +144,7 @@ mod tests {
 
     #[test]
     fn this_process_is_alive_and_a_reused_pid_is_not() {
-        let me = Owner::current();
+        let me = Owner::current().unwrap();
         assert!(me.is_alive());
         assert!(!Owner::new(me.pid, me.token ^ 1).is_alive());
     }
@@ -125,7 +167,10 @@ mod tests {
         assert!(owner.is_alive());
         child.kill().unwrap();
         // A zombie until reaped: wait for the state to show it.
-        while proc_stat(child.id()).is_some_and(|s| s.state != b'Z') {
+        while proc_stat(child.id())
+            .unwrap()
+            .is_some_and(|s| s.state != b'Z')
+        {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         assert!(!owner.is_alive());

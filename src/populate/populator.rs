@@ -10,6 +10,7 @@ use super::handlers::HandlerPool;
 use super::promote::{Promoter, Promotion};
 use super::signal::{self, Registration};
 use super::source::{PageSource, SourceError};
+use super::state::Owner;
 use super::stats::{Counters, Stats};
 use crate::backend::BackendKind;
 use crate::error::{Error, Result};
@@ -193,6 +194,12 @@ impl<S: PageSource + 'static> Populator<S> {
             nonblocking: handlers,
             ..OpenFlags::default()
         };
+        let me = Owner::current().map_err(|errno| {
+            Error::sys("reading this process's start time from /proc/self/stat")(SysError::new(
+                "open(/proc/self/stat)",
+                errno,
+            ))
+        })?;
         let (uffd, _) = Userfaultfd::open(flags).map_err(Error::userfaultfd)?;
         uffd.api(features)
             .map_err(Error::sys("userfaultfd API handshake"))?;
@@ -226,6 +233,7 @@ impl<S: PageSource + 'static> Populator<S> {
             Arc::clone(&region),
             uffd,
             source,
+            me,
             handlers,
             options.track_writes,
             readahead,
