@@ -123,6 +123,104 @@ fn child_entry() {
                 b[0]
             );
         }
+        "release-loop" => {
+            // Two threads allocate a block, touch every page, free it and
+            // release free blocks, for a while (or until killed).
+            let kind: BackendKind = match std::env::var("KIND").unwrap().as_str() {
+                "shmem" => BackendKind::Shmem,
+                _ => BackendKind::ShmemThp,
+            };
+            let _ = kind;
+            let a = Arena::open(&path, PopulateOptions::new()).unwrap();
+            let millis: u64 = std::env::var("MILLIS").unwrap().parse().unwrap();
+            let until = std::time::Instant::now() + Duration::from_millis(millis);
+            let rounds = std::thread::scope(|s| {
+                let worker = || {
+                    let mut rounds = 0u64;
+                    while std::time::Instant::now() < until {
+                        let Ok(p) = a.alloc_bytes(2 << 20) else {
+                            a.release_free_blocks();
+                            continue;
+                        };
+                        let base = a.local(p).as_ptr();
+                        for page in 0..512 {
+                            // SAFETY: inside the live 2 MiB allocation.
+                            unsafe { base.add(page * 4096).write_volatile(page as u8) };
+                        }
+                        a.free(p).unwrap();
+                        a.release_free_blocks();
+                        rounds += 1;
+                    }
+                    rounds
+                };
+                let t1 = s.spawn(worker);
+                let t2 = s.spawn(worker);
+                t1.join().unwrap() + t2.join().unwrap()
+            });
+            println!("ROUNDS {rounds} FAILURES {:?}", a.populator().failures());
+        }
+        "hold-page-zero" => {
+            // Claims page 0 and never finishes filling it.
+            let region = Arc::new(Region::open(&path).unwrap());
+            let never = FnSource(|index: u64, dst: &mut [u8]| {
+                if index == 0 {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+                dst.fill(1);
+                Ok(())
+            });
+            let _p = Populator::with_options(region.clone(), never, in_thread()).unwrap();
+            let mut b = [0u8; 1];
+            region.read_via_primary(0, &mut b).unwrap();
+            unreachable!("the fill of page 0 never ends");
+        }
+        "touch-page-zero" => {
+            let region = Arc::new(Region::open(&path).unwrap());
+            let driver = match std::env::var("DRIVER").unwrap().as_str() {
+                "handlers" => Driver::HandlerThreads(1),
+                _ => Driver::InThread,
+            };
+            let options = in_thread()
+                .driver(driver)
+                .fill_timeout(Duration::from_millis(300));
+            let _p = Populator::with_options(region.clone(), slow_page_zero(), options).unwrap();
+            let mut b = [0u8; 1];
+            region.read_via_primary(0, &mut b).unwrap();
+            println!("READ {}", b[0]);
+        }
+        "recursive-source" => {
+            let region = Arc::new(Region::open(&path).unwrap());
+            let r = region.clone();
+            let touches_itself = FnSource(move |_index: u64, dst: &mut [u8]| {
+                let mut b = [0u8; 1];
+                r.read_via_primary(0, &mut b).unwrap();
+                dst.fill(b[0]);
+                Ok(())
+            });
+            let options = in_thread().fill_timeout(Duration::from_secs(600));
+            let _p = Populator::with_options(region.clone(), touches_itself, options).unwrap();
+            let mut b = [0u8; 1];
+            region.read_via_primary(0, &mut b).unwrap();
+            println!("READ {}", b[0]);
+        }
+        "touch-all" => {
+            let driver = match std::env::var("DRIVER").unwrap().as_str() {
+                "handlers" => Driver::HandlerThreads(1),
+                _ => Driver::InThread,
+            };
+            let a = Arena::open(&path, PopulateOptions::new().driver(driver)).unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            for off in (0..a.region().len()).step_by(buf.len()) {
+                a.region().read_via_primary(off, &mut buf).unwrap();
+            }
+            assert!(
+                a.populator().failures().is_empty(),
+                "{:?}",
+                a.populator().failures()
+            );
+        }
         other => panic!("unknown role {other}"),
     }
 }
@@ -170,7 +268,7 @@ fn over_aligned_allocations_are_aligned_in_memory() {
                 assert_eq!(addr % align, 0, "{kind}: align {align} gave {addr:#x}");
             }
             #[repr(align(65536))]
-            struct Aligned([u8; 16]);
+            struct Aligned(#[allow(dead_code)] [u8; 16]);
             let v = allocator_api2::vec::Vec::<Aligned, _>::with_capacity_in(3, &a);
             assert_eq!(v.as_ptr() as usize % 65536, 0, "{kind}: Vec in the arena");
         }
@@ -206,4 +304,269 @@ fn a_waiter_out_of_descriptors_never_takes_over_a_live_filler() {
     region.read_via_primary(0, &mut b).unwrap();
     assert_eq!(b[0], 0xEE, "the filler's write was lost");
     assert_eq!(p.stats().fills, 1);
+}
+
+/// Releasing free blocks while other threads fill pages with readahead next
+/// to them never leaves a page mapped-as-present with nothing behind it:
+/// no SIGBUS, no driver failure.
+#[test]
+fn releasing_blocks_while_readahead_runs_next_to_them_is_safe() {
+    for (kind, name) in [
+        (BackendKind::Shmem, "shmem"),
+        (BackendKind::ShmemThp, "thp"),
+    ] {
+        let a = arena(8 << 20, kind);
+        let out = run_child_within(
+            "release-loop",
+            &[
+                (
+                    "REGION_PATH",
+                    a.region().shareable_path().display().to_string(),
+                ),
+                ("KIND", name.into()),
+                ("MILLIS", "2500".into()),
+            ],
+            Duration::from_secs(60),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name}: {:?} (signal {:?})\n{stdout}\n{}",
+            out.status,
+            killed_by(&out),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("FAILURES []"), "{name}: {stdout}");
+        a.audit().unwrap();
+    }
+}
+
+/// A releaser killed at random points of its loop leaves every page either
+/// present with its page or absent: another process then touches all of
+/// the arena's memory without SIGBUS or a hang, on both drivers.
+#[test]
+fn a_releaser_killed_at_any_point_leaves_consistent_pages() {
+    // Room for the blocks each kill may leave allocated.
+    let a = arena(64 << 20, BackendKind::Shmem);
+    let path = a.region().shareable_path().display().to_string();
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    for kill in 0..12 {
+        let exe = std::env::current_exe().unwrap();
+        let mut child = std::process::Command::new(exe)
+            .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ROLE, "release-loop")
+            .env("REGION_PATH", &path)
+            .env("KIND", "shmem")
+            .env("MILLIS", "100000")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_millis(30 + rng % 120));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        for driver in ["in-thread", "handlers"] {
+            let out = run_child_within(
+                "touch-all",
+                &[("REGION_PATH", path.clone()), ("DRIVER", driver.into())],
+                Duration::from_secs(60),
+            );
+            assert!(
+                out.status.success(),
+                "after kill {kill}, {driver}: {:?} (signal {:?})\n{}",
+                out.status,
+                killed_by(&out),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// A live filler that never finishes (stopped, or stuck in its source)
+/// holds page 0: a toucher gives up after the fill timeout with SIGBUS on
+/// that page (both drivers), and `populate` returns an error naming the
+/// timeout; the error log names the holder's pid. No wait without bound.
+#[test]
+fn a_stuck_filler_makes_touchers_give_up_at_the_deadline() {
+    let region =
+        Arc::new(Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap());
+    let path = region.shareable_path().display().to_string();
+    let exe = std::env::current_exe().unwrap();
+    let mut holder = std::process::Command::new(exe)
+        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ROLE, "hold-page-zero")
+        .env("REGION_PATH", &path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for driver in ["in-thread", "handlers"] {
+        let started = std::time::Instant::now();
+        let out = run_child_within(
+            "touch-page-zero",
+            &[("REGION_PATH", path.clone()), ("DRIVER", driver.into())],
+            Duration::from_secs(30),
+        );
+        assert_eq!(
+            killed_by(&out),
+            Some(libc::SIGBUS),
+            "{driver}: {:?}",
+            out.status
+        );
+        assert!(started.elapsed() < Duration::from_secs(20));
+    }
+    let p = Populator::with_options(
+        region.clone(),
+        slow_page_zero(),
+        in_thread().fill_timeout(Duration::from_millis(200)),
+    )
+    .unwrap();
+    let err = p.populate(0, 4096).unwrap_err();
+    assert!(
+        err.to_string().contains("ETIMEDOUT") || err.to_string().contains("timed out"),
+        "{err}"
+    );
+    let errors = p.errors();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.error == FillError::Stuck { pid: holder.id() }),
+        "{errors:?}"
+    );
+    // Once the holder is gone its claim is taken over and the page fills.
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    p.retry(0, 4096).unwrap();
+    p.populate(0, 4096).unwrap();
+    let mut b = [0u8; 1];
+    region.read_via_primary(0, &mut b).unwrap();
+    assert_eq!(b[0], 0x5A);
+}
+
+/// A source that touches the page it is filling gets SIGBUS for that touch
+/// instead of waiting for itself forever.
+#[test]
+fn a_source_that_touches_its_own_page_gets_sigbus_not_a_hang() {
+    let region = Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap();
+    let out = run_child_within(
+        "recursive-source",
+        &[("REGION_PATH", region.shareable_path().display().to_string())],
+        Duration::from_secs(30),
+    );
+    assert_eq!(killed_by(&out), Some(libc::SIGBUS), "{:?}", out.status);
+}
+
+/// A present page whose memory was punched out of the file behind the
+/// protocol's back is filled again from the source on its next touch,
+/// with handler threads too (they used to leave the toucher parked).
+#[test]
+fn a_present_page_with_nothing_behind_it_is_filled_again() {
+    for driver in [Driver::HandlerThreads(1), Driver::InThread] {
+        let region = Arc::new(
+            Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap(),
+        );
+        let p =
+            Populator::with_options(region.clone(), slow_page_zero(), in_thread().driver(driver))
+                .unwrap();
+        p.populate(4096, 4096).unwrap();
+        let data = region.layout().data_offset() as i64;
+        nix::fcntl::fallocate(
+            region.fd(),
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            data + 4096,
+            4096,
+        )
+        .unwrap();
+        let mut b = [0u8; 1];
+        region.read_via_primary(4096, &mut b).unwrap();
+        assert_eq!(b[0], 0x5A, "{driver}");
+        assert_eq!(p.stats().refills, 1, "{driver}");
+    }
+}
+
+fn tracked_region() -> (Arc<Region>, Populator<hugearena::populate::ZeroSource>) {
+    let region =
+        Arc::new(Region::create(RegionOptions::new(4 << 20).backend(BackendKind::Shmem)).unwrap());
+    let options = PopulateOptions::new().track_writes(true);
+    let p =
+        Populator::with_options(region.clone(), hugearena::populate::ZeroSource, options).unwrap();
+    p.populate(0, 4 << 20).unwrap();
+    (region, p)
+}
+
+/// An incremental snapshot over a file of its own chain is refused (it
+/// made the chain a cycle and lost the base's pages), and a cyclic chain
+/// planted on disk is an error at open, not a stack overflow.
+#[test]
+fn a_snapshot_chain_cannot_become_a_cycle() {
+    use hugearena::persist::{self, SnapshotSource};
+    let dir = tempfile::tempdir().unwrap();
+    let (region, p) = tracked_region();
+    let mut snap = persist::Snapshotter::new();
+    region.write_via_primary(0, b"base").unwrap();
+    snap.full(&p, dir.path().join("snap.0")).unwrap();
+    region.write_via_primary(4096, b"one").unwrap();
+    snap.incremental(&p, dir.path().join("snap.1")).unwrap();
+    region.write_via_primary(8192, b"two").unwrap();
+    let err = snap.incremental(&p, dir.path().join("snap.0")).unwrap_err();
+    assert!(err.to_string().contains("part of the chain"), "{err}");
+    // The chain is intact: snap.1 restores with the base's page.
+    let source = SnapshotSource::open(dir.path().join("snap.1")).unwrap();
+    assert_eq!(source.depth(), 1);
+    // A cycle made by hand (snap.1 copied over snap.0's name, so snap.0
+    // names itself as parent... via snap.1's header) is refused.
+    std::fs::copy(dir.path().join("snap.1"), dir.path().join("snap.0")).unwrap();
+    let err = SnapshotSource::open(dir.path().join("snap.0")).unwrap_err();
+    assert!(
+        err.to_string().contains("loops back") || err.to_string().contains("replaced"),
+        "{err}"
+    );
+}
+
+/// Snapshot files are 0600; the temporary is created exclusively and never
+/// follows a symlink; a failed rename leaves nothing behind.
+#[test]
+fn snapshot_files_are_private_and_temporaries_are_safe() {
+    use hugearena::persist;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (region, _p) = tracked_region();
+    let path = dir.path().join("pool.snap");
+    persist::snapshot(&region, &path).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Plant symlinks under every temporary name this process could use
+    // next: the snapshot must not write through them.
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::os::unix::fs::symlink(
+        &victim,
+        dir.path().join(format!(".pool2.snap.tmp-{}", std::process::id())),
+    )
+    .unwrap();
+    for n in 0..64 {
+        let _ = std::os::unix::fs::symlink(
+            &victim,
+            dir.path()
+                .join(format!(".pool2.snap.tmp-{}-{n}", std::process::id())),
+        );
+    }
+    let _ = persist::snapshot(&region, dir.path().join("pool2.snap"));
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    // A rename that fails (the target is a non-empty directory) leaves no
+    // temporary behind.
+    let target = dir.path().join("taken");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::write(target.join("x"), b"x").unwrap();
+    assert!(persist::snapshot(&region, &target).is_err());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".taken"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }

@@ -4,6 +4,8 @@
 //! The page's bytes are a loom `UnsafeCell`, so loom reports any read that
 //! is not ordered after the write that filled it. `--cfg hugearena_mutation`
 //! weakens the publishing CAS to `Relaxed`; these tests must then fail.
+//! `--cfg hugearena_mutation_discard` plants the old discard order; the
+//! discard test must then fail.
 #![cfg(loom)]
 
 use hugearena::populate::state::{self, Claim, Owner, PageState};
@@ -93,52 +95,100 @@ fn a_reader_that_sees_present_sees_the_bytes() {
     });
 }
 
-/// Eviction's contract: the evicting thread is the last user of the page
-/// (the arena evicts only free memory). Its last read must be ordered before
-/// any refill's write, and exactly one of two racing refillers fills.
+/// Discard's contract: while a page is punched out of the file its word
+/// is never `Present`, so a toucher that finds the page gone (`EFAULT` in
+/// the real engine, `punched` here) and looks at the word again never sees
+/// `Present` with no page behind it. `--cfg hugearena_mutation_discard` restores the old order
+/// (punch while `Present`, then `Present → Absent`); this test must fail.
 #[test]
-fn eviction_is_ordered_before_the_refill() {
+fn a_discard_never_shows_a_present_word_without_its_page() {
     loom::model(|| {
         let g = Granule::new();
         assert!(g.populate(A, 5));
-        let evictor = {
-            let g = g.clone();
+        let page = Arc::new(AtomicU64::new(5));
+        let discarder = {
+            let (g, page) = (g.clone(), page.clone());
             thread::spawn(move || {
-                // SAFETY: this thread is the page's last user.
-                assert_eq!(g.data.with(|p| unsafe { *p }), 5);
-                assert!(state::evict(&g.state));
+                assert_eq!(state::begin_discard(&g.state, A), state::Discard::Claimed);
+                // The punch: the kernel drops the page.
+                page.store(0, Ordering::Release);
+                let _ = state::finish_discard(&g.state, A);
             })
         };
         let refills = Arc::new(AtomicUsize::new(0));
-        let refillers: Vec<_> = [B, C]
+        let touchers: Vec<_> = [B]
             .into_iter()
             .map(|me| {
-                let (g, refills) = (g.clone(), refills.clone());
+                let (g, page, refills) = (g.clone(), page.clone(), refills.clone());
                 thread::spawn(move || {
-                    // A refiller that loses only maps (no read in the model).
-                    if state::claim(&g.state, me) == Claim::Won {
-                        // SAFETY: the claim makes this thread the only writer.
-                        g.data.with_mut(|p| unsafe { *p = 6 });
-                        state::publish(&g.state, me).unwrap();
-                        refills.fetch_add(1, Ordering::Relaxed);
+                    for _ in 0..2 {
+                        match state::claim(&g.state, me) {
+                            Claim::Won => {
+                                page.store(6, Ordering::Relaxed);
+                                state::publish(&g.state, me).unwrap();
+                                refills.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
+                            Claim::Present => {
+                                if page.load(Ordering::Acquire) != 0 {
+                                    return;
+                                }
+                                // The page is gone: its word must say so,
+                                // or show a refill whose page is there.
+                                if state::observe(&g.state) == PageState::Present {
+                                    assert_ne!(
+                                        page.load(Ordering::Acquire),
+                                        0,
+                                        "a present word with no page behind it"
+                                    );
+                                }
+                            }
+                            Claim::Busy(_) | Claim::Poisoned => thread::yield_now(),
+                        }
                     }
                 })
             })
             .collect();
-        evictor.join().unwrap();
-        for h in refillers {
+        discarder.join().unwrap();
+        for h in touchers {
             h.join().unwrap();
         }
-        match refills.load(Ordering::Relaxed) {
-            // Both refillers came before the eviction and found it present.
-            0 => assert_eq!(state::observe(&g.state), PageState::Absent),
-            1 => {
-                assert_eq!(state::observe(&g.state), PageState::Present);
-                // SAFETY: every thread has been joined.
-                assert_eq!(g.data.with(|p| unsafe { *p }), 6);
-            }
-            n => panic!("{n} refills of one evicted granule"),
+        assert!(
+            refills.load(Ordering::Relaxed) <= 1,
+            "two refills of one discarded page"
+        );
+    });
+}
+
+/// A discarder killed between its claim and the end of the discard leaves a
+/// claim of a dead process: exactly one toucher takes it over and fills.
+#[test]
+fn a_dead_discarders_claim_is_taken_over_once() {
+    loom::model(|| {
+        let g = Granule::new();
+        assert!(g.populate(A, 5));
+        assert_eq!(state::begin_discard(&g.state, A), state::Discard::Claimed);
+        // A dies here.
+        let fills = Arc::new(AtomicUsize::new(0));
+        let handles: Vec<_> = [B, C]
+            .into_iter()
+            .map(|me| {
+                let (g, fills) = (g.clone(), fills.clone());
+                thread::spawn(move || {
+                    if state::take_over(&g.state, A, me) {
+                        // SAFETY: the take-over makes this thread the writer.
+                        g.data.with_mut(|p| unsafe { *p = 8 });
+                        state::publish(&g.state, me).unwrap();
+                        fills.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
         }
+        assert_eq!(fills.load(Ordering::Relaxed), 1);
+        assert_eq!(state::observe(&g.state), PageState::Present);
     });
 }
 

@@ -23,7 +23,6 @@ pub mod span;
 pub mod stack;
 
 use std::alloc::Layout as AllocLayout;
-use std::os::fd::AsFd;
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -37,7 +36,6 @@ use self::span::AfterFree;
 use crate::error::{Error, Result};
 use crate::populate::{PageSource, PopulateOptions, Populator, ZeroSource};
 use crate::region::{Region, RegionOptions};
-use crate::sys::memfd::{self, Fallocate};
 
 /// An allocation: a byte offset into the region's data, the same in every
 /// process that maps the region (like PostgreSQL's `dsa_pointer`).
@@ -725,27 +723,17 @@ impl<S: PageSource + 'static> Arena<S> {
         true
     }
 
-    /// Punches blocks `[b, b + n)` out of the backing file and marks their
-    /// granules absent.
+    /// Gives blocks `[b, b + n)` back to the kernel: their pages leave
+    /// every process and the file, and fill again on their next touch.
     fn punch(&self, b: u64, n: u64) {
-        let region = self.region();
-        let file_offset = region.layout().data_offset() + b * BLOCK;
-        if let Err(e) = memfd::fallocate(
-            region.fd().as_fd(),
-            Fallocate::PunchHole,
-            file_offset,
-            n * BLOCK,
-        ) {
-            // The pages stay resident; the block is still free and correct.
-            debug_assert!(false, "punching a free block failed: {e}");
-            return;
+        if let Err(e) = self
+            .populator
+            .discard((b * BLOCK) as usize, (n * BLOCK) as usize)
+        {
+            // The blocks are free and correct; only their memory stays
+            // resident (or a stuck filler kept some of it).
+            debug_assert!(false, "discarding a free block failed: {e}");
         }
-        let g = region.granule().bytes() as u64;
-        let states = region.page_states();
-        for i in (b * BLOCK / g)..((b + n) * BLOCK / g) {
-            crate::populate::state::evict(&states[i as usize]);
-        }
-        self.populator.forget_mapped(b * BLOCK, n * BLOCK);
     }
 
     /// Checks that the tables agree with each other, for tests and

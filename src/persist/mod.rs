@@ -127,16 +127,21 @@ fn write_atomically(
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = write_snapshot(region, &tmp, increment);
-    let mut info = match result {
+    let (tmp, file) = create_temporary(dir, &name)?;
+    let result = write_snapshot(region, file, &tmp, increment);
+    let renamed = result.and_then(|info| {
+        std::fs::rename(&tmp, path)
+            .map(|()| info)
+            .map_err(io_error(path))
+    });
+    let mut info = match renamed {
         Ok(info) => info,
         Err(e) => {
+            // Nothing is left behind: the old snapshot (if any) is intact.
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
     };
-    std::fs::rename(&tmp, path).map_err(io_error(path))?;
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error(dir))?;
@@ -144,6 +149,39 @@ fn write_atomically(
     info.elapsed = started.elapsed();
     Ok(info)
 }
+
+/// Creates the temporary a snapshot is written to, beside its final name:
+/// `O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600, so a planted file or symlink is
+/// never written through and no other user can read the pages.
+fn create_temporary(dir: &Path, name: &str) -> Result<(PathBuf, File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let mut attempt = 0;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
+        match File::options()
+            .write(true)
+            .create_new(true)
+            .mode(SNAPSHOT_MODE)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(file) => return Ok((tmp, file)),
+            // A stale temporary of an earlier process with this pid, or a
+            // planted one: pick another name, a few times.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
+            Err(e) => return Err(io_error(&tmp)(e)),
+        }
+    }
+}
+
+/// The deepest chain of incremental snapshots a restore follows.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// Permissions of snapshot files: the owner's only (they hold the region's
+/// pages).
+pub const SNAPSHOT_MODE: u32 = 0o600;
 
 /// The parent of an incremental snapshot, and what changed since it.
 struct Increment<'a> {
@@ -155,6 +193,7 @@ struct Increment<'a> {
 
 fn write_snapshot(
     region: &Region,
+    file: File,
     tmp: &Path,
     increment: Option<&Increment<'_>>,
 ) -> Result<SnapshotInfo> {
@@ -181,12 +220,6 @@ fn write_snapshot(
             header_crc: p.header_crc,
         });
     }
-    let file = File::options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(tmp)
-        .map_err(io_error(tmp))?;
     // Holes where nothing is written: the file is as sparse as the region.
     file.set_len(header.file_len()).map_err(io_error(tmp))?;
     let g = granule.bytes();
@@ -272,14 +305,47 @@ impl SnapshotSource {
     /// Opens and checks a snapshot: header, geometry, file length and page
     /// map. Nothing is mapped yet.
     pub fn open(path: impl AsRef<Path>) -> Result<SnapshotSource> {
-        let path = path.as_ref().to_path_buf();
+        Self::open_chain(path.as_ref(), &mut Vec::new())
+    }
+
+    /// Opens a snapshot whose descendants (files `(device, inode)`) are in
+    /// `chain`: a file met twice is a cycle, and chains are at most
+    /// [`MAX_CHAIN_DEPTH`] deep, so a hostile chain ends in an error.
+    fn open_chain(path: &Path, chain: &mut Vec<(u64, u64)>) -> Result<SnapshotSource> {
+        use std::os::unix::fs::MetadataExt;
+        let path = path.to_path_buf();
         let file = File::open(&path).map_err(io_error(&path))?;
-        let len = file.metadata().map_err(io_error(&path))?.len();
+        let meta = file.metadata().map_err(io_error(&path))?;
+        let len = meta.len();
+        let id = (meta.dev(), meta.ino());
+        if chain.contains(&id) {
+            return Err(Error::BadSnapshot {
+                path,
+                reason: "the chain of parent snapshots loops back to this file".into(),
+            });
+        }
+        if chain.len() >= MAX_CHAIN_DEPTH {
+            return Err(Error::BadSnapshot {
+                path,
+                reason: format!("the chain of parent snapshots is deeper than {MAX_CHAIN_DEPTH}"),
+            });
+        }
+        chain.push(id);
         let mut head = vec![0u8; HEADER_LEN.min(len) as usize];
         file.read_exact_at(&mut head, 0).map_err(io_error(&path))?;
         head.resize(HEADER_LEN as usize, 0);
         let header = SnapshotHeader::decode(&head, len, &path)?;
-        let mut raw = vec![0u8; (header.granules * MAP_ENTRY) as usize];
+        // The map's size follows from the header (checked against the
+        // file's length); it is reserved fallibly, so a hostile header gets
+        // an error, not an abort.
+        let map_len = (header.granules * MAP_ENTRY) as usize;
+        let mut raw = Vec::new();
+        raw.try_reserve_exact(map_len)
+            .map_err(|_| Error::BadSnapshot {
+                path: path.clone(),
+                reason: format!("cannot hold its page map of {map_len} bytes in memory"),
+            })?;
+        raw.resize(map_len, 0);
         file.read_exact_at(&mut raw, header.map_offset)
             .map_err(io_error(&path))?;
         if crc32c::crc32c(&raw) != header.map_crc {
@@ -288,15 +354,19 @@ impl SnapshotSource {
                 reason: "page map checksum mismatch: the map is corrupt".into(),
             });
         }
-        let map: Vec<(u32, u32)> = raw
-            .chunks_exact(8)
-            .map(|e| {
-                (
-                    u32::from_le_bytes(e[0..4].try_into().expect("4 bytes")),
-                    u32::from_le_bytes(e[4..8].try_into().expect("4 bytes")),
-                )
-            })
-            .collect();
+        let mut map: Vec<(u32, u32)> = Vec::new();
+        map.try_reserve_exact(header.granules as usize)
+            .map_err(|_| Error::BadSnapshot {
+                path: path.clone(),
+                reason: format!("cannot hold its page map of {map_len} bytes in memory"),
+            })?;
+        map.extend(raw.chunks_exact(8).map(|e| {
+            (
+                u32::from_le_bytes(e[0..4].try_into().expect("4 bytes")),
+                u32::from_le_bytes(e[4..8].try_into().expect("4 bytes")),
+            )
+        }));
+        drop(raw);
         let present = map.iter().filter(|(f, _)| f & PRESENT != 0).count() as u64;
         if present != header.present {
             return Err(Error::BadSnapshot {
@@ -311,7 +381,7 @@ impl SnapshotSource {
             None => None,
             Some(p) => {
                 let parent_path = path.parent().unwrap_or(Path::new(".")).join(&p.name);
-                let parent = SnapshotSource::open(&parent_path)?;
+                let parent = SnapshotSource::open_chain(&parent_path, chain)?;
                 let ph = parent.header();
                 if ph.header_crc != p.header_crc
                     || (ph.data_len, ph.granule_shift) != (header.data_len, header.granule_shift)
@@ -538,6 +608,21 @@ impl Snapshotter {
             });
         }
         let parent = SnapshotSource::open(&last)?;
+        // Writing over a file of the chain would make it its own ancestor
+        // (a cycle) and lose the pages it holds for its descendants.
+        let mut ancestor = Some(&parent);
+        while let Some(a) = ancestor {
+            if a.path().file_name() == path.file_name() {
+                return Err(Error::InvalidOption {
+                    option: "incremental snapshot path",
+                    reason: format!(
+                        "{} is part of the chain the new snapshot builds on: choose a new file",
+                        path.display()
+                    ),
+                });
+            }
+            ancestor = a.parent.as_deref();
+        }
         fill_from_source(populator)?;
         let changed = populator.take_changed()?;
         let increment = Increment {

@@ -6,29 +6,48 @@
 //! because the in-thread driver runs it inside a SIGBUS handler: atomics,
 //! system calls, the page source, and records that never allocate.
 
+use std::cell::Cell;
 use std::os::fd::AsFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::bits::AtomicBits;
+use super::owner::Liveness;
 use super::promote::Promoter;
 use super::readahead::Readahead;
 use super::source::{FillError, PageSource, SourceError};
-use super::state::{self, Claim, Owner, PageState};
+use super::state::{self, Claim, Discard, Owner, PageState};
 use super::stats::{Counters, LatencyRecorder, RecordLog};
 use crate::region::Region;
 use crate::sys::memfd::{self, Fallocate};
+use crate::sys::mman::{self, Advice};
 use crate::sys::uffd::{CONTINUE_MODE_WP, MODE_DONTWAKE, Userfaultfd};
-use crate::sys::{Errno, SysError, SysResult};
+use crate::sys::{Errno, SysError, SysResult, futex};
 
 /// Source errors kept for [`Core::errors`]; later ones are only counted.
 pub(crate) const KEPT_ERRORS: usize = 64;
 /// Driver failures (unexpected system call errors) kept.
 pub(crate) const KEPT_FAILURES: usize = 16;
-/// Spins on a busy granule between liveness checks of its filler.
-const SPINS_PER_LIVENESS_CHECK: u32 = 64;
+/// Busy-granule checks that only yield before a waiter sleeps.
+const YIELDS_BEFORE_SLEEP: u32 = 16;
+/// A sleeping waiter wakes at least this often to check that the filler
+/// still lives and that its deadline has not passed.
+const WAIT_SLICE: Duration = Duration::from_millis(5);
+/// Tries of a fill that failed with a transient error, before poisoning.
+const TRANSIENT_TRIES: u32 = 4;
+/// Recoveries of one granule whose page vanished under `UFFDIO_CONTINUE`
+/// (`EFAULT`: discarded, or punched by someone else) before giving up.
+const REFILL_TRIES: u32 = 8;
+
+thread_local! {
+    /// The granule this thread is filling, as (core address, index + 1):
+    /// a fault on it from inside its own fill can never be resolved.
+    /// Const-initialised and without a destructor, so the SIGBUS handler
+    /// may read it.
+    static FILLING: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+}
 
 /// What happened to one granule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +58,19 @@ pub(crate) enum Outcome {
     Failed,
     /// Someone else is filling it (only when not waiting).
     Busy,
+    /// Waiting was given up: the filler outlived the fill timeout, or this
+    /// thread is the filler (its source touched the page). Recorded.
+    Stuck,
+}
+
+/// How a wait for another filler's claim ended.
+enum Waited {
+    /// The word changed: look again.
+    Changed,
+    /// The owner was proven dead and the caller took its claim over.
+    TookOver,
+    /// The deadline passed.
+    TimedOut,
 }
 
 /// The state a populator shares with its driver threads and the SIGBUS
@@ -67,6 +99,8 @@ pub(crate) struct Core<S> {
     pub(crate) promoter: Option<Promoter>,
     /// Handler threads still running (handler-thread driver only).
     pub(crate) live_handlers: AtomicUsize,
+    /// How long a toucher waits for another filler before giving up.
+    fill_timeout: Duration,
 }
 
 impl<S: PageSource> Core<S> {
@@ -79,6 +113,7 @@ impl<S: PageSource> Core<S> {
         track_writes: bool,
         readahead_granules: u64,
         promoter: Option<Promoter>,
+        fill_timeout: Duration,
     ) -> Core<S> {
         let granule = region.granule().bytes();
         let granules = region.len() / granule;
@@ -101,6 +136,7 @@ impl<S: PageSource> Core<S> {
             readahead: Readahead::new(readahead_granules),
             promoter,
             live_handlers: AtomicUsize::new(0),
+            fill_timeout,
         }
     }
 
@@ -127,11 +163,12 @@ impl<S: PageSource> Core<S> {
     pub(crate) fn resolve_fault(&self, index: usize) -> SysResult<bool> {
         match self.resolve(index, true) {
             Outcome::Ready => {}
-            Outcome::Failed => {
+            // Stuck: SIGBUS in this process only, until `retry`; the
+            // shared state stays with the filler.
+            Outcome::Failed | Outcome::Stuck | Outcome::Busy => {
                 self.poison(index)?;
                 return Ok(false);
             }
-            Outcome::Busy => unreachable!("a waiting resolve never reports Busy"),
         }
         let window = self.readahead.on_fault(index as u64) as usize;
         let limit = (index + 1 + window).min(self.granules);
@@ -143,7 +180,9 @@ impl<S: PageSource> Core<S> {
         self.counters
             .readahead
             .fetch_add((end - index - 1) as u64, Ordering::Relaxed);
-        self.map(index, end)?;
+        // Only the faulting granule must be mapped; the readahead behind
+        // it is dropped if its pages vanish meanwhile (a discard).
+        self.map_needed(index, end, index + 1)?;
         Ok(true)
     }
 
@@ -152,22 +191,35 @@ impl<S: PageSource> Core<S> {
     pub(crate) fn populate_range(&self, first: usize, last: usize) -> SysResult<()> {
         Counters::bump(&self.counters.populate_calls);
         let mut run_start = first;
+        let mut stuck = None;
         for index in first..last {
-            if self.resolve(index, true) == Outcome::Failed {
-                self.map(run_start, index)?;
-                self.poison(index)?;
-                run_start = index + 1;
+            match self.resolve(index, true) {
+                Outcome::Ready => continue,
+                Outcome::Failed => {}
+                Outcome::Stuck | Outcome::Busy => stuck = stuck.or(Some(index)),
             }
+            self.map(run_start, index)?;
+            self.poison(index)?;
+            run_start = index + 1;
         }
-        self.map(run_start, last)
+        self.map(run_start, last)?;
+        match stuck {
+            None => Ok(()),
+            Some(index) => Err(
+                SysError::new("waiting for another filler", Errno::ETIMEDOUT)
+                    .arg("granule", index as u64)
+                    .arg("timeout_ms", self.fill_timeout.as_millis() as u64),
+            ),
+        }
     }
 
     /// Makes granule `index` present in the page cache (or poisoned). With
-    /// `wait`, waits for a live filler and takes over a dead one's claim;
-    /// without, reports `Busy`.
+    /// `wait`, waits for a live filler (up to the fill timeout) and takes
+    /// over a dead one's claim; without, reports `Busy`.
     pub(crate) fn resolve(&self, index: usize, wait: bool) -> Outcome {
         let slot = &self.region.page_states()[index];
-        let mut spins = 0u32;
+        let mut deadline = None;
+        let mut checks = 0u32;
         loop {
             match state::claim(slot, self.me) {
                 Claim::Won => return self.fill(index, slot),
@@ -175,40 +227,134 @@ impl<S: PageSource> Core<S> {
                 Claim::Poisoned => return Outcome::Failed,
                 Claim::Busy(_) if !wait => return Outcome::Busy,
                 Claim::Busy(owner) => {
-                    spins += 1;
-                    if spins % SPINS_PER_LIVENESS_CHECK == 0
-                        && !owner.is_alive()
-                        && state::take_over(slot, owner, self.me)
-                    {
-                        Counters::bump(&self.counters.takeovers);
-                        return self.fill(index, slot);
+                    if owner == self.me && FILLING.get() == (self as *const _ as usize, index + 1) {
+                        self.stuck(index, FillError::Recursive);
+                        return Outcome::Stuck;
                     }
-                    // A live filler publishes within one fill.
-                    std::thread::yield_now();
-                    match state::observe(slot) {
-                        PageState::Present => return Outcome::Ready,
-                        PageState::Poisoned => return Outcome::Failed,
-                        _ => {}
+                    let deadline =
+                        *deadline.get_or_insert_with(|| Instant::now() + self.fill_timeout);
+                    match self.wait_for(slot, owner, deadline, &mut checks) {
+                        Waited::Changed => {}
+                        Waited::TookOver => return self.fill(index, slot),
+                        Waited::TimedOut => {
+                            self.stuck(index, FillError::Stuck { pid: owner.pid });
+                            return Outcome::Stuck;
+                        }
                     }
                 }
             }
         }
     }
 
+    fn stuck(&self, index: usize, error: FillError) {
+        self.errors.push(SourceError {
+            index: index as u64,
+            error,
+        });
+    }
+
+    /// One step of waiting for `owner`'s claim on `slot` to end: a few
+    /// yields first (fills are short), then sleeps on the word in slices,
+    /// checking between them whether the owner still lives (taking its
+    /// claim over if it is proven dead) and whether `deadline` passed.
+    fn wait_for(
+        &self,
+        slot: &AtomicU64,
+        owner: Owner,
+        deadline: Instant,
+        checks: &mut u32,
+    ) -> Waited {
+        *checks += 1;
+        if *checks <= YIELDS_BEFORE_SLEEP {
+            std::thread::yield_now();
+            return Waited::Changed;
+        }
+        if owner.liveness() == Liveness::Dead && state::take_over(slot, owner, self.me) {
+            Counters::bump(&self.counters.takeovers);
+            return Waited::TookOver;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Waited::TimedOut;
+        }
+        if let Some(word) = state::announce_waiter(slot, owner) {
+            let slice = WAIT_SLICE.min(deadline - now);
+            if let Err(e) = futex::wait_high(slot, word, slice) {
+                // Cannot sleep: fall back to yielding.
+                self.failures.push(e);
+                std::thread::yield_now();
+            }
+        }
+        Waited::Changed
+    }
+
     /// Fills a claimed granule through the alias and publishes it (or
-    /// poisons it if the source fails or panics).
+    /// poisons it if the source fails or panics). Transient failures are
+    /// tried again a few times first.
     fn fill(&self, index: usize, slot: &AtomicU64) -> Outcome {
         let started = Instant::now();
-        let result = if self.source.is_zero(index as u64) {
+        let outer = FILLING.replace((self as *const _ as usize, index + 1));
+        let mut tries = 0;
+        let result = loop {
+            tries += 1;
+            match self.fill_once(index) {
+                Err(e) if e.is_transient() && tries < TRANSIENT_TRIES => {
+                    Counters::bump(&self.counters.fill_retries);
+                    std::thread::sleep(Duration::from_millis(1 << (2 * tries)));
+                }
+                done => break done,
+            }
+        };
+        FILLING.set(outer);
+        let ended = match result {
+            Ok(()) => {
+                self.latency.record(started.elapsed());
+                Counters::bump(&self.counters.fills);
+                // A failed publish means a taker-over owns it now; it writes
+                // the same bytes and publishes itself.
+                state::publish(slot, self.me)
+            }
+            Err(error) => {
+                self.errors.push(SourceError {
+                    index: index as u64,
+                    error,
+                });
+                state::poison(slot, self.me)
+            }
+        };
+        if ended == Ok(true) {
+            self.wake_waiters(slot);
+        }
+        if result.is_ok() {
+            Outcome::Ready
+        } else {
+            Outcome::Failed
+        }
+    }
+
+    fn wake_waiters(&self, slot: &AtomicU64) {
+        if let Err(e) = futex::wake_high(slot) {
+            self.failures.push(e);
+        }
+    }
+
+    fn fill_once(&self, index: usize) -> Result<(), FillError> {
+        if self.source.is_zero(index as u64) {
             // Allocating the page is the whole fill: fresh pages are zero.
             let file_offset = self.region.layout().data_offset() + (index * self.granule) as u64;
-            memfd::fallocate(
+            match memfd::fallocate(
                 self.region.fd().as_fd(),
                 Fallocate::Allocate,
                 file_offset,
                 self.granule as u64,
-            )
-            .map_err(|e| FillError::Io(e.errno()))
+            ) {
+                // Some kernels (hugetlb on 6.3) report a page that is
+                // already allocated as EEXIST: it is there, which is all
+                // this fill needs.
+                Ok(()) => Ok(()),
+                Err(e) if e.errno() == Errno::EEXIST => Ok(()),
+                Err(e) => Err(FillError::Io(e.errno())),
+            }
         } else {
             // SAFETY: the claim makes this thread the granule's only writer,
             // and nobody reads it before `publish`; the alias is never
@@ -221,30 +367,135 @@ impl<S: PageSource> Core<S> {
             };
             catch_unwind(AssertUnwindSafe(|| self.source.fill(index as u64, dst)))
                 .unwrap_or(Err(FillError::Panicked))
-        };
-        match result {
-            Ok(()) => {
-                self.latency.record(started.elapsed());
-                Counters::bump(&self.counters.fills);
-                // A failed publish means a taker-over owns it now; it writes
-                // the same bytes and publishes itself.
-                let _ = state::publish(slot, self.me);
-                Outcome::Ready
+        }
+    }
+
+    /// A granule whose page was gone when it was mapped (`EFAULT`): if its
+    /// word still says `Present` the page was punched behind the protocol's
+    /// back, so fill it again; otherwise it is being discarded or refilled:
+    /// resolve it as a fault would.
+    fn refill_vanished(&self, index: usize) -> Outcome {
+        let slot = &self.region.page_states()[index];
+        if state::observe(slot) == PageState::Present
+            && state::begin_discard(slot, self.me) == Discard::Claimed
+        {
+            Counters::bump(&self.counters.refills);
+            return self.fill(index, slot);
+        }
+        self.resolve(index, true)
+    }
+
+    /// Drops granules `[first, last)` everywhere: claims each (waiting for
+    /// fills in progress), punches their pages out of the file (which
+    /// unmaps them in every process), clears this process's mappings and
+    /// poison markers, then marks them absent. Returns the granules
+    /// discarded; on a timeout, those claimed so far are still discarded.
+    pub(crate) fn discard_range(&self, first: usize, last: usize) -> SysResult<()> {
+        let states = self.region.page_states();
+        let mut claimed = first;
+        let mut failed = None;
+        'claim: while claimed < last {
+            let slot = &states[claimed];
+            let deadline = Instant::now() + self.fill_timeout;
+            let mut checks = 0;
+            loop {
+                match state::begin_discard(slot, self.me) {
+                    Discard::Claimed => break,
+                    Discard::Busy(owner)
+                        if owner == self.me
+                            && FILLING.get() == (self as *const _ as usize, claimed + 1) =>
+                    {
+                        failed = Some(
+                            SysError::new("discarding a page this thread fills", Errno::EDEADLK)
+                                .arg("granule", claimed as u64),
+                        );
+                        break 'claim;
+                    }
+                    Discard::Busy(owner) => match self.wait_for(slot, owner, deadline, &mut checks)
+                    {
+                        Waited::Changed => {}
+                        // The dead filler's claim is ours now: discard it.
+                        Waited::TookOver => break,
+                        Waited::TimedOut => {
+                            failed = Some(
+                                SysError::new("waiting for another filler", Errno::ETIMEDOUT)
+                                    .arg("granule", claimed as u64)
+                                    .arg("pid", u64::from(owner.pid)),
+                            );
+                            break 'claim;
+                        }
+                    },
+                }
             }
-            Err(error) => {
-                self.errors.push(SourceError {
-                    index: index as u64,
-                    error,
-                });
-                let _ = state::poison(slot, self.me);
-                Outcome::Failed
+            claimed += 1;
+        }
+        if claimed > first {
+            let g = self.granule;
+            let punched = memfd::fallocate(
+                self.region.fd().as_fd(),
+                Fallocate::PunchHole,
+                self.region.layout().data_offset() + (first * g) as u64,
+                ((claimed - first) * g) as u64,
+            );
+            // SAFETY: the range lies in the primary, which this process
+            // owns; the granules are claimed, so nobody relies on their
+            // bytes. Dropping this process's mappings also drops poison
+            // markers it installed (the punch above leaves those).
+            let zapped =
+                unsafe { mman::madvise(self.addr(first), (claimed - first) * g, Advice::DontNeed) };
+            for slot in &states[first..claimed] {
+                if state::finish_discard(slot, self.me) == Ok(true) {
+                    self.wake_waiters(slot);
+                }
+            }
+            if let Some(p) = &self.promoter {
+                p.forget(first * g, (claimed - first) * g);
+            }
+            if let Err(e) = punched.and(zapped) {
+                // The granules are absent and will be filled again from the
+                // source; only the memory was not given back.
+                self.failures.push(e);
+                failed = failed.or(Some(e));
             }
         }
+        match failed {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// Lets poisoned granules of `[first, last)` be filled again: their
+    /// words go back to `Absent` and this process's poison markers are
+    /// dropped. Returns how many were poisoned.
+    pub(crate) fn retry_range(&self, first: usize, last: usize) -> SysResult<usize> {
+        let states = self.region.page_states();
+        let retried = states[first..last]
+            .iter()
+            .filter(|s| state::unpoison(*s))
+            .count();
+        // SAFETY: the range lies in the primary, which this process owns;
+        // present pages stay in the file and are mapped again on their next
+        // touch, so no byte is lost.
+        unsafe {
+            mman::madvise(
+                self.addr(first),
+                (last - first) * self.granule,
+                Advice::DontNeed,
+            )
+        }?;
+        Ok(retried)
     }
 
     /// Maps granules `[from, to)`, all present, into the primary.
     pub(crate) fn map(&self, from: usize, to: usize) -> SysResult<()> {
-        self.apply(from, to, true, |start, len| {
+        self.map_needed(from, to, to)
+    }
+
+    /// Maps granules `[from, to)`, of which `[from, needed)` must be
+    /// mapped; from `needed` on, mapping stops at the first granule whose
+    /// page has vanished.
+    fn map_needed(&self, from: usize, to: usize, needed: usize) -> SysResult<()> {
+        self.apply(from, to, Some(needed), |start, len| {
             // SAFETY: the range is inside the registered primary, and every
             // granule in it is present in the page cache (resolved first).
             unsafe { self.uffd.continue_range(start, len, self.continue_mode) }
@@ -257,7 +508,7 @@ impl<S: PageSource> Core<S> {
     }
 
     fn poison_range(&self, from: usize, to: usize) -> SysResult<()> {
-        self.apply(from, to, false, |start, len| {
+        self.apply(from, to, None, |start, len| {
             // SAFETY: the range is registered, and its granules are not
             // present (or their fill failed), so nobody relies on reading
             // them: an access raises SIGBUS instead of returning bytes.
@@ -271,15 +522,18 @@ impl<S: PageSource> Core<S> {
 
     /// Runs a `UFFDIO_CONTINUE`-like `op` over granules `[from, to)`:
     /// EAGAIN retries the rest, EEXIST skips the granule that is already
-    /// mapped (waking anyone parked on it). `maps` says whether what `op`
-    /// installs are pages (counted towards promotion) or poison markers.
+    /// mapped (waking anyone parked on it). `needed` is `Some` when `op`
+    /// installs pages (counted towards promotion): granules before it
+    /// whose page vanished (`EFAULT`) are filled again, those after it are
+    /// left unmapped. `None`: `op` installs poison markers.
     fn apply(
         &self,
         from: usize,
         to: usize,
-        maps: bool,
+        needed: Option<usize>,
         op: impl Fn(*mut u8, usize) -> SysResult<usize>,
     ) -> SysResult<()> {
+        let maps = needed.is_some();
         let installed = |a: usize, b: usize| {
             if maps && a < b {
                 self.mapped(a, b);
@@ -287,6 +541,8 @@ impl<S: PageSource> Core<S> {
         };
         let g = self.granule;
         let mut at = from;
+        // Consecutive vanishings of one granule: (granule, count).
+        let mut vanished = (usize::MAX, 0);
         while at < to {
             match op(self.addr(at), (to - at) * g) {
                 Ok(n) => {
@@ -308,6 +564,27 @@ impl<S: PageSource> Core<S> {
                         self.uffd.wake(self.addr(at), g)?;
                     }
                     at += 1;
+                }
+                Err(e) if maps && e.errno() == Errno::EFAULT => {
+                    // The page left the page cache after it was resolved:
+                    // a discard, or a punch behind the protocol's back.
+                    if needed.is_some_and(|n| at >= n) {
+                        return Ok(());
+                    }
+                    vanished = if vanished.0 == at {
+                        (at, vanished.1 + 1)
+                    } else {
+                        (at, 1)
+                    };
+                    if vanished.1 > REFILL_TRIES {
+                        self.failures.push(e);
+                        self.poison(at)?;
+                        at += 1;
+                    } else if self.refill_vanished(at) != Outcome::Ready {
+                        // Poisoned or given up on (recorded): SIGBUS here.
+                        self.poison(at)?;
+                        at += 1;
+                    }
                 }
                 Err(e) => {
                     self.failures.push(e);

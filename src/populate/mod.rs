@@ -14,7 +14,9 @@ pub mod source;
 pub mod state;
 pub mod stats;
 
-pub use populator::{DEFAULT_READAHEAD, Drain, Driver, PopulateOptions, Populator};
+pub use populator::{
+    DEFAULT_FILL_TIMEOUT, DEFAULT_READAHEAD, Drain, Driver, PopulateOptions, Populator,
+};
 pub use promote::Promotion;
 pub use source::{FileSource, FillError, FnSource, PageSource, SourceError, ZeroSource};
 pub use state::{Claim, Owner, PageState};

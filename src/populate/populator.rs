@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use super::engine::Core;
 use super::handlers::HandlerPool;
@@ -76,7 +77,11 @@ pub struct PopulateOptions {
     readahead: usize,
     promotion: Promotion,
     track_writes: bool,
+    fill_timeout: Duration,
 }
+
+/// Default [`PopulateOptions::fill_timeout`].
+pub const DEFAULT_FILL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Default for PopulateOptions {
     fn default() -> Self {
@@ -85,6 +90,7 @@ impl Default for PopulateOptions {
             readahead: DEFAULT_READAHEAD,
             promotion: Promotion::Background,
             track_writes: false,
+            fill_timeout: DEFAULT_FILL_TIMEOUT,
         }
     }
 }
@@ -116,6 +122,17 @@ impl PopulateOptions {
     /// this turns promotion off.
     pub fn track_writes(mut self, on: bool) -> Self {
         self.track_writes = on;
+        self
+    }
+
+    /// How long a touch (or `populate`, or `discard`) waits for a page that
+    /// another live process or thread is filling before it gives up (30 s
+    /// by default). A touch that gives up raises SIGBUS for that page in
+    /// this process and records [`FillError::Stuck`](super::FillError::Stuck)
+    /// with the holder's pid; `populate` and `discard` return an error. A
+    /// filler proven dead is taken over at once, whatever the timeout.
+    pub fn fill_timeout(mut self, timeout: Duration) -> Self {
+        self.fill_timeout = timeout;
         self
     }
 
@@ -238,6 +255,7 @@ impl<S: PageSource + 'static> Populator<S> {
             options.track_writes,
             readahead,
             promoter,
+            options.fill_timeout,
         ));
         let mut populator = Populator {
             core,
@@ -311,17 +329,9 @@ impl<S: PageSource + 'static> Populator<S> {
     /// granule, one `UFFDIO_CONTINUE` per contiguous run. A granule whose
     /// fill fails is poisoned and reported by [`errors`](Self::errors).
     pub fn populate(&self, offset: usize, len: usize) -> Result<()> {
-        let g = self.core.granule();
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| e <= self.core.region.len())
-            .ok_or(Error::OutOfBounds {
-                offset: offset as u64,
-                len: len as u64,
-                region_len: self.core.region.len() as u64,
-            })?;
+        let (first, last) = self.granules(offset, len)?;
         self.core
-            .populate_range(offset / g, end.div_ceil(g))
+            .populate_range(first, last)
             .map_err(Error::sys("populating a range"))
     }
 
@@ -403,19 +413,59 @@ impl<S: PageSource + 'static> Populator<S> {
         })
     }
 
-    /// Tells promotion that the pages of `[offset, offset + len)` were
-    /// punched out of the backing file (and their states reset), so their
-    /// blocks count up from zero again.
-    pub fn forget_mapped(&self, offset: u64, len: u64) {
-        if let Some(p) = &self.core.promoter {
-            p.forget(offset as usize, len as usize);
-        }
+    /// Drops the pages of every granule overlapping `[offset, offset +
+    /// len)` from every process and from the backing file, so their memory
+    /// goes back to the kernel and the next touch, in any process, fills
+    /// them again from the source. A fill in progress is waited for (up to
+    /// the fill timeout) and then dropped too; poisoned granules become
+    /// fillable again. Crash-safe: a process killed during a discard
+    /// leaves its granules claimed by a dead process, and the next toucher
+    /// takes them over and fills them from the source.
+    ///
+    /// The caller must not need the bytes: a concurrent reader of a
+    /// discarded page sees either its old bytes or the source's.
+    pub fn discard(&self, offset: usize, len: usize) -> Result<()> {
+        let (first, last) = self.granules(offset, len)?;
+        self.core
+            .discard_range(first, last)
+            .map_err(Error::sys("discarding pages"))?;
+        self.core
+            .counters
+            .discards
+            .fetch_add((last - first) as u64, Ordering::Relaxed);
         if self.tracking {
-            let g = self.core.granule() as u64;
-            for i in offset / g..(offset + len).div_ceil(g) {
-                self.core.replaced.insert(i as usize);
+            for i in first..last {
+                self.core.replaced.insert(i);
             }
         }
+        Ok(())
+    }
+
+    /// Lets the poisoned granules overlapping `[offset, offset + len)` be
+    /// filled again (after a transient failure of the source: a full disk
+    /// that has space again, a file that is readable again). Their shared
+    /// state goes back to absent, and this process's SIGBUS markers on the
+    /// range are dropped (also those of pages it gave up waiting for);
+    /// another process that holds markers calls `retry` too. Returns how
+    /// many granules were poisoned.
+    pub fn retry(&self, offset: usize, len: usize) -> Result<usize> {
+        let (first, last) = self.granules(offset, len)?;
+        self.core
+            .retry_range(first, last)
+            .map_err(Error::sys("clearing poisoned pages"))
+    }
+
+    fn granules(&self, offset: usize, len: usize) -> Result<(usize, usize)> {
+        let g = self.core.granule();
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.core.region.len())
+            .ok_or(Error::OutOfBounds {
+                offset: offset as u64,
+                len: len as u64,
+                region_len: self.core.region.len() as u64,
+            })?;
+        Ok((offset / g, end.div_ceil(g)))
     }
 
     /// The granules this process wrote (or whose pages it replaced) since

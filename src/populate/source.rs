@@ -28,6 +28,33 @@ pub enum FillError {
     /// The source panicked; the populator caught it.
     #[error("the page source panicked")]
     Panicked,
+    /// Another process (or thread of this one) holds the page's fill claim
+    /// past the fill timeout: it is stopped, or stuck in its source. The
+    /// page raises SIGBUS in this process until `Populator::retry`.
+    #[error(
+        "pid {pid} has been filling the page for longer than the fill timeout (stopped, or stuck in its source)"
+    )]
+    Stuck {
+        /// The process holding the claim.
+        pid: u32,
+    },
+    /// The source touched the page it was filling (through the region's
+    /// primary view), which can never complete.
+    #[error("the page source touched the page it was filling")]
+    Recursive,
+}
+
+impl FillError {
+    /// Whether trying the same fill again soon may succeed (interrupted,
+    /// out of memory or space, an I/O error).
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            FillError::Io(
+                Errno::EINTR | Errno::EAGAIN | Errno::ENOMEM | Errno::ENOSPC | Errno::EIO
+            )
+        )
+    }
 }
 
 /// A failed fill: which granule, and why. Its granule is poisoned.

@@ -6,32 +6,44 @@
 //! ```text
 //!            claim (CAS, AcqRel)            publish (CAS, Release)
 //!   Absent ─────────────────────▶ Filling(owner) ─────────────────▶ Present
-//!     ▲                             │   ▲    │ poison (CAS, Release)   │
-//!     │                             │   └────┘ take_over(dead owner)   │
-//!     │                             ▼          (CAS, AcqRel)           │
-//!     │                          Poisoned                              │
-//!     └──────────────────────── evict (CAS, AcqRel) ───────────────────┘
+//!     ▲  ▲                          │ ▲  ▲ │ │ poison (CAS, Release)    │
+//!     │  │   take_over(dead owner)  │ └──┘ │ ▼                          │
+//!     │  │   (CAS, AcqRel)          │      │ Poisoned ──┐               │
+//!     │  └── finish_discard ────────┘      │            │ begin_discard │
+//!     │      (CAS, Release)                └────────────┴───────────────┘
+//!     └──── begin_discard (from Absent too)          (CAS, AcqRel)
 //! ```
 //!
 //! Encoding (`u64`): bits 62–63 are the tag (0 Absent, 1 Filling,
 //! 2 Present, 3 Poisoned). A Filling word carries its owner: the pid in
-//! bits 0–31 and, in bits 32–61, a token that defeats pid reuse (the low
-//! 30 bits of the owner process's start time).
+//! bits 0–31 and, in bits 32–60, a token that defeats pid reuse (the low
+//! 29 bits of the owner process's start time); bit 61 (`WAITERS`) says a
+//! waiter sleeps on the word (a futex on its high half), so whoever ends
+//! the claim must wake it.
 //!
 //! - **claim**: whoever moves `Absent → Filling(me)` is the one filler of
-//!   the granule; everyone else sees `Filling` (wait or help later),
-//!   `Present` (map it) or `Poisoned` (the fill failed; report it).
+//!   the granule; everyone else sees `Filling` (wait), `Present` (map it)
+//!   or `Poisoned` (the fill failed; report it).
 //! - **publish**: the filler's writes to the page (through the alias)
 //!   happen before its `Release` CAS to `Present`; anyone who loads
 //!   `Present` with `Acquire` may map and read the page.
-//! - **take_over**: a `Filling(owner)` whose owner process is dead is moved
-//!   to `Filling(me)` by one CAS; the loser of a race sees the winner's
-//!   claim. A slow-but-alive owner that lost its claim this way fails its
-//!   publish CAS and leaves the granule to the new owner (both wrote the
-//!   same bytes from the same source).
-//! - **evict**: `Present → Absent` once the caller has made sure nobody
-//!   maps the page (it zaps the primary's PTEs and frees the backing page
-//!   before the next claim can fill it again).
+//! - **take_over**: a `Filling(owner)` whose owner process is proven dead
+//!   is moved to `Filling(me)` by one CAS (keeping `WAITERS`); the loser of
+//!   a race sees the winner's claim. A slow-but-alive owner that lost its
+//!   claim this way fails its publish CAS and leaves the granule to the new
+//!   owner (both wrote the same bytes from the same source).
+//! - **wait**: a waiter sets `WAITERS` on the exact claim it saw (CAS) and
+//!   sleeps on the high half of the word while it is unchanged, with a
+//!   timeout: it re-checks liveness and its deadline after each wake-up.
+//!   Every transition out of `Filling` reports whether `WAITERS` was set.
+//! - **discard** (drop a granule's page: the arena's release, a buffer
+//!   pool's eviction): `begin_discard` claims the granule from `Present`,
+//!   `Absent` or `Poisoned` as a fill would (`Filling(me)`), the caller
+//!   then punches the page out of the file, and `finish_discard` moves
+//!   `Filling(me) → Absent`. While the page is being punched its word is
+//!   never `Present`, so nobody maps a page that is going away; a
+//!   discarder killed half-way leaves a `Filling` claim of a dead process,
+//!   which the next toucher takes over and fills from the source.
 //!
 //! Every transition is a single CAS from an exact expected value, so no
 //! transition can be applied to a word that changed in between.
@@ -43,7 +55,9 @@ const TAG_ABSENT: u64 = 0;
 const TAG_FILLING: u64 = 1;
 const TAG_PRESENT: u64 = 2;
 const TAG_POISONED: u64 = 3;
-const TOKEN_BITS: u32 = 30;
+const TOKEN_BITS: u32 = 29;
+/// Set on a Filling word when a waiter sleeps on it.
+const WAITERS: u64 = 1 << 61;
 
 /// The word of an absent granule (and of a fresh, zeroed table).
 pub const ABSENT: u64 = TAG_ABSENT << TAG_SHIFT;
@@ -53,7 +67,9 @@ pub const PRESENT: u64 = TAG_PRESENT << TAG_SHIFT;
 pub const POISONED: u64 = TAG_POISONED << TAG_SHIFT;
 
 /// Ordering of the publishing CAS. `--cfg hugearena_mutation` weakens it on
-/// purpose so CI can check that the loom tests notice.
+/// purpose so CI can check that the loom tests notice (and
+/// `--cfg hugearena_mutation_discard` restores the old discard order,
+/// which punched a page while its word still said `Present`).
 #[cfg(not(hugearena_mutation))]
 const PUBLISH: Ordering = Ordering::Release;
 #[cfg(hugearena_mutation)]
@@ -65,13 +81,13 @@ const PUBLISH: Ordering = Ordering::Relaxed;
 pub struct Owner {
     /// Process id.
     pub pid: u32,
-    /// Low 30 bits of the process's start time (or another per-process
+    /// Low 29 bits of the process's start time (or another per-process
     /// value that a reused pid will not repeat).
     pub token: u32,
 }
 
 impl Owner {
-    /// An owner from its parts; the token is cut to 30 bits.
+    /// An owner from its parts; the token is cut to 29 bits.
     pub const fn new(pid: u32, token: u32) -> Owner {
         Owner {
             pid,
@@ -150,41 +166,123 @@ pub fn claim(slot: &impl AtomicSlot, me: Owner) -> Claim {
     }
 }
 
-/// Marks the caller's filled granule present. `Err` carries the state
-/// found if the claim was taken over in the meantime.
-pub fn publish(slot: &impl AtomicSlot, me: Owner) -> Result<(), PageState> {
-    slot.compare_exchange(me.filling_word(), PRESENT, PUBLISH, Ordering::Relaxed)
-        .map(drop)
-        .map_err(PageState::decode)
+/// Ends the caller's claim with the word `to`. `Ok(true)` if a waiter
+/// sleeps on the word (the caller must wake it); `Err` carries the state
+/// found if the claim is no longer the caller's.
+fn end_claim(slot: &impl AtomicSlot, me: Owner, to: u64, order: Ordering) -> Result<bool, u64> {
+    let mine = me.filling_word();
+    match slot.compare_exchange(mine, to, order, Ordering::Relaxed) {
+        Ok(_) => Ok(false),
+        Err(found) if found == mine | WAITERS => slot
+            .compare_exchange(found, to, order, Ordering::Relaxed)
+            .map(|_| true),
+        Err(found) => Err(found),
+    }
+}
+
+/// Marks the caller's filled granule present. `Ok(true)`: wake the
+/// waiters. `Err` carries the state found if the claim was taken over in
+/// the meantime.
+pub fn publish(slot: &impl AtomicSlot, me: Owner) -> Result<bool, PageState> {
+    end_claim(slot, me, PRESENT, PUBLISH).map_err(PageState::decode)
 }
 
 /// Marks the caller's granule poisoned after its fill failed.
-pub fn poison(slot: &impl AtomicSlot, me: Owner) -> Result<(), PageState> {
-    slot.compare_exchange(
-        me.filling_word(),
-        POISONED,
-        Ordering::Release,
-        Ordering::Relaxed,
-    )
-    .map(drop)
-    .map_err(PageState::decode)
+/// `Ok(true)`: wake the waiters.
+pub fn poison(slot: &impl AtomicSlot, me: Owner) -> Result<bool, PageState> {
+    end_claim(slot, me, POISONED, Ordering::Release).map_err(PageState::decode)
 }
 
-/// Takes over the claim of `dead` (whose process the caller found gone).
+/// Takes over the claim of `dead` (whose process the caller proved gone).
 /// `false` if the word no longer shows that claim.
 pub fn take_over(slot: &impl AtomicSlot, dead: Owner, me: Owner) -> bool {
-    slot.compare_exchange(
-        dead.filling_word(),
-        me.filling_word(),
-        Ordering::AcqRel,
-        Ordering::Acquire,
-    )
-    .is_ok()
+    let theirs = dead.filling_word();
+    let mut expected = theirs;
+    loop {
+        match slot.compare_exchange(
+            expected,
+            me.filling_word() | (expected & WAITERS),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => return true,
+            Err(found) if found == theirs | WAITERS && expected == theirs => expected = found,
+            Err(_) => return false,
+        }
+    }
 }
 
-/// Moves a present granule back to absent. `false` if it was not present.
-pub fn evict(slot: &impl AtomicSlot) -> bool {
-    slot.compare_exchange(PRESENT, ABSENT, Ordering::AcqRel, Ordering::Relaxed)
+/// Announces a waiter on `owner`'s claim: sets `WAITERS` unless set.
+/// Returns the word to sleep on while it is unchanged, or `None` if the
+/// word no longer shows that claim (look again instead of sleeping).
+pub fn announce_waiter(slot: &impl AtomicSlot, owner: Owner) -> Option<u64> {
+    let theirs = owner.filling_word();
+    match slot.compare_exchange(
+        theirs,
+        theirs | WAITERS,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    ) {
+        Ok(_) => Some(theirs | WAITERS),
+        Err(found) if found == theirs | WAITERS => Some(found),
+        Err(_) => None,
+    }
+}
+
+/// The outcome of [`begin_discard`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Discard {
+    /// The caller holds the granule (`Filling(me)`): punch it, then
+    /// [`finish_discard`].
+    Claimed,
+    /// Someone is filling it: wait for the fill to end, then try again.
+    Busy(Owner),
+}
+
+/// Claims a granule for discarding, from `Present`, `Absent` or
+/// `Poisoned`.
+#[cfg(not(hugearena_mutation_discard))]
+pub fn begin_discard(slot: &impl AtomicSlot, me: Owner) -> Discard {
+    let mut word = slot.load(Ordering::Relaxed);
+    loop {
+        if let PageState::Filling(owner) = PageState::decode(word) {
+            return Discard::Busy(owner);
+        }
+        match slot.compare_exchange(word, me.filling_word(), Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return Discard::Claimed,
+            Err(found) => word = found,
+        }
+    }
+}
+
+/// The planted mutation: the old order, which left the word `Present`
+/// while the page was punched (and moved it to `Absent` only afterwards).
+#[cfg(hugearena_mutation_discard)]
+pub fn begin_discard(slot: &impl AtomicSlot, _me: Owner) -> Discard {
+    match PageState::decode(slot.load(Ordering::Acquire)) {
+        PageState::Filling(owner) => Discard::Busy(owner),
+        _ => Discard::Claimed,
+    }
+}
+
+/// Ends a discard: `Filling(me) → Absent`; the next touch fills the
+/// granule again. `Ok(true)`: wake the waiters.
+#[cfg(not(hugearena_mutation_discard))]
+pub fn finish_discard(slot: &impl AtomicSlot, me: Owner) -> Result<bool, PageState> {
+    end_claim(slot, me, ABSENT, Ordering::Release).map_err(PageState::decode)
+}
+
+/// The planted mutation's second half (see `begin_discard`).
+#[cfg(hugearena_mutation_discard)]
+pub fn finish_discard(slot: &impl AtomicSlot, _me: Owner) -> Result<bool, PageState> {
+    let _ = slot.compare_exchange(PRESENT, ABSENT, Ordering::AcqRel, Ordering::Relaxed);
+    Ok(false)
+}
+
+/// Moves a poisoned granule back to `Absent`, so the next touch fills it
+/// again (after a transient failure). `false` if it was not poisoned.
+pub fn unpoison(slot: &impl AtomicSlot) -> bool {
+    slot.compare_exchange(POISONED, ABSENT, Ordering::AcqRel, Ordering::Relaxed)
         .is_ok()
 }
 
@@ -215,13 +313,18 @@ mod tests {
         assert_eq!(claim(&s, A), Claim::Won);
         assert_eq!(claim(&s, B), Claim::Busy(A));
         assert_eq!(publish(&s, B), Err(PageState::Filling(A)));
-        assert_eq!(publish(&s, A), Ok(()));
+        assert_eq!(publish(&s, A), Ok(false));
         assert_eq!(claim(&s, B), Claim::Present);
-        assert!(evict(&s));
-        assert!(!evict(&s));
+        assert_eq!(begin_discard(&s, B), Discard::Claimed);
+        assert_eq!(begin_discard(&s, A), Discard::Busy(B));
+        assert_eq!(claim(&s, A), Claim::Busy(B));
+        assert_eq!(finish_discard(&s, B), Ok(false));
         assert_eq!(claim(&s, B), Claim::Won);
-        assert_eq!(poison(&s, B), Ok(()));
+        assert_eq!(poison(&s, B), Ok(false));
         assert_eq!(claim(&s, A), Claim::Poisoned);
+        assert!(unpoison(&s));
+        assert!(!unpoison(&s));
+        assert_eq!(claim(&s, A), Claim::Won);
     }
 
     #[test]
@@ -231,6 +334,20 @@ mod tests {
         assert!(take_over(&s, A, B));
         assert!(!take_over(&s, A, B));
         assert_eq!(publish(&s, A), Err(PageState::Filling(B)));
-        assert_eq!(publish(&s, B), Ok(()));
+        assert_eq!(publish(&s, B), Ok(false));
+    }
+
+    #[test]
+    fn waiters_survive_a_take_over_and_are_reported_to_the_publisher() {
+        let s = AtomicU64::new(ABSENT);
+        assert_eq!(claim(&s, A), Claim::Won);
+        let word = announce_waiter(&s, A).unwrap();
+        assert_eq!(announce_waiter(&s, A), Some(word));
+        assert_eq!(announce_waiter(&s, B), None);
+        assert_eq!(claim(&s, B), Claim::Busy(A));
+        assert!(take_over(&s, A, B));
+        assert_eq!(publish(&s, A), Err(PageState::Filling(B)));
+        assert_eq!(publish(&s, B), Ok(true));
+        assert_eq!(observe(&s), PageState::Present);
     }
 }

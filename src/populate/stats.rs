@@ -26,6 +26,13 @@ pub struct Counters {
     pub poisoned: AtomicU64,
     /// Claims of dead processes this process took over.
     pub takeovers: AtomicU64,
+    /// Fills tried again after a transient source error.
+    pub fill_retries: AtomicU64,
+    /// Present granules whose page had vanished from the file (punched
+    /// behind the protocol's back) and were filled again.
+    pub refills: AtomicU64,
+    /// Granules dropped with `discard`.
+    pub discards: AtomicU64,
     /// Blocks promoted to huge mappings with `MADV_COLLAPSE`.
     pub collapses: AtomicU64,
     /// `MADV_COLLAPSE` calls that failed (the block stays 4 KiB-mapped).
@@ -51,6 +58,12 @@ pub struct Stats {
     pub poisoned: u64,
     /// See [`Counters::takeovers`].
     pub takeovers: u64,
+    /// See [`Counters::fill_retries`].
+    pub fill_retries: u64,
+    /// See [`Counters::refills`].
+    pub refills: u64,
+    /// See [`Counters::discards`].
+    pub discards: u64,
     /// See [`Counters::collapses`].
     pub collapses: u64,
     /// See [`Counters::collapse_failures`].
@@ -76,6 +89,9 @@ impl Counters {
             readahead: get(&self.readahead),
             poisoned: get(&self.poisoned),
             takeovers: get(&self.takeovers),
+            fill_retries: get(&self.fill_retries),
+            refills: get(&self.refills),
+            discards: get(&self.discards),
             collapses: get(&self.collapses),
             collapse_failures: get(&self.collapse_failures),
             fill_latency,
@@ -88,7 +104,8 @@ impl std::fmt::Display for Stats {
         write!(
             f,
             "faults: {} handler, {} in-thread; populate calls {}; fills {}; maps {}; \
-             readahead {}; poisoned {}; takeovers {}; collapses {} ({} failed)",
+             readahead {}; poisoned {}; takeovers {}; retries {}; refills {}; discards {}; \
+             collapses {} ({} failed)",
             self.faults_handler,
             self.faults_in_thread,
             self.populate_calls,
@@ -97,6 +114,9 @@ impl std::fmt::Display for Stats {
             self.readahead,
             self.poisoned,
             self.takeovers,
+            self.fill_retries,
+            self.refills,
+            self.discards,
             self.collapses,
             self.collapse_failures
         )?;

@@ -4,6 +4,7 @@
 //! userfaultfd.
 
 mod error;
+pub mod futex;
 pub mod memfd;
 pub mod mman;
 pub mod pagemap;

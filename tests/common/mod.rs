@@ -172,3 +172,38 @@ pub fn verify(region: &hugearena::Region, expect: impl Fn(usize) -> u8) {
         }
     }
 }
+
+/// Runs this test binary's `child_entry` with `role` and extra environment,
+/// killing it (and failing) if it runs longer than `limit`. Returns its
+/// output whatever its exit status.
+pub fn run_child_within(role: &str, env: &[(&str, String)], limit: std::time::Duration) -> Output {
+    use std::process::Stdio;
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut child = Command::new(exe)
+        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ROLE, role)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn child test process");
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("wait for child").is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("reap child");
+            panic!(
+                "child {role} still running after {limit:?} (a wait without bound?)\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("collect child output")
+}
+
+/// The signal that ended a child, if one did.
+pub fn killed_by(out: &Output) -> Option<i32> {
+    std::os::unix::process::ExitStatusExt::signal(&out.status)
+}
