@@ -252,6 +252,15 @@ pub enum Error {
     #[error("allocation of 0 bytes: ask for at least 1 byte")]
     ZeroAllocation,
 
+    /// A shared word was asked for at an offset not aligned for it.
+    #[error("offset {offset:#x} is not aligned to {align} bytes, as the shared words there need")]
+    Misaligned {
+        /// The offset asked for.
+        offset: u64,
+        /// The alignment the words need.
+        align: usize,
+    },
+
     /// The requested alignment is more than an arena can give.
     #[error("alignment {align} is larger than the arena's largest (2 MiB, one block)")]
     AlignmentTooLarge {

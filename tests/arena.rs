@@ -90,8 +90,8 @@ fn every_size_range_allocates_distinct_aligned_memory_and_frees_it() {
     for (round, &(size, align)) in requests.iter().cycle().take(60).enumerate() {
         let p = a.alloc(layout(size, align)).unwrap();
         assert_eq!(p.offset() % align as u64, 0, "{size} B aligned {align}");
-        assert_eq!(a.local(p).as_ptr() as usize % align, 0);
-        assert_eq!(a.shm_ptr(a.local(p).as_ptr()), Some(p));
+        assert_eq!(a.local(p).unwrap().as_ptr() as usize % align, 0);
+        assert_eq!(a.shm_ptr(a.local(p).unwrap().as_ptr()), Some(p));
         model.insert(p, size as u64);
         stamp(&a, p, size, round as u8);
         live.push((p, size, round as u8));

@@ -142,7 +142,7 @@ fn child_entry() {
                             a.release_free_blocks();
                             continue;
                         };
-                        let base = a.local(p).as_ptr();
+                        let base = a.local(p).unwrap().as_ptr();
                         for page in 0..512 {
                             // SAFETY: inside the live 2 MiB allocation.
                             unsafe { base.add(page * 4096).write_volatile(page as u8) };
@@ -221,6 +221,60 @@ fn child_entry() {
                 a.populator().failures()
             );
         }
+        "hostile-tables" => {
+            let seed: u64 = std::env::var("SEED").unwrap().parse().unwrap();
+            let a = arena(16 << 20, BackendKind::Shmem);
+            let l = Layout::from_size_align(48, 8).unwrap();
+            let mut live: Vec<ShmPtr> = (0..200).map(|_| a.alloc(l).unwrap()).collect();
+            live.push(a.alloc_bytes(100 << 10).unwrap());
+            live.push(a.alloc_bytes(3 << 20).unwrap());
+            // Damage every table word after the header's identity words
+            // with random values (some words kept plausible: small numbers).
+            let mut x = seed | 1;
+            let mut next = || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let meta = a.layout().meta_len as usize;
+            let mut words = vec![0u8; meta - 32];
+            for w in words.chunks_exact_mut(8) {
+                let v = match next() % 4 {
+                    0 => next(),
+                    1 => next() % 4096,
+                    2 => next() & 0xC03F_0000_0000_FFFF,
+                    _ => 0,
+                };
+                w.copy_from_slice(&v.to_le_bytes());
+            }
+            a.region().write_via_primary(32, &words).unwrap();
+            let mut oks = 0;
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                for i in 0..3000u64 {
+                    let r = match next() % 5 {
+                        0 => a.alloc(l).map(drop),
+                        1 => a.alloc_bytes((next() % (3 << 20)) as usize + 1).map(drop),
+                        2 => live
+                            .get((next() % live.len() as u64) as usize)
+                            .map_or(Ok(()), |p| a.free(*p)),
+                        3 => a.free(ShmPtr::from_offset(next() % (16 << 20))),
+                        _ => {
+                            let _ = a.stats();
+                            let _ = a.local(ShmPtr::from_offset(next()));
+                            Ok(())
+                        }
+                    };
+                    oks += u64::from(r.is_ok());
+                    if i % 500 == 0 {
+                        a.release_free_blocks();
+                        let _ = a.audit();
+                    }
+                }
+            }));
+            assert!(result.is_ok(), "a damaged table made the arena panic");
+            println!("HOSTILE-OK {oks}");
+        }
         other => panic!("unknown role {other}"),
     }
 }
@@ -264,7 +318,7 @@ fn over_aligned_allocations_are_aligned_in_memory() {
                 let p = a
                     .alloc(Layout::from_size_align(100, align).unwrap())
                     .unwrap();
-                let addr = a.local(p).as_ptr() as usize;
+                let addr = a.local(p).unwrap().as_ptr() as usize;
                 assert_eq!(addr % align, 0, "{kind}: align {align} gave {addr:#x}");
             }
             #[repr(align(65536))]
@@ -544,7 +598,8 @@ fn snapshot_files_are_private_and_temporaries_are_safe() {
     std::fs::write(&victim, b"precious").unwrap();
     std::os::unix::fs::symlink(
         &victim,
-        dir.path().join(format!(".pool2.snap.tmp-{}", std::process::id())),
+        dir.path()
+            .join(format!(".pool2.snap.tmp-{}", std::process::id())),
     )
     .unwrap();
     for n in 0..64 {
@@ -569,4 +624,27 @@ fn snapshot_files_are_private_and_temporaries_are_safe() {
         .filter(|n| n.starts_with(".taken"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Damaged arena tables (random words over every table) give errors or
+/// wrong-but-bounded answers: never a panic, never a hang.
+#[test]
+fn damaged_arena_tables_never_panic_or_hang() {
+    for seed in 1..=12u64 {
+        let out = run_child_within(
+            "hostile-tables",
+            &[
+                ("REGION_PATH", String::new()),
+                ("SEED", (seed * 0x9E37_79B9).to_string()),
+            ],
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("HOSTILE-OK"),
+            "seed {seed}: {:?}\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

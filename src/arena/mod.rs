@@ -321,11 +321,19 @@ impl<S: PageSource + 'static> Arena<S> {
         &self.layout
     }
 
-    /// The local address of `ptr` in this process.
-    pub fn local(&self, ptr: ShmPtr) -> NonNull<u8> {
-        assert!(ptr.0 < self.layout.data_len, "{ptr:?} is outside the arena");
-        // SAFETY: in bounds of the primary view (asserted).
-        unsafe { self.base.add(ptr.0 as usize) }
+    /// The local address of `ptr` in this process; an error if `ptr` lies
+    /// outside the arena. (An offset cannot tell which arena it came from:
+    /// a `ShmPtr` of another arena maps to this arena's memory.)
+    pub fn local(&self, ptr: ShmPtr) -> Result<NonNull<u8>> {
+        if ptr.0 >= self.layout.data_len {
+            return Err(Error::OutOfBounds {
+                offset: ptr.0,
+                len: 1,
+                region_len: self.layout.data_len,
+            });
+        }
+        // SAFETY: in bounds of the primary view (checked).
+        Ok(unsafe { self.base.add(ptr.0 as usize) })
     }
 
     /// The `ShmPtr` of a local address inside the arena.
@@ -343,8 +351,11 @@ impl<S: PageSource + 'static> Arena<S> {
     /// any process) while the reference lives, unless `T` is itself made
     /// of atomics or cells meant for sharing.
     pub unsafe fn get<T>(&self, ptr: ShmPtr) -> &T {
+        let local = self
+            .local(ptr)
+            .expect("the caller's contract: a live allocation");
         // SAFETY: the caller's contract.
-        unsafe { self.local(ptr).cast::<T>().as_ref() }
+        unsafe { local.cast::<T>().as_ref() }
     }
 
     fn words<T: crate::region::SharedAtomic>(&self, offset: u64, count: u64) -> &[T] {
@@ -371,6 +382,12 @@ impl<S: PageSource + 'static> Arena<S> {
 
     fn run_len(&self, page: u64) -> &AtomicU32 {
         &self.words::<AtomicU32>(self.layout.runs_offset + page * 4, 1)[0]
+    }
+
+    /// Whether `slot` names a span slot of the arena (words read from the
+    /// shared tables are checked before they index anything).
+    fn is_slot(&self, slot: u64) -> bool {
+        slot < self.layout.data_len / SPAN
     }
 
     fn span_state(&self, slot: u64) -> &AtomicU64 {
@@ -510,10 +527,10 @@ impl<S: PageSource + 'static> Arena<S> {
             (page % PAGES_PER_BLOCK) as usize,
             n as usize,
         );
-        assert!(
-            released,
-            "arena tables corrupt: pages {page}+{n} were not all in use"
-        );
+        if !released {
+            // Damaged tables: change nothing rather than free pages twice.
+            return;
+        }
         let free = block::unreserve_pages(self.block(b), n);
         if free == PAGES_PER_BLOCK && self.release == ReleasePolicy::Eager {
             self.release_block(b);
@@ -530,16 +547,22 @@ impl<S: PageSource + 'static> Arena<S> {
             if bitmap::claim_range(self.span_bitmap(slot), index, 1) {
                 return Some(ShmPtr(hint));
             }
-            return Some(self.claim_object(slot, class));
+            return self.claim_object(slot, class);
         }
         let cap = layout::capacity(class);
         loop {
             let current = self.current(class).load(Ordering::Acquire);
-            if current != 0 && span::reserve(self.span_state(current - 1), class, cap) {
-                return Some(self.claim_object(current - 1, class));
+            if current != 0
+                && self.is_slot(current - 1)
+                && span::reserve(self.span_state(current - 1), class, cap)
+            {
+                return self.claim_object(current - 1, class);
             }
             if let Some(slot) = stack::pop(self.partial(class), &self.span_links()) {
                 let slot = u64::from(slot);
+                if !self.is_slot(slot) {
+                    return None;
+                }
                 let state = self.span_state(slot);
                 if !span::unlist(state, class) {
                     continue;
@@ -551,7 +574,7 @@ impl<S: PageSource + 'static> Arena<S> {
                         Ordering::AcqRel,
                         Ordering::Relaxed,
                     );
-                    return Some(self.claim_object(slot, class));
+                    return self.claim_object(slot, class);
                 }
                 // Full again, or empty and abandoned: retire if empty.
                 if self.current(class).load(Ordering::Acquire) != slot + 1
@@ -596,16 +619,20 @@ impl<S: PageSource + 'static> Arena<S> {
     }
 
     /// Claims a bit in a span where this thread holds a reservation.
-    fn claim_object(&self, slot: u64, class: u32) -> ShmPtr {
+    /// `None` only if the tables are damaged (no clear bit ever shows up).
+    fn claim_object(&self, slot: u64, class: u32) -> Option<ShmPtr> {
         let cap = layout::capacity(class) as usize;
-        loop {
+        for _ in 0..CLAIM_SCANS {
             if let Some(i) = bitmap::claim_one(self.span_bitmap(slot), cap) {
-                return ShmPtr(slot * SPAN + i as u64 * u64::from(CLASSES[class as usize]));
+                return Some(ShmPtr(
+                    slot * SPAN + i as u64 * u64::from(CLASSES[class as usize]),
+                ));
             }
             // Every reservation has a clear bit; a racing claimer took the
             // one this scan saw. Scan again.
             std::hint::spin_loop();
         }
+        None
     }
 
     /// Frees an allocation. Pointers that are not live allocations (never
@@ -632,6 +659,9 @@ impl<S: PageSource + 'static> Arena<S> {
                 }
                 let page = offset / PAGE;
                 let n = self.run_len(page).swap(0, Ordering::AcqRel);
+                if u64::from(n) > PAGES_PER_BLOCK - page % PAGES_PER_BLOCK {
+                    return Err(invalid("the run's length in the tables is damaged"));
+                }
                 if n == 0 {
                     return Err(invalid(
                         "not the start of a live allocation (never allocated or already freed)",
@@ -683,7 +713,8 @@ impl<S: PageSource + 'static> Arena<S> {
     }
 
     fn free_large(&self, b: u64) -> Option<()> {
-        let n = block::begin_free_large(self.block(b))?;
+        // A damaged count frees no block that is not there.
+        let n = block::begin_free_large(self.block(b))?.clamp(1, self.layout.blocks - b);
         let punch = self.release == ReleasePolicy::Eager;
         if punch {
             self.punch(b, n);
@@ -859,15 +890,21 @@ struct SpanLinks<'a, S: PageSource + 'static>(&'a Arena<S>);
 
 impl<S: PageSource + 'static> stack::Links for SpanLinks<'_, S> {
     type Slot = AtomicU64;
-    fn link(&self, slot: u32) -> &AtomicU64 {
-        &self.0.words(
-            self.0.layout.spans_offset + u64::from(slot) * SPAN_DESC + 8,
-            1,
-        )[0]
+    fn link(&self, slot: u32) -> Option<&AtomicU64> {
+        self.0.is_slot(u64::from(slot)).then(|| {
+            &self.0.words(
+                self.0.layout.spans_offset + u64::from(slot) * SPAN_DESC + 8,
+                1,
+            )[0]
+        })
     }
 }
 
 const _: () = assert!(HEADER as usize >= hdr::WORDS * 8);
+
+/// Scans of a span's bitmap for the clear bit a reservation guarantees
+/// before the tables are taken to be damaged.
+const CLAIM_SCANS: u32 = 1 << 16;
 
 // SAFETY: `allocate` returns memory of at least `layout.size()` bytes with
 // `layout.align()` alignment that no other allocation overlaps until it is
@@ -886,7 +923,8 @@ unsafe impl<S: PageSource + 'static> allocator_api2::alloc::Allocator for Arena<
             .alloc(layout)
             .map_err(|_| allocator_api2::alloc::AllocError)?;
         Ok(NonNull::slice_from_raw_parts(
-            self.local(ptr),
+            self.local(ptr)
+                .map_err(|_| allocator_api2::alloc::AllocError)?,
             layout.size(),
         ))
     }

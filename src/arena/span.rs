@@ -128,7 +128,10 @@ pub fn try_retire(state: &impl AtomicSlot) -> bool {
 /// Decoded for statistics: `(class, used)` of an active span.
 pub fn describe(state: &impl AtomicSlot) -> Option<(u32, u64)> {
     let w = state.load(Ordering::Acquire);
-    (w & ACTIVE != 0).then(|| (class_of(w), used(w)))
+    // A class past the table is a damaged word: no span (never an index
+    // out of bounds).
+    (w & ACTIVE != 0 && (class_of(w) as usize) < super::layout::CLASSES.len())
+        .then(|| (class_of(w), used(w)))
 }
 
 #[cfg(all(test, not(loom)))]

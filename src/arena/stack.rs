@@ -21,13 +21,15 @@ pub trait Links {
     /// The word type.
     type Slot: AtomicSlot;
     /// The link word of `index`.
-    fn link(&self, index: u32) -> &Self::Slot;
+    /// The link word of `index`; `None` if there is no such slot (a
+    /// damaged word pointed outside the table).
+    fn link(&self, index: u32) -> Option<&Self::Slot>;
 }
 
 impl<A: AtomicSlot> Links for [A] {
     type Slot = A;
-    fn link(&self, index: u32) -> &A {
-        &self[index as usize]
+    fn link(&self, index: u32) -> Option<&A> {
+        self.get(index as usize)
     }
 }
 
@@ -35,7 +37,11 @@ impl<A: AtomicSlot> Links for [A] {
 pub fn push(head: &impl AtomicSlot, links: &(impl Links + ?Sized), index: u32) {
     let mut h = head.load(Ordering::Relaxed);
     loop {
-        links.link(index).store(h & LOW, Ordering::Relaxed);
+        let Some(link) = links.link(index) else {
+            // Not a slot of the table: nothing to push.
+            return;
+        };
+        link.store(h & LOW, Ordering::Relaxed);
         let new = (h >> 32).wrapping_add(1) << 32 | (u64::from(index) + 1);
         match head.compare_exchange(h, new, Ordering::Release, Ordering::Relaxed) {
             Ok(_) => return,
@@ -52,7 +58,8 @@ pub fn pop(head: &impl AtomicSlot, links: &(impl Links + ?Sized)) -> Option<u32>
         if top == 0 {
             return None;
         }
-        let next = links.link((top - 1) as u32).load(Ordering::Relaxed) & LOW;
+        // A top outside the table is a damaged head: treat it as empty.
+        let next = links.link((top - 1) as u32)?.load(Ordering::Relaxed) & LOW;
         let new = (h >> 32).wrapping_add(1) << 32 | next;
         match head.compare_exchange(h, new, Ordering::Acquire, Ordering::Acquire) {
             Ok(_) => return Some((top - 1) as u32),

@@ -103,18 +103,36 @@ pub(crate) struct Core<S> {
     fill_timeout: Duration,
 }
 
+/// How a [`Core`] works, decided by the populator from its options.
+pub(crate) struct Settings {
+    /// This process as a claim owner.
+    pub(crate) me: Owner,
+    /// Faulting threads park until woken (handler threads), rather than
+    /// retrying after a SIGBUS.
+    pub(crate) wakes: bool,
+    /// Pages are mapped write-protected for write tracking.
+    pub(crate) track_writes: bool,
+    /// Readahead cap in granules (0: off).
+    pub(crate) readahead_granules: u64,
+    /// How long to wait for another filler.
+    pub(crate) fill_timeout: Duration,
+}
+
 impl<S: PageSource> Core<S> {
     pub(crate) fn new(
         region: Arc<Region>,
         uffd: Userfaultfd,
         source: S,
-        me: Owner,
-        wakes: bool,
-        track_writes: bool,
-        readahead_granules: u64,
         promoter: Option<Promoter>,
-        fill_timeout: Duration,
+        settings: Settings,
     ) -> Core<S> {
+        let Settings {
+            me,
+            wakes,
+            track_writes,
+            readahead_granules,
+            fill_timeout,
+        } = settings;
         let granule = region.granule().bytes();
         let granules = region.len() / granule;
         Core {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::engine::Core;
+use super::engine::{Core, Settings};
 use super::handlers::HandlerPool;
 use super::promote::{Promoter, Promotion};
 use super::signal::{self, Registration};
@@ -250,12 +250,14 @@ impl<S: PageSource + 'static> Populator<S> {
             Arc::clone(&region),
             uffd,
             source,
-            me,
-            handlers,
-            options.track_writes,
-            readahead,
             promoter,
-            options.fill_timeout,
+            Settings {
+                me,
+                wakes: handlers,
+                track_writes: options.track_writes,
+                readahead_granules: readahead,
+                fill_timeout: options.fill_timeout,
+            },
         ));
         let mut populator = Populator {
             core,

@@ -411,11 +411,12 @@ impl Region {
                 region_len: self.len() as u64,
             })?;
         self.check_bounds(offset, bytes)?;
-        assert_eq!(
-            offset % std::mem::align_of::<T>(),
-            0,
-            "shared atomics must be aligned"
-        );
+        if offset % std::mem::align_of::<T>() != 0 {
+            return Err(Error::Misaligned {
+                offset: offset as u64,
+                align: std::mem::align_of::<T>(),
+            });
+        }
         // SAFETY: in bounds and aligned (checked); the primary view lives as
         // long as `self`; `SharedAtomic` types have no invalid bit patterns
         // and are only accessed atomically, so sharing them with other
