@@ -141,8 +141,10 @@ pub fn reserve_pages(slot: &impl AtomicSlot, n: u64) -> bool {
 pub fn unreserve_pages(slot: &impl AtomicSlot, n: u64) -> u64 {
     let mut w = slot.load(Ordering::Relaxed);
     loop {
-        debug_assert_eq!(Kind::of(w), Kind::Pages);
-        debug_assert!((w & LOW) + n <= PAGES_PER_BLOCK);
+        if Kind::of(w) != Kind::Pages || (w & LOW) + n > PAGES_PER_BLOCK {
+            // A damaged word: change nothing.
+            return w & LOW;
+        }
         match slot.compare_exchange(w, w + n, Ordering::AcqRel, Ordering::Relaxed) {
             Ok(_) => return (w & LOW) + n,
             Err(found) => w = found,

@@ -83,7 +83,10 @@ pub enum AfterFree {
 pub fn unreserve(state: &impl AtomicSlot, is_current: bool) -> AfterFree {
     let mut w = state.load(Ordering::Relaxed);
     loop {
-        debug_assert!(w & ACTIVE != 0 && used(w) > 0, "unreserve of {w:#x}");
+        if w & ACTIVE == 0 || used(w) == 0 {
+            // A damaged word (no reservation to give back): change nothing.
+            return AfterFree::Keep;
+        }
         let left = used(w) - 1;
         let (new, after) = if left == 0 && w & LISTED == 0 && !is_current {
             (0, AfterFree::Retire)
