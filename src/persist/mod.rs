@@ -1,7 +1,7 @@
 //! Snapshots and lazy restore.
 //!
 //! A snapshot holds a region's populated granules, each with a crc32c, in
-//! a sparse file ([`format`]). Restoring maps a new region whose page
+//! a sparse file ([`format`](mod@format)). Restoring maps a new region whose page
 //! source is the snapshot and returns at once: nothing is read until a
 //! page is touched (or a background drain gets to it), and every page is
 //! verified as it is filled; a corrupt page is poisoned and reported, the
