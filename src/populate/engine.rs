@@ -406,8 +406,9 @@ impl<S: PageSource> Core<S> {
     /// Drops granules `[first, last)` everywhere: claims each (waiting for
     /// fills in progress), punches their pages out of the file (which
     /// unmaps them in every process), clears this process's mappings and
-    /// poison markers, then marks them absent. Returns the granules
-    /// discarded; on a timeout, those claimed so far are still discarded.
+    /// poison markers, then marks them absent. On a timeout (or an error)
+    /// the granules claimed so far are still discarded, and the error is
+    /// returned.
     pub(crate) fn discard_range(&self, first: usize, last: usize) -> SysResult<()> {
         let states = self.region.page_states();
         let mut claimed = first;
