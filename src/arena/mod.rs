@@ -543,8 +543,9 @@ impl<S: PageSource + 'static> Arena<S> {
             // hint's bit back, or, if another thread's reservation took
             // it meanwhile, another clear bit of that span.
             let slot = hint / SPAN;
-            let index = ((hint - slot * SPAN) / u64::from(CLASSES[class as usize])) as usize;
-            if bitmap::claim_range(self.span_bitmap(slot), index, 1) {
+            if let Some(index) = Self::object_index(slot, class, hint)
+                && bitmap::claim_range(self.span_bitmap(slot), index, 1)
+            {
                 return Some(ShmPtr(hint));
             }
             return self.claim_object(slot, class);

@@ -176,6 +176,9 @@ fn create_temporary(dir: &Path, name: &str) -> Result<(PathBuf, File)> {
     }
 }
 
+/// Bytes of page map read at a time (a multiple of the entry size).
+const MAP_READ_CHUNK: usize = 1 << 20;
+
 /// The deepest chain of incremental snapshots a restore follows.
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
@@ -337,36 +340,36 @@ impl SnapshotSource {
         let header = SnapshotHeader::decode(&head, len, &path)?;
         // The map's size follows from the header (checked against the
         // file's length); it is reserved fallibly, so a hostile header gets
-        // an error, not an abort.
-        let map_len = (header.granules * MAP_ENTRY) as usize;
-        let mut raw = Vec::new();
-        raw.try_reserve_exact(map_len)
-            .map_err(|_| Error::BadSnapshot {
-                path: path.clone(),
-                reason: format!("cannot hold its page map of {map_len} bytes in memory"),
-            })?;
-        raw.resize(map_len, 0);
-        file.read_exact_at(&mut raw, header.map_offset)
-            .map_err(io_error(&path))?;
-        if crc32c::crc32c(&raw) != header.map_crc {
-            return Err(Error::BadSnapshot {
-                path,
-                reason: "page map checksum mismatch: the map is corrupt".into(),
-            });
-        }
+        // an error, not an abort, and read through a fixed buffer.
+        let map_len = header.granules * MAP_ENTRY;
         let mut map: Vec<(u32, u32)> = Vec::new();
         map.try_reserve_exact(header.granules as usize)
             .map_err(|_| Error::BadSnapshot {
                 path: path.clone(),
                 reason: format!("cannot hold its page map of {map_len} bytes in memory"),
             })?;
-        map.extend(raw.chunks_exact(8).map(|e| {
-            (
-                u32::from_le_bytes(e[0..4].try_into().expect("4 bytes")),
-                u32::from_le_bytes(e[4..8].try_into().expect("4 bytes")),
-            )
-        }));
-        drop(raw);
+        let mut chunk = vec![0u8; MAP_READ_CHUNK.min(map_len as usize)];
+        let mut crc = 0;
+        let mut at = 0;
+        while at < map_len {
+            let part = &mut chunk[..(map_len - at).min(MAP_READ_CHUNK as u64) as usize];
+            file.read_exact_at(part, header.map_offset + at)
+                .map_err(io_error(&path))?;
+            crc = crc32c::crc32c_append(crc, part);
+            map.extend(part.chunks_exact(8).map(|e| {
+                (
+                    u32::from_le_bytes(e[0..4].try_into().expect("4 bytes")),
+                    u32::from_le_bytes(e[4..8].try_into().expect("4 bytes")),
+                )
+            }));
+            at += part.len() as u64;
+        }
+        if crc != header.map_crc {
+            return Err(Error::BadSnapshot {
+                path,
+                reason: "page map checksum mismatch: the map is corrupt".into(),
+            });
+        }
         let present = map.iter().filter(|(f, _)| f & PRESENT != 0).count() as u64;
         if present != header.present {
             return Err(Error::BadSnapshot {

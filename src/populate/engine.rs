@@ -245,8 +245,8 @@ impl<S: PageSource> Core<S> {
                 Claim::Poisoned => return Outcome::Failed,
                 Claim::Busy(_) if !wait => return Outcome::Busy,
                 Claim::Busy(owner) => {
-                    if owner == self.me && FILLING.get() == (self as *const _ as usize, index + 1) {
-                        self.stuck(index, FillError::Recursive);
+                    if self.filled_by_this_thread(owner, index) {
+                        self.record_error(index, FillError::Recursive);
                         return Outcome::Stuck;
                     }
                     let deadline =
@@ -255,7 +255,7 @@ impl<S: PageSource> Core<S> {
                         Waited::Changed => {}
                         Waited::TookOver => return self.fill(index, slot),
                         Waited::TimedOut => {
-                            self.stuck(index, FillError::Stuck { pid: owner.pid });
+                            self.record_error(index, FillError::Stuck { pid: owner.pid });
                             return Outcome::Stuck;
                         }
                     }
@@ -264,11 +264,18 @@ impl<S: PageSource> Core<S> {
         }
     }
 
-    fn stuck(&self, index: usize, error: FillError) {
+    fn record_error(&self, index: usize, error: FillError) {
         self.errors.push(SourceError {
             index: index as u64,
             error,
         });
+    }
+
+    /// Whether `owner`'s claim on granule `index` is this very thread's
+    /// fill in progress (its source touched the page, or discards it):
+    /// waiting for it would never end.
+    fn filled_by_this_thread(&self, owner: Owner, index: usize) -> bool {
+        owner == self.me && FILLING.get() == (self as *const _ as usize, index + 1)
     }
 
     /// One step of waiting for `owner`'s claim on `slot` to end: a few
@@ -333,10 +340,7 @@ impl<S: PageSource> Core<S> {
                 state::publish(slot, self.me)
             }
             Err(error) => {
-                self.errors.push(SourceError {
-                    index: index as u64,
-                    error,
-                });
+                self.record_error(index, error);
                 state::poison(slot, self.me)
             }
         };
@@ -415,35 +419,35 @@ impl<S: PageSource> Core<S> {
         let mut failed = None;
         'claim: while claimed < last {
             let slot = &states[claimed];
-            let deadline = Instant::now() + self.fill_timeout;
+            let mut deadline = None;
             let mut checks = 0;
             loop {
                 match state::begin_discard(slot, self.me) {
                     Discard::Claimed => break,
-                    Discard::Busy(owner)
-                        if owner == self.me
-                            && FILLING.get() == (self as *const _ as usize, claimed + 1) =>
-                    {
+                    Discard::Busy(owner) if self.filled_by_this_thread(owner, claimed) => {
                         failed = Some(
                             SysError::new("discarding a page this thread fills", Errno::EDEADLK)
                                 .arg("granule", claimed as u64),
                         );
                         break 'claim;
                     }
-                    Discard::Busy(owner) => match self.wait_for(slot, owner, deadline, &mut checks)
-                    {
-                        Waited::Changed => {}
-                        // The dead filler's claim is ours now: discard it.
-                        Waited::TookOver => break,
-                        Waited::TimedOut => {
-                            failed = Some(
-                                SysError::new("waiting for another filler", Errno::ETIMEDOUT)
-                                    .arg("granule", claimed as u64)
-                                    .arg("pid", u64::from(owner.pid)),
-                            );
-                            break 'claim;
+                    Discard::Busy(owner) => {
+                        let deadline =
+                            *deadline.get_or_insert_with(|| Instant::now() + self.fill_timeout);
+                        match self.wait_for(slot, owner, deadline, &mut checks) {
+                            Waited::Changed => {}
+                            // The dead filler's claim is ours now: discard it.
+                            Waited::TookOver => break,
+                            Waited::TimedOut => {
+                                failed = Some(
+                                    SysError::new("waiting for another filler", Errno::ETIMEDOUT)
+                                        .arg("granule", claimed as u64)
+                                        .arg("pid", u64::from(owner.pid)),
+                                );
+                                break 'claim;
+                            }
                         }
-                    },
+                    }
                 }
             }
             claimed += 1;
