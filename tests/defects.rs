@@ -648,3 +648,164 @@ fn damaged_arena_tables_never_panic_or_hang() {
         );
     }
 }
+
+/// Runs `body` in a forked child and returns its exit status: 0 when the
+/// body returned `Ok`, 1 with its error, 2 if it panicked. The child exits
+/// with `_exit`, running no destructor of the parent's state by accident.
+fn in_forked_child(body: impl FnOnce() -> Result<(), String>) -> i32 {
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use nix::unistd::{ForkResult, fork};
+    // SAFETY: the child runs `body` (which only touches memory and makes
+    // system calls through the library) and leaves with `_exit`.
+    match unsafe { fork() }.unwrap() {
+        ForkResult::Child => {
+            let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+                Ok(Ok(())) => 0,
+                Ok(Err(why)) => {
+                    let _ = nix::unistd::write(std::io::stderr(), why.as_bytes());
+                    1
+                }
+                Err(_) => 2,
+            };
+            // SAFETY: ends the child without unwinding into the test harness.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => match waitpid(child, None).unwrap() {
+            WaitStatus::Exited(_, code) => code,
+            other => panic!("forked child ended with {other:?}"),
+        },
+    }
+}
+
+/// Page `index` of the fork tests' source holds `index as u8 ^ 0xA5`.
+fn indexed_source() -> FnSource<impl Fn(u64, &mut [u8]) -> Result<(), FillError> + Send + Sync> {
+    FnSource(|index: u64, dst: &mut [u8]| {
+        dst.fill(index as u8 ^ 0xA5);
+        Ok(())
+    })
+}
+
+/// A child forked after a populator exists reads the source's bytes (not
+/// zeroes) on every driver, its writes reach the parent, and nothing it
+/// does, dropping its copy of the populator included, stops the parent's
+/// handler threads.
+#[test]
+fn a_forked_child_reads_source_bytes_and_leaves_the_parent_serving() {
+    for driver in [
+        Driver::InThread,
+        Driver::HandlerThreads(1),
+        Driver::Proactive,
+    ] {
+        let region = Arc::new(
+            Region::create(RegionOptions::new(16 << 20).backend(BackendKind::Shmem)).unwrap(),
+        );
+        let g = region.granule().bytes();
+        let options = PopulateOptions::new().driver(driver).readahead(16 * g);
+        let mut populator =
+            Some(Populator::with_options(Arc::clone(&region), indexed_source(), options).unwrap());
+        let base = region.primary().as_ptr();
+        let byte = |i: usize| -> u8 {
+            // SAFETY: inside the primary view, which the populator fills.
+            unsafe { std::ptr::read_volatile(base.add(i * g + 7)) }
+        };
+        // Some pages populated before the fork, most not.
+        for i in 0..8 {
+            assert_eq!(byte(i), i as u8 ^ 0xA5);
+        }
+        let status = in_forked_child(|| {
+            for i in (0..region.len() / g).step_by(3) {
+                if byte(i) != i as u8 ^ 0xA5 {
+                    return Err(format!("{driver}: child read {:#x} at page {i}", byte(i)));
+                }
+            }
+            // SAFETY: inside the primary; page 100 was not read above, so
+            // this write is its first touch in any process.
+            unsafe { base.add(100 * g).write_volatile(0xC7) };
+            drop(populator.take());
+            Ok(())
+        });
+        assert_eq!(status, 0, "{driver}: the forked child failed");
+        let populator = populator.unwrap();
+        // The parent still serves first touches, on pages the child did not
+        // populate, and sees the child's write.
+        for i in (1..region.len() / g).step_by(3) {
+            assert_eq!(byte(i), i as u8 ^ 0xA5, "{driver}: parent, page {i}");
+        }
+        // SAFETY: as above.
+        assert_eq!(unsafe { base.add(100 * g).read_volatile() }, 0xC7);
+        if let Driver::HandlerThreads(n) = driver {
+            assert_eq!(
+                populator.live_handlers(),
+                n,
+                "the child stopped the parent's handlers"
+            );
+        }
+        assert!(
+            populator.failures().is_empty(),
+            "{:?}",
+            populator.failures()
+        );
+    }
+}
+
+/// An arena keeps working in a forked child: the child allocates and
+/// frees (without the parent's thread caches), the parent goes on
+/// allocating, and no object is handed to both.
+#[test]
+fn an_arena_keeps_working_in_a_forked_child() {
+    let a = arena(32 << 20, BackendKind::Shmem);
+    a.set_thread_caches(true);
+    let l = Layout::from_size_align(256, 8).unwrap();
+    // Cached free objects in this thread at the fork.
+    let warm: Vec<ShmPtr> = (0..64).map(|_| a.alloc(l).unwrap()).collect();
+    for p in warm {
+        a.free(p).unwrap();
+    }
+    let (read, write) = nix::unistd::pipe().unwrap();
+    let mut parents = Some(a);
+    let status = in_forked_child(|| {
+        let a = parents.take().unwrap();
+        let mut offsets = Vec::new();
+        for round in 0..200 {
+            let p = a.alloc(l).map_err(|e| e.to_string())?;
+            // SAFETY: a fresh 256-byte allocation.
+            unsafe { std::ptr::write_bytes(a.local(p).unwrap().as_ptr(), 0xC1, 256) };
+            if round % 2 == 0 {
+                a.free(p).map_err(|e| e.to_string())?;
+            } else {
+                offsets.extend_from_slice(&p.offset().to_le_bytes());
+            }
+        }
+        nix::unistd::write(&write, &offsets).map_err(|e| e.to_string())?;
+        drop(a);
+        Ok(())
+    });
+    assert_eq!(status, 0, "the forked child failed");
+    let a = parents.unwrap();
+    drop(write);
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::fs::File::from(read), &mut bytes).unwrap();
+    let theirs: Vec<u64> = bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(theirs.len(), 100);
+    let mine: Vec<ShmPtr> = (0..300).map(|_| a.alloc(l).unwrap()).collect();
+    for p in &mine {
+        assert!(
+            !theirs.contains(&p.offset()),
+            "{p:?} handed to both processes"
+        );
+        // SAFETY: a fresh 256-byte allocation.
+        unsafe { std::ptr::write_bytes(a.local(*p).unwrap().as_ptr(), 0xA1, 256) };
+    }
+    for &off in &theirs {
+        let p = a.local(ShmPtr::from_offset(off)).unwrap().as_ptr();
+        // SAFETY: the child's allocation, still live.
+        let got = unsafe { std::slice::from_raw_parts(p, 256) };
+        assert!(
+            got.iter().all(|&b| b == 0xC1),
+            "child's object at {off} overwritten"
+        );
+    }
+}

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::layout::CLASSES;
+use crate::populate::fork;
 
 /// Objects kept per class and thread.
 pub const PER_CLASS: usize = 32;
@@ -48,6 +49,11 @@ type Cell = Arc<Mutex<ThreadCache>>;
 #[derive(Debug)]
 pub(crate) struct Caches {
     id: u64,
+    /// The fork generation the caches belong to: in a forked child they
+    /// are the parent's (their objects are the parent's to reuse, and a
+    /// vanished parent thread may hold a cache's lock), so the child
+    /// allocates and frees without caches.
+    generation: u64,
     enabled: AtomicBool,
     cells: Mutex<Vec<Cell>>,
 }
@@ -62,6 +68,10 @@ impl Caches {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Caches {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            generation: {
+                fork::install();
+                fork::generation()
+            },
             enabled: AtomicBool::new(enabled),
             cells: Mutex::new(Vec::new()),
         }
@@ -72,7 +82,7 @@ impl Caches {
     }
 
     pub(crate) fn enabled(&self) -> bool {
-        self.enabled.load(Ordering::Relaxed)
+        self.enabled.load(Ordering::Relaxed) && self.generation == fork::generation()
     }
 
     /// Runs `f` on this thread's cache, if caching is on and the cache is
@@ -128,6 +138,9 @@ impl Caches {
 
     /// Takes every cached object of every thread: `(class, offset)`.
     pub(crate) fn drain(&self) -> Vec<(u32, u64)> {
+        if self.generation != fork::generation() {
+            return Vec::new();
+        }
         let cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out = Vec::new();
         for cell in cells.iter() {

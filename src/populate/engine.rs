@@ -23,7 +23,9 @@ use super::stats::{Counters, LatencyRecorder, RecordLog};
 use crate::region::Region;
 use crate::sys::memfd::{self, Fallocate};
 use crate::sys::mman::{self, Advice};
-use crate::sys::uffd::{CONTINUE_MODE_WP, MODE_DONTWAKE, Userfaultfd};
+use crate::sys::uffd::{
+    CONTINUE_MODE_WP, Features, MODE_DONTWAKE, OpenFlags, RegisterMode, Userfaultfd,
+};
 use crate::sys::{Errno, SysError, SysResult, futex};
 
 /// Source errors kept for [`Core::errors`]; later ones are only counted.
@@ -79,7 +81,18 @@ pub(crate) struct Core<S> {
     pub(crate) region: Arc<Region>,
     pub(crate) uffd: Userfaultfd,
     source: S,
-    me: Owner,
+    /// This process as a claim owner ([`Owner::to_bits`]); a forked child
+    /// stores its own.
+    me: AtomicU64,
+    /// The userfaultfd features and registration mode of the primary, for
+    /// a forked child to register its copy the same way.
+    features: Features,
+    register_mode: RegisterMode,
+    /// Faults park in the kernel until a handler thread resolves them.
+    handler_threads: bool,
+    /// In a forked child of a handler-thread process: the in-thread
+    /// registration the child made for itself, as slot + 1 (0: none).
+    child_registration: AtomicUsize,
     granule: usize,
     granules: usize,
     primary: usize,
@@ -107,6 +120,10 @@ pub(crate) struct Core<S> {
 pub(crate) struct Settings {
     /// This process as a claim owner.
     pub(crate) me: Owner,
+    /// The userfaultfd features the primary was registered with.
+    pub(crate) features: Features,
+    /// Its registration mode.
+    pub(crate) register_mode: RegisterMode,
     /// Faulting threads park until woken (handler threads), rather than
     /// retrying after a SIGBUS.
     pub(crate) wakes: bool,
@@ -128,6 +145,8 @@ impl<S: PageSource> Core<S> {
     ) -> Core<S> {
         let Settings {
             me,
+            features,
+            register_mode,
             wakes,
             track_writes,
             readahead_granules,
@@ -141,7 +160,11 @@ impl<S: PageSource> Core<S> {
             region,
             uffd,
             source,
-            me,
+            me: AtomicU64::new(me.to_bits()),
+            features,
+            register_mode,
+            handler_threads: wakes,
+            child_registration: AtomicUsize::new(0),
             granule,
             wake_mode: if wakes { 0 } else { MODE_DONTWAKE },
             continue_mode: if wakes { 0 } else { MODE_DONTWAKE }
@@ -160,6 +183,52 @@ impl<S: PageSource> Core<S> {
 
     pub(crate) fn granule(&self) -> usize {
         self.granule
+    }
+
+    fn me(&self) -> Owner {
+        Owner::from_bits(self.me.load(Ordering::Relaxed))
+    }
+
+    /// Re-arms this core in a freshly forked child, where no other thread
+    /// runs and the kernel has dropped the primary's registration: claims
+    /// carry the child's identity, and a new userfaultfd with the same
+    /// registration plus `UFFD_FEATURE_SIGBUS` takes the old descriptor's
+    /// number, so faults are resolved in the faulting thread. The caller
+    /// gives handler-thread cores an in-thread registration
+    /// ([`Core::needs_child_registration`]). Makes system calls only.
+    pub(crate) fn rearm_in_child(&self) -> SysResult<()> {
+        self.live_handlers.store(0, Ordering::Relaxed);
+        if let Some(p) = &self.promoter {
+            p.after_fork();
+        }
+        let me = Owner::current().map_err(|e| SysError::new("open(/proc/self/stat)", e))?;
+        self.me.store(me.to_bits(), Ordering::Relaxed);
+        let (uffd, _) = Userfaultfd::open(OpenFlags::default()).map_err(|e| e.syscall)?;
+        uffd.api(self.features | Features::SIGBUS)?;
+        uffd.register(
+            self.addr(0),
+            self.granules * self.granule,
+            self.register_mode,
+        )?;
+        self.uffd.replace_with(uffd)
+    }
+
+    /// Whether a forked child must register this core for in-thread
+    /// resolution itself (the parent's handler threads are not there).
+    pub(crate) fn needs_child_registration(&self) -> bool {
+        self.handler_threads && self.child_registration.load(Ordering::Relaxed) == 0
+    }
+
+    /// Records the child's own in-thread registration (`slot + 1`).
+    pub(crate) fn set_child_registration(&self, slot: usize) {
+        self.child_registration.store(slot + 1, Ordering::Relaxed);
+    }
+
+    /// Takes the child's own in-thread registration back.
+    pub(crate) fn take_child_registration(&self) -> Option<usize> {
+        self.child_registration
+            .swap(0, Ordering::Relaxed)
+            .checked_sub(1)
     }
 
     pub(crate) fn source(&self) -> &S {
@@ -239,7 +308,7 @@ impl<S: PageSource> Core<S> {
         let mut deadline = None;
         let mut checks = 0u32;
         loop {
-            match state::claim(slot, self.me) {
+            match state::claim(slot, self.me()) {
                 Claim::Won => return self.fill(index, slot),
                 Claim::Present => return Outcome::Ready,
                 Claim::Poisoned => return Outcome::Failed,
@@ -275,7 +344,7 @@ impl<S: PageSource> Core<S> {
     /// fill in progress (its source touched the page, or discards it):
     /// waiting for it would never end.
     fn filled_by_this_thread(&self, owner: Owner, index: usize) -> bool {
-        owner == self.me && FILLING.get() == (self as *const _ as usize, index + 1)
+        owner == self.me() && FILLING.get() == (self as *const _ as usize, index + 1)
     }
 
     /// One step of waiting for `owner`'s claim on `slot` to end: a few
@@ -294,7 +363,7 @@ impl<S: PageSource> Core<S> {
             std::thread::yield_now();
             return Waited::Changed;
         }
-        if owner.liveness() == Liveness::Dead && state::take_over(slot, owner, self.me) {
+        if owner.liveness() == Liveness::Dead && state::take_over(slot, owner, self.me()) {
             Counters::bump(&self.counters.takeovers);
             return Waited::TookOver;
         }
@@ -337,11 +406,11 @@ impl<S: PageSource> Core<S> {
                 Counters::bump(&self.counters.fills);
                 // A failed publish means a taker-over owns it now; it writes
                 // the same bytes and publishes itself.
-                state::publish(slot, self.me)
+                state::publish(slot, self.me())
             }
             Err(error) => {
                 self.record_error(index, error);
-                state::poison(slot, self.me)
+                state::poison(slot, self.me())
             }
         };
         if ended == Ok(true) {
@@ -399,7 +468,7 @@ impl<S: PageSource> Core<S> {
     fn refill_vanished(&self, index: usize) -> Outcome {
         let slot = &self.region.page_states()[index];
         if state::observe(slot) == PageState::Present
-            && state::begin_discard(slot, self.me) == Discard::Claimed
+            && state::begin_discard(slot, self.me()) == Discard::Claimed
         {
             Counters::bump(&self.counters.refills);
             return self.fill(index, slot);
@@ -422,7 +491,7 @@ impl<S: PageSource> Core<S> {
             let mut deadline = None;
             let mut checks = 0;
             loop {
-                match state::begin_discard(slot, self.me) {
+                match state::begin_discard(slot, self.me()) {
                     Discard::Claimed => break,
                     Discard::Busy(owner) if self.filled_by_this_thread(owner, claimed) => {
                         failed = Some(
@@ -467,7 +536,7 @@ impl<S: PageSource> Core<S> {
             let zapped =
                 unsafe { mman::madvise(self.addr(first), (claimed - first) * g, Advice::DontNeed) };
             for slot in &states[first..claimed] {
-                if state::finish_discard(slot, self.me) == Ok(true) {
+                if state::finish_discard(slot, self.me()) == Ok(true) {
                     self.wake_waiters(slot);
                 }
             }

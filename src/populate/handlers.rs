@@ -65,6 +65,15 @@ impl HandlerPool {
         Ok(pool)
     }
 
+    /// In a forked child, where these threads do not exist: lets go of
+    /// them without a word to the stop descriptor, which the parent's
+    /// threads share.
+    pub(crate) fn forget(mut self) {
+        for t in self.threads.drain(..) {
+            std::mem::forget(t);
+        }
+    }
+
     /// Tells every thread to resolve what is pending and exit; waits.
     pub(crate) fn stop(&mut self) {
         // The counter stays non-zero, so every thread sees it readable.

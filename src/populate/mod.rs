@@ -4,6 +4,7 @@
 
 mod bits;
 mod engine;
+pub(crate) mod fork;
 mod handlers;
 pub mod owner;
 mod populator;

@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::engine::{Core, Settings};
+use super::fork;
 use super::handlers::HandlerPool;
 use super::promote::{Promoter, Promotion};
 use super::signal::{self, Registration};
@@ -160,6 +161,11 @@ pub struct Populator<S: PageSource + 'static> {
     handlers: Option<HandlerPool>,
     registration: Option<Registration>,
     collapser: Option<JoinHandle<()>>,
+    /// Re-arms the core in forked children.
+    watch: Option<fork::Watch>,
+    /// [`fork::generation`] when created: a different one means this is a
+    /// forked child's copy, whose threads are in the parent.
+    generation: u64,
 }
 
 impl<S: PageSource + 'static> std::fmt::Debug for Populator<S> {
@@ -253,6 +259,8 @@ impl<S: PageSource + 'static> Populator<S> {
             promoter,
             Settings {
                 me,
+                features,
+                register_mode: mode,
                 wakes: handlers,
                 track_writes: options.track_writes,
                 readahead_granules: readahead,
@@ -266,6 +274,8 @@ impl<S: PageSource + 'static> Populator<S> {
             handlers: None,
             registration: None,
             collapser: None,
+            watch: None,
+            generation: fork::generation(),
         };
         if populator
             .core
@@ -307,6 +317,17 @@ impl<S: PageSource + 'static> Populator<S> {
                         .map_err(Error::sys("installing the in-thread fault handler"))?;
                 populator.registration = Some(registration);
             }
+        }
+        let ctx = Arc::as_ptr(&populator.core).cast::<()>();
+        // SAFETY: the populator holds the core until after the watch is
+        // dropped (see `Drop`), and `rearm_in_child` makes system calls
+        // and touches the core's atomics only.
+        populator.watch = unsafe { fork::watch(ctx, rearm_in_child::<S>) };
+        if populator.watch.is_none() {
+            return Err(Error::sys("watching for forks")(
+                SysError::new("registering a populator", crate::sys::Errno::ENOSPC)
+                    .arg("capacity", fork::CAPACITY as u64),
+            ));
         }
         Ok(populator)
     }
@@ -412,6 +433,7 @@ impl<S: PageSource + 'static> Populator<S> {
         Ok(Drain {
             progress,
             handle: Some(handle),
+            generation: fork::generation(),
         })
     }
 
@@ -518,14 +540,45 @@ impl<S: PageSource + 'static> Populator<S> {
     /// forever. Does nothing for other drivers.
     pub fn stop_handlers(&mut self) {
         if let Some(mut pool) = self.handlers.take() {
+            if self.forked() {
+                // The threads are the parent's; this child resolves its
+                // own faults.
+                pool.forget();
+                return;
+            }
             pool.stop();
             self.core.fail_closed();
         }
+    }
+
+    /// Whether this is a forked child's copy of a parent's populator.
+    fn forked(&self) -> bool {
+        self.generation != fork::generation()
     }
 }
 
 impl<S: PageSource + 'static> Drop for Populator<S> {
     fn drop(&mut self) {
+        // First, so that a child forked from now on does not re-arm a core
+        // on its way out.
+        drop(self.watch.take());
+        if self.forked() {
+            // The parent's threads are not in this process: stopping them
+            // would stop the parent's (the stop descriptor is shared), and
+            // joining them would wait forever.
+            if let Some(pool) = self.handlers.take() {
+                pool.forget();
+            }
+            if let Some(worker) = self.collapser.take() {
+                std::mem::forget(worker);
+            }
+            if let Some(slot) = self.core.take_child_registration() {
+                // SAFETY: the child's re-arm stored this slot, once.
+                drop(unsafe { Registration::from_slot(slot) });
+            }
+            drop(self.registration.take());
+            return;
+        }
         if let Some(mut pool) = self.handlers.take() {
             pool.stop();
         }
@@ -553,6 +606,8 @@ struct DrainProgress {
 pub struct Drain {
     progress: Arc<DrainProgress>,
     handle: Option<JoinHandle<std::result::Result<(), SysError>>>,
+    /// [`fork::generation`] when started (the thread is not in a child).
+    generation: u64,
 }
 
 impl Drain {
@@ -564,9 +619,11 @@ impl Drain {
         )
     }
 
-    /// Whether the drain has finished (or failed).
+    /// Whether the drain has finished (or failed). In a forked child: its
+    /// thread is in the parent, and this says `true`.
     pub fn is_finished(&self) -> bool {
-        self.handle.as_ref().is_none_or(|h| h.is_finished())
+        self.generation != fork::generation()
+            || self.handle.as_ref().is_none_or(|h| h.is_finished())
     }
 
     /// Waits for the drain to finish.
@@ -575,6 +632,14 @@ impl Drain {
     }
 
     fn join(&mut self) -> Result<()> {
+        if self.generation != fork::generation() {
+            // A forked child's copy: the thread runs in the parent only.
+            std::mem::forget(self.handle.take());
+            return Err(Error::sys("waiting for a drain")(SysError::new(
+                "the drain thread runs in the parent process",
+                crate::sys::Errno::ECHILD,
+            )));
+        }
         match self.handle.take().map(|h| h.join()) {
             None | Some(Ok(Ok(()))) => Ok(()),
             Some(Ok(Err(e))) => Err(Error::sys("draining the region")(e)),
@@ -590,6 +655,33 @@ impl Drop for Drain {
     fn drop(&mut self) {
         self.progress.stop.store(true, Ordering::Release);
         let _ = self.join();
+    }
+}
+
+/// Re-arms a populator's core in a forked child (see [`fork`]). On any
+/// failure the child's copy of the primary becomes inaccessible, so a touch
+/// faults instead of reading zeroes where the source has data.
+///
+/// # Safety
+///
+/// `ctx` must point to a live `Core<S>`, and no other thread may run.
+unsafe fn rearm_in_child<S: PageSource + 'static>(ctx: *const ()) {
+    // SAFETY: the fork watch's contract keeps `ctx` alive.
+    let core = unsafe { &*ctx.cast::<Core<S>>() };
+    let (start, len) = (core.region.primary().as_ptr(), core.region.len());
+    let mut armed = core.rearm_in_child();
+    if armed.is_ok() && core.needs_child_registration() {
+        let from = start as usize;
+        // SAFETY: `ctx` lives until the populator's drop, which takes this
+        // registration back first; the resolver is async-signal-safe.
+        armed = unsafe { signal::register(from, from + len, ctx, resolve_in_thread::<S>) }
+            .map(|r| core.set_child_registration(r.into_slot()));
+    }
+    if let Err(e) = armed {
+        core.failures.push(e);
+        // SAFETY: the primary is the region's own mapping; a touch now
+        // faults, which is the point.
+        let _ = unsafe { mman::protect_none(start, len) };
     }
 }
 

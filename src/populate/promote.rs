@@ -174,6 +174,12 @@ impl Promoter {
         self.drain(counters);
     }
 
+    /// In a forked child: the parent's threads that were collapsing blocks
+    /// are not there, so nobody is draining.
+    pub(crate) fn after_fork(&self) {
+        self.draining.store(0, Ordering::Relaxed);
+    }
+
     /// Asks the background thread to finish.
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::Release);

@@ -167,6 +167,42 @@ pub unsafe fn register(
     )
 }
 
+impl Registration {
+    /// Keeps the entry registered past this value's life; [`from_slot`]
+    /// gets it back.
+    ///
+    /// [`from_slot`]: Registration::from_slot
+    pub(crate) fn into_slot(self) -> usize {
+        let slot = self.slot;
+        std::mem::forget(self);
+        slot
+    }
+
+    /// The registration [`into_slot`](Registration::into_slot) returned
+    /// `slot` for.
+    ///
+    /// # Safety
+    ///
+    /// `slot` must come from `into_slot`, once.
+    pub(crate) unsafe fn from_slot(slot: usize) -> Registration {
+        Registration { slot }
+    }
+}
+
+/// In a freshly forked child, where only the forking thread runs: handlers
+/// the parent's other threads were inside are not in the child, so no
+/// entry counts any (else unregistering would wait for them forever).
+pub(crate) fn after_fork() {
+    for entry in &TABLE {
+        let word = entry.state.load(StdOrdering::Relaxed);
+        if word & (LIVE | RETIRING) != 0 {
+            entry
+                .state
+                .store(word & (LIVE | RETIRING), StdOrdering::Relaxed);
+        }
+    }
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
         let state = &TABLE[self.slot].state;

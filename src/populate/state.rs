@@ -95,6 +95,16 @@ impl Owner {
         }
     }
 
+    /// The owner as one word (pid low, token high), for an atomic field.
+    pub(crate) const fn to_bits(self) -> u64 {
+        ((self.token as u64) << 32) | self.pid as u64
+    }
+
+    /// The owner [`to_bits`](Owner::to_bits) made `bits` from.
+    pub(crate) const fn from_bits(bits: u64) -> Owner {
+        Owner::new(bits as u32, (bits >> 32) as u32)
+    }
+
     const fn filling_word(self) -> u64 {
         (TAG_FILLING << TAG_SHIFT) | ((self.token as u64) << 32) | self.pid as u64
     }

@@ -83,6 +83,21 @@ pub unsafe fn madvise(addr: *mut u8, len: usize, advice: Advice) -> SysResult<()
     Ok(())
 }
 
+/// Makes `[addr, addr + len)` inaccessible (`mprotect(PROT_NONE)`): any
+/// access faults with SIGSEGV.
+///
+/// # Safety
+///
+/// The range must lie within mappings the caller owns, and no live
+/// reference may point into it.
+pub unsafe fn protect_none(addr: *mut u8, len: usize) -> SysResult<()> {
+    // SAFETY: the caller owns the range and holds no reference into it.
+    let ret = unsafe { libc::mprotect(addr.cast(), len, libc::PROT_NONE) };
+    check(ret, "mprotect(PROT_NONE)")
+        .map_err(|e| e.arg("addr", addr as u64).arg("len", len as u64))?;
+    Ok(())
+}
+
 /// Memory protection of a placed mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protection {

@@ -502,6 +502,26 @@ impl Userfaultfd {
         Ok(Userfaultfd { fd })
     }
 
+    /// Makes this descriptor's number refer to `replacement`'s userfaultfd
+    /// (`dup3` onto it, close-on-exec), so everything holding this one uses
+    /// the replacement from now on. Allocates nothing (a forked child calls
+    /// it before it may take locks).
+    pub fn replace_with(&self, replacement: Userfaultfd) -> SysResult<()> {
+        // SAFETY: both descriptors are open and owned; dup3 closes ours and
+        // reuses its number atomically, so no other descriptor is affected.
+        let ret = unsafe {
+            libc::dup3(
+                replacement.fd.as_raw_fd(),
+                self.fd.as_raw_fd(),
+                libc::O_CLOEXEC,
+            )
+        };
+        if ret < 0 {
+            return Err(SysError::last("dup3(userfaultfd)"));
+        }
+        Ok(())
+    }
+
     /// The API handshake (`UFFDIO_API`), which must come first and only once.
     ///
     /// Requesting [`Features::empty`] enables nothing optional and reports
