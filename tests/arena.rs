@@ -254,6 +254,8 @@ proptest! {
         }
         let stats = a.audit().map_err(TestCaseError::fail)?;
         let allocs = live.len() as u64;
+        prop_assert_eq!(stats.cached_objects, 0, "one process, caches flushed");
+        prop_assert_eq!(stats.leaked_pages, 0, "nothing leaked");
         prop_assert_eq!(stats.small_objects + stats.runs + stats.large_allocs, allocs);
         for (p, _) in live {
             prop_assert!(a.free(p).is_ok());

@@ -156,6 +156,7 @@ fn write_atomically(
 fn create_temporary(dir: &Path, name: &str) -> Result<(PathBuf, File)> {
     use std::os::unix::fs::OpenOptionsExt;
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    remove_stale_temporaries(dir, name);
     let mut attempt = 0;
     loop {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -172,6 +173,34 @@ fn create_temporary(dir: &Path, name: &str) -> Result<(PathBuf, File)> {
             // planted one: pick another name, a few times.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
             Err(e) => return Err(io_error(&tmp)(e)),
+        }
+    }
+}
+
+/// Removes the temporaries of snapshots to `name` whose writer is gone
+/// (killed mid-snapshot: nobody else removes them). Best effort: a
+/// temporary whose pid now belongs to another process stays, and errors
+/// are ignored (a directory that cannot be listed still takes a snapshot).
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+            .filter(|&pid| pid > 0)
+        else {
+            continue;
+        };
+        let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            == Err(nix::errno::Errno::ESRCH);
+        if gone && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
