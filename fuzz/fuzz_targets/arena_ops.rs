@@ -63,12 +63,18 @@ fuzz_target!(|data: &[u8]| {
                 let start = *live.keys().nth(pick(live.len())).unwrap();
                 live.remove(&start);
                 arena.free(ShmPtr::from_offset(start)).unwrap();
-                assert!(arena.free(ShmPtr::from_offset(start)).is_err(), "double free accepted");
+                assert!(
+                    arena.free(ShmPtr::from_offset(start)).is_err(),
+                    "double free accepted"
+                );
             }
             _ => {
                 let bogus = u64::from(a) << 20 | u64::from(b) << 12 | u64::from(c);
                 if !live.contains_key(&bogus) {
-                    assert!(arena.free(ShmPtr::from_offset(bogus)).is_err(), "bogus free accepted");
+                    assert!(
+                        arena.free(ShmPtr::from_offset(bogus)).is_err(),
+                        "bogus free accepted"
+                    );
                 }
             }
         }
@@ -76,6 +82,8 @@ fuzz_target!(|data: &[u8]| {
     for (&start, _) in &live {
         arena.free(ShmPtr::from_offset(start)).unwrap();
     }
-    let stats = arena.audit().unwrap_or_else(|e| panic!("tables disagree: {e}"));
+    let stats = arena
+        .audit()
+        .unwrap_or_else(|e| panic!("tables disagree: {e}"));
     assert_eq!(stats.in_use_bytes(), 0);
 });

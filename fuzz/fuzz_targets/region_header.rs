@@ -32,7 +32,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let kind = BackendKind::ALL[rest[0] as usize % BackendKind::ALL.len()];
-    let huge = if rest[0] & 0x80 == 0 { PageSize::Huge2M } else { PageSize::Huge1G };
+    let huge = if rest[0] & 0x80 == 0 {
+        PageSize::Huge2M
+    } else {
+        PageSize::Huge1G
+    };
     let size = u64::from_le_bytes(rest[1..9].try_into().unwrap());
     let Ok(layout) = Layout::new(Backend::new(kind, huge), size) else {
         return;

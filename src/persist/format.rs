@@ -73,6 +73,20 @@ pub struct SnapshotHeader {
     pub header_crc: u32,
 }
 
+/// Where a snapshot of `data_len` bytes in granules of `1 << granule_shift`
+/// keeps its map and data: `(granules, map_offset, data_offset)`, or `None`
+/// when the numbers do not fit in 64 bits (a hostile header).
+fn geometry(granule_shift: u32, data_len: u64) -> Option<(u64, u64, u64)> {
+    let granule = 1u64.checked_shl(granule_shift)?;
+    let granules = data_len / granule;
+    let map_offset = HEADER_LEN;
+    let data_offset = granules
+        .checked_mul(MAP_ENTRY)?
+        .checked_add(map_offset)?
+        .checked_next_multiple_of(granule.max(HEADER_LEN))?;
+    Some((granules, map_offset, data_offset))
+}
+
 impl SnapshotHeader {
     /// The geometry for `data_len` bytes in granules of `1 << granule_shift`.
     pub fn new(
@@ -81,11 +95,8 @@ impl SnapshotHeader {
         granule_shift: u32,
         data_len: u64,
     ) -> Self {
-        let granule = 1u64 << granule_shift;
-        let granules = data_len / granule;
-        let map_offset = HEADER_LEN;
-        let data_offset =
-            (map_offset + granules * MAP_ENTRY).next_multiple_of(granule.max(HEADER_LEN));
+        let (granules, map_offset, data_offset) = geometry(granule_shift, data_len)
+            .expect("a snapshot's geometry fits in 64 bits (granule shift 12..=30)");
         SnapshotHeader {
             backend,
             huge_page_shift,
@@ -99,6 +110,11 @@ impl SnapshotHeader {
             parent: None,
             header_crc: 0,
         }
+    }
+
+    /// The length a complete snapshot file has, if it fits in 64 bits.
+    fn checked_file_len(&self) -> Option<u64> {
+        self.data_offset.checked_add(self.data_len)
     }
 
     /// Bytes per granule.
@@ -195,13 +211,13 @@ impl SnapshotHeader {
             parent,
             header_crc,
         };
-        let expect = SnapshotHeader::new(h.backend, h.huge_page_shift, h.granule_shift, h.data_len);
-        if !(12..=30).contains(&h.granule_shift)
-            || h.data_len % h.granule() != 0
-            || (h.granules, h.map_offset, h.data_offset)
-                != (expect.granules, expect.map_offset, expect.data_offset)
-            || h.present > h.granules
-        {
+        let consistent = (12..=30).contains(&h.granule_shift)
+            && h.data_len % h.granule() == 0
+            && geometry(h.granule_shift, h.data_len)
+                == Some((h.granules, h.map_offset, h.data_offset))
+            && h.present <= h.granules
+            && h.checked_file_len().is_some();
+        if !consistent {
             return Err(bad("inconsistent geometry in the header".into()));
         }
         if file_len != h.file_len() {
@@ -220,6 +236,20 @@ impl SnapshotHeader {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn geometry_that_overflows_is_an_error_even_with_a_valid_checksum() {
+        let p = Path::new("snap");
+        for (shift, data_len) in [(63, 1 << 63), (12, u64::MAX & !4095), (30, u64::MAX << 30)] {
+            let mut h = SnapshotHeader::new(BackendKind::Shmem, 21, 12, 0);
+            h.granule_shift = shift;
+            h.data_len = data_len;
+            h.granules = data_len >> shift;
+            let b = h.encode();
+            let err = SnapshotHeader::decode(&b, 1 << 20, p).unwrap_err();
+            assert!(err.to_string().contains("geometry"), "{err}");
+        }
+    }
 
     #[test]
     fn headers_round_trip_and_damage_is_named() {

@@ -469,12 +469,13 @@ impl SnapshotSource {
     /// Region options that recreate the snapshot's region: same size,
     /// backend and huge page size.
     pub fn region_options(&self) -> Result<RegionOptions> {
-        let huge = PageSize::from_bytes(1 << self.header.huge_page_shift).ok_or_else(|| {
-            Error::BadSnapshot {
+        let bytes = 1u64.checked_shl(self.header.huge_page_shift);
+        let huge = bytes
+            .and_then(PageSize::from_bytes)
+            .ok_or_else(|| Error::BadSnapshot {
                 path: self.path.clone(),
                 reason: format!("unknown huge page shift {}", self.header.huge_page_shift),
-            }
-        })?;
+            })?;
         let options = RegionOptions::new(self.header.data_len).backend(self.header.backend);
         Ok(if self.header.backend.uses_hugetlb() {
             options.huge_page_size(huge)
