@@ -240,7 +240,7 @@ mod tests {
     #[test]
     fn geometry_that_overflows_is_an_error_even_with_a_valid_checksum() {
         let p = Path::new("snap");
-        for (shift, data_len) in [(63, 1 << 63), (12, u64::MAX & !4095), (30, u64::MAX << 30)] {
+        for (shift, data_len) in [(63, 1 << 63), (12, !4095), (30, u64::MAX << 30)] {
             let mut h = SnapshotHeader::new(BackendKind::Shmem, 21, 12, 0);
             h.granule_shift = shift;
             h.data_len = data_len;
