@@ -29,6 +29,14 @@ fn slow_page_zero() -> FnSource<impl Fn(u64, &mut [u8]) -> Result<(), FillError>
     })
 }
 
+/// Pattern 7 at every byte.
+fn patterned() -> FnSource<impl Fn(u64, &mut [u8]) -> Result<(), FillError> + Send + Sync> {
+    FnSource(|index: u64, dst: &mut [u8]| {
+        fill_pattern(7, index as usize * dst.len(), dst);
+        Ok(())
+    })
+}
+
 fn arena(size: u64, kind: BackendKind) -> Arena {
     Arena::create(
         RegionOptions::new(size).backend(kind),
@@ -175,6 +183,88 @@ fn child_entry() {
             let mut b = [0u8; 1];
             region.read_via_primary(0, &mut b).unwrap();
             unreachable!("the fill of page 0 never ends");
+        }
+        "at-emfile" => {
+            // Everything made before the descriptors run out.
+            let a = arena(16 << 20, BackendKind::Shmem);
+            let p = a.alloc_bytes(64 << 10).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let snap = dir.path().join("a.snap");
+            a.snapshot(&snap).unwrap();
+            let region = Arc::new(
+                Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap(),
+            );
+            let populator =
+                Populator::with_options(region.clone(), patterned(), in_thread()).unwrap();
+            let mut held = Vec::new();
+            while let Ok(fd) = nix::unistd::dup(std::io::stdout()) {
+                held.push(fd);
+            }
+            let mut report = Vec::new();
+            let mut check = |what: &str, r: Result<(), String>| {
+                report.push(format!(
+                    "EP {what}: {}",
+                    r.err().unwrap_or_else(|| "OK".into())
+                ));
+            };
+            let e = |x: Error| x.to_string();
+            check(
+                "create",
+                Region::create(RegionOptions::new(8 << 20))
+                    .map(drop)
+                    .map_err(e),
+            );
+            check(
+                "populator",
+                Populator::with_options(region.clone(), patterned(), in_thread())
+                    .map(drop)
+                    .map_err(e),
+            );
+            check("snapshot", a.snapshot(&snap).map(drop).map_err(e));
+            check(
+                "open snapshot",
+                hugearena::persist::SnapshotSource::open(&snap)
+                    .map(drop)
+                    .map_err(e),
+            );
+            // What keeps working: allocation, and touches in this process.
+            check("alloc", a.alloc_bytes(100).map(drop).map_err(e));
+            check("free", a.free(p).map_err(e));
+            let mut b = [0u8; 1];
+            region.read_via_primary(4096 + 9, &mut b).unwrap();
+            check(
+                "touch",
+                (b[0] == pattern_byte(7, 4096 + 9))
+                    .then_some(())
+                    .ok_or("wrong byte".into()),
+            );
+            // A child forked now cannot re-arm its populator: its view is
+            // made inaccessible (SIGSEGV), never read as zeroes.
+            // SAFETY: the child touches one byte and leaves with _exit.
+            let child = match unsafe { nix::unistd::fork() }.unwrap() {
+                nix::unistd::ForkResult::Child => {
+                    let byte = region.read_via_primary(8 * 4096, &mut b).map(|()| b[0]);
+                    // SAFETY: ends the child.
+                    unsafe { libc::_exit(if byte.is_ok() { 10 } else { 11 }) }
+                }
+                nix::unistd::ForkResult::Parent { child } => child,
+            };
+            let status = nix::sys::wait::waitpid(child, None).unwrap();
+            drop(held);
+            for line in &report {
+                println!("{line}");
+            }
+            println!("FORKED {status:?}");
+            println!("FAILURES {:?}", populator.failures().len());
+            let _ = std::fs::read_dir(dir.path()).map(|d| println!("FILES {}", d.count()));
+        }
+        "read-patterned" => {
+            let region = Arc::new(Region::open(&path).unwrap());
+            let _p = Populator::with_options(region.clone(), patterned(), in_thread()).unwrap();
+            let offset: usize = std::env::var("OFFSET").unwrap().parse().unwrap();
+            let mut b = [0u8; 1];
+            region.read_via_primary(offset, &mut b).unwrap();
+            println!("READ {} WANT {}", b[0], pattern_byte(7, offset));
         }
         "touch-page-zero" => {
             let region = Arc::new(Region::open(&path).unwrap());
@@ -808,4 +898,142 @@ fn an_arena_keeps_working_in_a_forked_child() {
             "child's object at {off} overwritten"
         );
     }
+}
+
+/// A tmpfs of `mib` MiB mounted on a fresh directory; unmounted on drop.
+struct SmallTmpfs(tempfile::TempDir);
+
+impl SmallTmpfs {
+    fn mount(mib: u64) -> SmallTmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .expect("run mount(8)");
+        assert!(status.success(), "mounting a tmpfs needs root: {status:?}");
+        SmallTmpfs(dir)
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// On a full tmpfs a fill fails with ENOSPC (tried again a few times, then
+/// the page is poisoned: SIGBUS on touch in any process, `errors()` names
+/// ENOSPC); nothing crashes, neither on the page-state table nor on the
+/// fill's own write. The poison stays after space is freed, until `retry`;
+/// then the pages fill with the source's bytes.
+#[test]
+fn a_full_tmpfs_poisons_pages_until_space_returns_and_they_are_retried() {
+    use std::io::Write;
+    let fs = SmallTmpfs::mount(8);
+    let region = Arc::new(
+        Region::create(
+            RegionOptions::new(16 << 20)
+                .backend(BackendKind::Shmem)
+                .path(fs.0.path().join("region")),
+        )
+        .unwrap(),
+    );
+    let path = region.shareable_path().display().to_string();
+    let populator = Populator::with_options(region.clone(), patterned(), in_thread()).unwrap();
+    let g = region.granule().bytes();
+    // Fill what is left of the file system.
+    let ballast_path = fs.0.path().join("ballast");
+    let mut ballast = std::fs::File::create(&ballast_path).unwrap();
+    for chunk in [1 << 20, 4096] {
+        while ballast.write_all(&vec![1u8; chunk]).is_ok() {}
+    }
+    drop(ballast);
+
+    populator.populate(0, 8 * g).unwrap();
+    let errors = populator.errors();
+    assert_eq!(errors.len(), 8, "{errors:?}");
+    assert!(
+        errors.iter().all(|e| e.to_string().contains("ENOSPC")),
+        "{errors:?}"
+    );
+    let touch = |offset: usize| {
+        run_child_within(
+            "read-patterned",
+            &[
+                ("REGION_PATH", path.clone()),
+                ("OFFSET", offset.to_string()),
+            ],
+            Duration::from_secs(60),
+        )
+    };
+    let out = touch(3 * g + 5);
+    assert_eq!(
+        killed_by(&out),
+        Some(libc::SIGBUS),
+        "a poisoned page: {out:?}"
+    );
+
+    std::fs::remove_file(&ballast_path).unwrap();
+    let out = touch(3 * g + 5);
+    assert_eq!(
+        killed_by(&out),
+        Some(libc::SIGBUS),
+        "poison stays until retry"
+    );
+    assert_eq!(populator.retry(0, 8 * g).unwrap(), 8);
+    let out = touch(3 * g + 5);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let want = pattern_byte(7, 3 * g + 5);
+    assert!(
+        stdout.contains(&format!("READ {want} WANT {want}")),
+        "{out:?}"
+    );
+    populator.populate(0, 8 * g).unwrap();
+    let mut bytes = vec![0u8; 8 * g];
+    region.read_via_primary(0, &mut bytes).unwrap();
+    assert!(
+        bytes
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == pattern_byte(7, i))
+    );
+}
+
+/// With every descriptor in use, each entry point that needs one returns
+/// an error naming the failed call (no panic, nothing left behind), what
+/// needs none keeps working, and a child forked then cannot read zeroes:
+/// its populator cannot be re-armed, so its view faults.
+#[test]
+fn at_the_descriptor_limit_entry_points_fail_cleanly() {
+    let out = run_child_within(
+        "at-emfile",
+        &[("REGION_PATH", String::new())],
+        Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    for what in ["create", "populator", "snapshot", "open snapshot"] {
+        let line = stdout
+            .lines()
+            .find_map(|l| l.split_once(&format!("EP {what}: ")).map(|(_, r)| r))
+            .unwrap_or_else(|| panic!("no {what} line: {stdout}"));
+        assert!(
+            line.contains("EMFILE") || line.contains("Too many open files"),
+            "{what}: {line}"
+        );
+    }
+    for what in ["EP alloc: OK", "EP free: OK", "EP touch: OK", "FILES 1"] {
+        assert!(stdout.contains(what), "{what}: {stdout}");
+    }
+    assert!(stdout.contains("SIGSEGV"), "the forked child: {stdout}");
 }

@@ -429,36 +429,39 @@ impl<S: PageSource> Core<S> {
         }
     }
 
+    /// Allocates the granule's page in the file, then (unless the source
+    /// says it is zero: fresh pages are) fills it through the alias.
+    /// Allocating first turns a full file system or an empty huge page pool
+    /// into `ENOSPC` here; a write through the alias would get SIGBUS.
     fn fill_once(&self, index: usize) -> Result<(), FillError> {
-        if self.source.is_zero(index as u64) {
-            // Allocating the page is the whole fill: fresh pages are zero.
-            let file_offset = self.region.layout().data_offset() + (index * self.granule) as u64;
-            match memfd::fallocate(
-                self.region.fd().as_fd(),
-                Fallocate::Allocate,
-                file_offset,
-                self.granule as u64,
-            ) {
-                // Some kernels (hugetlb on 6.3) report a page that is
-                // already allocated as EEXIST: it is there, which is all
-                // this fill needs.
-                Ok(()) => Ok(()),
-                Err(e) if e.errno() == Errno::EEXIST => Ok(()),
-                Err(e) => Err(FillError::Io(e.errno())),
-            }
-        } else {
-            // SAFETY: the claim makes this thread the granule's only writer,
-            // and nobody reads it before `publish`; the alias is never
-            // registered, so writing it cannot fault into userfaultfd.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(
-                    self.region.alias().as_ptr().add(index * self.granule),
-                    self.granule,
-                )
-            };
-            catch_unwind(AssertUnwindSafe(|| self.source.fill(index as u64, dst)))
-                .unwrap_or(Err(FillError::Panicked))
+        let file_offset = self.region.layout().data_offset() + (index * self.granule) as u64;
+        match memfd::fallocate(
+            self.region.fd().as_fd(),
+            Fallocate::Allocate,
+            file_offset,
+            self.granule as u64,
+        ) {
+            // Some kernels (hugetlb on 6.3) report a page that is already
+            // allocated as EEXIST: it is there, which is all this needs.
+            Ok(()) => {}
+            Err(e) if e.errno() == Errno::EEXIST => {}
+            Err(e) => return Err(FillError::Io(e.errno())),
         }
+        if self.source.is_zero(index as u64) {
+            return Ok(());
+        }
+        // SAFETY: the claim makes this thread the granule's only writer,
+        // and nobody reads it before `publish`; the alias is never
+        // registered, so writing it cannot fault into userfaultfd, and the
+        // page exists, so the write cannot fail.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.region.alias().as_ptr().add(index * self.granule),
+                self.granule,
+            )
+        };
+        catch_unwind(AssertUnwindSafe(|| self.source.fill(index as u64, dst)))
+            .unwrap_or(Err(FillError::Panicked))
     }
 
     /// A granule whose page was gone when it was mapped (`EFAULT`): if its

@@ -70,6 +70,11 @@ impl SysError {
 
 impl fmt::Display for SysError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // An operation written as a call already (`open(/dev/userfaultfd)`)
+        // gets no second pair of parentheses when it has no arguments.
+        if self.nargs == 0 && self.op.ends_with(')') {
+            return write!(f, "{} failed: {}", self.op, self.errno);
+        }
         write!(f, "{}(", self.op)?;
         for (i, (name, value)) in self.args[..self.nargs as usize].iter().enumerate() {
             if i > 0 {
