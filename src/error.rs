@@ -292,6 +292,20 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// A `ShmPtr` handed out by another arena.
+    #[error(
+        "offset {offset:#x} carries arena tag {tag:#x}, this arena's is {arena_tag:#x}: \
+         a pointer of another arena"
+    )]
+    ForeignPointer {
+        /// The pointer's offset.
+        offset: u64,
+        /// The pointer's tag.
+        tag: u16,
+        /// This arena's tag.
+        arena_tag: u16,
+    },
+
     /// The region does not hold an arena, or one of another layout.
     #[error("not a hugearena arena: {reason}")]
     NotAnArena {

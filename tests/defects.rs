@@ -1037,3 +1037,36 @@ fn at_the_descriptor_limit_entry_points_fail_cleanly() {
     }
     assert!(stdout.contains("SIGSEGV"), "the forked child: {stdout}");
 }
+
+/// A pointer of one arena given to another is an error, not that arena's
+/// memory: every arena tags its pointers. The tag is the same in every
+/// process that opens the arena and survives snapshot and restore, and it
+/// survives a trip through shared memory as `to_bits`.
+#[test]
+fn a_pointer_of_another_arena_is_rejected() {
+    let a = arena(8 << 20, BackendKind::Shmem);
+    // Tags are random: two arenas share one with odds of 1 in 65535.
+    let b = std::iter::repeat_with(|| arena(8 << 20, BackendKind::Shmem))
+        .find(|b| b.tag() != a.tag())
+        .unwrap();
+    let l = Layout::from_size_align(64, 8).unwrap();
+    let p = a.alloc(l).unwrap();
+    let q = b.alloc(l).unwrap();
+    assert_eq!(p.offset(), q.offset(), "same offset in both arenas");
+    assert!(matches!(b.free(p), Err(Error::ForeignPointer { .. })));
+    assert!(matches!(b.local(p), Err(Error::ForeignPointer { .. })));
+    // b's object is untouched and still b's to free, once.
+    b.free(q).unwrap();
+    assert!(b.free(q).is_err());
+    let stored = ShmPtr::from_bits(p.to_bits());
+    let other = Arena::open(a.region().shareable_path(), PopulateOptions::new()).unwrap();
+    assert_eq!(other.tag(), a.tag());
+    assert!(other.local(stored).is_ok());
+    let dir = tempfile::tempdir().unwrap();
+    a.snapshot(dir.path().join("a.snap")).unwrap();
+    let restored = Arena::restore(dir.path().join("a.snap"), PopulateOptions::new()).unwrap();
+    assert_eq!(restored.tag(), a.tag());
+    restored.free(stored).unwrap();
+    // An untagged offset is checked against the tables only.
+    assert!(a.free(ShmPtr::from_offset(p.offset())).is_ok());
+}

@@ -38,22 +38,50 @@ use crate::populate::{PageSource, PopulateOptions, Populator, ZeroSource};
 use crate::region::{Region, RegionOptions};
 
 /// An allocation: a byte offset into the region's data, the same in every
-/// process that maps the region (like PostgreSQL's `dsa_pointer`).
+/// process that maps the region (like PostgreSQL's `dsa_pointer`), plus
+/// the 16-bit tag of the arena that handed it out, so that a pointer of
+/// one arena given to another is an error instead of that arena's memory.
+/// Store it in shared memory as [`to_bits`](ShmPtr::to_bits) and read it
+/// back with [`from_bits`](ShmPtr::from_bits) to keep the tag.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ShmPtr(u64);
+
+/// Bits of a [`ShmPtr`] holding the offset; the 16 above hold the tag.
+const OFFSET_BITS: u32 = 48;
+const OFFSET_MASK: u64 = (1 << OFFSET_BITS) - 1;
 
 impl ShmPtr {
     /// No allocation (offset 0 holds the arena's header, never an object).
     pub const NULL: ShmPtr = ShmPtr(0);
 
-    /// The pointer for a byte offset.
+    /// An untagged pointer for a byte offset: any arena takes it (and
+    /// checks it against its tables only).
     pub const fn from_offset(offset: u64) -> ShmPtr {
-        ShmPtr(offset)
+        ShmPtr(offset & OFFSET_MASK)
     }
 
     /// The byte offset.
     pub const fn offset(self) -> u64 {
+        self.0 & OFFSET_MASK
+    }
+
+    /// The tag of the arena that handed it out (0: untagged).
+    pub const fn tag(self) -> u16 {
+        (self.0 >> OFFSET_BITS) as u16
+    }
+
+    /// Offset and tag as one word, for storing in shared memory.
+    pub const fn to_bits(self) -> u64 {
         self.0
+    }
+
+    /// The pointer [`to_bits`](ShmPtr::to_bits) gave `bits` for.
+    pub const fn from_bits(bits: u64) -> ShmPtr {
+        ShmPtr(bits)
+    }
+
+    const fn tagged(offset: u64, tag: u16) -> ShmPtr {
+        ShmPtr((offset & OFFSET_MASK) | (tag as u64) << OFFSET_BITS)
     }
 
     /// Whether this is [`ShmPtr::NULL`].
@@ -152,7 +180,23 @@ mod hdr {
     pub const ROOTS: usize = 4;
     pub const CURRENT: usize = 8;
     pub const PARTIAL: usize = 8 + 32;
-    pub const WORDS: usize = 8 + 64;
+    /// The tag in every `ShmPtr` the arena hands out (0 in arenas made
+    /// before tags: their pointers are untagged).
+    pub const TAG: usize = 8 + 64;
+    pub const WORDS: usize = 8 + 64 + 1;
+}
+
+/// A random non-zero pointer tag for a new arena.
+fn fresh_tag() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    h.write_u32(std::process::id());
+    (h.finish() % 0xFFFF) as u16 + 1
 }
 
 /// A lock-free allocator in a shared region. See the module docs.
@@ -162,6 +206,8 @@ pub struct Arena<S: PageSource + 'static = ZeroSource> {
     base: NonNull<u8>,
     release: ReleasePolicy,
     caches: cache::Caches,
+    /// The header's tag, read once.
+    tag: u16,
 }
 
 // SAFETY: `base` points into the region the populator keeps alive; every
@@ -231,13 +277,14 @@ impl<S: PageSource + 'static> Arena<S> {
             base,
             release: ReleasePolicy::default(),
             caches: cache::Caches::new(true),
+            tag: 0,
         })
     }
 
     /// Writes a fresh arena's header into a populator's (new, zeroed)
     /// region.
     pub fn format(populator: Populator<S>) -> Result<Arena<S>> {
-        let arena = Arena::new(populator)?;
+        let mut arena = Arena::new(populator)?;
         let h = arena.header();
         if h[hdr::MAGIC].load(Ordering::Acquire) != 0 {
             return Err(Error::NotAnArena {
@@ -247,17 +294,20 @@ impl<S: PageSource + 'static> Arena<S> {
         for b in 0..arena.layout.meta_blocks() {
             arena.block(b).store(block::META, Ordering::Relaxed);
         }
+        let tag = fresh_tag();
+        h[hdr::TAG].store(u64::from(tag), Ordering::Relaxed);
         h[hdr::VERSION].store(VERSION, Ordering::Relaxed);
         h[hdr::DATA_LEN].store(arena.layout.data_len, Ordering::Relaxed);
         h[hdr::MAGIC].store(MAGIC, Ordering::Relaxed);
         // Publishes everything above to openers that acquire READY.
         h[hdr::STATE].store(READY, Ordering::Release);
+        arena.tag = tag;
         Ok(arena)
     }
 
     /// Attaches to the arena in a populator's region, checking its header.
     pub fn attach(populator: Populator<S>) -> Result<Arena<S>> {
-        let arena = Arena::new(populator)?;
+        let mut arena = Arena::new(populator)?;
         let h = arena.header();
         if h[hdr::STATE].load(Ordering::Acquire) != READY
             || h[hdr::MAGIC].load(Ordering::Relaxed) != MAGIC
@@ -281,6 +331,10 @@ impl<S: PageSource + 'static> Arena<S> {
                 ),
             });
         }
+        let tag = h[hdr::TAG].load(Ordering::Relaxed);
+        arena.tag = u16::try_from(tag).map_err(|_| Error::NotAnArena {
+            reason: format!("pointer tag {tag:#x} in the header is wider than 16 bits"),
+        })?;
         Ok(arena)
     }
 
@@ -332,25 +386,43 @@ impl<S: PageSource + 'static> Arena<S> {
         &self.layout
     }
 
+    /// The tag in the pointers this arena hands out (see [`ShmPtr`]).
+    pub fn tag(&self) -> u16 {
+        self.tag
+    }
+
+    /// The offset `ptr` stands for, if it is untagged or this arena's.
+    fn offset_of(&self, ptr: ShmPtr) -> Result<u64> {
+        match ptr.tag() {
+            0 => Ok(ptr.offset()),
+            tag if tag == self.tag => Ok(ptr.offset()),
+            tag => Err(Error::ForeignPointer {
+                offset: ptr.offset(),
+                tag,
+                arena_tag: self.tag,
+            }),
+        }
+    }
+
     /// The local address of `ptr` in this process; an error if `ptr` lies
-    /// outside the arena. (An offset cannot tell which arena it came from:
-    /// a `ShmPtr` of another arena maps to this arena's memory.)
+    /// outside the arena or carries another arena's tag.
     pub fn local(&self, ptr: ShmPtr) -> Result<NonNull<u8>> {
-        if ptr.0 >= self.layout.data_len {
+        let offset = self.offset_of(ptr)?;
+        if offset >= self.layout.data_len {
             return Err(Error::OutOfBounds {
-                offset: ptr.0,
+                offset,
                 len: 1,
                 region_len: self.layout.data_len,
             });
         }
         // SAFETY: in bounds of the primary view (checked).
-        Ok(unsafe { self.base.add(ptr.0 as usize) })
+        Ok(unsafe { self.base.add(offset as usize) })
     }
 
     /// The `ShmPtr` of a local address inside the arena.
     pub fn shm_ptr(&self, local: *const u8) -> Option<ShmPtr> {
         let offset = (local as usize).checked_sub(self.base.as_ptr() as usize)?;
-        ((offset as u64) < self.layout.data_len).then_some(ShmPtr(offset as u64))
+        ((offset as u64) < self.layout.data_len).then_some(ShmPtr::tagged(offset as u64, self.tag))
     }
 
     /// A typed reference to the `T` at `ptr`.
@@ -437,6 +509,11 @@ impl<S: PageSource + 'static> Arena<S> {
     /// 2 MiB). The memory is not touched: it reads as whatever was freed
     /// there last (zero when fresh), and its pages fill on first touch.
     pub fn alloc(&self, layout: AllocLayout) -> Result<ShmPtr> {
+        self.alloc_untagged(layout)
+            .map(|p| ShmPtr::tagged(p.0, self.tag))
+    }
+
+    fn alloc_untagged(&self, layout: AllocLayout) -> Result<ShmPtr> {
         let (size, align) = (layout.size(), layout.align());
         if size == 0 {
             return Err(Error::ZeroAllocation);
@@ -656,7 +733,7 @@ impl<S: PageSource + 'static> Arena<S> {
     /// allocated, freed already, or pointing inside an allocation) are
     /// rejected with [`Error::InvalidFree`] and change nothing.
     pub fn free(&self, ptr: ShmPtr) -> Result<()> {
-        let offset = ptr.0;
+        let offset = self.offset_of(ptr)?;
         let invalid = |reason| Error::InvalidFree { offset, reason };
         if offset < self.layout.meta_len || offset >= self.layout.data_len {
             return Err(invalid("outside the arena's allocatable blocks"));
