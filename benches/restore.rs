@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use hugearena::persist::{self, Snapshotter};
-use hugearena::populate::{Driver, FillError, FnSource, PopulateOptions, Populator};
+use hugearena::populate::{Driver, FillError, FnSource, PopulateOptions, Populator, SignalSafe};
 use hugearena::{BackendKind, Region, RegionOptions};
 
 fn pattern(index: u64, dst: &mut [u8]) -> Result<(), FillError> {
@@ -38,17 +38,18 @@ fn drop_cache(path: &Path) {
     unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
 }
 
-type PatternSource = FnSource<fn(u64, &mut [u8]) -> Result<(), FillError>>;
+type PatternSource = SignalSafe<FnSource<fn(u64, &mut [u8]) -> Result<(), FillError>>>;
 
 /// A region of `len` bytes, every page populated with a pattern.
-fn populated(len: usize, track: bool) -> Populator<PatternSource> {
+fn populated(len: usize, track: bool) -> Populator {
     let region = Arc::new(
         Region::create(RegionOptions::new(len as u64).backend(BackendKind::Shmem)).expect("region"),
     );
     let options = PopulateOptions::new()
         .driver(Driver::Proactive)
         .track_writes(track);
-    let source: PatternSource = FnSource(pattern);
+    // SAFETY: `pattern` only computes bytes into `dst`.
+    let source: PatternSource = unsafe { SignalSafe::new(FnSource(pattern)) };
     let p = Populator::with_options(region, source, options).expect("populator");
     p.populate(0, len).expect("populate");
     p

@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
-use hugearena::populate::{Driver, FileSource, PageSource, PopulateOptions, Populator, ZeroSource};
+use hugearena::populate::{
+    Driver, FileSource, PopulateOptions, Populator, SignalSafeSource, ZeroSource,
+};
 use hugearena::{BackendKind, HugePages, Region, RegionOptions};
 
 struct Args {
@@ -129,7 +131,7 @@ fn order(granules: usize, granule: usize, seed: u64, sequential: bool) -> Vec<us
 }
 
 /// Touches every granule (the first byte of each), timing each touch.
-fn touch<S: PageSource>(p: &Populator<S>, offsets: &[usize]) -> Histogram<u64> {
+fn touch(p: &Populator, offsets: &[usize]) -> Histogram<u64> {
     let mut h = Histogram::new(3).expect("valid precision");
     let region = p.region();
     let mut byte = [0u8; 1];
@@ -147,7 +149,7 @@ fn touch<S: PageSource>(p: &Populator<S>, offsets: &[usize]) -> Histogram<u64> {
     h
 }
 
-fn run<S: PageSource + 'static>(
+fn run<S: SignalSafeSource + 'static>(
     region: Arc<Region>,
     source: S,
     args: &Args,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hugearena::persist;
-use hugearena::populate::{Driver, FillError, FnSource, PopulateOptions, Populator};
+use hugearena::populate::{Driver, FillError, FnSource, PopulateOptions, Populator, SignalSafe};
 use hugearena::{BackendKind, Region, RegionOptions};
 
 fn byte_at(offset: usize) -> u8 {
@@ -48,7 +48,9 @@ fn main() {
             let len = size_mib << 20;
             let region = Region::create(RegionOptions::new(len as u64).backend(BackendKind::Shmem))
                 .unwrap_or_else(|e| fail(e));
-            let source = FnSource(fill as fn(u64, &mut [u8]) -> Result<(), FillError>);
+            let fill = fill as fn(u64, &mut [u8]) -> Result<(), FillError>;
+            // SAFETY: `fill` only computes bytes into `dst`.
+            let source = unsafe { SignalSafe::new(FnSource(fill)) };
             let options = PopulateOptions::new().driver(Driver::Proactive);
             let p = Populator::with_options(Arc::new(region), source, options)
                 .unwrap_or_else(|e| fail(e));

@@ -11,7 +11,7 @@ use hugearena::populate::PopulateOptions;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hugearena::populate::{Driver, FillError, FnSource, Populator};
+use hugearena::populate::{Driver, FillError, Populator};
 use hugearena::{Arena, BackendKind, Error, Region, RegionOptions, ShmPtr};
 
 fn in_thread() -> PopulateOptions {
@@ -19,8 +19,9 @@ fn in_thread() -> PopulateOptions {
 }
 
 /// Page 0 takes 1.5 s to fill (with 0x5A); the others fill at once.
-fn slow_page_zero() -> FnSource<impl Fn(u64, &mut [u8]) -> Result<(), FillError> + Send + Sync> {
-    FnSource(|index: u64, dst: &mut [u8]| {
+fn slow_page_zero() -> SafeFnSource<impl Fn(u64, &mut [u8]) -> Result<(), FillError> + Send + Sync>
+{
+    safe_fn(|index: u64, dst: &mut [u8]| {
         if index == 0 {
             std::thread::sleep(Duration::from_millis(1500));
         }
@@ -30,8 +31,8 @@ fn slow_page_zero() -> FnSource<impl Fn(u64, &mut [u8]) -> Result<(), FillError>
 }
 
 /// Pattern 7 at every byte.
-fn patterned() -> FnSource<impl Fn(u64, &mut [u8]) -> Result<(), FillError> + Send + Sync> {
-    FnSource(|index: u64, dst: &mut [u8]| {
+fn patterned() -> SafeFnSource<impl Fn(u64, &mut [u8]) -> Result<(), FillError> + Send + Sync> {
+    safe_fn(|index: u64, dst: &mut [u8]| {
         fill_pattern(7, index as usize * dst.len(), dst);
         Ok(())
     })
@@ -170,7 +171,7 @@ fn child_entry() {
         "hold-page-zero" => {
             // Claims page 0 and never finishes filling it.
             let region = Arc::new(Region::open(&path).unwrap());
-            let never = FnSource(|index: u64, dst: &mut [u8]| {
+            let never = safe_fn(|index: u64, dst: &mut [u8]| {
                 if index == 0 {
                     loop {
                         std::thread::sleep(Duration::from_secs(1));
@@ -283,7 +284,7 @@ fn child_entry() {
         "recursive-source" => {
             let region = Arc::new(Region::open(&path).unwrap());
             let r = region.clone();
-            let touches_itself = FnSource(move |_index: u64, dst: &mut [u8]| {
+            let touches_itself = safe_fn(move |_index: u64, dst: &mut [u8]| {
                 let mut b = [0u8; 1];
                 r.read_via_primary(0, &mut b).unwrap();
                 dst.fill(b[0]);
@@ -631,7 +632,7 @@ fn a_present_page_with_nothing_behind_it_is_filled_again() {
     }
 }
 
-fn tracked_region() -> (Arc<Region>, Populator<hugearena::populate::ZeroSource>) {
+fn tracked_region() -> (Arc<Region>, Populator) {
     let region =
         Arc::new(Region::create(RegionOptions::new(4 << 20).backend(BackendKind::Shmem)).unwrap());
     let options = PopulateOptions::new().track_writes(true);
@@ -768,8 +769,9 @@ fn in_forked_child(body: impl FnOnce() -> Result<(), String>) -> i32 {
 }
 
 /// Page `index` of the fork tests' source holds `index as u8 ^ 0xA5`.
-fn indexed_source() -> FnSource<impl Fn(u64, &mut [u8]) -> Result<(), FillError> + Send + Sync> {
-    FnSource(|index: u64, dst: &mut [u8]| {
+fn indexed_source() -> SafeFnSource<impl Fn(u64, &mut [u8]) -> Result<(), FillError> + Send + Sync>
+{
+    safe_fn(|index: u64, dst: &mut [u8]| {
         dst.fill(index as u8 ^ 0xA5);
         Ok(())
     })

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hugearena::persist::{self, SnapshotSource};
-use hugearena::populate::{Driver, FnSource, PopulateOptions, Populator};
+use hugearena::populate::{Driver, PopulateOptions, Populator};
 use hugearena::{Arena, BackendKind, Error, PageSize, Region, RegionOptions, ShmPtr};
 
 /// Pattern `seed` for every granule whose index is not 3 mod 4 (those are
@@ -30,8 +30,9 @@ fn expected(seed: u64, granule: usize) -> impl Fn(usize) -> u8 {
 
 fn pattern_source(
     seed: u64,
-) -> FnSource<impl Fn(u64, &mut [u8]) -> Result<(), hugearena::populate::FillError> + Send + Sync> {
-    FnSource(move |index: u64, dst: &mut [u8]| {
+) -> SafeFnSource<impl Fn(u64, &mut [u8]) -> Result<(), hugearena::populate::FillError> + Send + Sync>
+{
+    safe_fn(move |index: u64, dst: &mut [u8]| {
         fill_pattern(seed, index as usize * dst.len(), dst);
         Ok(())
     })

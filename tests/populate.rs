@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use hugearena::populate::{
-    Driver, FileSource, FillError, FnSource, PageSource, PopulateOptions, Populator, Promotion,
-    ZeroSource,
+    Driver, FileSource, FillError, FnSource, PopulateOptions, Populator, Promotion, ZeroSource,
 };
 use hugearena::{BackendKind, PageSize, Region, RegionOptions};
 
@@ -62,7 +61,7 @@ fn shuffled(granules: usize, granule: usize, seed: u64) -> Vec<usize> {
 
 /// Touches one byte of every granule in a random order, as a user of the
 /// driver would: proactive users populate first.
-fn touch_all<S: PageSource>(populator: &Populator<S>, seed: u64) {
+fn touch_all(populator: &Populator, seed: u64) {
     let region = populator.region();
     let g = region.granule().bytes();
     let mut byte = [0u8; 1];
@@ -77,7 +76,7 @@ fn touch_all<S: PageSource>(populator: &Populator<S>, seed: u64) {
 }
 
 /// Two threads, two random orders, the same pages.
-fn touch_from_two_threads<S: PageSource>(populator: &Populator<S>) {
+fn touch_from_two_threads(populator: &Populator) {
     std::thread::scope(|s| {
         s.spawn(|| touch_all(populator, 0x1234_5678));
         s.spawn(|| touch_all(populator, 0x9abc_def0));
@@ -134,7 +133,7 @@ fn child_entry() {
             // Fill the first half and the second half from two threads;
             // pages 3 and 1500 never finish, so their claims stay held.
             let region = Arc::new(Region::open(env("REGION_PATH")).unwrap());
-            let source = FnSource(|index: u64, dst: &mut [u8]| {
+            let source = safe_fn(|index: u64, dst: &mut [u8]| {
                 if index == 3 || index == 1500 {
                     println!("HOLDING {index}");
                     loop {
@@ -242,8 +241,8 @@ acceptance_tests! {
 }
 
 /// Fills page i with i + 1, except page 5, whose fill fails.
-fn failing_source() -> impl PageSource {
-    FnSource(|index: u64, dst: &mut [u8]| {
+fn failing_source() -> impl hugearena::populate::SignalSafeSource {
+    safe_fn(|index: u64, dst: &mut [u8]| {
         if index == 5 {
             return Err(FillError::Failed("checksum mismatch"));
         }
@@ -301,13 +300,14 @@ fn a_failing_source_poisons_only_its_pages_and_reports_why() {
 fn a_panicking_source_poisons_its_page_and_the_rest_keeps_working() {
     let region =
         Arc::new(Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap());
+    // A closure that panics is no signal-safe source: handler threads only.
     let source = FnSource(|index: u64, dst: &mut [u8]| {
         assert_ne!(index, 9, "a bug in a page source");
         dst.fill(index as u8);
         Ok(())
     });
     let options = PopulateOptions::new().driver(Driver::HandlerThreads(1));
-    let p = Populator::with_options(region.clone(), source, options).unwrap();
+    let p = Populator::with_handler_threads(region.clone(), source, options).unwrap();
     p.populate(0, region.len()).unwrap();
     let errors = p.errors();
     assert_eq!(errors.len(), 1);
@@ -343,7 +343,7 @@ fn a_filler_killed_mid_fill_is_taken_over_by_another_process() {
     assert_eq!(holding, 2, "the child did not reach its stuck fills");
     child.kill().unwrap();
     child.wait().unwrap();
-    let source = FnSource(|index: u64, dst: &mut [u8]| {
+    let source = safe_fn(|index: u64, dst: &mut [u8]| {
         let mut page = vec![0u8; dst.len()];
         fill_pattern(2, index as usize * dst.len(), &mut page);
         dst.copy_from_slice(&page);
@@ -368,7 +368,7 @@ fn handler_stop_child() {
         Arc::new(Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap());
     static FILLING_PAGE_0: std::sync::atomic::AtomicBool =
         std::sync::atomic::AtomicBool::new(false);
-    let source = FnSource(|index: u64, dst: &mut [u8]| {
+    let source = safe_fn(|index: u64, dst: &mut [u8]| {
         if index == 0 {
             FILLING_PAGE_0.store(true, Ordering::Release);
             std::thread::sleep(Duration::from_millis(300));
@@ -558,4 +558,30 @@ fn kernel_mode_writes_fail_in_thread_until_populated_and_wait_for_handlers() {
     // With handler threads the kernel waits for the handler and succeeds.
     assert_eq!(pipe_read_into(&region, 8192, 4096), Ok(4096));
     assert_eq!(p.stats().faults_handler, 1);
+}
+
+/// A source without the async-signal-safety promise is served by handler
+/// threads (one by default); asking for a driver that would run it inside
+/// the SIGBUS handler is an error naming the fix.
+#[test]
+fn a_source_without_the_signal_safety_promise_runs_on_handler_threads_only() {
+    let region =
+        Arc::new(Region::create(RegionOptions::new(2 << 20).backend(BackendKind::Shmem)).unwrap());
+    let source = || {
+        FnSource(|index: u64, dst: &mut [u8]| {
+            dst.fill(index as u8 ^ 0x3C);
+            Ok(())
+        })
+    };
+    for driver in [Driver::InThread, Driver::Proactive] {
+        let options = PopulateOptions::new().driver(driver);
+        let err = Populator::with_handler_threads(region.clone(), source(), options).unwrap_err();
+        assert!(err.to_string().contains("SignalSafeSource"), "{err}");
+    }
+    let p =
+        Populator::with_handler_threads(region.clone(), source(), PopulateOptions::new()).unwrap();
+    assert_eq!(p.driver(), Driver::HandlerThreads(1));
+    let mut byte = [0u8; 1];
+    region.read_via_primary(5 * 4096, &mut byte).unwrap();
+    assert_eq!(byte[0], 5 ^ 0x3C);
 }

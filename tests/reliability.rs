@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hugearena::persist::SnapshotSource;
-use hugearena::populate::{Driver, FillError, FnSource, PopulateOptions, Populator};
+use hugearena::populate::{Driver, FillError, PopulateOptions, Populator};
 use hugearena::{Arena, BackendKind, Region, RegionOptions, ShmPtr};
 
 /// Kills the campaign must reach.
@@ -29,8 +29,9 @@ const CORRUPT: i32 = 3;
 
 const ROLES: [&str; 4] = ["filler", "allocator", "releaser", "snapshotter"];
 
-fn pattern_source() -> FnSource<impl Fn(u64, &mut [u8]) -> Result<(), FillError> + Send + Sync> {
-    FnSource(|index: u64, dst: &mut [u8]| {
+fn pattern_source() -> SafeFnSource<impl Fn(u64, &mut [u8]) -> Result<(), FillError> + Send + Sync>
+{
+    safe_fn(|index: u64, dst: &mut [u8]| {
         fill_pattern(SEED, index as usize * dst.len(), dst);
         Ok(())
     })

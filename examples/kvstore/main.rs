@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use hugearena::persist::{self, SnapshotSource};
-use hugearena::populate::{PageSource, PopulateOptions, Populator, ZeroSource};
+use hugearena::populate::{PopulateOptions, Populator, ZeroSource};
 use hugearena::{Arena, HugePages, Region, RegionOptions};
 
 use server::{SHUTDOWN, Shared, dump_path};
@@ -146,8 +146,8 @@ fn buckets_for(size: u64) -> u64 {
     (size >> 10).clamp(1 << 12, 1 << 24)
 }
 
-fn run_server<S: PageSource + 'static>(
-    arena: Arena<S>,
+fn run_server(
+    arena: Arena,
     addr: SocketAddr,
     dir: PathBuf,
     restored_from: Option<PathBuf>,
@@ -227,7 +227,8 @@ fn serve(flags: &Flags) {
     install_terminate_handler();
     let dump = dump_path(&dir);
     let started = Instant::now();
-    if dump.exists() {
+    // A restored arena and a fresh one are the same type: one path.
+    let (arena, restored_from) = if dump.exists() {
         let source = SnapshotSource::open(&dump).unwrap_or_else(|e| fail(e));
         let options = source.region_options().unwrap_or_else(|e| fail(e));
         let populator = persist::restore_with(options, source, PopulateOptions::new())
@@ -249,8 +250,7 @@ fn serve(flags: &Flags) {
                 "lazy: pages load on first touch"
             },
         );
-        let mut children = spawn_workers(workers, arena.region(), addr, &dir, Some(&dump));
-        run_server(arena, addr, dir, Some(dump), &mut children, true);
+        (arena, Some(dump))
     } else {
         let options = RegionOptions::new(size).huge_pages(HugePages::Try);
         let arena = Arena::create(options, PopulateOptions::new()).unwrap_or_else(|e| fail(e));
@@ -260,9 +260,16 @@ fn serve(flags: &Flags) {
             arena.region().backend().kind(),
             arena.region().choice().reason
         );
-        let mut children = spawn_workers(workers, arena.region(), addr, &dir, None);
-        run_server(arena, addr, dir, None, &mut children, true);
-    }
+        (arena, None)
+    };
+    let mut children = spawn_workers(
+        workers,
+        arena.region(),
+        addr,
+        &dir,
+        restored_from.as_deref(),
+    );
+    run_server(arena, addr, dir, restored_from, &mut children, true);
 }
 
 fn worker(flags: &Flags) {
@@ -272,28 +279,18 @@ fn worker(flags: &Flags) {
     let addr = flags.addr("worker");
     let dir = PathBuf::from(flags.value("--dir").unwrap_or("."));
     let mut none: Vec<Child> = Vec::new();
-    match flags.value("--snapshot") {
+    // A fresh arena and a restored one are the same type: one path.
+    let populator = match flags.value("--snapshot") {
         Some(snap) => {
             let source = SnapshotSource::open(snap).unwrap_or_else(|e| fail(e));
-            let p = Populator::with_options(region, source, PopulateOptions::new())
-                .unwrap_or_else(|e| fail(e));
-            let arena = Arena::attach(p).unwrap_or_else(|e| fail(e));
-            run_server(
-                arena,
-                addr,
-                dir,
-                Some(PathBuf::from(snap)),
-                &mut none,
-                false,
-            );
+            Populator::with_options(region, source, PopulateOptions::new())
         }
-        None => {
-            let p = Populator::with_options(region, ZeroSource, PopulateOptions::new())
-                .unwrap_or_else(|e| fail(e));
-            let arena = Arena::attach(p).unwrap_or_else(|e| fail(e));
-            run_server(arena, addr, dir, None, &mut none, false);
-        }
+        None => Populator::with_options(region, ZeroSource, PopulateOptions::new()),
     }
+    .unwrap_or_else(|e| fail(e));
+    let arena = Arena::attach(populator).unwrap_or_else(|e| fail(e));
+    let restored_from = flags.value("--snapshot").map(PathBuf::from);
+    run_server(arena, addr, dir, restored_from, &mut none, false);
 }
 
 fn main() {

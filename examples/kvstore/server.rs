@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hugearena::Arena;
-use hugearena::populate::PageSource;
 use hugearena::populate::state::{self, PageState};
 
 use crate::resp::{self, Parsed, Reply};
@@ -18,9 +17,9 @@ use crate::store::{SetMode, Store, StoreError, expiry_in};
 pub static SHUTDOWN: AtomicBool = AtomicBool::new(false);
 
 /// What every connection of a worker shares.
-pub struct Shared<'a, S: PageSource + 'static> {
-    pub arena: &'a Arena<S>,
-    pub store: Store<'a, S>,
+pub struct Shared<'a> {
+    pub arena: &'a Arena,
+    pub store: Store<'a>,
     pub dir: PathBuf,
     pub port: u16,
     pub started: Instant,
@@ -34,7 +33,7 @@ pub fn dump_path(dir: &std::path::Path) -> PathBuf {
     dir.join("dump.hasnap")
 }
 
-impl<S: PageSource + 'static> Shared<'_, S> {
+impl Shared<'_> {
     /// SAVE: quiesce every worker (all stripe locks), snapshot, release.
     pub fn save(&self) -> Result<String, String> {
         let _all = self.store.lock_all();
@@ -125,7 +124,7 @@ fn store_error(r: &mut Reply<'_>, e: StoreError) {
     }
 }
 
-fn incr_by<S: PageSource + 'static>(s: &Shared<'_, S>, r: &mut Reply<'_>, key: &[u8], by: i64) {
+fn incr_by(s: &Shared<'_>, r: &mut Reply<'_>, key: &[u8], by: i64) {
     let result = s.store.update(key, |old| {
         let cur = match old {
             None => 0,
@@ -141,11 +140,7 @@ fn incr_by<S: PageSource + 'static>(s: &Shared<'_, S>, r: &mut Reply<'_>, key: &
 }
 
 /// Executes one command; `false` means close the connection (QUIT).
-pub fn execute<S: PageSource + 'static>(
-    s: &Shared<'_, S>,
-    args: &[Vec<u8>],
-    r: &mut Reply<'_>,
-) -> bool {
+pub fn execute(s: &Shared<'_>, args: &[Vec<u8>], r: &mut Reply<'_>) -> bool {
     let Some(name) = args.first() else {
         return true;
     };
@@ -276,7 +271,7 @@ pub fn execute<S: PageSource + 'static>(
     true
 }
 
-fn set<S: PageSource + 'static>(s: &Shared<'_, S>, args: &[Vec<u8>], r: &mut Reply<'_>) {
+fn set(s: &Shared<'_>, args: &[Vec<u8>], r: &mut Reply<'_>) {
     let mut expires = 0;
     let mut mode = SetMode::Always;
     let mut i = 3;
@@ -313,7 +308,7 @@ fn set<S: PageSource + 'static>(s: &Shared<'_, S>, args: &[Vec<u8>], r: &mut Rep
 }
 
 /// Serves one connection until it closes, QUITs or breaks the protocol.
-pub fn serve_connection<S: PageSource + 'static>(s: &Shared<'_, S>, mut stream: TcpStream) {
+pub fn serve_connection(s: &Shared<'_>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
     s.connections.fetch_add(1, Ordering::Relaxed);
@@ -369,7 +364,7 @@ pub fn serve_connection<S: PageSource + 'static>(s: &Shared<'_, S>, mut stream: 
 
 /// Accepts until shutdown, one scoped thread per connection, plus a
 /// sweeper that removes expired keys.
-pub fn accept_loop<S: PageSource + 'static>(s: &Shared<'_, S>, listener: &TcpListener) {
+pub fn accept_loop(s: &Shared<'_>, listener: &TcpListener) {
     listener
         .set_nonblocking(true)
         .expect("non-blocking listener");

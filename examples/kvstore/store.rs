@@ -17,7 +17,6 @@
 use std::alloc::Layout;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use hugearena::populate::PageSource;
 use hugearena::{Arena, ShmPtr};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"HAKVTAB1");
@@ -27,8 +26,8 @@ const HEADER_WORDS: u64 = 3 + STRIPES;
 const ENTRY_WORDS: u64 = 5;
 
 /// A handle to the table in one process.
-pub struct Store<'a, S: PageSource + 'static> {
-    arena: &'a Arena<S>,
+pub struct Store<'a> {
+    arena: &'a Arena,
     table: u64,
     buckets: u64,
     pid: u64,
@@ -71,10 +70,10 @@ pub enum SetMode {
     IfPresent,
 }
 
-impl<'a, S: PageSource + 'static> Store<'a, S> {
+impl<'a> Store<'a> {
     /// Opens the table in root word 0, creating it with `buckets` buckets
     /// if the arena has none.
-    pub fn open(arena: &'a Arena<S>, buckets: u64) -> Result<Self, String> {
+    pub fn open(arena: &'a Arena, buckets: u64) -> Result<Self, String> {
         let root = &arena.roots()[0];
         let mut table = root.load(Ordering::Acquire);
         if table == 0 {
@@ -135,7 +134,7 @@ impl<'a, S: PageSource + 'static> Store<'a, S> {
         &self.words(self.table + (HEADER_WORDS + bucket) * 8, 1)[0]
     }
 
-    fn lock(&self, stripe: u64) -> Guard<'_, 'a, S> {
+    fn lock(&self, stripe: u64) -> Guard<'_, 'a> {
         let word = self.lock_word(stripe);
         let mut spins = 0u32;
         loop {
@@ -176,7 +175,7 @@ impl<'a, S: PageSource + 'static> Store<'a, S> {
     }
 
     /// Holds every stripe: no other operation runs in any process.
-    pub fn lock_all(&self) -> Vec<Guard<'_, 'a, S>> {
+    pub fn lock_all(&self) -> Vec<Guard<'_, 'a>> {
         (0..STRIPES).map(|s| self.lock(s)).collect()
     }
 
@@ -412,12 +411,12 @@ impl<'a, S: PageSource + 'static> Store<'a, S> {
 }
 
 /// A held stripe lock.
-pub struct Guard<'s, 'a, S: PageSource + 'static> {
-    store: &'s Store<'a, S>,
+pub struct Guard<'s, 'a> {
+    store: &'s Store<'a>,
     stripe: u64,
 }
 
-impl<S: PageSource + 'static> Drop for Guard<'_, '_, S> {
+impl Drop for Guard<'_, '_> {
     fn drop(&mut self) {
         self.store
             .lock_word(self.stripe)

@@ -34,7 +34,7 @@ use self::layout::{
 };
 use self::span::AfterFree;
 use crate::error::{Error, Result};
-use crate::populate::{PageSource, PopulateOptions, Populator, ZeroSource};
+use crate::populate::{PopulateOptions, Populator, ZeroSource};
 use crate::region::{Region, RegionOptions};
 
 /// An allocation: a byte offset into the region's data, the same in every
@@ -200,8 +200,8 @@ fn fresh_tag() -> u16 {
 }
 
 /// A lock-free allocator in a shared region. See the module docs.
-pub struct Arena<S: PageSource + 'static = ZeroSource> {
-    populator: Populator<S>,
+pub struct Arena {
+    populator: Populator,
     layout: ArenaLayout,
     base: NonNull<u8>,
     release: ReleasePolicy,
@@ -212,11 +212,11 @@ pub struct Arena<S: PageSource + 'static = ZeroSource> {
 
 // SAFETY: `base` points into the region the populator keeps alive; every
 // shared word is accessed atomically, and handed-out memory is the caller's.
-unsafe impl<S: PageSource + 'static> Send for Arena<S> {}
+unsafe impl Send for Arena {}
 // SAFETY: as above.
-unsafe impl<S: PageSource + 'static> Sync for Arena<S> {}
+unsafe impl Sync for Arena {}
 
-impl<S: PageSource + 'static> std::fmt::Debug for Arena<S> {
+impl std::fmt::Debug for Arena {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Arena")
             .field("region", &self.region().name())
@@ -225,7 +225,7 @@ impl<S: PageSource + 'static> std::fmt::Debug for Arena<S> {
     }
 }
 
-impl Arena<ZeroSource> {
+impl Arena {
     /// Creates a region and an empty arena in it, populated with zero pages
     /// on first touch.
     pub fn create(region: RegionOptions, populate: PopulateOptions) -> Result<Arena> {
@@ -242,7 +242,7 @@ impl Arena<ZeroSource> {
     }
 }
 
-impl Arena<crate::persist::SnapshotSource> {
+impl Arena {
     /// Restores an arena from a snapshot: returns at once, pages fill from
     /// the snapshot on first touch, and allocation continues where the
     /// snapshot left off.
@@ -251,8 +251,8 @@ impl Arena<crate::persist::SnapshotSource> {
     }
 }
 
-impl<S: PageSource + 'static> Arena<S> {
-    fn new(populator: Populator<S>) -> Result<Arena<S>> {
+impl Arena {
+    fn new(populator: Populator) -> Result<Arena> {
         let data_len = populator.region().len() as u64;
         if data_len % BLOCK != 0 || data_len < 2 * BLOCK {
             return Err(Error::InvalidOption {
@@ -283,7 +283,7 @@ impl<S: PageSource + 'static> Arena<S> {
 
     /// Writes a fresh arena's header into a populator's (new, zeroed)
     /// region.
-    pub fn format(populator: Populator<S>) -> Result<Arena<S>> {
+    pub fn format(populator: Populator) -> Result<Arena> {
         let mut arena = Arena::new(populator)?;
         let h = arena.header();
         if h[hdr::MAGIC].load(Ordering::Acquire) != 0 {
@@ -306,7 +306,7 @@ impl<S: PageSource + 'static> Arena<S> {
     }
 
     /// Attaches to the arena in a populator's region, checking its header.
-    pub fn attach(populator: Populator<S>) -> Result<Arena<S>> {
+    pub fn attach(populator: Populator) -> Result<Arena> {
         let mut arena = Arena::new(populator)?;
         let h = arena.header();
         if h[hdr::STATE].load(Ordering::Acquire) != READY
@@ -377,7 +377,7 @@ impl<S: PageSource + 'static> Arena<S> {
     }
 
     /// The populator.
-    pub fn populator(&self) -> &Populator<S> {
+    pub fn populator(&self) -> &Populator {
         &self.populator
     }
 
@@ -477,7 +477,7 @@ impl<S: PageSource + 'static> Arena<S> {
         &self.words(self.layout.spans_offset + slot * SPAN_DESC, 1)[0]
     }
 
-    fn span_links(&self) -> SpanLinks<'_, S> {
+    fn span_links(&self) -> SpanLinks<'_> {
         SpanLinks(self)
     }
 
@@ -987,16 +987,16 @@ impl<S: PageSource + 'static> Arena<S> {
     }
 }
 
-impl<S: PageSource + 'static> Drop for Arena<S> {
+impl Drop for Arena {
     fn drop(&mut self) {
         self.flush_thread_caches();
     }
 }
 
 /// The span slots' link words, as the stack's link table.
-struct SpanLinks<'a, S: PageSource + 'static>(&'a Arena<S>);
+struct SpanLinks<'a>(&'a Arena);
 
-impl<S: PageSource + 'static> stack::Links for SpanLinks<'_, S> {
+impl stack::Links for SpanLinks<'_> {
     type Slot = AtomicU64;
     fn link(&self, slot: u32) -> Option<&AtomicU64> {
         self.0.is_slot(u64::from(slot)).then(|| {
@@ -1018,7 +1018,7 @@ const CLAIM_SCANS: u32 = 1 << 16;
 // `layout.align()` alignment that no other allocation overlaps until it is
 // passed to `deallocate`; the arena (and so its mapping) outlives every use
 // through `&self`. Zero-sized requests get a dangling aligned pointer.
-unsafe impl<S: PageSource + 'static> allocator_api2::alloc::Allocator for Arena<S> {
+unsafe impl allocator_api2::alloc::Allocator for Arena {
     fn allocate(
         &self,
         layout: AllocLayout,

@@ -69,7 +69,7 @@ fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 /// source, so that a snapshot of the region holds it. After a lazy restore,
 /// pages nobody touched yet exist only in the old snapshot: a new snapshot
 /// must not drop them.
-pub fn fill_from_source<S: PageSource + 'static>(populator: &Populator<S>) -> Result<()> {
+pub fn fill_from_source(populator: &Populator) -> Result<()> {
     let region = populator.region();
     let g = region.granule().bytes();
     let states = region.page_states();
@@ -93,10 +93,7 @@ pub fn fill_from_source<S: PageSource + 'static>(populator: &Populator<S>) -> Re
 
 /// Writes a snapshot of the region `populator` fills, including pages its
 /// source holds that were never touched (see [`fill_from_source`]).
-pub fn snapshot_populator<S: PageSource + 'static>(
-    populator: &Populator<S>,
-    path: impl AsRef<Path>,
-) -> Result<SnapshotInfo> {
+pub fn snapshot_populator(populator: &Populator, path: impl AsRef<Path>) -> Result<SnapshotInfo> {
     fill_from_source(populator)?;
     snapshot(populator.region(), path)
 }
@@ -485,11 +482,20 @@ impl SnapshotSource {
     }
 }
 
+// SAFETY: `fill` looks entries up with `get`, follows parents (already
+// open), reads with `pread(2)` and checks a crc: no allocation, lock or
+// panic (errors carry an errno or a static message).
+unsafe impl crate::populate::SignalSafeSource for SnapshotSource {}
+
 impl PageSource for SnapshotSource {
     fn fill(&self, index: u64, dst: &mut [u8]) -> std::result::Result<(), FillError> {
         let g = self.header.granule() as usize;
         // The region's granule is the snapshot's (restore checks it).
-        debug_assert_eq!(dst.len(), g);
+        if dst.len() != g {
+            return Err(FillError::Failed(
+                "the region's granule differs from the snapshot's",
+            ));
+        }
         let (flags, crc) = *self.map.get(index as usize).ok_or(FillError::PastEnd {
             len: self.header.data_len,
         })?;
@@ -526,10 +532,7 @@ impl PageSource for SnapshotSource {
 /// Restores a snapshot into a new region (anonymous, or at
 /// `region.path(..)` if the options say so) and returns at once: pages
 /// fill from the snapshot, verified, on first touch.
-pub fn restore(
-    path: impl AsRef<Path>,
-    populate: PopulateOptions,
-) -> Result<Populator<SnapshotSource>> {
+pub fn restore(path: impl AsRef<Path>, populate: PopulateOptions) -> Result<Populator> {
     let source = SnapshotSource::open(path)?;
     restore_with(source.region_options()?, source, populate)
 }
@@ -540,7 +543,7 @@ pub fn restore_with(
     options: RegionOptions,
     source: SnapshotSource,
     populate: PopulateOptions,
-) -> Result<Populator<SnapshotSource>> {
+) -> Result<Populator> {
     let region = Region::create(options)?;
     let h = source.header().clone();
     if region.len() as u64 != h.data_len || region.granule().bytes() as u64 != h.granule() {
@@ -586,11 +589,7 @@ impl Snapshotter {
     }
 
     /// A full snapshot; starts a new chain.
-    pub fn full<S: PageSource + 'static>(
-        &mut self,
-        populator: &Populator<S>,
-        path: impl AsRef<Path>,
-    ) -> Result<SnapshotInfo> {
+    pub fn full(&mut self, populator: &Populator, path: impl AsRef<Path>) -> Result<SnapshotInfo> {
         let changed = populator.take_changed()?;
         let written =
             fill_from_source(populator).and_then(|()| snapshot(populator.region(), path.as_ref()));
@@ -599,9 +598,9 @@ impl Snapshotter {
 
     /// Remembers a written snapshot as the next parent, or, if writing
     /// failed, hands the changes back so the next snapshot includes them.
-    fn record<S: PageSource + 'static>(
+    fn record(
         &mut self,
-        populator: &Populator<S>,
+        populator: &Populator,
         changed: &[usize],
         written: Result<SnapshotInfo>,
     ) -> Result<SnapshotInfo> {
@@ -619,9 +618,9 @@ impl Snapshotter {
 
     /// An incremental snapshot on top of the last one, which must be in
     /// the same directory as `path`.
-    pub fn incremental<S: PageSource + 'static>(
+    pub fn incremental(
         &mut self,
-        populator: &Populator<S>,
+        populator: &Populator,
         path: impl AsRef<Path>,
     ) -> Result<SnapshotInfo> {
         let path = path.as_ref();

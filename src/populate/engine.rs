@@ -49,6 +49,43 @@ thread_local! {
     /// Const-initialised and without a destructor, so the SIGBUS handler
     /// may read it.
     static FILLING: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+
+    /// Whether this thread is resolving a fault inside the SIGBUS handler
+    /// (const-initialised, no destructor: readable there).
+    static IN_SIGNAL_HANDLER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as inside the SIGBUS handler while it lives,
+/// so a source's panic aborts instead of unwinding there.
+pub(crate) struct InSignalHandler {
+    outer: bool,
+}
+
+impl InSignalHandler {
+    pub(crate) fn enter() -> InSignalHandler {
+        InSignalHandler {
+            outer: IN_SIGNAL_HANDLER.replace(true),
+        }
+    }
+}
+
+impl Drop for InSignalHandler {
+    fn drop(&mut self) {
+        IN_SIGNAL_HANDLER.set(self.outer);
+    }
+}
+
+/// Aborts the process if dropped during a panic: a panic must not unwind
+/// through a signal handler (unwinding allocates, and the interrupted code
+/// may hold the allocator's lock).
+struct AbortOnUnwind;
+
+impl Drop for AbortOnUnwind {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            std::process::abort();
+        }
+    }
 }
 
 /// What happened to one granule.
@@ -77,10 +114,10 @@ enum Waited {
 
 /// The state a populator shares with its driver threads and the SIGBUS
 /// handler.
-pub(crate) struct Core<S> {
+pub(crate) struct Core {
     pub(crate) region: Arc<Region>,
     pub(crate) uffd: Userfaultfd,
-    source: S,
+    source: Box<dyn PageSource>,
     /// This process as a claim owner ([`Owner::to_bits`]); a forked child
     /// stores its own.
     me: AtomicU64,
@@ -135,14 +172,14 @@ pub(crate) struct Settings {
     pub(crate) fill_timeout: Duration,
 }
 
-impl<S: PageSource> Core<S> {
+impl Core {
     pub(crate) fn new(
         region: Arc<Region>,
         uffd: Userfaultfd,
-        source: S,
+        source: Box<dyn PageSource>,
         promoter: Option<Promoter>,
         settings: Settings,
-    ) -> Core<S> {
+    ) -> Core {
         let Settings {
             me,
             features,
@@ -231,8 +268,8 @@ impl<S: PageSource> Core<S> {
             .checked_sub(1)
     }
 
-    pub(crate) fn source(&self) -> &S {
-        &self.source
+    pub(crate) fn source(&self) -> &dyn PageSource {
+        &*self.source
     }
 
     /// The granule holding primary address `addr`, if it is in the region.
@@ -460,6 +497,12 @@ impl<S: PageSource> Core<S> {
                 self.granule,
             )
         };
+        if IN_SIGNAL_HANDLER.get() {
+            // A `SignalSafeSource` promised not to panic; if it does, the
+            // process ends here rather than unwinding in the handler.
+            let _abort = AbortOnUnwind;
+            return self.source.fill(index as u64, dst);
+        }
         catch_unwind(AssertUnwindSafe(|| self.source.fill(index as u64, dst)))
             .unwrap_or(Err(FillError::Panicked))
     }

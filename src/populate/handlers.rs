@@ -19,7 +19,6 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::engine::Core;
-use super::source::PageSource;
 use super::stats::Counters;
 use crate::sys::uffd::{Event, UffdMsg};
 use crate::sys::{Errno, SysError};
@@ -35,10 +34,7 @@ pub(crate) struct HandlerPool {
 }
 
 impl HandlerPool {
-    pub(crate) fn spawn<S: PageSource + 'static>(
-        core: &Arc<Core<S>>,
-        threads: usize,
-    ) -> std::io::Result<HandlerPool> {
+    pub(crate) fn spawn(core: &Arc<Core>, threads: usize) -> std::io::Result<HandlerPool> {
         let stop = Arc::new(EventFd::from_value_and_flags(
             0,
             EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
@@ -86,14 +82,14 @@ impl HandlerPool {
 
 /// Wakes what a dying thread had read but not resolved; the last handler
 /// to die fails closed.
-struct ExitGuard<'c, S: PageSource> {
-    core: &'c Core<S>,
+struct ExitGuard<'c> {
+    core: &'c Core,
     unresolved: [usize; BATCH],
     pending: std::ops::Range<usize>,
     clean: bool,
 }
 
-impl<S: PageSource> Drop for ExitGuard<'_, S> {
+impl Drop for ExitGuard<'_> {
     fn drop(&mut self) {
         let core = self.core;
         if !self.clean {
@@ -112,7 +108,7 @@ impl<S: PageSource> Drop for ExitGuard<'_, S> {
     }
 }
 
-fn serve<S: PageSource>(core: &Core<S>, stop: &EventFd) {
+fn serve(core: &Core, stop: &EventFd) {
     let mut guard = ExitGuard {
         core,
         unresolved: [0; BATCH],
@@ -170,7 +166,7 @@ fn serve<S: PageSource>(core: &Core<S>, stop: &EventFd) {
     }
 }
 
-fn serve_fault<S: PageSource>(core: &Core<S>, addr: usize) {
+fn serve_fault(core: &Core, addr: usize) {
     Counters::bump(&core.counters.faults_handler);
     let Some(index) = core.index_of(addr) else {
         // Not ours (cannot happen: only the primary is registered).

@@ -19,6 +19,9 @@ pub use populator::{
     DEFAULT_FILL_TIMEOUT, DEFAULT_READAHEAD, Drain, Driver, PopulateOptions, Populator,
 };
 pub use promote::Promotion;
-pub use source::{FileSource, FillError, FnSource, PageSource, SourceError, ZeroSource};
+pub use source::{
+    FileSource, FillError, FnSource, PageSource, SignalSafe, SignalSafeSource, SourceError,
+    ZeroSource,
+};
 pub use state::{Claim, Owner, PageState};
 pub use stats::{Counters, Stats};

@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::engine::{Core, Settings};
+use super::engine::{Core, InSignalHandler, Settings};
 use super::fork;
 use super::handlers::HandlerPool;
 use super::promote::{Promoter, Promotion};
 use super::signal::{self, Registration};
-use super::source::{PageSource, SourceError};
+use super::source::{PageSource, SignalSafeSource, SourceError};
 use super::state::Owner;
 use super::stats::{Counters, Stats};
 use crate::backend::BackendKind;
@@ -74,7 +74,7 @@ pub const DEFAULT_READAHEAD: usize = 256 << 10;
 /// How a [`Populator`] works.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PopulateOptions {
-    driver: Driver,
+    driver: Option<Driver>,
     readahead: usize,
     promotion: Promotion,
     track_writes: bool,
@@ -87,7 +87,7 @@ pub const DEFAULT_FILL_TIMEOUT: Duration = Duration::from_secs(30);
 impl Default for PopulateOptions {
     fn default() -> Self {
         PopulateOptions {
-            driver: Driver::InThread,
+            driver: None,
             readahead: DEFAULT_READAHEAD,
             promotion: Promotion::Background,
             track_writes: false,
@@ -97,14 +97,15 @@ impl Default for PopulateOptions {
 }
 
 impl PopulateOptions {
-    /// In-thread driver, 256 KiB readahead, background promotion.
+    /// The default driver, 256 KiB readahead, background promotion.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Chooses the driver.
+    /// Chooses the driver (by default: in-thread for a
+    /// [`SignalSafeSource`], one handler thread for any other source).
     pub fn driver(mut self, driver: Driver) -> Self {
-        self.driver = driver;
+        self.driver = Some(driver);
         self
     }
 
@@ -154,8 +155,8 @@ impl PopulateOptions {
 /// touches unpopulated pages any more (or call
 /// [`stop_handlers`](Populator::stop_handlers) first, which makes later
 /// touches of unpopulated pages raise SIGBUS).
-pub struct Populator<S: PageSource + 'static> {
-    core: Arc<Core<S>>,
+pub struct Populator {
+    core: Arc<Core>,
     driver: Driver,
     tracking: bool,
     handlers: Option<HandlerPool>,
@@ -168,7 +169,7 @@ pub struct Populator<S: PageSource + 'static> {
     generation: u64,
 }
 
-impl<S: PageSource + 'static> std::fmt::Debug for Populator<S> {
+impl std::fmt::Debug for Populator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Populator")
             .field("region", &self.core.region.name())
@@ -177,22 +178,62 @@ impl<S: PageSource + 'static> std::fmt::Debug for Populator<S> {
     }
 }
 
-impl<S: PageSource + 'static> Populator<S> {
-    /// Populates `region` from `source` with the default options.
-    pub fn new(region: Arc<Region>, source: S) -> Result<Self> {
+impl Populator {
+    /// Populates `region` from `source` with the default options (the
+    /// in-thread driver).
+    pub fn new(region: Arc<Region>, source: impl SignalSafeSource + 'static) -> Result<Self> {
         Self::with_options(region, source, PopulateOptions::default())
     }
 
     /// Registers `region`'s primary view for minor faults and starts the
-    /// driver.
-    pub fn with_options(region: Arc<Region>, source: S, options: PopulateOptions) -> Result<Self> {
-        if options.driver == Driver::HandlerThreads(0) {
+    /// driver the options name (in-thread by default). Any driver can run
+    /// a [`SignalSafeSource`]; other sources go to
+    /// [`with_handler_threads`](Populator::with_handler_threads).
+    pub fn with_options(
+        region: Arc<Region>,
+        source: impl SignalSafeSource + 'static,
+        options: PopulateOptions,
+    ) -> Result<Self> {
+        let driver = options.driver.unwrap_or(Driver::InThread);
+        Self::start(region, Box::new(source), driver, options)
+    }
+
+    /// Populates `region` from any source, which only handler threads (and
+    /// `populate`) call, never a signal handler: the driver is
+    /// [`Driver::HandlerThreads`] (one thread unless the options name
+    /// more). Asking for another driver is an error.
+    pub fn with_handler_threads(
+        region: Arc<Region>,
+        source: impl PageSource + 'static,
+        options: PopulateOptions,
+    ) -> Result<Self> {
+        let driver = options.driver.unwrap_or(Driver::HandlerThreads(1));
+        if !matches!(driver, Driver::HandlerThreads(_)) {
+            return Err(Error::InvalidOption {
+                option: "PopulateOptions::driver",
+                reason: format!(
+                    "the {driver} driver runs the source inside a SIGBUS handler: it needs a \
+                     SignalSafeSource (wrap a source you have checked in SignalSafe), or use \
+                     Driver::HandlerThreads"
+                ),
+            });
+        }
+        Self::start(region, Box::new(source), driver, options)
+    }
+
+    fn start(
+        region: Arc<Region>,
+        source: Box<dyn PageSource>,
+        driver: Driver,
+        options: PopulateOptions,
+    ) -> Result<Self> {
+        if driver == Driver::HandlerThreads(0) {
             return Err(Error::InvalidOption {
                 option: "Driver::HandlerThreads",
                 reason: "needs at least one thread".into(),
             });
         }
-        let handlers = matches!(options.driver, Driver::HandlerThreads(_));
+        let handlers = matches!(driver, Driver::HandlerThreads(_));
         let kind = region.backend().kind();
         // A first touch is a MISSING fault if the page is not in the page
         // cache yet, a MINOR fault if another process (or the alias) put it
@@ -212,7 +253,7 @@ impl<S: PageSource + 'static> Populator<S> {
             features = features | Features::WP_HUGETLBFS_SHMEM | Features::WP_ASYNC;
             mode = mode | RegisterMode::WP;
         }
-        check_features(options.driver, features)?;
+        check_features(driver, features)?;
         let flags = OpenFlags {
             nonblocking: handlers,
             ..OpenFlags::default()
@@ -248,7 +289,7 @@ impl<S: PageSource + 'static> Populator<S> {
             .filter(|_| options.promotion != Promotion::Off && !options.track_writes)
             .map(|b| Promoter::new(options.promotion, primary as usize, len, b, granule));
         let readahead = match options.readahead {
-            _ if options.driver == Driver::Proactive => 0,
+            _ if driver == Driver::Proactive => 0,
             0 => 0,
             bytes => (bytes / granule).max(1) as u64,
         };
@@ -269,7 +310,7 @@ impl<S: PageSource + 'static> Populator<S> {
         ));
         let mut populator = Populator {
             core,
-            driver: options.driver,
+            driver,
             tracking: options.track_writes,
             handlers: None,
             registration: None,
@@ -297,7 +338,7 @@ impl<S: PageSource + 'static> Populator<S> {
                 })?;
             populator.collapser = Some(worker);
         }
-        match options.driver {
+        match driver {
             Driver::HandlerThreads(n) => {
                 let pool =
                     HandlerPool::spawn(&populator.core, n).map_err(|source| Error::Spawn {
@@ -313,7 +354,7 @@ impl<S: PageSource + 'static> Populator<S> {
                 // until after the registration is dropped (see `Drop`), and
                 // the resolve routine is async-signal-safe (engine docs).
                 let registration =
-                    unsafe { signal::register(start, start + len, ctx, resolve_in_thread::<S>) }
+                    unsafe { signal::register(start, start + len, ctx, resolve_in_thread) }
                         .map_err(Error::sys("installing the in-thread fault handler"))?;
                 populator.registration = Some(registration);
             }
@@ -322,7 +363,7 @@ impl<S: PageSource + 'static> Populator<S> {
         // SAFETY: the populator holds the core until after the watch is
         // dropped (see `Drop`), and `rearm_in_child` makes system calls
         // and touches the core's atomics only.
-        populator.watch = unsafe { fork::watch(ctx, rearm_in_child::<S>) };
+        populator.watch = unsafe { fork::watch(ctx, rearm_in_child) };
         if populator.watch.is_none() {
             return Err(Error::sys("watching for forks")(
                 SysError::new("registering a populator", crate::sys::Errno::ENOSPC)
@@ -338,7 +379,7 @@ impl<S: PageSource + 'static> Populator<S> {
     }
 
     /// The page source.
-    pub fn source(&self) -> &S {
+    pub fn source(&self) -> &dyn PageSource {
         self.core.source()
     }
 
@@ -557,7 +598,7 @@ impl<S: PageSource + 'static> Populator<S> {
     }
 }
 
-impl<S: PageSource + 'static> Drop for Populator<S> {
+impl Drop for Populator {
     fn drop(&mut self) {
         // First, so that a child forked from now on does not re-arm a core
         // on its way out.
@@ -664,17 +705,17 @@ impl Drop for Drain {
 ///
 /// # Safety
 ///
-/// `ctx` must point to a live `Core<S>`, and no other thread may run.
-unsafe fn rearm_in_child<S: PageSource + 'static>(ctx: *const ()) {
+/// `ctx` must point to a live `Core`, and no other thread may run.
+unsafe fn rearm_in_child(ctx: *const ()) {
     // SAFETY: the fork watch's contract keeps `ctx` alive.
-    let core = unsafe { &*ctx.cast::<Core<S>>() };
+    let core = unsafe { &*ctx.cast::<Core>() };
     let (start, len) = (core.region.primary().as_ptr(), core.region.len());
     let mut armed = core.rearm_in_child();
     if armed.is_ok() && core.needs_child_registration() {
         let from = start as usize;
         // SAFETY: `ctx` lives until the populator's drop, which takes this
         // registration back first; the resolver is async-signal-safe.
-        armed = unsafe { signal::register(from, from + len, ctx, resolve_in_thread::<S>) }
+        armed = unsafe { signal::register(from, from + len, ctx, resolve_in_thread) }
             .map(|r| core.set_child_registration(r.into_slot()));
     }
     if let Err(e) = armed {
@@ -689,10 +730,11 @@ unsafe fn rearm_in_child<S: PageSource + 'static>(ctx: *const ()) {
 ///
 /// # Safety
 ///
-/// `ctx` must point to a live `Core<S>`.
-unsafe fn resolve_in_thread<S: PageSource>(ctx: *const (), addr: usize) -> bool {
+/// `ctx` must point to a live `Core`.
+unsafe fn resolve_in_thread(ctx: *const (), addr: usize) -> bool {
     // SAFETY: the registration's contract keeps `ctx` alive while entered.
-    let core = unsafe { &*ctx.cast::<Core<S>>() };
+    let core = unsafe { &*ctx.cast::<Core>() };
+    let _in_handler = InSignalHandler::enter();
     let Some(index) = core.index_of(addr) else {
         return false;
     };

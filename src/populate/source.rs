@@ -69,13 +69,10 @@ pub struct SourceError {
 }
 
 /// Fills granules on demand. Called from whichever thread populates the
-/// page: a handler thread, a thread calling `populate`, or (with the
-/// in-thread driver) the faulting thread inside its SIGBUS handler.
-///
-/// So a source must be `Send + Sync`, must not touch the region's
-/// unpopulated pages itself, and, for the in-thread driver, must be
-/// async-signal-safe: no allocation, no locks that the interrupted code
-/// could hold. The sources in this module are.
+/// page: a handler thread, or a thread calling `populate`, so a source
+/// must be `Send + Sync` and must not touch the region's unpopulated pages
+/// itself. Only a [`SignalSafeSource`] is also called inside a SIGBUS
+/// handler (the in-thread and proactive drivers).
 pub trait PageSource: Send + Sync {
     /// Writes the content of granule `index` into `dst` (one granule long;
     /// its prior content is unspecified).
@@ -94,6 +91,73 @@ pub trait PageSource: Send + Sync {
     }
 }
 
+/// A [`PageSource`] that may run inside a SIGBUS handler, in the faulting
+/// thread, which the signal interrupted at an arbitrary instruction: the
+/// in-thread and proactive drivers need one.
+///
+/// # Safety
+///
+/// [`fill`](PageSource::fill), [`fills_zero`](PageSource::fills_zero) and
+/// [`is_zero`](PageSource::is_zero) must be async-signal-safe: no heap
+/// allocation or deallocation, no lock the interrupted code could hold
+/// (including `std`'s stdout and environment locks), no thread-local with
+/// a destructor, and no panic (a panic inside the handler aborts the
+/// process). System calls such as `pread(2)` and plain memory copies are
+/// fine. [`ZeroSource`], [`FileSource`] and the snapshot source are; wrap a
+/// source you have checked in [`SignalSafe`].
+pub unsafe trait SignalSafeSource: PageSource {}
+
+/// Declares a source async-signal-safe: the in-thread and proactive
+/// drivers accept it.
+///
+/// ```
+/// use hugearena::{FnSource, SignalSafe};
+/// // SAFETY: the closure only writes into `dst`: no allocation, no lock,
+/// // no panic.
+/// let source = unsafe {
+///     SignalSafe::new(FnSource(|index: u64, dst: &mut [u8]| {
+///         dst.fill(index as u8);
+///         Ok(())
+///     }))
+/// };
+/// # let _ = source;
+/// ```
+#[derive(Debug)]
+pub struct SignalSafe<S>(S);
+
+impl<S: PageSource> SignalSafe<S> {
+    /// Wraps `source`.
+    ///
+    /// # Safety
+    ///
+    /// `source` meets the contract of [`SignalSafeSource`].
+    pub unsafe fn new(source: S) -> SignalSafe<S> {
+        SignalSafe(source)
+    }
+
+    /// The wrapped source.
+    pub fn get(&self) -> &S {
+        &self.0
+    }
+}
+
+impl<S: PageSource> PageSource for SignalSafe<S> {
+    fn fill(&self, index: u64, dst: &mut [u8]) -> Result<(), FillError> {
+        self.0.fill(index, dst)
+    }
+
+    fn fills_zero(&self) -> bool {
+        self.0.fills_zero()
+    }
+
+    fn is_zero(&self, index: u64) -> bool {
+        self.0.is_zero(index)
+    }
+}
+
+// SAFETY: `SignalSafe::new`'s caller vouched for the source.
+unsafe impl<S: PageSource> SignalSafeSource for SignalSafe<S> {}
+
 /// Every page reads as zero. Fresh pages already are, so it copies nothing.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ZeroSource;
@@ -108,6 +172,9 @@ impl PageSource for ZeroSource {
         true
     }
 }
+
+// SAFETY: filling a slice allocates nothing, locks nothing, cannot panic.
+unsafe impl SignalSafeSource for ZeroSource {}
 
 /// How a [`FileSource`] reads.
 #[derive(Debug)]
@@ -201,7 +268,14 @@ impl PageSource for FileSource {
     }
 }
 
-/// Pages come from a closure `(index, dst) -> Result`.
+// SAFETY: `fill` is a `pread(2)` loop (an error carries its errno, a short
+// read a static error: neither allocates) or a copy from a mapping, with
+// checked arithmetic: no allocation, lock or panic.
+unsafe impl SignalSafeSource for FileSource {}
+
+/// Pages come from a closure `(index, dst) -> Result`. The closure can do
+/// anything, so the source is served by handler threads only, unless
+/// wrapped in [`SignalSafe`].
 pub struct FnSource<F>(pub F);
 
 impl<F> PageSource for FnSource<F>

@@ -207,3 +207,17 @@ pub fn run_child_within(role: &str, env: &[(&str, String)], limit: std::time::Du
 pub fn killed_by(out: &Output) -> Option<i32> {
     std::os::unix::process::ExitStatusExt::signal(&out.status)
 }
+
+/// A closure source declared async-signal-safe, for the in-thread drivers.
+pub type SafeFnSource<F> = hugearena::populate::SignalSafe<hugearena::populate::FnSource<F>>;
+
+/// Wraps a test's closure source for the in-thread drivers.
+pub fn safe_fn<F>(fill: F) -> SafeFnSource<F>
+where
+    F: Fn(u64, &mut [u8]) -> Result<(), hugearena::populate::FillError> + Send + Sync,
+{
+    // SAFETY: the tests' closures compute bytes into `dst`, sleep, spin or
+    // read the region (system calls and plain memory access); none
+    // allocates or locks, and the one that panics runs on handler threads.
+    unsafe { hugearena::populate::SignalSafe::new(hugearena::populate::FnSource(fill)) }
+}
