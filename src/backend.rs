@@ -131,7 +131,7 @@ pub enum HugePages {
 
 /// What the caller asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BackendRequest {
+pub(crate) enum BackendRequest {
     /// Let the policy choose.
     Policy(HugePages),
     /// Exactly this backend, or an error saying why not.
@@ -154,7 +154,7 @@ pub struct BackendChoice {
 }
 
 /// Why the kernel cannot provide `backend` to this process, or `Ok`.
-pub fn check_kernel(backend: Backend, caps: &KernelCaps) -> Result<()> {
+pub(crate) fn check_kernel(backend: Backend, caps: &KernelCaps) -> Result<()> {
     let kind = backend.kind();
     let unavailable = |reason: String, fix: &str| Error::BackendUnavailable {
         backend: kind,
@@ -215,7 +215,7 @@ pub fn check_kernel(backend: Backend, caps: &KernelCaps) -> Result<()> {
 
 /// Why the huge page pool cannot supply `pages` pages for `backend` now,
 /// or `Ok` (always for the shmem backends).
-pub fn check_pool(backend: Backend, pages: u64) -> Result<()> {
+pub(crate) fn check_pool(backend: Backend, pages: u64) -> Result<()> {
     if !backend.kind().uses_hugetlb() {
         return Ok(());
     }
@@ -235,7 +235,7 @@ pub fn check_pool(backend: Backend, pages: u64) -> Result<()> {
 
 /// Picks a backend for `request`. `hugetlb_pages(backend)` says how many
 /// huge pages a region on that backend would take from the pool.
-pub fn select(
+pub(crate) fn select(
     request: BackendRequest,
     huge_page: PageSize,
     caps: &KernelCaps,

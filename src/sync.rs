@@ -8,7 +8,7 @@ pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A 64-bit atomic word that a lock-free protocol runs on: an `AtomicU64`
 /// in shared memory in production, a loom atomic under the model checker.
-pub trait AtomicSlot {
+pub(crate) trait AtomicSlot {
     /// Loads the word.
     fn load(&self, order: Ordering) -> u64;
     /// Compare-and-swap; `Err` carries the value found.

@@ -75,7 +75,7 @@ fn clear_bits(word: &impl AtomicSlot, mask: u64) -> bool {
 }
 
 /// Claims bits `[start, start + n)` if all are clear.
-pub fn claim_range(words: &[impl AtomicSlot], start: usize, n: usize) -> bool {
+pub(crate) fn claim_range(words: &[impl AtomicSlot], start: usize, n: usize) -> bool {
     let mut claimed = 0;
     for (i, (w, mask)) in segments(start, n).enumerate() {
         if !set_bits(&words[w], mask) {
@@ -93,7 +93,7 @@ pub fn claim_range(words: &[impl AtomicSlot], start: usize, n: usize) -> bool {
 
 /// Releases bits `[start, start + n)`; `false` (and nothing changed) if any
 /// of them was clear.
-pub fn release_range(words: &[impl AtomicSlot], start: usize, n: usize) -> bool {
+pub(crate) fn release_range(words: &[impl AtomicSlot], start: usize, n: usize) -> bool {
     for (i, (w, mask)) in segments(start, n).enumerate() {
         if !clear_bits(&words[w], mask) {
             for (w, mask) in segments(start, n).take(i) {
@@ -106,7 +106,7 @@ pub fn release_range(words: &[impl AtomicSlot], start: usize, n: usize) -> bool 
 }
 
 /// Claims one clear bit among the first `len` bits, lowest first.
-pub fn claim_one(words: &[impl AtomicSlot], len: usize) -> Option<usize> {
+pub(crate) fn claim_one(words: &[impl AtomicSlot], len: usize) -> Option<usize> {
     for (w, word) in words.iter().enumerate().take(len.div_ceil(BITS)) {
         let valid = if (w + 1) * BITS <= len {
             u64::MAX
@@ -130,13 +130,13 @@ pub fn claim_one(words: &[impl AtomicSlot], len: usize) -> Option<usize> {
 }
 
 /// Whether bit `i` is set.
-pub fn is_set(words: &[impl AtomicSlot], i: usize) -> bool {
+pub(crate) fn is_set(words: &[impl AtomicSlot], i: usize) -> bool {
     words[i / BITS].load(Ordering::Acquire) & (1 << (i % BITS)) != 0
 }
 
 /// The first run of `n` clear bits among the first `len` whose start is a
 /// multiple of `align`, as the bitmap looks now.
-pub fn find_clear_run(
+pub(crate) fn find_clear_run(
     words: &[impl AtomicSlot],
     len: usize,
     n: usize,
@@ -162,7 +162,7 @@ pub fn find_clear_run(
 }
 
 /// Counts the set bits among the first `len`.
-pub fn count_set(words: &[impl AtomicSlot], len: usize) -> usize {
+pub(crate) fn count_set(words: &[impl AtomicSlot], len: usize) -> usize {
     (0..len.div_ceil(BITS))
         .map(|w| {
             let valid = if (w + 1) * BITS <= len {

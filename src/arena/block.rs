@@ -29,7 +29,7 @@
 use crate::sync::{AtomicSlot, Ordering};
 
 /// Pages per 2 MiB block.
-pub const PAGES_PER_BLOCK: u64 = 512;
+pub(crate) const PAGES_PER_BLOCK: u64 = 512;
 
 const KIND_SHIFT: u32 = 56;
 const KIND_MASK: u64 = 0xF << KIND_SHIFT;
@@ -39,7 +39,7 @@ const LOW: u64 = 0xFFFF;
 
 /// What a block is used for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// Unused (possibly with resident pages: DIRTY).
     Free,
     /// Arena metadata; never allocated.
@@ -80,7 +80,7 @@ impl Kind {
 
 /// A decoded block word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BlockState {
+pub(crate) struct BlockState {
     /// The kind.
     pub kind: Kind,
     /// Whether pages may be resident.
@@ -92,7 +92,7 @@ pub struct BlockState {
 }
 
 /// Decodes a block word.
-pub fn decode(w: u64) -> BlockState {
+pub(crate) fn decode(w: u64) -> BlockState {
     BlockState {
         kind: Kind::of(w),
         dirty: w & DIRTY != 0,
@@ -102,15 +102,15 @@ pub fn decode(w: u64) -> BlockState {
 }
 
 /// Loads and decodes.
-pub fn observe(slot: &impl AtomicSlot) -> BlockState {
+pub(crate) fn observe(slot: &impl AtomicSlot) -> BlockState {
     decode(slot.load(Ordering::Acquire))
 }
 
 /// The word of a metadata block.
-pub const META: u64 = Kind::Meta.code() | DIRTY;
+pub(crate) const META: u64 = Kind::Meta.code() | DIRTY;
 
 /// Turns a free block into a page block with every page free.
-pub fn to_pages(slot: &impl AtomicSlot) -> bool {
+pub(crate) fn to_pages(slot: &impl AtomicSlot) -> bool {
     let w = slot.load(Ordering::Acquire);
     Kind::of(w) == Kind::Free
         && slot
@@ -124,7 +124,7 @@ pub fn to_pages(slot: &impl AtomicSlot) -> bool {
 }
 
 /// Reserves `n` pages of a page block.
-pub fn reserve_pages(slot: &impl AtomicSlot, n: u64) -> bool {
+pub(crate) fn reserve_pages(slot: &impl AtomicSlot, n: u64) -> bool {
     let mut w = slot.load(Ordering::Acquire);
     loop {
         if Kind::of(w) != Kind::Pages || w & LOW < n {
@@ -138,7 +138,7 @@ pub fn reserve_pages(slot: &impl AtomicSlot, n: u64) -> bool {
 }
 
 /// Gives back `n` pages; returns the free pages after.
-pub fn unreserve_pages(slot: &impl AtomicSlot, n: u64) -> u64 {
+pub(crate) fn unreserve_pages(slot: &impl AtomicSlot, n: u64) -> u64 {
     let mut w = slot.load(Ordering::Relaxed);
     loop {
         if Kind::of(w) != Kind::Pages || (w & LOW) + n > PAGES_PER_BLOCK {
@@ -154,7 +154,7 @@ pub fn unreserve_pages(slot: &impl AtomicSlot, n: u64) -> u64 {
 
 /// Claims blocks `[0, n)` of `slots` (a contiguous range) for a large
 /// allocation; rolls back and fails if any is not free.
-pub fn claim_large(slots: &[impl AtomicSlot]) -> bool {
+pub(crate) fn claim_large(slots: &[impl AtomicSlot]) -> bool {
     let n = slots.len() as u64;
     for (i, slot) in slots.iter().enumerate() {
         let w = slot.load(Ordering::Acquire);
@@ -180,7 +180,7 @@ pub fn claim_large(slots: &[impl AtomicSlot]) -> bool {
 
 /// Takes a large allocation's head for freeing (exactly once): `Some(n)`
 /// with its block count, `None` if `slot` is not a large allocation's head.
-pub fn begin_free_large(slot: &impl AtomicSlot) -> Option<u64> {
+pub(crate) fn begin_free_large(slot: &impl AtomicSlot) -> Option<u64> {
     let w = slot.load(Ordering::Acquire);
     (Kind::of(w) == Kind::LargeHead
         && slot
@@ -196,7 +196,7 @@ pub fn begin_free_large(slot: &impl AtomicSlot) -> Option<u64> {
 
 /// Takes a block that is entirely free (a page block with every page
 /// free, or a dirty free block) for release.
-pub fn begin_release(slot: &impl AtomicSlot) -> bool {
+pub(crate) fn begin_release(slot: &impl AtomicSlot) -> bool {
     let w = slot.load(Ordering::Acquire);
     let releasable = match Kind::of(w) {
         Kind::Pages => w & LOW == PAGES_PER_BLOCK,
@@ -216,7 +216,7 @@ pub fn begin_release(slot: &impl AtomicSlot) -> bool {
 
 /// Ends a release or a large free: the block is free, `dirty` if its pages
 /// were not punched out.
-pub fn finish(slot: &impl AtomicSlot, dirty: bool) {
+pub(crate) fn finish(slot: &impl AtomicSlot, dirty: bool) {
     let w = Kind::Free.code() | if dirty { DIRTY } else { 0 };
     slot.store(w, Ordering::Release);
 }

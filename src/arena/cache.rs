@@ -25,7 +25,7 @@ use super::layout::CLASSES;
 use crate::populate::fork;
 
 /// Objects kept per class and thread.
-pub const PER_CLASS: usize = 32;
+pub(super) const PER_CLASS: usize = 32;
 
 /// One thread's free objects for one arena, per class.
 #[derive(Debug)]

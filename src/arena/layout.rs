@@ -18,24 +18,24 @@
 //! only for the parts of the tables that are used.
 
 /// Bytes per page.
-pub const PAGE: u64 = 4096;
+pub(crate) const PAGE: u64 = 4096;
 /// Bytes per block.
-pub const BLOCK: u64 = 2 << 20;
+pub(crate) const BLOCK: u64 = 2 << 20;
 /// Bytes per small-object span.
-pub const SPAN: u64 = 64 << 10;
+pub(crate) const SPAN: u64 = 64 << 10;
 /// Pages per span.
-pub const SPAN_PAGES: u64 = SPAN / PAGE;
+pub(crate) const SPAN_PAGES: u64 = SPAN / PAGE;
 /// Words of a span's object bitmap (room for 4096 objects of 16 bytes).
-pub const SPAN_BITMAP_WORDS: usize = 64;
+pub(crate) const SPAN_BITMAP_WORDS: usize = 64;
 /// Bytes of one span slot's descriptor.
-pub const SPAN_DESC: u64 = 16 + SPAN_BITMAP_WORDS as u64 * 8;
+pub(crate) const SPAN_DESC: u64 = 16 + SPAN_BITMAP_WORDS as u64 * 8;
 /// Bytes of the header.
-pub const HEADER: u64 = 4096;
+pub(crate) const HEADER: u64 = 4096;
 /// The largest small object.
-pub const SMALL_MAX: usize = 8192;
+pub(crate) const SMALL_MAX: usize = 8192;
 
 /// Size classes: 16-byte steps to 128, then four per doubling to 8 KiB.
-pub const CLASSES: [u32; 32] = [
+pub(crate) const CLASSES: [u32; 32] = [
     16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024,
     1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192,
 ];
@@ -43,7 +43,7 @@ pub const CLASSES: [u32; 32] = [
 /// The class serving `size` bytes aligned to `align`, if small. Classes
 /// are placed at multiples of their size in 64 KiB-aligned spans, so a
 /// power-of-two class is aligned to its size.
-pub fn class_for(size: usize, align: usize) -> Option<u32> {
+pub(crate) fn class_for(size: usize, align: usize) -> Option<u32> {
     let size = if align > 16 {
         size.max(align).next_power_of_two()
     } else {
@@ -59,7 +59,7 @@ pub fn class_for(size: usize, align: usize) -> Option<u32> {
 }
 
 /// Objects of class `class` per span.
-pub fn capacity(class: u32) -> u64 {
+pub(crate) fn capacity(class: u32) -> u64 {
     SPAN / u64::from(CLASSES[class as usize])
 }
 

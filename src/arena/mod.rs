@@ -15,12 +15,14 @@
 //! fills a page on its first touch. Every shared word follows a protocol
 //! documented where it is declared (`block`, `bitmap`, `span`, `stack`).
 
-pub mod bitmap;
-pub mod block;
+pub(crate) mod bitmap;
+pub(crate) mod block;
+#[cfg(all(test, loom))]
+mod loom_model;
 mod cache;
-pub mod layout;
-pub mod span;
-pub mod stack;
+pub(crate) mod layout;
+pub(crate) mod span;
+pub(crate) mod stack;
 
 use std::alloc::Layout as AllocLayout;
 use std::path::Path;
@@ -33,6 +35,7 @@ use self::layout::{
     ArenaLayout, BLOCK, CLASSES, HEADER, PAGE, SPAN, SPAN_BITMAP_WORDS, SPAN_DESC, SPAN_PAGES,
 };
 use self::span::AfterFree;
+use crate::region::SharedBase;
 use crate::error::{Error, Result};
 use crate::populate::{PopulateOptions, Populator, ZeroSource};
 use crate::region::{Region, RegionOptions};
@@ -167,23 +170,23 @@ impl ArenaStats {
 
 const MAGIC: u64 = u64::from_le_bytes(*b"HAARENA\0");
 /// Application root words in the header (see [`Arena::roots`]).
-pub const ROOTS: usize = 4;
+pub(crate) const ROOTS: usize = 4;
 const VERSION: u64 = 1;
 const READY: u64 = 1;
 
 /// Header word indices (u64 words at offset 0 of the data).
 mod hdr {
-    pub const MAGIC: usize = 0;
-    pub const VERSION: usize = 1;
-    pub const STATE: usize = 2;
-    pub const DATA_LEN: usize = 3;
-    pub const ROOTS: usize = 4;
-    pub const CURRENT: usize = 8;
-    pub const PARTIAL: usize = 8 + 32;
+    pub(super) const MAGIC: usize = 0;
+    pub(super) const VERSION: usize = 1;
+    pub(super) const STATE: usize = 2;
+    pub(super) const DATA_LEN: usize = 3;
+    pub(super) const ROOTS: usize = 4;
+    pub(super) const CURRENT: usize = 8;
+    pub(super) const PARTIAL: usize = 8 + 32;
     /// The tag in every `ShmPtr` the arena hands out (0 in arenas made
     /// before tags: their pointers are untagged).
-    pub const TAG: usize = 8 + 64;
-    pub const WORDS: usize = 8 + 64 + 1;
+    pub(super) const TAG: usize = 8 + 64;
+    pub(super) const WORDS: usize = 8 + 64 + 1;
 }
 
 /// A random non-zero pointer tag for a new arena.
@@ -203,18 +206,13 @@ fn fresh_tag() -> u16 {
 pub struct Arena {
     populator: Populator,
     layout: ArenaLayout,
-    base: NonNull<u8>,
+    base: SharedBase,
     release: ReleasePolicy,
     caches: cache::Caches,
     /// The header's tag, read once.
     tag: u16,
 }
 
-// SAFETY: `base` points into the region the populator keeps alive; every
-// shared word is accessed atomically, and handed-out memory is the caller's.
-unsafe impl Send for Arena {}
-// SAFETY: as above.
-unsafe impl Sync for Arena {}
 
 impl std::fmt::Debug for Arena {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -270,7 +268,7 @@ impl Arena {
                 reason: format!("{data_len} bytes leave no room after the tables"),
             });
         }
-        let base = populator.region().primary();
+        let base = populator.region().primary_base();
         Ok(Arena {
             populator,
             layout,
@@ -406,6 +404,7 @@ impl Arena {
 
     /// The local address of `ptr` in this process; an error if `ptr` lies
     /// outside the arena or carries another arena's tag.
+    #[allow(unsafe_code)] // offset to pointer, bounds-checked
     pub fn local(&self, ptr: ShmPtr) -> Result<NonNull<u8>> {
         let offset = self.offset_of(ptr)?;
         if offset >= self.layout.data_len {
@@ -416,7 +415,7 @@ impl Arena {
             });
         }
         // SAFETY: in bounds of the primary view (checked).
-        Ok(unsafe { self.base.add(offset as usize) })
+        Ok(unsafe { self.base.get().add(offset as usize) })
     }
 
     /// The `ShmPtr` of a local address inside the arena.
@@ -433,6 +432,7 @@ impl Arena {
     /// aligned for `T`, holding a valid `T`, and nothing may write it (in
     /// any process) while the reference lives, unless `T` is itself made
     /// of atomics or cells meant for sharing.
+    #[allow(unsafe_code)] // the caller vouches for what lies at `ptr`
     pub unsafe fn get<T>(&self, ptr: ShmPtr) -> &T {
         let local = self
             .local(ptr)
@@ -1018,6 +1018,7 @@ const CLAIM_SCANS: u32 = 1 << 16;
 // `layout.align()` alignment that no other allocation overlaps until it is
 // passed to `deallocate`; the arena (and so its mapping) outlives every use
 // through `&self`. Zero-sized requests get a dangling aligned pointer.
+#[allow(unsafe_code)] // the allocator trait is unsafe to implement
 unsafe impl allocator_api2::alloc::Allocator for Arena {
     fn allocate(
         &self,

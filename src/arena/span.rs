@@ -42,19 +42,19 @@ fn class_of(w: u64) -> u32 {
 }
 
 /// The word of a span just carved for `class`, holding one object.
-pub fn active_word(class: u32) -> u64 {
+pub(crate) fn active_word(class: u32) -> u64 {
     ACTIVE | (u64::from(class) << CLASS_SHIFT) | 1
 }
 
 /// Publishes a freshly carved span (its bitmap must already show the
 /// first object).
-pub fn activate(state: &impl AtomicSlot, class: u32) {
+pub(crate) fn activate(state: &impl AtomicSlot, class: u32) {
     state.store(active_word(class), Ordering::Release);
 }
 
 /// Reserves one object of `class` in the span; `false` if it is not an
 /// active span of that class or is full.
-pub fn reserve(state: &impl AtomicSlot, class: u32, capacity: u64) -> bool {
+pub(crate) fn reserve(state: &impl AtomicSlot, class: u32, capacity: u64) -> bool {
     let mut w = state.load(Ordering::Acquire);
     loop {
         if w & ACTIVE == 0 || class_of(w) != class || used(w) >= capacity {
@@ -69,7 +69,7 @@ pub fn reserve(state: &impl AtomicSlot, class: u32, capacity: u64) -> bool {
 
 /// What the caller of [`unreserve`] must do next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AfterFree {
+pub(crate) enum AfterFree {
     /// Nothing.
     Keep,
     /// Push the span on its class's partial stack.
@@ -80,7 +80,7 @@ pub enum AfterFree {
 
 /// Gives back one object (whose bitmap bit the caller cleared).
 /// `is_current` says whether the span is its class's current span.
-pub fn unreserve(state: &impl AtomicSlot, is_current: bool) -> AfterFree {
+pub(crate) fn unreserve(state: &impl AtomicSlot, is_current: bool) -> AfterFree {
     let mut w = state.load(Ordering::Relaxed);
     loop {
         if w & ACTIVE == 0 || used(w) == 0 {
@@ -105,7 +105,7 @@ pub fn unreserve(state: &impl AtomicSlot, is_current: bool) -> AfterFree {
 /// Clears LISTED after popping the span from the partial stack. Returns
 /// whether it is still an active span of `class` (a listed span is never
 /// retired, so it is, unless something is badly wrong).
-pub fn unlist(state: &impl AtomicSlot, class: u32) -> bool {
+pub(crate) fn unlist(state: &impl AtomicSlot, class: u32) -> bool {
     let mut w = state.load(Ordering::Acquire);
     loop {
         let new = w & !LISTED;
@@ -118,7 +118,7 @@ pub fn unlist(state: &impl AtomicSlot, class: u32) -> bool {
 
 /// Retires an empty, unlisted span that the caller found and is not
 /// current (e.g. after unlisting it). `false` if it is in use or listed.
-pub fn try_retire(state: &impl AtomicSlot) -> bool {
+pub(crate) fn try_retire(state: &impl AtomicSlot) -> bool {
     let w = state.load(Ordering::Acquire);
     w & ACTIVE != 0
         && w & LISTED == 0
@@ -129,7 +129,7 @@ pub fn try_retire(state: &impl AtomicSlot) -> bool {
 }
 
 /// Decoded for statistics: `(class, used)` of an active span.
-pub fn describe(state: &impl AtomicSlot) -> Option<(u32, u64)> {
+pub(crate) fn describe(state: &impl AtomicSlot) -> Option<(u32, u64)> {
     let w = state.load(Ordering::Acquire);
     // A class past the table is a damaged word: no span (never an index
     // out of bounds).

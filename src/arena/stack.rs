@@ -17,7 +17,7 @@ use crate::sync::{AtomicSlot, Ordering};
 const LOW: u64 = 0xFFFF_FFFF;
 
 /// Where the links of a stack live: one word per index.
-pub trait Links {
+pub(crate) trait Links {
     /// The word type.
     type Slot: AtomicSlot;
     /// The link word of `index`.
@@ -34,7 +34,7 @@ impl<A: AtomicSlot> Links for [A] {
 }
 
 /// Pushes `index` (which must not be on the stack).
-pub fn push(head: &impl AtomicSlot, links: &(impl Links + ?Sized), index: u32) {
+pub(crate) fn push(head: &impl AtomicSlot, links: &(impl Links + ?Sized), index: u32) {
     let mut h = head.load(Ordering::Relaxed);
     loop {
         let Some(link) = links.link(index) else {
@@ -51,7 +51,7 @@ pub fn push(head: &impl AtomicSlot, links: &(impl Links + ?Sized), index: u32) {
 }
 
 /// Pops the top index, if any.
-pub fn pop(head: &impl AtomicSlot, links: &(impl Links + ?Sized)) -> Option<u32> {
+pub(crate) fn pop(head: &impl AtomicSlot, links: &(impl Links + ?Sized)) -> Option<u32> {
     let mut h = head.load(Ordering::Acquire);
     loop {
         let top = h & LOW;

@@ -23,19 +23,19 @@ use crate::backend::BackendKind;
 use crate::error::{Error, Result};
 
 /// The first 8 bytes of a snapshot.
-pub const MAGIC: [u8; 8] = *b"HASNAP\0\x01";
+pub(crate) const MAGIC: [u8; 8] = *b"HASNAP\0\x01";
 /// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 /// Bytes of the header.
-pub const HEADER_LEN: u64 = 4096;
+pub(crate) const HEADER_LEN: u64 = 4096;
 /// Bytes of one page-map entry.
-pub const MAP_ENTRY: u64 = 8;
+pub(crate) const MAP_ENTRY: u64 = 8;
 /// Page-map flag: the granule's bytes are in the file.
-pub const PRESENT: u32 = 1;
+pub(crate) const PRESENT: u32 = 1;
 /// Page-map flag: the granule's bytes are in the parent snapshot.
-pub const INHERITED: u32 = 2;
+pub(crate) const INHERITED: u32 = 2;
 /// Longest parent file name.
-pub const MAX_PARENT_NAME: usize = 1024;
+pub(crate) const MAX_PARENT_NAME: usize = 1024;
 
 /// The snapshot an incremental snapshot builds on.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -22,8 +22,9 @@
 //! leaves either the previous snapshot or the new one at `path`, never a
 //! mix. A crash can leave the temporary file behind (`.NAME.tmp-PID`);
 //! the next snapshot of the same path by that pid replaces it.
+#![allow(unsafe_code)] // the snapshot source promises signal safety (`unsafe impl`)
 
-pub mod format;
+pub(crate) mod format;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

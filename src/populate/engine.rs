@@ -5,6 +5,7 @@
 //! Everything reachable from [`Core::resolve_fault`] is async-signal-safe,
 //! because the in-thread driver runs it inside a SIGBUS handler: atomics,
 //! system calls, the page source, and records that never allocate.
+#![allow(unsafe_code)] // the alias write of a claimed granule
 
 use std::cell::Cell;
 use std::os::fd::AsFd;

@@ -19,6 +19,7 @@
 //! pools, collapse and drain threads, the arena's thread caches, whose
 //! locks a vanished thread may hold) is left alone in the child instead of
 //! being stopped, joined or flushed there.
+#![allow(unsafe_code)] // `pthread_atfork`, and calling the re-arm routines from the table
 
 use std::sync::Once;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -6,14 +6,14 @@ mod bits;
 mod engine;
 pub(crate) mod fork;
 mod handlers;
-pub mod owner;
+pub(crate) mod owner;
 mod populator;
-pub mod promote;
-pub mod readahead;
-pub mod signal;
-pub mod source;
-pub mod state;
-pub mod stats;
+pub(crate) mod promote;
+pub(crate) mod readahead;
+pub(crate) mod signal;
+mod source;
+pub(crate) mod state;
+mod stats;
 
 pub use populator::{
     DEFAULT_FILL_TIMEOUT, DEFAULT_READAHEAD, Drain, Driver, PopulateOptions, Populator,
@@ -23,5 +23,10 @@ pub use source::{
     FileSource, FillError, FnSource, PageSource, SignalSafe, SignalSafeSource, SourceError,
     ZeroSource,
 };
-pub use state::{Claim, Owner, PageState};
-pub use stats::{Counters, Stats};
+pub use state::PageState;
+pub use stats::Stats;
+
+#[cfg(all(test, loom))]
+mod loom_signal;
+#[cfg(all(test, loom))]
+mod loom_state;

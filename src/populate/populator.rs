@@ -1,5 +1,6 @@
 //! [`Populator`]: demand population of one region in this process, with a
 //! choice of driver.
+#![allow(unsafe_code)] // registering the in-thread resolver and the fork re-arm, and their entry points
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -7,6 +7,7 @@
 //! the block's size only when all of them are present in the page cache.
 //! That matters: collapsing a block maps every one of its pages, including
 //! ones never continued.
+#![allow(unsafe_code)] // `MADV_COLLAPSE` on the populator's own primary view
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Streams tracked at once (e.g. concurrent scans).
 const STREAMS: usize = 8;
 /// The window after the first sequential hit.
-pub const INITIAL_WINDOW: u64 = 4;
+pub(crate) const INITIAL_WINDOW: u64 = 4;
 /// Bits of a stream word that hold the window.
 const WINDOW_BITS: u32 = 16;
 const WINDOW_MASK: u64 = (1 << WINDOW_BITS) - 1;
@@ -27,7 +27,7 @@ fn encode(expected: u64, window: u64) -> u64 {
 
 /// Detects sequential faults and sizes the window.
 #[derive(Debug)]
-pub struct Readahead {
+pub(crate) struct Readahead {
     streams: [AtomicU64; STREAMS],
     cap: u64,
 }
@@ -35,7 +35,7 @@ pub struct Readahead {
 impl Readahead {
     /// A detector whose window grows to at most `cap` granules (0 turns
     /// readahead off).
-    pub fn new(cap: u64) -> Readahead {
+    pub(crate) fn new(cap: u64) -> Readahead {
         Readahead {
             streams: std::array::from_fn(|_| AtomicU64::new(0)),
             cap: cap.min(WINDOW_MASK),
@@ -45,7 +45,7 @@ impl Readahead {
     /// Records a fault at granule `index` and returns how many granules
     /// after it to populate as well (0 if the fault is not sequential).
     /// The caller clips the window to the region.
-    pub fn on_fault(&self, index: u64) -> u64 {
+    pub(crate) fn on_fault(&self, index: u64) -> u64 {
         if self.cap == 0 {
             return 0;
         }

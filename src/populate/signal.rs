@@ -9,6 +9,7 @@
 //! that registration could free under it: an entry's resolver is only
 //! called between a successful [`enter`] and the matching [`exit`], and
 //! unregistering waits for those to drain.
+#![allow(unsafe_code)] // reading the resolver out of an entry and calling it
 
 use std::sync::atomic::{AtomicUsize, Ordering as StdOrdering};
 
@@ -17,7 +18,7 @@ use crate::sys::signal::{self as sig, SigInfoHandler};
 use crate::sys::{Errno, SysError, SysResult};
 
 /// How many populators of one process can use the in-thread driver at once.
-pub const CAPACITY: usize = 64;
+pub(crate) const CAPACITY: usize = 64;
 
 // # Protocol of an entry's state word
 //
@@ -38,26 +39,26 @@ pub const CAPACITY: usize = 64;
 //   reused and the populator be dropped.
 
 /// A registrant is filling in the entry.
-pub const CLAIMED: u64 = 1 << 63;
+pub(crate) const CLAIMED: u64 = 1 << 63;
 /// The entry is published; the low bits count handlers inside.
-pub const LIVE: u64 = 1 << 62;
+pub(crate) const LIVE: u64 = 1 << 62;
 /// The entry is being unregistered; the low bits count handlers inside.
-pub const RETIRING: u64 = 1 << 61;
+pub(crate) const RETIRING: u64 = 1 << 61;
 
 /// Takes a free entry for registration.
-pub fn claim(state: &impl AtomicSlot) -> bool {
+pub(crate) fn claim(state: &impl AtomicSlot) -> bool {
     state
         .compare_exchange(0, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
         .is_ok()
 }
 
 /// Publishes a claimed entry whose fields are written.
-pub fn publish(state: &impl AtomicSlot) {
+pub(crate) fn publish(state: &impl AtomicSlot) {
     state.store(LIVE, Ordering::Release);
 }
 
 /// Enters a live entry; `false` if it is not live.
-pub fn enter(state: &impl AtomicSlot) -> bool {
+pub(crate) fn enter(state: &impl AtomicSlot) -> bool {
     let mut word = state.load(Ordering::Acquire);
     loop {
         if word & LIVE == 0 {
@@ -79,12 +80,12 @@ const EXIT: Ordering = Ordering::Relaxed;
 
 /// Leaves an entry entered with [`enter`] (`Release`: the handler's uses
 /// of the entry happen before the retiring thread's [`drained`]).
-pub fn exit(state: &impl AtomicSlot) {
+pub(crate) fn exit(state: &impl AtomicSlot) {
     state.fetch_sub(1, EXIT);
 }
 
 /// Stops new handlers from entering; the caller owns the entry.
-pub fn begin_retire(state: &impl AtomicSlot) {
+pub(crate) fn begin_retire(state: &impl AtomicSlot) {
     let mut word = state.load(Ordering::Relaxed);
     loop {
         let retiring = (word & !LIVE) | RETIRING;
@@ -97,18 +98,18 @@ pub fn begin_retire(state: &impl AtomicSlot) {
 
 /// Whether every handler has left a retiring entry (`Acquire`: their uses
 /// of the entry happen before whatever the caller does next).
-pub fn drained(state: &impl AtomicSlot) -> bool {
+pub(crate) fn drained(state: &impl AtomicSlot) -> bool {
     state.load(Ordering::Acquire) == RETIRING
 }
 
 /// Returns a drained entry to the free pool.
-pub fn free(state: &impl AtomicSlot) {
+pub(crate) fn free(state: &impl AtomicSlot) {
     state.store(0, Ordering::Release);
 }
 
 /// Resolves a fault at `addr` for the populator behind `ctx`; `false` if
 /// the fault cannot be resolved (a poisoned page) and must be chained.
-pub type Resolver = unsafe fn(ctx: *const (), addr: usize) -> bool;
+pub(crate) type Resolver = unsafe fn(ctx: *const (), addr: usize) -> bool;
 
 struct Entry {
     state: std::sync::atomic::AtomicU64,
@@ -131,7 +132,7 @@ static TABLE: [Entry; CAPACITY] = [EMPTY; CAPACITY];
 
 /// A registered range; unregisters (waiting for handlers inside it) on drop.
 #[derive(Debug)]
-pub struct Registration {
+pub(crate) struct Registration {
     slot: usize,
 }
 
@@ -142,7 +143,7 @@ pub struct Registration {
 ///
 /// `ctx` must stay valid for `resolver` until the returned registration is
 /// dropped, and `resolver` must be async-signal-safe.
-pub unsafe fn register(
+pub(crate) unsafe fn register(
     start: usize,
     end: usize,
     ctx: *const (),

@@ -1,4 +1,5 @@
 //! Page sources: what a granule is filled with on first touch.
+#![allow(unsafe_code)] // the provided sources' signal-safety promises, and mapping a file
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -60,11 +60,11 @@ const TOKEN_BITS: u32 = 29;
 const WAITERS: u64 = 1 << 61;
 
 /// The word of an absent granule (and of a fresh, zeroed table).
-pub const ABSENT: u64 = TAG_ABSENT << TAG_SHIFT;
+pub(crate) const ABSENT: u64 = TAG_ABSENT << TAG_SHIFT;
 /// The word of a present granule.
-pub const PRESENT: u64 = TAG_PRESENT << TAG_SHIFT;
+pub(crate) const PRESENT: u64 = TAG_PRESENT << TAG_SHIFT;
 /// The word of a poisoned granule.
-pub const POISONED: u64 = TAG_POISONED << TAG_SHIFT;
+pub(crate) const POISONED: u64 = TAG_POISONED << TAG_SHIFT;
 
 /// Ordering of the publishing CAS. `--cfg hugearena_mutation` weakens it on
 /// purpose so CI can check that the loom tests notice (and
@@ -140,7 +140,7 @@ impl PageState {
 
 /// The outcome of [`claim`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Claim {
+pub(crate) enum Claim {
     /// The caller owns the fill now.
     Won,
     /// Someone else is filling it.
@@ -153,12 +153,12 @@ pub enum Claim {
 
 /// Loads and decodes the state (`Acquire`: a `Present` seen here means the
 /// page's bytes are visible).
-pub fn observe(slot: &impl AtomicSlot) -> PageState {
+pub(crate) fn observe(slot: &impl AtomicSlot) -> PageState {
     PageState::decode(slot.load(Ordering::Acquire))
 }
 
 /// Tries to become the filler of an absent granule.
-pub fn claim(slot: &impl AtomicSlot, me: Owner) -> Claim {
+pub(crate) fn claim(slot: &impl AtomicSlot, me: Owner) -> Claim {
     match slot.compare_exchange(
         ABSENT,
         me.filling_word(),
@@ -193,19 +193,19 @@ fn end_claim(slot: &impl AtomicSlot, me: Owner, to: u64, order: Ordering) -> Res
 /// Marks the caller's filled granule present. `Ok(true)`: wake the
 /// waiters. `Err` carries the state found if the claim was taken over in
 /// the meantime.
-pub fn publish(slot: &impl AtomicSlot, me: Owner) -> Result<bool, PageState> {
+pub(crate) fn publish(slot: &impl AtomicSlot, me: Owner) -> Result<bool, PageState> {
     end_claim(slot, me, PRESENT, PUBLISH).map_err(PageState::decode)
 }
 
 /// Marks the caller's granule poisoned after its fill failed.
 /// `Ok(true)`: wake the waiters.
-pub fn poison(slot: &impl AtomicSlot, me: Owner) -> Result<bool, PageState> {
+pub(crate) fn poison(slot: &impl AtomicSlot, me: Owner) -> Result<bool, PageState> {
     end_claim(slot, me, POISONED, Ordering::Release).map_err(PageState::decode)
 }
 
 /// Takes over the claim of `dead` (whose process the caller proved gone).
 /// `false` if the word no longer shows that claim.
-pub fn take_over(slot: &impl AtomicSlot, dead: Owner, me: Owner) -> bool {
+pub(crate) fn take_over(slot: &impl AtomicSlot, dead: Owner, me: Owner) -> bool {
     let theirs = dead.filling_word();
     let mut expected = theirs;
     loop {
@@ -225,7 +225,7 @@ pub fn take_over(slot: &impl AtomicSlot, dead: Owner, me: Owner) -> bool {
 /// Announces a waiter on `owner`'s claim: sets `WAITERS` unless set.
 /// Returns the word to sleep on while it is unchanged, or `None` if the
 /// word no longer shows that claim (look again instead of sleeping).
-pub fn announce_waiter(slot: &impl AtomicSlot, owner: Owner) -> Option<u64> {
+pub(crate) fn announce_waiter(slot: &impl AtomicSlot, owner: Owner) -> Option<u64> {
     let theirs = owner.filling_word();
     match slot.compare_exchange(
         theirs,
@@ -241,7 +241,7 @@ pub fn announce_waiter(slot: &impl AtomicSlot, owner: Owner) -> Option<u64> {
 
 /// The outcome of [`begin_discard`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Discard {
+pub(crate) enum Discard {
     /// The caller holds the granule (`Filling(me)`): punch it, then
     /// [`finish_discard`].
     Claimed,
@@ -252,7 +252,7 @@ pub enum Discard {
 /// Claims a granule for discarding, from `Present`, `Absent` or
 /// `Poisoned`.
 #[cfg(not(hugearena_mutation_discard))]
-pub fn begin_discard(slot: &impl AtomicSlot, me: Owner) -> Discard {
+pub(crate) fn begin_discard(slot: &impl AtomicSlot, me: Owner) -> Discard {
     let mut word = slot.load(Ordering::Relaxed);
     loop {
         if let PageState::Filling(owner) = PageState::decode(word) {
@@ -278,7 +278,7 @@ pub fn begin_discard(slot: &impl AtomicSlot, _me: Owner) -> Discard {
 /// Ends a discard: `Filling(me) → Absent`; the next touch fills the
 /// granule again. `Ok(true)`: wake the waiters.
 #[cfg(not(hugearena_mutation_discard))]
-pub fn finish_discard(slot: &impl AtomicSlot, me: Owner) -> Result<bool, PageState> {
+pub(crate) fn finish_discard(slot: &impl AtomicSlot, me: Owner) -> Result<bool, PageState> {
     end_claim(slot, me, ABSENT, Ordering::Release).map_err(PageState::decode)
 }
 
@@ -291,7 +291,7 @@ pub fn finish_discard(slot: &impl AtomicSlot, _me: Owner) -> Result<bool, PageSt
 
 /// Moves a poisoned granule back to `Absent`, so the next touch fills it
 /// again (after a transient failure). `false` if it was not poisoned.
-pub fn unpoison(slot: &impl AtomicSlot) -> bool {
+pub(crate) fn unpoison(slot: &impl AtomicSlot) -> bool {
     slot.compare_exchange(POISONED, ABSENT, Ordering::AcqRel, Ordering::Relaxed)
         .is_ok()
 }

@@ -1,6 +1,7 @@
 //! What a populator counts and records, written from any thread, including
 //! a SIGBUS handler: only atomics, no allocation, no locks. Readers turn the
 //! records into plain numbers and an `hdrhistogram` when asked.
+#![allow(unsafe_code)] // the write-once record slots
 
 use std::cell::UnsafeCell;
 use std::mem::MaybeUninit;
@@ -143,7 +144,7 @@ const BUCKETS: usize = (64 - SUB_BITS as usize + 1) << SUB_BITS;
 /// A latency histogram that records with one relaxed `fetch_add`: values
 /// fall into 8 buckets per power of two (log-linear, like HdrHistogram with
 /// one significant digit), so recording is safe in a signal handler.
-pub struct LatencyRecorder {
+pub(super) struct LatencyRecorder {
     buckets: Box<[AtomicU64]>,
 }
 
@@ -183,13 +184,13 @@ fn bucket_range(b: usize) -> (u64, u64) {
 
 impl LatencyRecorder {
     /// Records one duration.
-    pub fn record(&self, d: Duration) {
+    pub(super) fn record(&self, d: Duration) {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         self.buckets[bucket_of(ns)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The distribution so far, each bucket reported at its midpoint.
-    pub fn histogram(&self) -> hdrhistogram::Histogram<u64> {
+    pub(super) fn histogram(&self) -> hdrhistogram::Histogram<u64> {
         let mut h = hdrhistogram::Histogram::new(3).expect("3 significant digits is valid");
         for (b, count) in self.buckets.iter().enumerate() {
             let n = count.load(Ordering::Relaxed);

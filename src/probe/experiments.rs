@@ -1,5 +1,6 @@
 //! The experiments behind [`KernelCaps`](super::KernelCaps): each one tries
 //! the real operation on a small scratch mapping and reports what happened.
+#![allow(unsafe_code)] // probing mappings the experiments own
 
 use std::os::fd::AsFd;
 

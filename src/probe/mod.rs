@@ -12,10 +12,11 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 pub use report::ReportLine;
+pub use crate::sys::uffd::{Features as UffdFeatures, OpenedThrough};
 
 use crate::sys::SysError;
 use crate::sys::size::PageSize;
-use crate::sys::uffd::{Features, OpenedThrough};
+use crate::sys::uffd::Features;
 
 /// Whether something works, and if not, why.
 #[derive(Clone, Debug, PartialEq, Eq)]

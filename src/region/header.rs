@@ -14,6 +14,7 @@
 //! The creator writes everything with `state = INITIALISING`, then stores
 //! `READY` with release ordering; openers load `state` with acquire
 //! ordering before trusting the rest.
+#![deny(unsafe_code)]
 
 use std::path::Path;
 
@@ -23,21 +24,21 @@ use crate::error::{Error, Result};
 use crate::sys::size::PageSize;
 
 /// Identifies a hugearena region file.
-pub const MAGIC: [u8; 8] = *b"HUGEAREN";
+pub(crate) const MAGIC: [u8; 8] = *b"HUGEAREN";
 /// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 /// Bytes of encoded header.
-pub const ENCODED_LEN: usize = 96;
+pub(crate) const ENCODED_LEN: usize = 96;
 /// Offset of the atomic `state` word.
-pub const STATE_OFFSET: usize = 12;
+pub(super) const STATE_OFFSET: usize = 12;
 /// `state` while the creator is still initialising.
-pub const INITIALISING: u32 = 0;
+pub(crate) const INITIALISING: u32 = 0;
 /// `state` once the region may be opened.
-pub const READY: u32 = 1;
+pub(crate) const READY: u32 = 1;
 
 /// A decoded header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Header {
+pub(crate) struct Header {
     /// The layout (and so the backend) of the region.
     pub layout: Layout,
     /// The process that created the region.
@@ -48,7 +49,7 @@ pub struct Header {
 
 impl Header {
     /// Encodes the header with `state = INITIALISING`.
-    pub fn encode(&self) -> [u8; ENCODED_LEN] {
+    pub(crate) fn encode(&self) -> [u8; ENCODED_LEN] {
         let l = &self.layout;
         let b = l.backend();
         let mut out = [0u8; ENCODED_LEN];
@@ -72,7 +73,7 @@ impl Header {
 
     /// Decodes and validates `bytes` read from `path` (used in messages).
     /// `state` is the value of the state word, loaded with acquire ordering.
-    pub fn decode(bytes: &[u8; ENCODED_LEN], state: u32, path: &Path) -> Result<Header> {
+    pub(crate) fn decode(bytes: &[u8; ENCODED_LEN], state: u32, path: &Path) -> Result<Header> {
         let path_buf = || path.to_path_buf();
         let magic: [u8; 8] = bytes[0..8].try_into().expect("8 bytes");
         if magic != MAGIC {

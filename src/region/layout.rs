@@ -10,17 +10,18 @@
 //! hugetlb backends, 2 MiB for ShmemThp, 4 KiB for Shmem), so the data area
 //! starts aligned in the file and in memory, and huge pages never straddle
 //! metadata and data.
+#![deny(unsafe_code)]
 
 use crate::backend::{Backend, BackendKind};
 use crate::error::{Error, Result};
 use crate::sys::size::PageSize;
 
 /// Bytes reserved for the header at the start of the file.
-pub const HEADER_BYTES: u64 = 4096;
+pub(crate) const HEADER_BYTES: u64 = 4096;
 /// The largest data area a region accepts (64 TiB).
-pub const MAX_DATA_LEN: u64 = 1 << 46;
+pub(crate) const MAX_DATA_LEN: u64 = 1 << 46;
 /// Bytes of page-state table per granule.
-pub const STATE_BYTES: u64 = 8;
+pub(super) const STATE_BYTES: u64 = 8;
 
 /// The file layout of a region. Every offset is a multiple of the backend's
 /// mapping unit except `states_offset`, which follows the header.
@@ -128,7 +129,7 @@ impl Layout {
 
 /// The unit a region's data size must be a multiple of: the huge page for
 /// hugetlb files (hugetlbfs sizes files in whole pages), else the granule.
-pub fn size_unit(backend: Backend) -> PageSize {
+pub(super) fn size_unit(backend: Backend) -> PageSize {
     match backend.kind() {
         BackendKind::HugetlbHgm | BackendKind::Hugetlb => backend.mapping_unit(),
         BackendKind::ShmemThp | BackendKind::Shmem => backend.granule(),

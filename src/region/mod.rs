@@ -9,6 +9,7 @@
 //!
 //! Another process opens the same region by path (or an inherited
 //! descriptor) and gets the same layout from the header.
+#![allow(unsafe_code)] // mapping the views, raw copies and atomic views of shared memory
 
 mod header;
 mod layout;
@@ -21,10 +22,13 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use header::{ENCODED_LEN as HEADER_ENCODED_LEN, Header, INITIALISING, MAGIC, READY, VERSION};
-pub use layout::{HEADER_BYTES, Layout, MAX_DATA_LEN};
+pub(crate) use header::Header;
+pub(crate) use layout::HEADER_BYTES;
+pub use layout::Layout as RegionLayout;
+pub(crate) use layout::Layout;
 
 use crate::backend::{self, Backend, BackendChoice, BackendKind, BackendRequest};
+use crate::populate::PageState;
 use crate::error::{Error, Result};
 use crate::probe::{HugePagePool, KernelCaps};
 use crate::sys::memfd::{self, FileSystem};
@@ -88,19 +92,35 @@ pub struct Region {
     choice: BackendChoice,
     header: Header,
     created: bool,
-    meta: NonNull<u8>,
-    primary: NonNull<u8>,
-    alias: NonNull<u8>,
+    meta: SharedBase,
+    primary: SharedBase,
+    alias: SharedBase,
     // Declared last: unmapped after the pointers above are gone.
     reservation: Reservation,
 }
 
-// SAFETY: the region's mappings are shared memory meant for concurrent use;
-// every access through the region's methods is bounds-checked and uses raw
-// copies or atomics, never Rust references to mutable shared bytes.
-unsafe impl Send for Region {}
+/// The first byte of a mapping of shared memory. The address carries no
+/// thread-bound state, and what lies behind it is memory meant for
+/// concurrent use from any thread or process (reached through raw copies
+/// and atomics, never Rust references to mutable shared bytes).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SharedBase(NonNull<u8>);
+
+// SAFETY: see the type's documentation: moving the address to another
+// thread moves no state, and every access behind it is made for sharing.
+unsafe impl Send for SharedBase {}
 // SAFETY: as above.
-unsafe impl Sync for Region {}
+unsafe impl Sync for SharedBase {}
+
+impl SharedBase {
+    pub(crate) fn get(self) -> NonNull<u8> {
+        self.0
+    }
+
+    pub(crate) fn as_ptr(self) -> *mut u8 {
+        self.0.as_ptr()
+    }
+}
 
 impl Region {
     /// Creates a region as `options` say.
@@ -250,9 +270,9 @@ impl Region {
                 _ => Error::sys("mapping the region")(e),
             })
         };
-        let meta = place(primary_at - meta_len, meta_len, 0)?;
-        let primary = place(primary_at, data_len, layout.data_offset())?;
-        let alias = place(primary_at + span, data_len, layout.data_offset())?;
+        let meta = SharedBase(place(primary_at - meta_len, meta_len, 0)?);
+        let primary = SharedBase(place(primary_at, data_len, layout.data_offset())?);
+        let alias = SharedBase(place(primary_at + span, data_len, layout.data_offset())?);
         match layout.backend().kind() {
             BackendKind::ShmemThp => {
                 // Filling through a huge-page-advised alias allocates 2 MiB
@@ -326,7 +346,7 @@ impl Region {
     }
 
     /// The decoded header.
-    pub fn header(&self) -> &Header {
+    pub(crate) fn header(&self) -> &Header {
         &self.header
     }
 
@@ -374,16 +394,36 @@ impl Region {
 
     /// The first byte of the primary view (what users touch).
     pub fn primary(&self) -> NonNull<u8> {
+        self.primary.get()
+    }
+
+    /// The primary view's base, for views that hand out addresses in it.
+    pub(crate) fn primary_base(&self) -> SharedBase {
         self.primary
     }
 
     /// The first byte of the alias view (what fills go through).
-    pub fn alias(&self) -> NonNull<u8> {
-        self.alias
+    pub(crate) fn alias(&self) -> NonNull<u8> {
+        self.alias.get()
+    }
+
+    /// The shared state of granule `index` (what every process sees), or
+    /// `None` past the end: for monitoring and tests.
+    pub fn page_state(&self, index: usize) -> Option<PageState> {
+        self.page_states().get(index).map(crate::populate::state::observe)
+    }
+
+    /// How many granules are present in the page cache (filled by any
+    /// process): a scan of the page-state table.
+    pub fn present_granules(&self) -> usize {
+        self.page_states()
+            .iter()
+            .filter(|w| crate::populate::state::observe(*w) == PageState::Present)
+            .count()
     }
 
     /// The page-state table: one word per granule, shared by every process.
-    pub fn page_states(&self) -> &[AtomicU64] {
+    pub(crate) fn page_states(&self) -> &[AtomicU64] {
         let layout = &self.header.layout;
         // SAFETY: the table lies inside the metadata mapping, which lives as
         // long as `self`; `states_offset` is 8-byte aligned; its words are
@@ -402,7 +442,7 @@ impl Region {
     /// `count` atomic words of the data at `offset`, through the primary
     /// view: shared structures (the arena's tables) live there. Touching
     /// them populates their pages like any other access.
-    pub fn shared_atomics<T: SharedAtomic>(&self, offset: usize, count: usize) -> Result<&[T]> {
+    pub(crate) fn shared_atomics<T: SharedAtomic>(&self, offset: usize, count: usize) -> Result<&[T]> {
         let bytes = count
             .checked_mul(std::mem::size_of::<T>())
             .ok_or(Error::OutOfBounds {
@@ -427,7 +467,7 @@ impl Region {
     }
 
     /// Copies `bytes` into the data at `offset` through the alias view.
-    pub fn write_via_alias(&self, offset: usize, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn write_via_alias(&self, offset: usize, bytes: &[u8]) -> Result<()> {
         self.copy_in(self.alias, offset, bytes)
     }
 
@@ -440,7 +480,7 @@ impl Region {
     /// Copies data at `offset` into `buf` through the alias view, which is
     /// never registered: reading a page that was never populated reads
     /// zeroes (and allocates it), so read only populated pages this way.
-    pub fn read_via_alias(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+    pub(crate) fn read_via_alias(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         self.copy_out(self.alias, offset, buf)
     }
 
@@ -451,7 +491,7 @@ impl Region {
     }
 
     /// Copies `bytes` to `offset` of `view` (the primary or the alias).
-    fn copy_in(&self, view: NonNull<u8>, offset: usize, bytes: &[u8]) -> Result<()> {
+    fn copy_in(&self, view: SharedBase, offset: usize, bytes: &[u8]) -> Result<()> {
         self.check_bounds(offset, bytes.len())?;
         // SAFETY: `view` is one of this region's data views, mapped for
         // `len()` bytes as long as `self` lives; in bounds (checked). Shared
@@ -464,7 +504,7 @@ impl Region {
     }
 
     /// Copies from `offset` of `view` (the primary or the alias) into `buf`.
-    fn copy_out(&self, view: NonNull<u8>, offset: usize, buf: &mut [u8]) -> Result<()> {
+    fn copy_out(&self, view: SharedBase, offset: usize, buf: &mut [u8]) -> Result<()> {
         self.check_bounds(offset, buf.len())?;
         // SAFETY: as in `copy_in`.
         unsafe {
@@ -487,12 +527,12 @@ impl Region {
 
 /// Atomic integer types that can be viewed in shared memory: any bit
 /// pattern is valid, and all access is atomic.
-pub trait SharedAtomic: sealed::Sealed + Sync {}
+pub(crate) trait SharedAtomic: sealed::Sealed + Sync {}
 impl SharedAtomic for AtomicU64 {}
 impl SharedAtomic for std::sync::atomic::AtomicU32 {}
 
 mod sealed {
-    pub trait Sealed {}
+    pub(crate) trait Sealed {}
     impl Sealed for std::sync::atomic::AtomicU64 {}
     impl Sealed for std::sync::atomic::AtomicU32 {}
 }

@@ -21,7 +21,7 @@ pub struct SysError {
 }
 
 /// Result of a syscall-layer operation.
-pub type SysResult<T> = Result<T, SysError>;
+pub(crate) type SysResult<T> = Result<T, SysError>;
 
 impl SysError {
     /// A failure of `op` with `errno` and no arguments recorded yet.

@@ -2,6 +2,7 @@
 //! sleeps while the half is unchanged, whoever changes the word wakes it.
 //! The operations are the shared (not `FUTEX_PRIVATE`) kind, so waiters in
 //! other processes mapping the same file are found and woken.
+#![allow(unsafe_code)] // the futex system call
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -19,7 +20,7 @@ fn high_half(word: &AtomicU64) -> *const u32 {
 /// Sleeps while the high half of `word` equals that of `expected`, for at
 /// most `timeout`. Returns when woken, when the value differs, on a signal
 /// or at the timeout; the caller looks at the word again in every case.
-pub fn wait_high(word: &AtomicU64, expected: u64, timeout: Duration) -> SysResult<()> {
+pub(crate) fn wait_high(word: &AtomicU64, expected: u64, timeout: Duration) -> SysResult<()> {
     let ts = libc::timespec {
         tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
@@ -46,7 +47,7 @@ pub fn wait_high(word: &AtomicU64, expected: u64, timeout: Duration) -> SysResul
 }
 
 /// Wakes every waiter sleeping on the high half of `word`, in any process.
-pub fn wake_high(word: &AtomicU64) -> SysResult<()> {
+pub(crate) fn wake_high(word: &AtomicU64) -> SysResult<()> {
     // SAFETY: FUTEX_WAKE only uses the address as a key; it is a live word.
     let ret =
         unsafe { libc::syscall(libc::SYS_futex, high_half(word), libc::FUTEX_WAKE, i32::MAX) };

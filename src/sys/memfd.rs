@@ -1,5 +1,6 @@
 //! Backing files: memfd creation (shmem or hugetlb), sizing, preallocation,
 //! hole punching and file-system identification.
+#![allow(unsafe_code)] // system calls
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -24,7 +25,7 @@ fn huge_flag(size: PageSize) -> libc::c_uint {
 /// Creates an anonymous memory file (`memfd_create(2)`), close-on-exec.
 ///
 /// `name` only shows up in `/proc/PID/fd` and `/proc/PID/maps`.
-pub fn memfd_create(name: &str, kind: MemfdKind) -> SysResult<OwnedFd> {
+pub(crate) fn memfd_create(name: &str, kind: MemfdKind) -> SysResult<OwnedFd> {
     let cname = CString::new(name.replace('\0', "_")).expect("NULs were replaced");
     let mut flags = libc::MFD_CLOEXEC;
     match kind {
@@ -42,7 +43,7 @@ pub fn memfd_create(name: &str, kind: MemfdKind) -> SysResult<OwnedFd> {
 }
 
 /// Sets the file's size (`ftruncate(2)`).
-pub fn set_len(fd: BorrowedFd<'_>, len: u64) -> SysResult<()> {
+pub(crate) fn set_len(fd: BorrowedFd<'_>, len: u64) -> SysResult<()> {
     let signed = i64::try_from(len).map_err(|_| SysError::new("ftruncate", Errno::EFBIG))?;
     // SAFETY: plain syscall on a borrowed, open descriptor.
     let ret = unsafe { libc::ftruncate(fd.as_raw_fd(), signed) };
@@ -51,12 +52,12 @@ pub fn set_len(fd: BorrowedFd<'_>, len: u64) -> SysResult<()> {
 }
 
 /// The file's size in bytes (`fstat(2)`).
-pub fn file_len(fd: BorrowedFd<'_>) -> SysResult<u64> {
+pub(crate) fn file_len(fd: BorrowedFd<'_>) -> SysResult<u64> {
     Ok(fstat(fd)?.st_size as u64)
 }
 
 /// `fstat(2)`.
-pub fn fstat(fd: BorrowedFd<'_>) -> SysResult<libc::stat> {
+pub(crate) fn fstat(fd: BorrowedFd<'_>) -> SysResult<libc::stat> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: `st` is a valid out pointer for one `stat`.
     let ret = unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) };
@@ -67,7 +68,7 @@ pub fn fstat(fd: BorrowedFd<'_>) -> SysResult<libc::stat> {
 
 /// What `fallocate(2)` should do with a byte range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fallocate {
+pub(crate) enum Fallocate {
     /// Allocate backing pages now (for hugetlb: take them from the pool).
     Allocate,
     /// Free the backing pages and leave a hole that reads as zero.
@@ -75,7 +76,7 @@ pub enum Fallocate {
 }
 
 /// `fallocate(2)` on `[offset, offset + len)`.
-pub fn fallocate(fd: BorrowedFd<'_>, what: Fallocate, offset: u64, len: u64) -> SysResult<()> {
+pub(crate) fn fallocate(fd: BorrowedFd<'_>, what: Fallocate, offset: u64, len: u64) -> SysResult<()> {
     let mode = match what {
         Fallocate::Allocate => 0,
         Fallocate::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -91,7 +92,7 @@ pub fn fallocate(fd: BorrowedFd<'_>, what: Fallocate, offset: u64, len: u64) -> 
 }
 
 /// `pread(2)` of up to `buf.len()` bytes at `offset`; returns the count read.
-pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> SysResult<usize> {
+pub(crate) fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> SysResult<usize> {
     // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
     let n = unsafe {
         libc::pread(
@@ -111,7 +112,7 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> SysResult<usize
 
 /// The file system a descriptor lives on, as far as hugearena cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FileSystem {
+pub(crate) enum FileSystem {
     /// hugetlbfs (including hugetlb memfds), with its huge page size.
     Hugetlbfs(Option<PageSize>),
     /// tmpfs / shmem (including shmem memfds and `/dev/shm`).
@@ -121,7 +122,7 @@ pub enum FileSystem {
 }
 
 /// Identifies the file system of `fd` (`fstatfs(2)`).
-pub fn file_system(fd: BorrowedFd<'_>) -> SysResult<FileSystem> {
+pub(crate) fn file_system(fd: BorrowedFd<'_>) -> SysResult<FileSystem> {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: `st` is a valid out pointer for one `statfs`.
     let ret = unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) };
@@ -136,7 +137,7 @@ pub fn file_system(fd: BorrowedFd<'_>) -> SysResult<FileSystem> {
 }
 
 /// Clears `FD_CLOEXEC` on a duplicate of `fd`, so a child process inherits it.
-pub fn dup_inheritable(fd: BorrowedFd<'_>) -> SysResult<OwnedFd> {
+pub(crate) fn dup_inheritable(fd: BorrowedFd<'_>) -> SysResult<OwnedFd> {
     // SAFETY: F_DUPFD without CLOEXEC returns a new descriptor we then own.
     let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD, 3) };
     let new = check(new, "fcntl(F_DUPFD)")?;
@@ -151,7 +152,7 @@ pub fn dup_inheritable(fd: BorrowedFd<'_>) -> SysResult<OwnedFd> {
 ///
 /// Nothing else in this process may own or close `raw`: the returned
 /// [`OwnedFd`] closes it when dropped.
-pub unsafe fn adopt_inherited(raw: i32) -> SysResult<OwnedFd> {
+pub(crate) unsafe fn adopt_inherited(raw: i32) -> SysResult<OwnedFd> {
     // SAFETY: F_GETFD only reads descriptor flags; an unknown number gives EBADF.
     let ret = unsafe { libc::fcntl(raw, libc::F_GETFD) };
     check(ret, "fcntl(F_GETFD)").map_err(|e| e.arg("fd", raw as u64))?;

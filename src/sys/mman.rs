@@ -5,6 +5,7 @@
 //! nothing else lands there). [`Reservation::place_shared`] then replaces
 //! parts of it with `MAP_SHARED` mappings of a file, which is how a region
 //! lays out its metadata, primary and alias views side by side.
+#![allow(unsafe_code)] // system calls
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
@@ -14,7 +15,7 @@ use super::size::PageSize;
 
 /// `madvise(2)` advice that hugearena uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Advice {
+pub(crate) enum Advice {
     /// `MADV_SPLIT` (26, HugeTLB high-granularity mapping; never merged
     /// upstream): allow 4 KiB mappings inside a shared hugetlb VMA.
     Split,
@@ -34,14 +35,14 @@ pub enum Advice {
 
 impl Advice {
     /// `MADV_SPLIT` from the HGM patch series (x86_64; 74 on parisc).
-    pub const MADV_SPLIT: libc::c_int = 26;
+    pub(crate) const MADV_SPLIT: libc::c_int = 26;
     /// `MADV_COLLAPSE`, Linux 6.1.
-    pub const MADV_COLLAPSE: libc::c_int = 25;
+    pub(crate) const MADV_COLLAPSE: libc::c_int = 25;
     /// `MADV_POPULATE_WRITE`, Linux 5.14.
-    pub const MADV_POPULATE_WRITE: libc::c_int = 23;
+    pub(crate) const MADV_POPULATE_WRITE: libc::c_int = 23;
 
     /// The raw advice number.
-    pub const fn raw(self) -> libc::c_int {
+    pub(crate) const fn raw(self) -> libc::c_int {
         match self {
             Advice::Split => Self::MADV_SPLIT,
             Advice::Collapse => Self::MADV_COLLAPSE,
@@ -54,7 +55,7 @@ impl Advice {
     }
 
     /// The kernel's name for the advice, for error messages.
-    pub const fn name(self) -> &'static str {
+    pub(crate) const fn name(self) -> &'static str {
         match self {
             Advice::Split => "madvise(MADV_SPLIT)",
             Advice::Collapse => "madvise(MADV_COLLAPSE)",
@@ -75,7 +76,7 @@ impl Advice {
 /// `DontNeed` discard contents: no live reference may rely on the bytes in
 /// the range. `Collapse` and `PopulateWrite` may fault pages in (and so may
 /// trigger userfaultfd events that someone must resolve).
-pub unsafe fn madvise(addr: *mut u8, len: usize, advice: Advice) -> SysResult<()> {
+pub(crate) unsafe fn madvise(addr: *mut u8, len: usize, advice: Advice) -> SysResult<()> {
     // SAFETY: the caller guarantees the range is owned and that the advice's
     // effect on its contents is acceptable.
     let ret = unsafe { libc::madvise(addr.cast(), len, advice.raw()) };
@@ -90,7 +91,7 @@ pub unsafe fn madvise(addr: *mut u8, len: usize, advice: Advice) -> SysResult<()
 ///
 /// The range must lie within mappings the caller owns, and no live
 /// reference may point into it.
-pub unsafe fn protect_none(addr: *mut u8, len: usize) -> SysResult<()> {
+pub(crate) unsafe fn protect_none(addr: *mut u8, len: usize) -> SysResult<()> {
     // SAFETY: the caller owns the range and holds no reference into it.
     let ret = unsafe { libc::mprotect(addr.cast(), len, libc::PROT_NONE) };
     check(ret, "mprotect(PROT_NONE)")
@@ -100,7 +101,7 @@ pub unsafe fn protect_none(addr: *mut u8, len: usize) -> SysResult<()> {
 
 /// Memory protection of a placed mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protection {
+pub(crate) enum Protection {
     /// Readable only.
     Read,
     /// Readable and writable.
@@ -123,7 +124,7 @@ impl Protection {
 /// range, placed mappings included. [`Reservation::unmap`] does the same and
 /// reports failure.
 #[derive(Debug)]
-pub struct Reservation {
+pub(crate) struct Reservation {
     base: NonNull<u8>,
     len: usize,
 }
@@ -138,7 +139,7 @@ unsafe impl Sync for Reservation {}
 
 impl Reservation {
     /// Reserves `len` bytes of address space aligned to `align`.
-    pub fn new(len: usize, align: PageSize) -> SysResult<Reservation> {
+    pub(crate) fn new(len: usize, align: PageSize) -> SysResult<Reservation> {
         if len == 0 || !PageSize::Base4K.divides(len) {
             return Err(SysError::new("reserve", Errno::EINVAL).arg("len", len as u64));
         }
@@ -186,17 +187,17 @@ impl Reservation {
     }
 
     /// The first byte of the range.
-    pub fn base(&self) -> NonNull<u8> {
+    pub(crate) fn base(&self) -> NonNull<u8> {
         self.base
     }
 
     /// The length of the range.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
     /// Always false: reservations are never empty.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         false
     }
 
@@ -209,7 +210,7 @@ impl Reservation {
     ///
     /// Whatever was mapped at `[offset, offset + len)` before is gone: no
     /// live reference may point into it.
-    pub unsafe fn place_shared(
+    pub(crate) unsafe fn place_shared(
         &self,
         offset: usize,
         len: usize,
@@ -252,7 +253,7 @@ impl Reservation {
     }
 
     /// Unmaps the whole range and reports failure instead of ignoring it.
-    pub fn unmap(self) -> SysResult<()> {
+    pub(crate) fn unmap(self) -> SysResult<()> {
         let result = self.munmap();
         std::mem::forget(self);
         result
@@ -281,7 +282,7 @@ impl Drop for Reservation {
 
 /// Maps `len` bytes of `fd` `MAP_SHARED | MAP_NORESERVE` at a kernel-chosen
 /// address for a short-lived experiment (the kernel probe). Unmapped on drop.
-pub fn map_probe(fd: BorrowedFd<'_>, len: usize) -> SysResult<ProbeMapping> {
+pub(crate) fn map_probe(fd: BorrowedFd<'_>, len: usize) -> SysResult<ProbeMapping> {
     // SAFETY: a fresh shared mapping at a kernel-chosen address overlaps
     // nothing we own.
     let raw = unsafe {
@@ -305,24 +306,24 @@ pub fn map_probe(fd: BorrowedFd<'_>, len: usize) -> SysResult<ProbeMapping> {
 
 /// A mapping made by [`map_probe`].
 #[derive(Debug)]
-pub struct ProbeMapping {
+pub(crate) struct ProbeMapping {
     addr: *mut u8,
     len: usize,
 }
 
 impl ProbeMapping {
     /// The first byte.
-    pub fn addr(&self) -> *mut u8 {
+    pub(crate) fn addr(&self) -> *mut u8 {
         self.addr
     }
 
     /// The length.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
     /// Always false.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         false
     }
 }

@@ -4,13 +4,14 @@
 //! userfaultfd.
 
 mod error;
-pub mod futex;
-pub mod memfd;
-pub mod mman;
-pub mod pagemap;
-pub mod signal;
-pub mod size;
-pub mod thread;
-pub mod uffd;
+pub(crate) mod futex;
+pub(crate) mod memfd;
+pub(crate) mod mman;
+pub(crate) mod pagemap;
+pub(crate) mod signal;
+pub(crate) mod size;
+pub(crate) mod thread;
+pub(crate) mod uffd;
 
-pub use error::{Errno, SysError, SysResult};
+pub use error::{Errno, SysError};
+pub(crate) use error::SysResult;

@@ -3,6 +3,7 @@
 //! them in the same walk. With a userfaultfd registered for write-protect
 //! faults with `UFFD_FEATURE_WP_ASYNC`, the kernel resolves those faults by
 //! itself and only remembers that the page was written.
+#![allow(unsafe_code)] // the PAGEMAP_SCAN ioctl
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -12,7 +13,7 @@ use super::error::{SysError, SysResult};
 /// `struct pm_scan_arg`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct PmScanArg {
+pub(crate) struct PmScanArg {
     /// `sizeof(struct pm_scan_arg)`.
     pub size: u64,
     /// `PM_SCAN_*` flags.
@@ -42,7 +43,7 @@ pub struct PmScanArg {
 /// `struct page_region`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PageRegion {
+pub(crate) struct PageRegion {
     /// First address.
     pub start: u64,
     /// One past the last address.
@@ -52,21 +53,21 @@ pub struct PageRegion {
 }
 
 /// `PM_SCAN_WP_MATCHING`: write-protect the matching pages.
-pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+pub(crate) const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 /// `PM_SCAN_CHECK_WPASYNC`: fail unless the range uses async write-protect.
-pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+pub(crate) const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 /// `PAGE_IS_WRITTEN`: not write-protected (an unmapped page counts too).
-pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub(crate) const PAGE_IS_WRITTEN: u64 = 1 << 1;
 /// `PAGE_IS_PRESENT`: mapped.
-pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+pub(crate) const PAGE_IS_PRESENT: u64 = 1 << 3;
 
 /// `PAGEMAP_SCAN` = `_IOWR('f', 16, struct pm_scan_arg)`.
-pub const PAGEMAP_SCAN: nix::sys::ioctl::ioctl_num_type =
+pub(crate) const PAGEMAP_SCAN: nix::sys::ioctl::ioctl_num_type =
     nix::request_code_readwrite!(b'f', 16, std::mem::size_of::<PmScanArg>());
 
 /// Returns the written, mapped ranges of `[start, end)` of this process and
 /// write-protects them again, so the next call reports only later writes.
-pub fn take_written(start: u64, end: u64) -> SysResult<Vec<(u64, u64)>> {
+pub(crate) fn take_written(start: u64, end: u64) -> SysResult<Vec<(u64, u64)>> {
     let pagemap = File::open("/proc/self/pagemap").map_err(|e| {
         SysError::new(
             "open(/proc/self/pagemap)",

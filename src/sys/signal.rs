@@ -1,12 +1,13 @@
 //! The process-wide SIGBUS disposition: install one handler, remember the
 //! one it replaced, and chain to it for faults that are not ours.
+#![allow(unsafe_code)] // `sigaction` and calling the previous handler
 
 use std::sync::OnceLock;
 
 use super::error::{SysError, SysResult};
 
 /// A `SA_SIGINFO` signal handler.
-pub type SigInfoHandler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+pub(crate) type SigInfoHandler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
 
 /// The SIGBUS action in place before ours; read by the handler.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
@@ -30,7 +31,7 @@ fn sigaction(new: Option<&libc::sigaction>, old: Option<&mut libc::sigaction>) -
 /// SA_NODEFER`, on the faulting thread's own stack), once: later calls
 /// return the first call's outcome. The previous action is kept for
 /// [`chain_sigbus`].
-pub fn install_sigbus(handler: SigInfoHandler) -> SysResult<()> {
+pub(crate) fn install_sigbus(handler: SigInfoHandler) -> SysResult<()> {
     *INSTALLED.get_or_init(|| {
         // Read the old action before installing, so that the handler never
         // runs without a previous action to chain to.
@@ -59,7 +60,7 @@ pub fn install_sigbus(handler: SigInfoHandler) -> SysResult<()> {
 /// # Safety
 ///
 /// Call only from the SIGBUS handler, with the arguments it received.
-pub unsafe fn chain_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+pub(crate) unsafe fn chain_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let Some(prev) = PREVIOUS.get() else {
         return restore_default();
     };
@@ -93,7 +94,7 @@ fn restore_default() {
 /// # Safety
 ///
 /// `info` must be the `siginfo_t` the kernel passed to a SIGBUS handler.
-pub unsafe fn fault_address(info: *const libc::siginfo_t) -> usize {
+pub(crate) unsafe fn fault_address(info: *const libc::siginfo_t) -> usize {
     // SAFETY: for SIGBUS the kernel fills the `si_addr` member.
     unsafe { (*info).si_addr() as usize }
 }

@@ -68,14 +68,14 @@ impl fmt::Display for PageSize {
 
 /// A non-zero byte count that is a multiple of a page size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PageAligned {
+pub(crate) struct PageAligned {
     bytes: usize,
     page: PageSize,
 }
 
 impl PageAligned {
     /// `bytes` if it is non-zero and a multiple of `page`.
-    pub const fn new(bytes: usize, page: PageSize) -> Option<Self> {
+    pub(crate) const fn new(bytes: usize, page: PageSize) -> Option<Self> {
         if bytes == 0 || !page.divides(bytes) {
             None
         } else {
@@ -84,23 +84,23 @@ impl PageAligned {
     }
 
     /// The byte count.
-    pub const fn bytes(self) -> usize {
+    pub(crate) const fn bytes(self) -> usize {
         self.bytes
     }
 
     /// The page size it is a multiple of.
-    pub const fn page(self) -> PageSize {
+    pub(crate) const fn page(self) -> PageSize {
         self.page
     }
 
     /// How many pages it spans.
-    pub const fn pages(self) -> usize {
+    pub(crate) const fn pages(self) -> usize {
         self.bytes >> self.page.shift()
     }
 }
 
 /// Formats a byte count with a binary unit, e.g. `64 MiB`.
-pub fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut unit = 0;
     let mut scaled = n as f64;

@@ -5,6 +5,7 @@
 //! Request codes are computed with `nix`'s ioctl macros from the kernel's
 //! numbers and our `#[repr(C)]` argument structs; a test cross-checks them
 //! against `linux-raw-sys`.
+#![allow(unsafe_code)] // system calls
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -14,14 +15,14 @@ use super::error::{Errno, SysError, SysResult};
 /// The ioctl type byte of userfaultfd (`UFFDIO` and `USERFAULTFD_IOC`).
 const UFFDIO_TYPE: u8 = 0xAA;
 /// `UFFD_API`: the only API version there is.
-pub const UFFD_API: u64 = 0xAA;
+pub(crate) const UFFD_API: u64 = 0xAA;
 /// `UFFD_USER_MODE_ONLY`: only faults from user mode are reported.
-pub const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+pub(crate) const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 
 /// `struct uffdio_api`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct UffdioApi {
+pub(crate) struct UffdioApi {
     /// Requested API version (`UFFD_API`).
     pub api: u64,
     /// Requested features in, enabled (or, for a zero request, all
@@ -34,7 +35,7 @@ pub struct UffdioApi {
 /// `struct uffdio_range`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct UffdioRange {
+pub(crate) struct UffdioRange {
     /// First byte.
     pub start: u64,
     /// Length in bytes.
@@ -44,7 +45,7 @@ pub struct UffdioRange {
 /// `struct uffdio_register`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct UffdioRegister {
+pub(crate) struct UffdioRegister {
     /// The range to register.
     pub range: UffdioRange,
     /// `UFFDIO_REGISTER_MODE_*` bits.
@@ -56,7 +57,7 @@ pub struct UffdioRegister {
 /// `struct uffdio_copy`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct UffdioCopy {
+pub(crate) struct UffdioCopy {
     /// Destination in the registered range.
     pub dst: u64,
     /// Source in this process.
@@ -72,7 +73,7 @@ pub struct UffdioCopy {
 /// `struct uffdio_zeropage`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct UffdioZeropage {
+pub(crate) struct UffdioZeropage {
     /// The range to map zero pages into.
     pub range: UffdioRange,
     /// `UFFDIO_ZEROPAGE_MODE_*` bits.
@@ -84,7 +85,7 @@ pub struct UffdioZeropage {
 /// `struct uffdio_continue`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct UffdioContinue {
+pub(crate) struct UffdioContinue {
     /// The range to map from the page cache.
     pub range: UffdioRange,
     /// `UFFDIO_CONTINUE_MODE_*` bits.
@@ -96,7 +97,7 @@ pub struct UffdioContinue {
 /// `struct uffdio_poison`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct UffdioPoison {
+pub(crate) struct UffdioPoison {
     /// The range to poison.
     pub range: UffdioRange,
     /// `UFFDIO_POISON_MODE_*` bits.
@@ -108,7 +109,7 @@ pub struct UffdioPoison {
 /// `struct uffdio_writeprotect`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct UffdioWriteprotect {
+pub(crate) struct UffdioWriteprotect {
     /// The range to change.
     pub range: UffdioRange,
     /// `UFFDIO_WRITEPROTECT_MODE_*` bits.
@@ -118,7 +119,7 @@ pub struct UffdioWriteprotect {
 /// `struct uffd_msg`: one event, as read(2) returns it (32 bytes, packed).
 #[repr(C, packed)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct UffdMsg {
+pub(crate) struct UffdMsg {
     /// `UFFD_EVENT_*`.
     pub event: u8,
     reserved1: u8,
@@ -129,41 +130,41 @@ pub struct UffdMsg {
 }
 
 /// `_IOWR`/`_IOR`/`_IO` request codes, from nix's macros.
-pub mod request {
+pub(crate) mod request {
     use super::*;
     use std::mem::size_of;
 
     /// The type of an ioctl request code on this target.
-    pub type Request = nix::sys::ioctl::ioctl_num_type;
+    pub(crate) type Request = nix::sys::ioctl::ioctl_num_type;
 
     /// `UFFDIO_API`.
-    pub const API: Request =
+    pub(crate) const API: Request =
         nix::request_code_readwrite!(UFFDIO_TYPE, 0x3F, size_of::<UffdioApi>());
     /// `UFFDIO_REGISTER`.
-    pub const REGISTER: Request =
+    pub(crate) const REGISTER: Request =
         nix::request_code_readwrite!(UFFDIO_TYPE, 0x00, size_of::<UffdioRegister>());
     /// `UFFDIO_UNREGISTER`.
-    pub const UNREGISTER: Request =
+    pub(crate) const UNREGISTER: Request =
         nix::request_code_read!(UFFDIO_TYPE, 0x01, size_of::<UffdioRange>());
     /// `UFFDIO_WAKE`.
-    pub const WAKE: Request = nix::request_code_read!(UFFDIO_TYPE, 0x02, size_of::<UffdioRange>());
+    pub(crate) const WAKE: Request = nix::request_code_read!(UFFDIO_TYPE, 0x02, size_of::<UffdioRange>());
     /// `UFFDIO_COPY`.
-    pub const COPY: Request =
+    pub(crate) const COPY: Request =
         nix::request_code_readwrite!(UFFDIO_TYPE, 0x03, size_of::<UffdioCopy>());
     /// `UFFDIO_ZEROPAGE`.
-    pub const ZEROPAGE: Request =
+    pub(crate) const ZEROPAGE: Request =
         nix::request_code_readwrite!(UFFDIO_TYPE, 0x04, size_of::<UffdioZeropage>());
     /// `UFFDIO_WRITEPROTECT`.
-    pub const WRITEPROTECT: Request =
+    pub(crate) const WRITEPROTECT: Request =
         nix::request_code_readwrite!(UFFDIO_TYPE, 0x06, size_of::<UffdioWriteprotect>());
     /// `UFFDIO_CONTINUE`.
-    pub const CONTINUE: Request =
+    pub(crate) const CONTINUE: Request =
         nix::request_code_readwrite!(UFFDIO_TYPE, 0x07, size_of::<UffdioContinue>());
     /// `UFFDIO_POISON`.
-    pub const POISON: Request =
+    pub(crate) const POISON: Request =
         nix::request_code_readwrite!(UFFDIO_TYPE, 0x08, size_of::<UffdioPoison>());
     /// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`.
-    pub const IOC_NEW: Request = nix::request_code_none!(UFFDIO_TYPE, 0x00);
+    pub(crate) const IOC_NEW: Request = nix::request_code_none!(UFFDIO_TYPE, 0x00);
 }
 
 /// `UFFD_FEATURE_*` bits, as a set.
@@ -256,15 +257,15 @@ impl std::ops::BitOr for Features {
 
 /// `UFFDIO_REGISTER_MODE_*`: which faults in a range are reported.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RegisterMode(pub u64);
+pub(crate) struct RegisterMode(pub u64);
 
 impl RegisterMode {
     /// `UFFDIO_REGISTER_MODE_MISSING`: no page in the page cache.
-    pub const MISSING: RegisterMode = RegisterMode(1 << 0);
+    pub(crate) const MISSING: RegisterMode = RegisterMode(1 << 0);
     /// `UFFDIO_REGISTER_MODE_WP`: write to a write-protected page.
-    pub const WP: RegisterMode = RegisterMode(1 << 1);
+    pub(crate) const WP: RegisterMode = RegisterMode(1 << 1);
     /// `UFFDIO_REGISTER_MODE_MINOR`: page in the page cache, not mapped here.
-    pub const MINOR: RegisterMode = RegisterMode(1 << 2);
+    pub(crate) const MINOR: RegisterMode = RegisterMode(1 << 2);
 }
 
 impl std::ops::BitOr for RegisterMode {
@@ -277,44 +278,44 @@ impl std::ops::BitOr for RegisterMode {
 /// `UFFDIO_COPY_MODE_DONTWAKE` / `UFFDIO_CONTINUE_MODE_DONTWAKE` /
 /// `UFFDIO_ZEROPAGE_MODE_DONTWAKE` / `UFFDIO_POISON_MODE_DONTWAKE`: map
 /// without waking faulting threads (wake them later with one `WAKE`).
-pub const MODE_DONTWAKE: u64 = 1 << 0;
+pub(crate) const MODE_DONTWAKE: u64 = 1 << 0;
 /// `UFFDIO_CONTINUE_MODE_WP` / `UFFDIO_COPY_MODE_WP`: map write-protected.
-pub const MODE_WP: u64 = 1 << 1;
+pub(crate) const MODE_WP: u64 = 1 << 1;
 /// `UFFDIO_CONTINUE_MODE_WP`: map the pages write-protected (Linux 6.4;
 /// `1 << 1` in `include/uapi/linux/userfaultfd.h`, which linux-raw-sys
 /// 0.12 does not carry).
-pub const CONTINUE_MODE_WP: u64 = 1 << 1;
+pub(crate) const CONTINUE_MODE_WP: u64 = 1 << 1;
 
 /// `UFFDIO_WRITEPROTECT_MODE_WP`: protect (set) instead of unprotect.
-pub const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+pub(crate) const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 
 /// `UFFD_EVENT_*` codes.
-pub mod event {
+pub(crate) mod event {
     /// A page fault.
-    pub const PAGEFAULT: u8 = 0x12;
+    pub(crate) const PAGEFAULT: u8 = 0x12;
     /// The process forked (needs `EVENT_FORK`).
-    pub const FORK: u8 = 0x13;
+    pub(crate) const FORK: u8 = 0x13;
     /// mremap of a registered range.
-    pub const REMAP: u8 = 0x14;
+    pub(crate) const REMAP: u8 = 0x14;
     /// madvise(DONTNEED/REMOVE) of a registered range.
-    pub const REMOVE: u8 = 0x15;
+    pub(crate) const REMOVE: u8 = 0x15;
     /// munmap of a registered range.
-    pub const UNMAP: u8 = 0x16;
+    pub(crate) const UNMAP: u8 = 0x16;
 }
 
 /// `UFFD_PAGEFAULT_FLAG_*` bits of a page-fault event.
-pub mod fault_flags {
+pub(crate) mod fault_flags {
     /// The access was a write.
-    pub const WRITE: u64 = 1 << 0;
+    pub(crate) const WRITE: u64 = 1 << 0;
     /// A write-protect fault.
-    pub const WP: u64 = 1 << 1;
+    pub(crate) const WP: u64 = 1 << 1;
     /// A minor fault (page in the page cache, not mapped).
-    pub const MINOR: u64 = 1 << 2;
+    pub(crate) const MINOR: u64 = 1 << 2;
 }
 
 /// A decoded userfaultfd event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// A thread faulted on `address` (rounded down to the fault granule
     /// unless `EXACT_ADDRESS` was requested).
     PageFault {
@@ -359,7 +360,7 @@ pub enum Event {
 
 impl UffdMsg {
     /// Decodes the message.
-    pub fn decode(&self) -> Event {
+    pub(crate) fn decode(&self) -> Event {
         let arg = self.arg;
         match self.event {
             event::PAGEFAULT => Event::PageFault {
@@ -388,7 +389,7 @@ impl UffdMsg {
 
 /// How to create a userfaultfd.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OpenFlags {
+pub(crate) struct OpenFlags {
     /// `UFFD_USER_MODE_ONLY`: kernel-mode accesses (e.g. `read(2)` into an
     /// unpopulated page) fail with EFAULT instead of raising an event. Lets
     /// an unprivileged process use the syscall when
@@ -443,19 +444,19 @@ impl std::error::Error for OpenError {}
 
 /// An open userfaultfd.
 #[derive(Debug)]
-pub struct Userfaultfd {
+pub(crate) struct Userfaultfd {
     fd: OwnedFd,
 }
 
 /// The path of the userfaultfd device node.
-pub const DEVICE_PATH: &str = "/dev/userfaultfd";
+pub(crate) const DEVICE_PATH: &str = "/dev/userfaultfd";
 
 impl Userfaultfd {
     /// Opens a userfaultfd through `/dev/userfaultfd`, falling back to the
     /// system call.
     // The error keeps both attempts without allocating; opening is rare.
     #[allow(clippy::result_large_err)]
-    pub fn open(flags: OpenFlags) -> Result<(Userfaultfd, OpenedThrough), OpenError> {
+    pub(crate) fn open(flags: OpenFlags) -> Result<(Userfaultfd, OpenedThrough), OpenError> {
         let device = match Self::open_device(flags) {
             Ok(uffd) => return Ok((uffd, OpenedThrough::Device)),
             Err(e) => e,
@@ -467,7 +468,7 @@ impl Userfaultfd {
     }
 
     /// Opens a userfaultfd through `/dev/userfaultfd` only.
-    pub fn open_device(flags: OpenFlags) -> SysResult<Userfaultfd> {
+    pub(crate) fn open_device(flags: OpenFlags) -> SysResult<Userfaultfd> {
         let dev = OpenOptions::new()
             .read(true)
             .write(true)
@@ -491,7 +492,7 @@ impl Userfaultfd {
     }
 
     /// Opens a userfaultfd with the `userfaultfd(2)` system call only.
-    pub fn open_syscall(flags: OpenFlags) -> SysResult<Userfaultfd> {
+    pub(crate) fn open_syscall(flags: OpenFlags) -> SysResult<Userfaultfd> {
         // SAFETY: userfaultfd(2) takes one integer argument.
         let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags.raw()) };
         if fd < 0 {
@@ -506,7 +507,7 @@ impl Userfaultfd {
     /// (`dup3` onto it, close-on-exec), so everything holding this one uses
     /// the replacement from now on. Allocates nothing (a forked child calls
     /// it before it may take locks).
-    pub fn replace_with(&self, replacement: Userfaultfd) -> SysResult<()> {
+    pub(crate) fn replace_with(&self, replacement: Userfaultfd) -> SysResult<()> {
         // SAFETY: both descriptors are open and owned; dup3 closes ours and
         // reuses its number atomically, so no other descriptor is affected.
         let ret = unsafe {
@@ -527,7 +528,7 @@ impl Userfaultfd {
     /// Requesting [`Features::empty`] enables nothing optional and reports
     /// every feature the kernel supports; requesting an unsupported feature
     /// fails with EINVAL.
-    pub fn api(&self, features: Features) -> SysResult<UffdioApi> {
+    pub(crate) fn api(&self, features: Features) -> SysResult<UffdioApi> {
         let mut arg = UffdioApi {
             api: UFFD_API,
             features: features.0,
@@ -540,7 +541,7 @@ impl Userfaultfd {
 
     /// Registers `[start, start + len)` (`UFFDIO_REGISTER`); returns the
     /// ioctls usable on it as `1 << _UFFDIO_*` bits.
-    pub fn register(&self, start: *mut u8, len: usize, mode: RegisterMode) -> SysResult<u64> {
+    pub(crate) fn register(&self, start: *mut u8, len: usize, mode: RegisterMode) -> SysResult<u64> {
         let mut arg = UffdioRegister {
             range: range(start, len),
             mode: mode.0,
@@ -556,14 +557,14 @@ impl Userfaultfd {
     }
 
     /// Unregisters `[start, start + len)` (`UFFDIO_UNREGISTER`).
-    pub fn unregister(&self, start: *mut u8, len: usize) -> SysResult<()> {
+    pub(crate) fn unregister(&self, start: *mut u8, len: usize) -> SysResult<()> {
         let mut arg = range(start, len);
         self.ioctl(request::UNREGISTER, &mut arg, "UFFDIO_UNREGISTER")
             .map_err(|e| e.arg("start", start as u64).arg("len", len as u64))
     }
 
     /// Wakes threads parked on faults in `[start, start + len)` (`UFFDIO_WAKE`).
-    pub fn wake(&self, start: *mut u8, len: usize) -> SysResult<()> {
+    pub(crate) fn wake(&self, start: *mut u8, len: usize) -> SysResult<()> {
         let mut arg = range(start, len);
         self.ioctl(request::WAKE, &mut arg, "UFFDIO_WAKE")
             .map_err(|e| e.arg("start", start as u64).arg("len", len as u64))
@@ -579,7 +580,7 @@ impl Userfaultfd {
     ///
     /// The range must be registered with this descriptor; the page cache
     /// behind it must hold the bytes readers of the range are meant to see.
-    pub unsafe fn continue_range(&self, start: *mut u8, len: usize, mode: u64) -> SysResult<usize> {
+    pub(crate) unsafe fn continue_range(&self, start: *mut u8, len: usize, mode: u64) -> SysResult<usize> {
         let mut arg = UffdioContinue {
             range: range(start, len),
             mode,
@@ -596,7 +597,7 @@ impl Userfaultfd {
     ///
     /// `src` must be readable for `len` bytes; the destination must be
     /// registered with this descriptor and have no page yet.
-    pub unsafe fn copy(
+    pub(crate) unsafe fn copy(
         &self,
         dst: *mut u8,
         src: *const u8,
@@ -621,7 +622,7 @@ impl Userfaultfd {
     ///
     /// The range must be registered with this descriptor and be meant to
     /// read as zeroes.
-    pub unsafe fn zeropage(&self, start: *mut u8, len: usize, mode: u64) -> SysResult<usize> {
+    pub(crate) unsafe fn zeropage(&self, start: *mut u8, len: usize, mode: u64) -> SysResult<usize> {
         let mut arg = UffdioZeropage {
             range: range(start, len),
             mode,
@@ -638,7 +639,7 @@ impl Userfaultfd {
     ///
     /// The range must be registered with this descriptor, and no code may
     /// rely on being able to access it.
-    pub unsafe fn poison(&self, start: *mut u8, len: usize, mode: u64) -> SysResult<usize> {
+    pub(crate) unsafe fn poison(&self, start: *mut u8, len: usize, mode: u64) -> SysResult<usize> {
         let mut arg = UffdioPoison {
             range: range(start, len),
             mode,
@@ -650,7 +651,7 @@ impl Userfaultfd {
 
     /// Write-protects (`protect = true`) or unprotects a WP-registered range
     /// (`UFFDIO_WRITEPROTECT`).
-    pub fn write_protect(&self, start: *mut u8, len: usize, protect: bool) -> SysResult<()> {
+    pub(crate) fn write_protect(&self, start: *mut u8, len: usize, protect: bool) -> SysResult<()> {
         let mut arg = UffdioWriteprotect {
             range: range(start, len),
             mode: if protect { WRITEPROTECT_MODE_WP } else { 0 },
@@ -662,7 +663,7 @@ impl Userfaultfd {
     /// Reads as many pending events as fit in `buf` with one `read(2)`.
     ///
     /// Returns 0 when the descriptor is non-blocking and nothing is pending.
-    pub fn read_events(&self, buf: &mut [UffdMsg]) -> SysResult<usize> {
+    pub(crate) fn read_events(&self, buf: &mut [UffdMsg]) -> SysResult<usize> {
         let bytes = std::mem::size_of_val(buf);
         // SAFETY: `buf` is valid for writes of `bytes` bytes, and any bit
         // pattern is a valid `UffdMsg`.

@@ -1,14 +1,13 @@
 //! Model checking of the page-state protocol with loom:
-//! `RUSTFLAGS="--cfg loom" cargo test --release --test loom_page_state`.
+//! `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_state`.
 //!
 //! The page's bytes are a loom `UnsafeCell`, so loom reports any read that
 //! is not ordered after the write that filled it. `--cfg hugearena_mutation`
 //! weakens the publishing CAS to `Relaxed`; these tests must then fail.
 //! `--cfg hugearena_mutation_discard` plants the old discard order; the
 //! discard test must then fail.
-#![cfg(loom)]
 
-use hugearena::populate::state::{self, Claim, Owner, PageState};
+use super::state::{self, Claim, Owner, PageState};
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

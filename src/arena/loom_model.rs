@@ -1,13 +1,12 @@
 //! Model checking of the arena's lock-free words with loom:
-//! `RUSTFLAGS="--cfg loom" cargo test --release --test loom_arena`.
+//! `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_model`.
 //!
 //! Memory handed out is a loom `UnsafeCell`, so loom reports any two
 //! owners touching it without the protocol ordering them.
 //! `--cfg hugearena_mutation` weakens the bitmap claim to `Relaxed`; these
 //! tests must then fail.
-#![cfg(loom)]
 
-use hugearena::arena::{bitmap, span, stack};
+use super::{bitmap, span, stack};
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

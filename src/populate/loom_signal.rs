@@ -1,14 +1,13 @@
 //! Model checking of the in-thread driver's registry entry protocol:
-//! `RUSTFLAGS="--cfg loom" cargo test --release --test loom_signal_registry`.
+//! `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_signal`.
 //!
 //! The entry's payload (what the SIGBUS handler reads: range, resolver,
 //! populator) is a loom `UnsafeCell`: loom reports a handler read that is
 //! not ordered after registration, or a reuse of the entry that is not
 //! ordered after every handler left. `--cfg hugearena_mutation` weakens
 //! `exit` to `Relaxed`; these tests must then fail.
-#![cfg(loom)]
 
-use hugearena::populate::signal::{begin_retire, claim, drained, enter, exit, free, publish};
+use super::signal::{begin_retire, claim, drained, enter, exit, free, publish};
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
