@@ -16,6 +16,9 @@
 //! ```text
 //! ```
 
+#[path = "support/human.rs"]
+mod human;
+
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
@@ -190,7 +193,7 @@ fn run<S: SignalSafeSource + 'static>(
     println!("driver:    {}", p.driver());
     println!(
         "populated: {} in {:.1} ms by {} threads ({:.2} GB/s); every byte verified",
-        hugearena::sys::size::human_bytes(region.len() as u64),
+        human::bytes(region.len() as u64),
         elapsed.as_secs_f64() * 1e3,
         args.threads,
         region.len() as f64 / elapsed.as_secs_f64() / 1e9

@@ -6,9 +6,7 @@
 //! cargo run --release --example probe [SIZE_MIB]
 //! ```
 
-use hugearena::backend::{self, BackendRequest, HugePages};
-use hugearena::region::Layout;
-use hugearena::{BackendKind, KernelCaps, PageSize};
+use hugearena::{BackendKind, HugePages, KernelCaps, RegionOptions};
 
 fn main() {
     let size_mib: u64 = std::env::args()
@@ -22,15 +20,16 @@ fn main() {
     }
     println!();
     println!("Backend choice for a {size_mib} MiB region with 2 MiB huge pages:");
-    let policies = [HugePages::On, HugePages::Try, HugePages::Off]
-        .map(|p| (format!("huge_pages={p:?}"), BackendRequest::Policy(p)));
-    let exact = BackendKind::ALL.map(|k| (k.to_string(), BackendRequest::Exact(k)));
-    let requests = policies.into_iter().chain(exact);
-    for (name, request) in requests {
-        let choice = backend::select(request, PageSize::Huge2M, &caps, |b| {
-            Layout::new(b, size_mib << 20).map(|l| l.hugetlb_pages())
-        });
-        match choice {
+    let size = size_mib << 20;
+    let policies = [HugePages::On, HugePages::Try, HugePages::Off].map(|p| {
+        (
+            format!("huge_pages={p:?}"),
+            RegionOptions::new(size).huge_pages(p),
+        )
+    });
+    let exact = BackendKind::ALL.map(|k| (k.to_string(), RegionOptions::new(size).backend(k)));
+    for (name, options) in policies.into_iter().chain(exact) {
+        match options.plan(&caps) {
             Ok(c) => println!(
                 "  {name:<14} -> {} (granule {}): {}",
                 c.backend.kind(),

@@ -6,6 +6,9 @@
 //! cargo run --release --example restore -- [--size MIB] [SNAPSHOT]
 //! ```
 
+#[path = "support/human.rs"]
+mod human;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,7 +81,7 @@ fn main() {
     std::hint::black_box(&mut byte);
     println!(
         "restored {} in {:.2} ms; first access after {:.2} ms ({} page read)",
-        hugearena::sys::size::human_bytes(region.len() as u64),
+        human::bytes(region.len() as u64),
         restored.as_secs_f64() * 1e3,
         started.elapsed().as_secs_f64() * 1e3,
         p.stats().fills

@@ -292,6 +292,15 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// A `ShmPtr` that does not start a live allocation.
+    #[error("offset {offset:#x} is not a live allocation: {reason}")]
+    InvalidPointer {
+        /// The pointer's offset.
+        offset: u64,
+        /// Why.
+        reason: &'static str,
+    },
+
     /// A `ShmPtr` handed out by another arena.
     #[error(
         "offset {offset:#x} carries arena tag {tag:#x}, this arena's is {arena_tag:#x}: \

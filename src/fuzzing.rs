@@ -1,11 +1,31 @@
-//! Internals the fuzz targets drive directly (the `fuzzing` feature only;
-//! not part of the API).
+//! Entry points for the fuzz targets into decoders that are not part of the
+//! API (the `fuzzing` feature only).
 
-pub use crate::backend::Backend;
-pub use crate::persist::format::{HEADER_LEN as SNAPSHOT_HEADER_LEN, ParentRef, SnapshotHeader};
-pub use crate::region::{HEADER_ENCODED_LEN, Header, Layout, READY};
+use std::path::Path;
 
-/// Bytes of an arena's tables (the words a damaged-table fuzzer patches).
-pub fn arena_meta_len(arena: &crate::Arena) -> u64 {
-    arena.layout().meta_len
+use crate::region::RegionLayout;
+use crate::region::header::{ENCODED_LEN as HEADER_ENCODED_LEN, Header, READY};
+
+/// Bytes of an encoded region header.
+pub const REGION_HEADER_LEN: usize = HEADER_ENCODED_LEN;
+
+/// Decodes `bytes` as a ready region header; if that succeeds, returns the
+/// header encoded again (with the input's state word), which must equal
+/// the input.
+pub fn region_header_reencoded(bytes: &[u8; REGION_HEADER_LEN]) -> Option<[u8; REGION_HEADER_LEN]> {
+    let header = Header::decode(bytes, READY, Path::new("fuzz")).ok()?;
+    let mut again = header.encode();
+    // `encode` writes the state word as INITIALISING; the input said READY.
+    again[12..16].copy_from_slice(&bytes[12..16]);
+    Some(again)
+}
+
+/// Whether a header for `layout` decodes back to itself.
+pub fn region_header_round_trips(layout: RegionLayout) -> bool {
+    let header = Header {
+        layout,
+        creator_pid: 1,
+        created_unix_ms: 2,
+    };
+    Header::decode(&header.encode(), READY, Path::new("fuzz")).is_ok_and(|h| h == header)
 }

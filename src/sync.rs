@@ -21,8 +21,6 @@ pub(crate) trait AtomicSlot {
     ) -> Result<u64, u64>;
     /// Stores the word.
     fn store(&self, value: u64, order: Ordering);
-    /// Adds to the word (wrapping); returns the previous value.
-    fn fetch_add(&self, value: u64, order: Ordering) -> u64;
     /// Subtracts from the word (wrapping); returns the previous value.
     fn fetch_sub(&self, value: u64, order: Ordering) -> u64;
 }
@@ -47,10 +45,6 @@ macro_rules! atomic_slot_for {
 
             fn store(&self, value: u64, order: Ordering) {
                 <$t>::store(self, value, order)
-            }
-
-            fn fetch_add(&self, value: u64, order: Ordering) -> u64 {
-                <$t>::fetch_add(self, value, order)
             }
 
             fn fetch_sub(&self, value: u64, order: Ordering) -> u64 {

@@ -10,11 +10,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use common::*;
-use hugearena::arena::layout::BLOCK;
 use hugearena::populate::PopulateOptions;
 use hugearena::probe::HugePagePool;
 use hugearena::{Arena, BackendKind, Error, PageSize, RegionOptions, ReleasePolicy, ShmPtr};
 use proptest::prelude::*;
+
+/// The arena's block size (its page runs and large allocations are
+/// counted in it).
+const BLOCK: u64 = 2 << 20;
 
 fn arena(size: u64, kind: BackendKind) -> Arena {
     Arena::create(
@@ -138,7 +141,7 @@ fn bad_input_is_an_error_and_changes_nothing() {
             ShmPtr::from_offset(large.offset() + BLOCK),
             "inside a large",
         ),
-        (ShmPtr::from_offset(a.layout().data_len), "outside"),
+        (ShmPtr::from_offset(a.stats().data_bytes), "outside"),
     ] {
         let err = a.free(p).unwrap_err();
         assert!(matches!(err, Error::InvalidFree { .. }), "{err}");

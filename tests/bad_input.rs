@@ -255,7 +255,9 @@ fn hugetlb_backends_refuse_files_outside_hugetlbfs() {
 #[test]
 fn out_of_bounds_accesses_are_refused() {
     let region = Region::create(RegionOptions::new(64 << 10).backend(BackendKind::Shmem)).unwrap();
-    let err = region.write_via_alias(60 << 10, &[0u8; 8192]).unwrap_err();
+    let err = region
+        .write_via_primary(60 << 10, &[0u8; 8192])
+        .unwrap_err();
     assert!(matches!(err, Error::OutOfBounds { .. }), "{err:?}");
     let mut buf = [0u8; 1];
     let err = region.read_via_primary(usize::MAX, &mut buf).unwrap_err();

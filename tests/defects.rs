@@ -328,7 +328,7 @@ fn child_entry() {
                 x ^= x << 17;
                 x
             };
-            let meta = a.layout().meta_len as usize;
+            let meta = a.stats().meta_bytes as usize;
             let mut words = vec![0u8; meta - 32];
             for w in words.chunks_exact_mut(8) {
                 let v = match next() % 4 {

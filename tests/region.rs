@@ -4,21 +4,20 @@
 
 mod common;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use common::*;
-use hugearena::sys::memfd;
 use hugearena::{BackendKind, Error, HugePages, KernelCaps, PageSize, Region, RegionOptions};
 
 const CHUNK: usize = 1 << 20;
 
-/// Writes the pattern through the alias in 1 MiB chunks.
+/// Writes the pattern in 1 MiB chunks.
 fn write_pattern(region: &Region, seed: u64) {
     let mut buf = vec![0u8; CHUNK];
     for off in (0..region.len()).step_by(CHUNK) {
         let n = CHUNK.min(region.len() - off);
         fill_pattern(seed, off, &mut buf[..n]);
-        region.write_via_alias(off, &buf[..n]).unwrap();
+        region.write_via_primary(off, &buf[..n]).unwrap();
     }
 }
 
@@ -55,8 +54,14 @@ fn child_entry() {
                 Region::open(&path).unwrap()
             } else {
                 let raw: i32 = std::env::var("REGION_FD").unwrap().parse().unwrap();
+                nix::fcntl::fcntl(
+                    // SAFETY: only checks that the number is open.
+                    unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) },
+                    nix::fcntl::FcntlArg::F_GETFD,
+                )
+                .expect("the inherited descriptor is open");
                 // SAFETY: the parent passed this descriptor to us alone.
-                let fd = unsafe { memfd::adopt_inherited(raw) }.unwrap();
+                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
                 Region::from_fd(fd).unwrap()
             };
             assert!(!region.created_here());
@@ -65,7 +70,9 @@ fn child_entry() {
             assert_eq!(region.len().to_string(), std::env::var("LEN").unwrap());
             verify_pattern(&region, seed);
             // Answer through our own alias: the parent checks it arrives.
-            region.write_via_alias(region.len() - 5, b"child").unwrap();
+            region
+                .write_via_primary(region.len() - 5, b"child")
+                .unwrap();
             println!("CHILD-OK granule={}", region.granule());
         }
         other => panic!("unknown child role {other}"),
@@ -84,7 +91,10 @@ fn share_with_child(region: &Region, via_fd: bool) {
     ];
     let _inherited;
     if via_fd {
-        let fd = memfd::dup_inheritable(region.fd()).unwrap();
+        // A duplicate without close-on-exec, for the child to inherit.
+        let raw = nix::fcntl::fcntl(region.fd(), nix::fcntl::FcntlArg::F_DUPFD(3)).unwrap();
+        // SAFETY: fcntl just returned this new descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         env.push(("REGION_FD", fd.as_raw_fd().to_string()));
         _inherited = fd;
     } else {

@@ -13,6 +13,9 @@
 //! `SIZE` takes K, M and G suffixes (binary). `--eager` reads the whole
 //! snapshot before accepting connections (for comparison).
 
+#[path = "../support/human.rs"]
+mod human;
+
 mod demo;
 mod resp;
 mod server;
@@ -241,7 +244,7 @@ fn serve(flags: &Flags) {
         let arena = Arena::attach(populator).unwrap_or_else(|e| fail(e));
         eprintln!(
             "kvstore: restored {} from {} in {:.1} ms ({}), listening on {addr}",
-            hugearena::sys::size::human_bytes(arena.region().len() as u64),
+            human::bytes(arena.region().len() as u64),
             dump.display(),
             started.elapsed().as_secs_f64() * 1e3,
             if flags.has("--eager") {
@@ -256,7 +259,7 @@ fn serve(flags: &Flags) {
         let arena = Arena::create(options, PopulateOptions::new()).unwrap_or_else(|e| fail(e));
         eprintln!(
             "kvstore: new {} arena on {} ({}), listening on {addr}",
-            hugearena::sys::size::human_bytes(size),
+            human::bytes(size),
             arena.region().backend().kind(),
             arena.region().choice().reason
         );

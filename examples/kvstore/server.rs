@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hugearena::Arena;
-use hugearena::populate::state::{self, PageState};
 
 use crate::resp::{self, Parsed, Reply};
 use crate::store::{SetMode, Store, StoreError, expiry_in};
@@ -53,11 +52,7 @@ impl Shared<'_> {
         let region = self.arena.region();
         let populator = self.arena.populator();
         let stats = populator.stats();
-        let present = region
-            .page_states()
-            .iter()
-            .filter(|s| state::observe(*s) == PageState::Present)
-            .count();
+        let present = region.present_granules();
         let us = |q: f64| stats.fill_latency.value_at_quantile(q) as f64 / 1e3;
         let a = self.arena.stats();
         format!(
@@ -83,7 +78,7 @@ impl Shared<'_> {
             region.choice().reason.replace(['\r', '\n'], " "),
             region.granule(),
             region.len(),
-            region.page_states().len(),
+            region.len() / region.granule().bytes(),
             present,
             populator.driver(),
             stats.faults_in_thread,

@@ -1,6 +1,8 @@
 //! The key space, entirely in the arena so that every worker process sees
 //! one index and a snapshot holds it: a chained hash table whose buckets
-//! and entries are arena allocations addressed by `ShmPtr`.
+//! and entries are arena allocations addressed by `ShmPtr` (stored as
+//! `ShmPtr::to_bits`, so the arena checks each one), reached through the
+//! arena's bounds-checked atomic and byte views.
 //!
 //! ```text
 //! table (root word 0):  magic | buckets | keys | lock[STRIPES] | head[buckets]
@@ -28,7 +30,8 @@ const ENTRY_WORDS: u64 = 5;
 /// A handle to the table in one process.
 pub struct Store<'a> {
     arena: &'a Arena,
-    table: u64,
+    /// The whole table: header words, then bucket heads.
+    table: &'a [AtomicU64],
     buckets: u64,
     pid: u64,
 }
@@ -84,54 +87,50 @@ impl<'a> Store<'a> {
                 .map_err(|e| format!("allocating the index: {e}"))?;
             // Fresh memory may hold an older table's bytes: clear it.
             let words = arena
-                .region()
-                .shared_atomics::<AtomicU64>(p.offset() as usize, (HEADER_WORDS + buckets) as usize)
+                .atomics(p, (HEADER_WORDS + buckets) as usize)
                 .map_err(|e| e.to_string())?;
             for w in words {
                 w.store(0, Ordering::Relaxed);
             }
             words[1].store(buckets, Ordering::Relaxed);
             words[0].store(MAGIC, Ordering::Release);
-            match root.compare_exchange(0, p.offset(), Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => table = p.offset(),
+            match root.compare_exchange(0, p.to_bits(), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => table = p.to_bits(),
                 Err(other) => {
                     let _ = arena.free(p);
                     table = other;
                 }
             }
         }
-        let words = arena
-            .region()
-            .shared_atomics::<AtomicU64>(table as usize, 3)
-            .map_err(|e| e.to_string())?;
-        if words[0].load(Ordering::Acquire) != MAGIC {
+        let table = ShmPtr::from_bits(table);
+        let header = arena
+            .atomics(table, 3)
+            .map_err(|e| format!("root word 0: {e}"))?;
+        if header[0].load(Ordering::Acquire) != MAGIC {
             return Err("root word 0 does not point to a key-value table".into());
         }
+        let buckets = header[1].load(Ordering::Relaxed);
+        let table = arena
+            .atomics(table, (HEADER_WORDS + buckets) as usize)
+            .map_err(|e| format!("the table's {buckets} buckets: {e}"))?;
         Ok(Store {
             arena,
             table,
-            buckets: words[1].load(Ordering::Relaxed),
+            buckets,
             pid: u64::from(std::process::id()),
         })
     }
 
-    fn words(&self, offset: u64, n: u64) -> &[AtomicU64] {
-        self.arena
-            .region()
-            .shared_atomics(offset as usize, n as usize)
-            .expect("table and entries lie in the arena")
-    }
-
     fn keys(&self) -> &AtomicU64 {
-        &self.words(self.table, 3)[2]
+        &self.table[2]
     }
 
     fn lock_word(&self, stripe: u64) -> &AtomicU64 {
-        &self.words(self.table + (3 + stripe) * 8, 1)[0]
+        &self.table[(3 + stripe) as usize]
     }
 
     fn head(&self, bucket: u64) -> &AtomicU64 {
-        &self.words(self.table + (HEADER_WORDS + bucket) * 8, 1)[0]
+        &self.table[(HEADER_WORDS + bucket) as usize]
     }
 
     fn lock(&self, stripe: u64) -> Guard<'_, 'a> {
@@ -179,16 +178,18 @@ impl<'a> Store<'a> {
         (0..STRIPES).map(|s| self.lock(s)).collect()
     }
 
+    /// The words of the entry a link holds (`ShmPtr::to_bits`).
     fn entry(&self, e: u64) -> &[AtomicU64] {
-        self.words(e, ENTRY_WORDS)
+        self.arena
+            .atomics(ShmPtr::from_bits(e), ENTRY_WORDS as usize)
+            .expect("links hold live entries")
     }
 
     fn key_of(&self, e: u64, klen: usize) -> Vec<u8> {
         let mut k = vec![0u8; klen];
         self.arena
-            .region()
-            .read_via_primary((e + ENTRY_WORDS * 8) as usize, &mut k)
-            .expect("entry in bounds");
+            .read_bytes(ShmPtr::from_bits(e), (ENTRY_WORDS * 8) as usize, &mut k)
+            .expect("the key lies in its entry");
         k
     }
 
@@ -219,7 +220,7 @@ impl<'a> Store<'a> {
     fn unlink(&self, link: &AtomicU64, e: u64) {
         link.store(self.entry(e)[0].load(Ordering::Relaxed), Ordering::Release);
         self.keys().fetch_sub(1, Ordering::Relaxed);
-        let _ = self.arena.free(ShmPtr::from_offset(e));
+        let _ = self.arena.free(ShmPtr::from_bits(e));
     }
 
     fn value_of(&self, e: u64) -> Vec<u8> {
@@ -228,9 +229,12 @@ impl<'a> Store<'a> {
         let vlen = w[4].load(Ordering::Relaxed) as usize;
         let mut v = vec![0u8; vlen];
         self.arena
-            .region()
-            .read_via_primary((e + ENTRY_WORDS * 8 + klen) as usize, &mut v)
-            .expect("entry in bounds");
+            .read_bytes(
+                ShmPtr::from_bits(e),
+                (ENTRY_WORDS * 8 + klen) as usize,
+                &mut v,
+            )
+            .expect("the value lies in its entry");
         v
     }
 
@@ -240,19 +244,20 @@ impl<'a> Store<'a> {
             .arena
             .alloc(Layout::from_size_align(bytes, 8).expect("valid layout"))
             .map_err(|e| StoreError::OutOfMemory(e.to_string()))?;
-        let e = p.offset();
+        let e = p.to_bits();
         let w = self.entry(e);
         w[0].store(0, Ordering::Relaxed);
         w[1].store(h, Ordering::Relaxed);
         w[2].store(expires, Ordering::Relaxed);
         w[3].store((key.len() as u64) << 32, Ordering::Relaxed);
         w[4].store(value.len() as u64, Ordering::Relaxed);
-        let region = self.arena.region();
-        let at = (e + ENTRY_WORDS * 8) as usize;
-        region.write_via_primary(at, key).expect("entry in bounds");
-        region
-            .write_via_primary(at + key.len(), value)
-            .expect("entry in bounds");
+        let at = (ENTRY_WORDS * 8) as usize;
+        self.arena
+            .write_bytes(p, at, key)
+            .expect("allocated for it");
+        self.arena
+            .write_bytes(p, at + key.len(), value)
+            .expect("allocated for it");
         Ok(e)
     }
 
@@ -300,7 +305,7 @@ impl<'a> Store<'a> {
         };
         if !allowed {
             drop(_g);
-            let _ = self.arena.free(ShmPtr::from_offset(new));
+            let _ = self.arena.free(ShmPtr::from_bits(new));
             return Ok(false);
         }
         self.link(b, new, existing);
@@ -316,7 +321,7 @@ impl<'a> Store<'a> {
                     Ordering::Relaxed,
                 );
                 link.store(new, Ordering::Release);
-                let _ = self.arena.free(ShmPtr::from_offset(old));
+                let _ = self.arena.free(ShmPtr::from_bits(old));
             }
             None => {
                 let head = self.head(b);

@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
 
     // Patches: 2 bytes of word index (past the header's identity words),
     // 8 bytes of value; a byte of 0xFF ends them.
-    let words = (a.layout().meta_len / 8 - 4) as usize;
+    let words = (a.stats().meta_bytes / 8 - 4) as usize;
     let mut rest = data;
     while let Some((&tag, tail)) = rest.split_first() {
         if tag == 0xFF || tail.len() < 10 {

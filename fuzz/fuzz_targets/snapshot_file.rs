@@ -16,7 +16,7 @@ use std::io::Write;
 
 use hugearena::BackendKind;
 use hugearena::persist::SnapshotSource;
-use hugearena::persist::format::{HEADER_LEN, ParentRef, SnapshotHeader};
+use hugearena::persist::{HEADER_LEN, ParentRef, SnapshotHeader};
 use hugearena::populate::PageSource;
 use libfuzzer_sys::fuzz_target;
 

@@ -65,7 +65,7 @@ pub(crate) fn capacity(class: u32) -> u64 {
 
 /// Byte offsets of the tables for a data area of `data_len` bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ArenaLayout {
+pub(crate) struct ArenaLayout {
     /// Bytes of data (the region's length).
     pub data_len: u64,
     /// 2 MiB blocks.
@@ -84,7 +84,7 @@ pub struct ArenaLayout {
 
 impl ArenaLayout {
     /// The layout for `data_len` bytes (a multiple of 2 MiB).
-    pub fn new(data_len: u64) -> ArenaLayout {
+    pub(crate) fn new(data_len: u64) -> ArenaLayout {
         let blocks = data_len / BLOCK;
         let pages = data_len / PAGE;
         let slots = data_len / SPAN;
@@ -105,18 +105,8 @@ impl ArenaLayout {
     }
 
     /// Blocks taken by metadata.
-    pub fn meta_blocks(&self) -> u64 {
+    pub(crate) fn meta_blocks(&self) -> u64 {
         self.meta_len / BLOCK
-    }
-
-    /// Span slots.
-    pub fn slots(&self) -> u64 {
-        self.data_len / SPAN
-    }
-
-    /// Pages.
-    pub fn pages(&self) -> u64 {
-        self.data_len / PAGE
     }
 }
 

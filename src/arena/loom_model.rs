@@ -5,6 +5,7 @@
 //! owners touching it without the protocol ordering them.
 //! `--cfg hugearena_mutation` weakens the bitmap claim to `Relaxed`; these
 //! tests must then fail.
+#![allow(unsafe_code)] // the modelled bytes are loom `UnsafeCell`s
 
 use super::{bitmap, span, stack};
 use loom::cell::UnsafeCell;

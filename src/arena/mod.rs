@@ -17,10 +17,10 @@
 
 pub(crate) mod bitmap;
 pub(crate) mod block;
-#[cfg(all(test, loom))]
-mod loom_model;
 mod cache;
 pub(crate) mod layout;
+#[cfg(all(test, loom))]
+mod loom_model;
 pub(crate) mod span;
 pub(crate) mod stack;
 
@@ -35,9 +35,9 @@ use self::layout::{
     ArenaLayout, BLOCK, CLASSES, HEADER, PAGE, SPAN, SPAN_BITMAP_WORDS, SPAN_DESC, SPAN_PAGES,
 };
 use self::span::AfterFree;
-use crate::region::SharedBase;
 use crate::error::{Error, Result};
 use crate::populate::{PopulateOptions, Populator, ZeroSource};
+use crate::region::SharedBase;
 use crate::region::{Region, RegionOptions};
 
 /// An allocation: a byte offset into the region's data, the same in every
@@ -213,7 +213,6 @@ pub struct Arena {
     tag: u16,
 }
 
-
 impl std::fmt::Debug for Arena {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Arena")
@@ -379,11 +378,6 @@ impl Arena {
         &self.populator
     }
 
-    /// Where the tables are.
-    pub fn layout(&self) -> &ArenaLayout {
-        &self.layout
-    }
-
     /// The tag in the pointers this arena hands out (see [`ShmPtr`]).
     pub fn tag(&self) -> u16 {
         self.tag
@@ -416,6 +410,118 @@ impl Arena {
         }
         // SAFETY: in bounds of the primary view (checked).
         Ok(unsafe { self.base.get().add(offset as usize) })
+    }
+
+    /// The bytes of the live allocation `ptr` starts: the size class of a
+    /// small object, whole pages of a page run, whole blocks of a large
+    /// allocation (at least what was asked for). An error if `ptr` is not
+    /// the start of a live allocation of this arena.
+    pub fn usable_size(&self, ptr: ShmPtr) -> Result<usize> {
+        let offset = self.offset_of(ptr)?;
+        let invalid = |reason| Error::InvalidPointer { offset, reason };
+        if offset < self.layout.meta_len || offset >= self.layout.data_len {
+            return Err(invalid("outside the arena's allocatable blocks"));
+        }
+        let b = offset / BLOCK;
+        let st = block::observe(self.block(b));
+        match st.kind {
+            Kind::LargeHead if offset % BLOCK == 0 => {
+                let blocks = st.blocks.clamp(1, self.layout.blocks - b);
+                Ok((blocks * BLOCK) as usize)
+            }
+            Kind::Pages => {
+                let slot = offset / SPAN;
+                if let Some((class, _)) = span::describe(self.span_state(slot)) {
+                    let index = Self::object_index(slot, class, offset)
+                        .ok_or(invalid("not the start of an object"))?;
+                    if !bitmap::is_set(self.span_bitmap(slot), index) {
+                        return Err(invalid("object not allocated"));
+                    }
+                    return Ok(CLASSES[class as usize] as usize);
+                }
+                let page = offset / PAGE;
+                let run = u64::from(self.run_len(page).load(Ordering::Acquire));
+                if offset % PAGE != 0 || run == 0 {
+                    return Err(invalid("not the start of an allocation"));
+                }
+                Ok((run.min(PAGES_PER_BLOCK - page % PAGES_PER_BLOCK) * PAGE) as usize)
+            }
+            _ => Err(invalid("not in an allocated block")),
+        }
+    }
+
+    /// The first `count` words of the live allocation `ptr` as atomics,
+    /// for structures that several threads and processes share (lock
+    /// words, links, counters). Checked: `ptr` must start a live
+    /// allocation of this arena, be 8-byte aligned, and hold `count` words.
+    ///
+    /// ```
+    /// use std::alloc::Layout;
+    /// use std::sync::atomic::Ordering;
+    /// # use hugearena::{Arena, RegionOptions, BackendKind};
+    /// # use hugearena::populate::PopulateOptions;
+    /// # let arena = Arena::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem), PopulateOptions::new())?;
+    /// let p = arena.alloc(Layout::new::<[u64; 4]>())?;
+    /// let words = arena.atomics(p, 4)?;
+    /// words[3].fetch_add(1, Ordering::Relaxed);
+    /// assert!(arena.atomics(p, 1 << 20).is_err(), "past the allocation");
+    /// # Ok::<(), hugearena::Error>(())
+    /// ```
+    #[allow(unsafe_code)] // a checked slice of atomics over shared memory
+    pub fn atomics(&self, ptr: ShmPtr, count: usize) -> Result<&[AtomicU64]> {
+        let size = self.usable_size(ptr)?;
+        let offset = ptr.offset();
+        if offset % 8 != 0 {
+            return Err(Error::Misaligned { offset, align: 8 });
+        }
+        if count.checked_mul(8).is_none_or(|bytes| bytes > size) {
+            return Err(Error::OutOfBounds {
+                offset,
+                len: count.saturating_mul(8) as u64,
+                region_len: size as u64,
+            });
+        }
+        let at = self.local(ptr)?.cast::<AtomicU64>();
+        // SAFETY: `count` words from an 8-byte-aligned start lie inside a
+        // live allocation (checked above) of the primary view, which lives
+        // as long as `self`; shared memory is only reached through atomics
+        // here, and any bit pattern is a valid `AtomicU64`.
+        Ok(unsafe { std::slice::from_raw_parts(at.as_ptr(), count) })
+    }
+
+    /// Copies `bytes` into the live allocation `ptr` at byte `at` (a raw
+    /// copy: readers in other threads see the bytes once they synchronise
+    /// with this thread, e.g. through an atomic published after it).
+    #[allow(unsafe_code)] // a checked raw copy into shared memory
+    pub fn write_bytes(&self, ptr: ShmPtr, at: usize, bytes: &[u8]) -> Result<()> {
+        let dst = self.checked_range(ptr, at, bytes.len())?;
+        // SAFETY: `[dst, dst + len)` lies inside a live allocation (checked);
+        // the copy is raw, no reference to shared bytes is formed.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
+        Ok(())
+    }
+
+    /// Copies `buf.len()` bytes of the live allocation `ptr`, from byte
+    /// `at`, into `buf`.
+    #[allow(unsafe_code)] // a checked raw copy out of shared memory
+    pub fn read_bytes(&self, ptr: ShmPtr, at: usize, buf: &mut [u8]) -> Result<()> {
+        let src = self.checked_range(ptr, at, buf.len())?;
+        // SAFETY: as in `write_bytes`.
+        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// The local address of `[at, at + len)` of the live allocation `ptr`.
+    fn checked_range(&self, ptr: ShmPtr, at: usize, len: usize) -> Result<*mut u8> {
+        let size = self.usable_size(ptr)?;
+        if at.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::OutOfBounds {
+                offset: ptr.offset() + at as u64,
+                len: len as u64,
+                region_len: size as u64,
+            });
+        }
+        Ok(self.local(ptr)?.as_ptr().wrapping_add(at))
     }
 
     /// The `ShmPtr` of a local address inside the arena.
@@ -1014,11 +1120,11 @@ const _: () = assert!(HEADER as usize >= hdr::WORDS * 8);
 /// before the tables are taken to be damaged.
 const CLAIM_SCANS: u32 = 1 << 16;
 
+#[allow(unsafe_code)] // the allocator trait is unsafe to implement
 // SAFETY: `allocate` returns memory of at least `layout.size()` bytes with
 // `layout.align()` alignment that no other allocation overlaps until it is
 // passed to `deallocate`; the arena (and so its mapping) outlives every use
 // through `&self`. Zero-sized requests get a dangling aligned pointer.
-#[allow(unsafe_code)] // the allocator trait is unsafe to implement
 unsafe impl allocator_api2::alloc::Allocator for Arena {
     fn allocate(
         &self,

@@ -27,7 +27,7 @@ pub(crate) const MAGIC: [u8; 8] = *b"HASNAP\0\x01";
 /// The format version this build writes and reads.
 pub(crate) const VERSION: u32 = 1;
 /// Bytes of the header.
-pub(crate) const HEADER_LEN: u64 = 4096;
+pub const HEADER_LEN: u64 = 4096;
 /// Bytes of one page-map entry.
 pub(crate) const MAP_ENTRY: u64 = 8;
 /// Page-map flag: the granule's bytes are in the file.

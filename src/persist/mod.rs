@@ -25,6 +25,7 @@
 #![allow(unsafe_code)] // the snapshot source promises signal safety (`unsafe impl`)
 
 pub(crate) mod format;
+pub use format::{HEADER_LEN, ParentRef, SnapshotHeader};
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -32,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use self::format::{HEADER_LEN, MAP_ENTRY, PRESENT, SnapshotHeader};
+use self::format::{MAP_ENTRY, PRESENT};
 use crate::error::{Error, Result};
 use crate::populate::state::{self, PageState};
 use crate::populate::{FillError, PageSource, PopulateOptions, Populator};

@@ -6,6 +6,7 @@
 //! not ordered after registration, or a reuse of the entry that is not
 //! ordered after every handler left. `--cfg hugearena_mutation` weakens
 //! `exit` to `Relaxed`; these tests must then fail.
+#![allow(unsafe_code)] // the modelled bytes are loom `UnsafeCell`s
 
 use super::signal::{begin_retire, claim, drained, enter, exit, free, publish};
 use loom::cell::UnsafeCell;

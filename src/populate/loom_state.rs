@@ -6,6 +6,7 @@
 //! weakens the publishing CAS to `Relaxed`; these tests must then fail.
 //! `--cfg hugearena_mutation_discard` plants the old discard order; the
 //! discard test must then fail.
+#![allow(unsafe_code)] // the modelled bytes are loom `UnsafeCell`s
 
 use super::state::{self, Claim, Owner, PageState};
 use loom::cell::UnsafeCell;

@@ -112,7 +112,7 @@ pub unsafe trait SignalSafeSource: PageSource {}
 /// drivers accept it.
 ///
 /// ```
-/// use hugearena::{FnSource, SignalSafe};
+/// use hugearena::populate::{FnSource, SignalSafe};
 /// // SAFETY: the closure only writes into `dst`: no allocation, no lock,
 /// // no panic.
 /// let source = unsafe {

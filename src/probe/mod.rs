@@ -11,8 +11,8 @@ mod report;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-pub use report::ReportLine;
 pub use crate::sys::uffd::{Features as UffdFeatures, OpenedThrough};
+pub use report::ReportLine;
 
 use crate::sys::SysError;
 use crate::sys::size::PageSize;

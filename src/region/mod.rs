@@ -11,7 +11,7 @@
 //! descriptor) and gets the same layout from the header.
 #![allow(unsafe_code)] // mapping the views, raw copies and atomic views of shared memory
 
-mod header;
+pub(crate) mod header;
 mod layout;
 
 use std::fs::OpenOptions;
@@ -28,8 +28,8 @@ pub use layout::Layout as RegionLayout;
 pub(crate) use layout::Layout;
 
 use crate::backend::{self, Backend, BackendChoice, BackendKind, BackendRequest};
-use crate::populate::PageState;
 use crate::error::{Error, Result};
+use crate::populate::PageState;
 use crate::probe::{HugePagePool, KernelCaps};
 use crate::sys::memfd::{self, FileSystem};
 use crate::sys::mman::{self, Advice, Protection, Reservation};
@@ -122,6 +122,30 @@ impl SharedBase {
     }
 }
 
+impl RegionOptions {
+    /// The backend a region made with these options would get on a kernel
+    /// with `caps`, and why (each better candidate passed over is named),
+    /// without creating anything.
+    ///
+    /// ```
+    /// use hugearena::{KernelCaps, RegionOptions};
+    /// let choice = RegionOptions::new(64 << 20).plan(KernelCaps::cached());
+    /// # let _ = choice;
+    /// ```
+    pub fn plan(&self, caps: &KernelCaps) -> Result<BackendChoice> {
+        if !matches!(self.huge_page, PageSize::Huge2M | PageSize::Huge1G) {
+            return Err(Error::BackendUnavailable {
+                backend: BackendKind::Hugetlb,
+                reason: format!("{} is not a huge page size", self.huge_page),
+                fix: "use PageSize::Huge2M or PageSize::Huge1G".into(),
+            });
+        }
+        backend::select(self.request, self.huge_page, caps, |b| {
+            Layout::new(b, self.size).map(|l| l.hugetlb_pages())
+        })
+    }
+}
+
 impl Region {
     /// Creates a region as `options` say.
     pub fn create(options: RegionOptions) -> Result<Region> {
@@ -130,16 +154,7 @@ impl Region {
 
     /// Creates a region using an existing probe of the kernel.
     pub fn create_with(options: RegionOptions, caps: &KernelCaps) -> Result<Region> {
-        if !matches!(options.huge_page, PageSize::Huge2M | PageSize::Huge1G) {
-            return Err(Error::BackendUnavailable {
-                backend: BackendKind::Hugetlb,
-                reason: format!("{} is not a huge page size", options.huge_page),
-                fix: "use PageSize::Huge2M or PageSize::Huge1G".into(),
-            });
-        }
-        let choice = backend::select(options.request, options.huge_page, caps, |b| {
-            Layout::new(b, options.size).map(|l| l.hugetlb_pages())
-        })?;
+        let choice = options.plan(caps)?;
         let layout = Layout::new(choice.backend, options.size)?;
         let (file, name, cleanup) = match &options.path {
             None => {
@@ -345,11 +360,6 @@ impl Region {
         &self.header.layout
     }
 
-    /// The decoded header.
-    pub(crate) fn header(&self) -> &Header {
-        &self.header
-    }
-
     /// Bytes of data.
     pub fn len(&self) -> usize {
         self.header.layout.data_len() as usize
@@ -410,7 +420,9 @@ impl Region {
     /// The shared state of granule `index` (what every process sees), or
     /// `None` past the end: for monitoring and tests.
     pub fn page_state(&self, index: usize) -> Option<PageState> {
-        self.page_states().get(index).map(crate::populate::state::observe)
+        self.page_states()
+            .get(index)
+            .map(crate::populate::state::observe)
     }
 
     /// How many granules are present in the page cache (filled by any
@@ -442,7 +454,11 @@ impl Region {
     /// `count` atomic words of the data at `offset`, through the primary
     /// view: shared structures (the arena's tables) live there. Touching
     /// them populates their pages like any other access.
-    pub(crate) fn shared_atomics<T: SharedAtomic>(&self, offset: usize, count: usize) -> Result<&[T]> {
+    pub(crate) fn shared_atomics<T: SharedAtomic>(
+        &self,
+        offset: usize,
+        count: usize,
+    ) -> Result<&[T]> {
         let bytes = count
             .checked_mul(std::mem::size_of::<T>())
             .ok_or(Error::OutOfBounds {
@@ -464,11 +480,6 @@ impl Region {
         Ok(unsafe {
             std::slice::from_raw_parts(self.primary.as_ptr().add(offset).cast::<T>(), count)
         })
-    }
-
-    /// Copies `bytes` into the data at `offset` through the alias view.
-    pub(crate) fn write_via_alias(&self, offset: usize, bytes: &[u8]) -> Result<()> {
-        self.copy_in(self.alias, offset, bytes)
     }
 
     /// Copies `bytes` into the data at `offset` through the primary view

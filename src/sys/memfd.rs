@@ -76,7 +76,12 @@ pub(crate) enum Fallocate {
 }
 
 /// `fallocate(2)` on `[offset, offset + len)`.
-pub(crate) fn fallocate(fd: BorrowedFd<'_>, what: Fallocate, offset: u64, len: u64) -> SysResult<()> {
+pub(crate) fn fallocate(
+    fd: BorrowedFd<'_>,
+    what: Fallocate,
+    offset: u64,
+    len: u64,
+) -> SysResult<()> {
     let mode = match what {
         Fallocate::Allocate => 0,
         Fallocate::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -89,25 +94,6 @@ pub(crate) fn fallocate(fd: BorrowedFd<'_>, what: Fallocate, offset: u64, len: u
             .arg("len", len)
     })?;
     Ok(())
-}
-
-/// `pread(2)` of up to `buf.len()` bytes at `offset`; returns the count read.
-pub(crate) fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> SysResult<usize> {
-    // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
-    let n = unsafe {
-        libc::pread(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            offset as libc::off_t,
-        )
-    };
-    if n < 0 {
-        return Err(SysError::last("pread")
-            .arg("offset", offset)
-            .arg("len", buf.len() as u64));
-    }
-    Ok(n as usize)
 }
 
 /// The file system a descriptor lives on, as far as hugearena cares.
@@ -136,30 +122,6 @@ pub(crate) fn file_system(fd: BorrowedFd<'_>) -> SysResult<FileSystem> {
     })
 }
 
-/// Clears `FD_CLOEXEC` on a duplicate of `fd`, so a child process inherits it.
-pub(crate) fn dup_inheritable(fd: BorrowedFd<'_>) -> SysResult<OwnedFd> {
-    // SAFETY: F_DUPFD without CLOEXEC returns a new descriptor we then own.
-    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD, 3) };
-    let new = check(new, "fcntl(F_DUPFD)")?;
-    // SAFETY: the kernel just returned `new`, and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
-}
-
-/// Takes ownership of a descriptor number inherited from a parent process,
-/// after checking that it is open.
-///
-/// # Safety
-///
-/// Nothing else in this process may own or close `raw`: the returned
-/// [`OwnedFd`] closes it when dropped.
-pub(crate) unsafe fn adopt_inherited(raw: i32) -> SysResult<OwnedFd> {
-    // SAFETY: F_GETFD only reads descriptor flags; an unknown number gives EBADF.
-    let ret = unsafe { libc::fcntl(raw, libc::F_GETFD) };
-    check(ret, "fcntl(F_GETFD)").map_err(|e| e.arg("fd", raw as u64))?;
-    // SAFETY: the descriptor is open, and the caller guarantees it is unowned.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,7 +136,8 @@ mod tests {
         fallocate(fd.as_fd(), Fallocate::PunchHole, 0, 4096).unwrap();
         assert_eq!(file_system(fd.as_fd()).unwrap(), FileSystem::Tmpfs);
         let mut buf = [1u8; 16];
-        assert_eq!(pread(fd.as_fd(), &mut buf, 0).unwrap(), 16);
+        let file = std::fs::File::from(fd);
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 0).unwrap();
         assert_eq!(buf, [0u8; 16]);
     }
 

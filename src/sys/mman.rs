@@ -21,14 +21,10 @@ pub(crate) enum Advice {
     Split,
     /// `MADV_COLLAPSE` (25): map a range with huge pages now, synchronously.
     Collapse,
-    /// `MADV_POPULATE_WRITE` (23): fault the range in, writable, now.
-    PopulateWrite,
     /// `MADV_HUGEPAGE` (14): allow transparent huge pages here.
     HugePage,
     /// `MADV_NOHUGEPAGE` (15): never use transparent huge pages here.
     NoHugePage,
-    /// `MADV_REMOVE` (9): free the backing pages of a shared mapping.
-    Remove,
     /// `MADV_DONTNEED` (4): drop this mapping's page-table entries.
     DontNeed,
 }
@@ -38,18 +34,14 @@ impl Advice {
     pub(crate) const MADV_SPLIT: libc::c_int = 26;
     /// `MADV_COLLAPSE`, Linux 6.1.
     pub(crate) const MADV_COLLAPSE: libc::c_int = 25;
-    /// `MADV_POPULATE_WRITE`, Linux 5.14.
-    pub(crate) const MADV_POPULATE_WRITE: libc::c_int = 23;
 
     /// The raw advice number.
     pub(crate) const fn raw(self) -> libc::c_int {
         match self {
             Advice::Split => Self::MADV_SPLIT,
             Advice::Collapse => Self::MADV_COLLAPSE,
-            Advice::PopulateWrite => Self::MADV_POPULATE_WRITE,
             Advice::HugePage => libc::MADV_HUGEPAGE,
             Advice::NoHugePage => libc::MADV_NOHUGEPAGE,
-            Advice::Remove => libc::MADV_REMOVE,
             Advice::DontNeed => libc::MADV_DONTNEED,
         }
     }
@@ -59,10 +51,8 @@ impl Advice {
         match self {
             Advice::Split => "madvise(MADV_SPLIT)",
             Advice::Collapse => "madvise(MADV_COLLAPSE)",
-            Advice::PopulateWrite => "madvise(MADV_POPULATE_WRITE)",
             Advice::HugePage => "madvise(MADV_HUGEPAGE)",
             Advice::NoHugePage => "madvise(MADV_NOHUGEPAGE)",
-            Advice::Remove => "madvise(MADV_REMOVE)",
             Advice::DontNeed => "madvise(MADV_DONTNEED)",
         }
     }
@@ -102,8 +92,6 @@ pub(crate) unsafe fn protect_none(addr: *mut u8, len: usize) -> SysResult<()> {
 /// Memory protection of a placed mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Protection {
-    /// Readable only.
-    Read,
     /// Readable and writable.
     ReadWrite,
 }
@@ -111,7 +99,6 @@ pub(crate) enum Protection {
 impl Protection {
     fn raw(self) -> libc::c_int {
         match self {
-            Protection::Read => libc::PROT_READ,
             Protection::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
         }
     }
@@ -186,19 +173,9 @@ impl Reservation {
         })
     }
 
-    /// The first byte of the range.
-    pub(crate) fn base(&self) -> NonNull<u8> {
-        self.base
-    }
-
     /// The length of the range.
     pub(crate) fn len(&self) -> usize {
         self.len
-    }
-
-    /// Always false: reservations are never empty.
-    pub(crate) fn is_empty(&self) -> bool {
-        false
     }
 
     /// Maps `len` bytes of `fd` starting at `file_offset` with `MAP_SHARED`
@@ -250,13 +227,6 @@ impl Reservation {
                 .arg("file_offset", file_offset));
         }
         Ok(NonNull::new(raw.cast()).expect("MAP_FIXED returns the requested address"))
-    }
-
-    /// Unmaps the whole range and reports failure instead of ignoring it.
-    pub(crate) fn unmap(self) -> SysResult<()> {
-        let result = self.munmap();
-        std::mem::forget(self);
-        result
     }
 
     fn munmap(&self) -> SysResult<()> {
@@ -316,16 +286,6 @@ impl ProbeMapping {
     pub(crate) fn addr(&self) -> *mut u8 {
         self.addr
     }
-
-    /// The length.
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Always false.
-    pub(crate) fn is_empty(&self) -> bool {
-        false
-    }
 }
 
 impl Drop for ProbeMapping {
@@ -352,13 +312,13 @@ mod tests {
         let fd = memfd_create("mman-test", MemfdKind::Shmem).unwrap();
         set_len(fd.as_fd(), 1 << 20).unwrap();
         let res = Reservation::new(4 << 20, PageSize::Huge2M).unwrap();
-        assert!(PageSize::Huge2M.divides(res.base().as_ptr() as usize));
+
         // SAFETY: the reservation is fresh; nothing references it.
         let (a, b) = unsafe {
             (
                 res.place_shared(0, 1 << 20, fd.as_fd(), 0, Protection::ReadWrite, 0)
                     .unwrap(),
-                res.place_shared(2 << 20, 1 << 20, fd.as_fd(), 0, Protection::Read, 0)
+                res.place_shared(2 << 20, 1 << 20, fd.as_fd(), 0, Protection::ReadWrite, 0)
                     .unwrap(),
             )
         };
@@ -367,7 +327,8 @@ mod tests {
             a.as_ptr().add(12345).write_volatile(0xA5);
             assert_eq!(b.as_ptr().add(12345).read_volatile(), 0xA5);
         }
-        res.unmap().unwrap();
+        assert!(PageSize::Huge2M.divides(a.as_ptr() as usize));
+        drop(res);
     }
 
     #[test]
@@ -376,7 +337,7 @@ mod tests {
         let res = Reservation::new(1 << 20, PageSize::Base4K).unwrap();
         // SAFETY: the placement is refused before anything is mapped.
         let err = unsafe {
-            res.place_shared(1 << 20, 4096, fd.as_fd(), 0, Protection::Read, 0)
+            res.place_shared(1 << 20, 4096, fd.as_fd(), 0, Protection::ReadWrite, 0)
                 .unwrap_err()
         };
         assert_eq!(err.errno(), Errno::EINVAL);
@@ -388,7 +349,7 @@ mod tests {
         set_len(fd.as_fd(), 2 << 20).unwrap();
         let m = map_probe(fd.as_fd(), 2 << 20).unwrap();
         // SAFETY: the mapping is owned here; MADV_SPLIT changes no contents.
-        let err = unsafe { madvise(m.addr(), m.len(), Advice::Split).unwrap_err() };
+        let err = unsafe { madvise(m.addr(), 2 << 20, Advice::Split).unwrap_err() };
         assert_eq!(err.errno(), Errno::EINVAL);
     }
 }

@@ -13,5 +13,5 @@ pub(crate) mod size;
 pub(crate) mod thread;
 pub(crate) mod uffd;
 
-pub use error::{Errno, SysError};
 pub(crate) use error::SysResult;
+pub use error::{Errno, SysError};

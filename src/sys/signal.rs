@@ -7,7 +7,8 @@ use std::sync::OnceLock;
 use super::error::{SysError, SysResult};
 
 /// A `SA_SIGINFO` signal handler.
-pub(crate) type SigInfoHandler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+pub(crate) type SigInfoHandler =
+    extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
 
 /// The SIGBUS action in place before ours; read by the handler.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
@@ -60,7 +61,11 @@ pub(crate) fn install_sigbus(handler: SigInfoHandler) -> SysResult<()> {
 /// # Safety
 ///
 /// Call only from the SIGBUS handler, with the arguments it received.
-pub(crate) unsafe fn chain_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+pub(crate) unsafe fn chain_sigbus(
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+) {
     let Some(prev) = PREVIOUS.get() else {
         return restore_default();
     };

@@ -66,55 +66,6 @@ impl fmt::Display for PageSize {
     }
 }
 
-/// A non-zero byte count that is a multiple of a page size.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct PageAligned {
-    bytes: usize,
-    page: PageSize,
-}
-
-impl PageAligned {
-    /// `bytes` if it is non-zero and a multiple of `page`.
-    pub(crate) const fn new(bytes: usize, page: PageSize) -> Option<Self> {
-        if bytes == 0 || !page.divides(bytes) {
-            None
-        } else {
-            Some(PageAligned { bytes, page })
-        }
-    }
-
-    /// The byte count.
-    pub(crate) const fn bytes(self) -> usize {
-        self.bytes
-    }
-
-    /// The page size it is a multiple of.
-    pub(crate) const fn page(self) -> PageSize {
-        self.page
-    }
-
-    /// How many pages it spans.
-    pub(crate) const fn pages(self) -> usize {
-        self.bytes >> self.page.shift()
-    }
-}
-
-/// Formats a byte count with a binary unit, e.g. `64 MiB`.
-pub(crate) fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut unit = 0;
-    let mut scaled = n as f64;
-    while scaled >= 1024.0 && unit + 1 < UNITS.len() {
-        scaled /= 1024.0;
-        unit += 1;
-    }
-    if scaled.fract() == 0.0 {
-        format!("{} {}", scaled as u64, UNITS[unit])
-    } else {
-        format!("{scaled:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,21 +79,5 @@ mod tests {
         assert_eq!(PageSize::Huge2M.round_up(usize::MAX), None);
         assert_eq!(PageSize::from_bytes(1 << 30), Some(PageSize::Huge1G));
         assert_eq!(PageSize::from_bytes(12345), None);
-    }
-
-    #[test]
-    fn aligned_lengths_reject_zero_and_partial_pages() {
-        assert!(PageAligned::new(0, PageSize::Base4K).is_none());
-        assert!(PageAligned::new(4097, PageSize::Base4K).is_none());
-        let len = PageAligned::new(4 << 20, PageSize::Huge2M).unwrap();
-        assert_eq!(len.pages(), 2);
-    }
-
-    #[test]
-    fn human_readable_sizes() {
-        assert_eq!(human_bytes(64 << 20), "64 MiB");
-        assert_eq!(human_bytes(4096), "4 KiB");
-        assert_eq!(human_bytes(1000), "1000 B");
-        assert_eq!(human_bytes(3 << 30), "3 GiB");
     }
 }

@@ -1,6 +1,5 @@
 //! userfaultfd(2): open, API handshake, registration, and the resolving
-//! ioctls (`CONTINUE`, `COPY`, `ZEROPAGE`, `WAKE`, `POISON`,
-//! `WRITEPROTECT`), plus batched event reads.
+//! ioctls (`CONTINUE`, `WAKE`, `POISON`), plus batched event reads.
 //!
 //! Request codes are computed with `nix`'s ioctl macros from the kernel's
 //! numbers and our `#[repr(C)]` argument structs; a test cross-checks them
@@ -54,34 +53,6 @@ pub(crate) struct UffdioRegister {
     pub ioctls: u64,
 }
 
-/// `struct uffdio_copy`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct UffdioCopy {
-    /// Destination in the registered range.
-    pub dst: u64,
-    /// Source in this process.
-    pub src: u64,
-    /// Length in bytes.
-    pub len: u64,
-    /// `UFFDIO_COPY_MODE_*` bits.
-    pub mode: u64,
-    /// Out: bytes copied, or a negative errno.
-    pub copy: i64,
-}
-
-/// `struct uffdio_zeropage`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct UffdioZeropage {
-    /// The range to map zero pages into.
-    pub range: UffdioRange,
-    /// `UFFDIO_ZEROPAGE_MODE_*` bits.
-    pub mode: u64,
-    /// Out: bytes mapped, or a negative errno.
-    pub zeropage: i64,
-}
-
 /// `struct uffdio_continue`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -104,16 +75,6 @@ pub(crate) struct UffdioPoison {
     pub mode: u64,
     /// Out: bytes poisoned, or a negative errno.
     pub updated: i64,
-}
-
-/// `struct uffdio_writeprotect`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct UffdioWriteprotect {
-    /// The range to change.
-    pub range: UffdioRange,
-    /// `UFFDIO_WRITEPROTECT_MODE_*` bits.
-    pub mode: u64,
 }
 
 /// `struct uffd_msg`: one event, as read(2) returns it (32 bytes, packed).
@@ -143,20 +104,9 @@ pub(crate) mod request {
     /// `UFFDIO_REGISTER`.
     pub(crate) const REGISTER: Request =
         nix::request_code_readwrite!(UFFDIO_TYPE, 0x00, size_of::<UffdioRegister>());
-    /// `UFFDIO_UNREGISTER`.
-    pub(crate) const UNREGISTER: Request =
-        nix::request_code_read!(UFFDIO_TYPE, 0x01, size_of::<UffdioRange>());
     /// `UFFDIO_WAKE`.
-    pub(crate) const WAKE: Request = nix::request_code_read!(UFFDIO_TYPE, 0x02, size_of::<UffdioRange>());
-    /// `UFFDIO_COPY`.
-    pub(crate) const COPY: Request =
-        nix::request_code_readwrite!(UFFDIO_TYPE, 0x03, size_of::<UffdioCopy>());
-    /// `UFFDIO_ZEROPAGE`.
-    pub(crate) const ZEROPAGE: Request =
-        nix::request_code_readwrite!(UFFDIO_TYPE, 0x04, size_of::<UffdioZeropage>());
-    /// `UFFDIO_WRITEPROTECT`.
-    pub(crate) const WRITEPROTECT: Request =
-        nix::request_code_readwrite!(UFFDIO_TYPE, 0x06, size_of::<UffdioWriteprotect>());
+    pub(crate) const WAKE: Request =
+        nix::request_code_read!(UFFDIO_TYPE, 0x02, size_of::<UffdioRange>());
     /// `UFFDIO_CONTINUE`.
     pub(crate) const CONTINUE: Request =
         nix::request_code_readwrite!(UFFDIO_TYPE, 0x07, size_of::<UffdioContinue>());
@@ -279,15 +229,10 @@ impl std::ops::BitOr for RegisterMode {
 /// `UFFDIO_ZEROPAGE_MODE_DONTWAKE` / `UFFDIO_POISON_MODE_DONTWAKE`: map
 /// without waking faulting threads (wake them later with one `WAKE`).
 pub(crate) const MODE_DONTWAKE: u64 = 1 << 0;
-/// `UFFDIO_CONTINUE_MODE_WP` / `UFFDIO_COPY_MODE_WP`: map write-protected.
-pub(crate) const MODE_WP: u64 = 1 << 1;
 /// `UFFDIO_CONTINUE_MODE_WP`: map the pages write-protected (Linux 6.4;
 /// `1 << 1` in `include/uapi/linux/userfaultfd.h`, which linux-raw-sys
 /// 0.12 does not carry).
 pub(crate) const CONTINUE_MODE_WP: u64 = 1 << 1;
-
-/// `UFFDIO_WRITEPROTECT_MODE_WP`: protect (set) instead of unprotect.
-pub(crate) const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 
 /// `UFFD_EVENT_*` codes.
 pub(crate) mod event {
@@ -301,16 +246,6 @@ pub(crate) mod event {
     pub(crate) const REMOVE: u8 = 0x15;
     /// munmap of a registered range.
     pub(crate) const UNMAP: u8 = 0x16;
-}
-
-/// `UFFD_PAGEFAULT_FLAG_*` bits of a page-fault event.
-pub(crate) mod fault_flags {
-    /// The access was a write.
-    pub(crate) const WRITE: u64 = 1 << 0;
-    /// A write-protect fault.
-    pub(crate) const WP: u64 = 1 << 1;
-    /// A minor fault (page in the page cache, not mapped).
-    pub(crate) const MINOR: u64 = 1 << 2;
 }
 
 /// A decoded userfaultfd event.
@@ -541,7 +476,12 @@ impl Userfaultfd {
 
     /// Registers `[start, start + len)` (`UFFDIO_REGISTER`); returns the
     /// ioctls usable on it as `1 << _UFFDIO_*` bits.
-    pub(crate) fn register(&self, start: *mut u8, len: usize, mode: RegisterMode) -> SysResult<u64> {
+    pub(crate) fn register(
+        &self,
+        start: *mut u8,
+        len: usize,
+        mode: RegisterMode,
+    ) -> SysResult<u64> {
         let mut arg = UffdioRegister {
             range: range(start, len),
             mode: mode.0,
@@ -554,13 +494,6 @@ impl Userfaultfd {
                     .arg("mode", mode.0)
             })?;
         Ok(arg.ioctls)
-    }
-
-    /// Unregisters `[start, start + len)` (`UFFDIO_UNREGISTER`).
-    pub(crate) fn unregister(&self, start: *mut u8, len: usize) -> SysResult<()> {
-        let mut arg = range(start, len);
-        self.ioctl(request::UNREGISTER, &mut arg, "UFFDIO_UNREGISTER")
-            .map_err(|e| e.arg("start", start as u64).arg("len", len as u64))
     }
 
     /// Wakes threads parked on faults in `[start, start + len)` (`UFFDIO_WAKE`).
@@ -580,7 +513,12 @@ impl Userfaultfd {
     ///
     /// The range must be registered with this descriptor; the page cache
     /// behind it must hold the bytes readers of the range are meant to see.
-    pub(crate) unsafe fn continue_range(&self, start: *mut u8, len: usize, mode: u64) -> SysResult<usize> {
+    pub(crate) unsafe fn continue_range(
+        &self,
+        start: *mut u8,
+        len: usize,
+        mode: u64,
+    ) -> SysResult<usize> {
         let mut arg = UffdioContinue {
             range: range(start, len),
             mode,
@@ -588,48 +526,6 @@ impl Userfaultfd {
         };
         let result = self.ioctl(request::CONTINUE, &mut arg, "UFFDIO_CONTINUE");
         done(result, arg.mapped, start, len)
-    }
-
-    /// Allocates pages for `[dst, dst + len)` of a MISSING-registered range
-    /// and copies `src` into them (`UFFDIO_COPY`); returns the bytes copied.
-    ///
-    /// # Safety
-    ///
-    /// `src` must be readable for `len` bytes; the destination must be
-    /// registered with this descriptor and have no page yet.
-    pub(crate) unsafe fn copy(
-        &self,
-        dst: *mut u8,
-        src: *const u8,
-        len: usize,
-        mode: u64,
-    ) -> SysResult<usize> {
-        let mut arg = UffdioCopy {
-            dst: dst as u64,
-            src: src as u64,
-            len: len as u64,
-            mode,
-            copy: 0,
-        };
-        let result = self.ioctl(request::COPY, &mut arg, "UFFDIO_COPY");
-        done(result, arg.copy, dst, len)
-    }
-
-    /// Maps zero pages into `[start, start + len)` of a MISSING-registered
-    /// range (`UFFDIO_ZEROPAGE`); returns the bytes mapped.
-    ///
-    /// # Safety
-    ///
-    /// The range must be registered with this descriptor and be meant to
-    /// read as zeroes.
-    pub(crate) unsafe fn zeropage(&self, start: *mut u8, len: usize, mode: u64) -> SysResult<usize> {
-        let mut arg = UffdioZeropage {
-            range: range(start, len),
-            mode,
-            zeropage: 0,
-        };
-        let result = self.ioctl(request::ZEROPAGE, &mut arg, "UFFDIO_ZEROPAGE");
-        done(result, arg.zeropage, start, len)
     }
 
     /// Marks `[start, start + len)` poisoned (`UFFDIO_POISON`): any access
@@ -647,17 +543,6 @@ impl Userfaultfd {
         };
         let result = self.ioctl(request::POISON, &mut arg, "UFFDIO_POISON");
         done(result, arg.updated, start, len)
-    }
-
-    /// Write-protects (`protect = true`) or unprotects a WP-registered range
-    /// (`UFFDIO_WRITEPROTECT`).
-    pub(crate) fn write_protect(&self, start: *mut u8, len: usize, protect: bool) -> SysResult<()> {
-        let mut arg = UffdioWriteprotect {
-            range: range(start, len),
-            mode: if protect { WRITEPROTECT_MODE_WP } else { 0 },
-        };
-        self.ioctl(request::WRITEPROTECT, &mut arg, "UFFDIO_WRITEPROTECT")
-            .map_err(|e| e.arg("start", start as u64).arg("len", len as u64))
     }
 
     /// Reads as many pending events as fit in `buf` with one `read(2)`.
@@ -732,14 +617,7 @@ mod tests {
     fn request_codes_match_the_kernel_headers() {
         assert_eq!(request::API as u64, kio::UFFDIO_API as u64);
         assert_eq!(request::REGISTER as u64, kio::UFFDIO_REGISTER as u64);
-        assert_eq!(request::UNREGISTER as u64, kio::UFFDIO_UNREGISTER as u64);
         assert_eq!(request::WAKE as u64, kio::UFFDIO_WAKE as u64);
-        assert_eq!(request::COPY as u64, kio::UFFDIO_COPY as u64);
-        assert_eq!(request::ZEROPAGE as u64, kio::UFFDIO_ZEROPAGE as u64);
-        assert_eq!(
-            request::WRITEPROTECT as u64,
-            kio::UFFDIO_WRITEPROTECT as u64
-        );
         assert_eq!(request::CONTINUE as u64, kio::UFFDIO_CONTINUE as u64);
         // linux-raw-sys has no precomputed POISON or IOC_NEW: build them from
         // its own numbers and struct sizes.
@@ -757,14 +635,8 @@ mod tests {
         assert_eq!(size_of::<UffdioApi>(), size_of::<k::uffdio_api>());
         assert_eq!(size_of::<UffdioRange>(), size_of::<k::uffdio_range>());
         assert_eq!(size_of::<UffdioRegister>(), size_of::<k::uffdio_register>());
-        assert_eq!(size_of::<UffdioCopy>(), size_of::<k::uffdio_copy>());
-        assert_eq!(size_of::<UffdioZeropage>(), size_of::<k::uffdio_zeropage>());
         assert_eq!(size_of::<UffdioContinue>(), size_of::<k::uffdio_continue>());
         assert_eq!(size_of::<UffdioPoison>(), size_of::<k::uffdio_poison>());
-        assert_eq!(
-            size_of::<UffdioWriteprotect>(),
-            size_of::<k::uffdio_writeprotect>()
-        );
         assert_eq!(size_of::<UffdMsg>(), size_of::<k::uffd_msg>());
         assert_eq!(size_of::<UffdMsg>(), 32);
     }
@@ -815,29 +687,21 @@ mod tests {
             u64::from(k::UFFDIO_REGISTER_MODE_MINOR)
         );
         assert_eq!(MODE_DONTWAKE, u64::from(k::UFFDIO_COPY_MODE_DONTWAKE));
-        // The CONTINUE, POISON and WRITEPROTECT mode bits are declared as
+        // The CONTINUE and POISON mode bits are declared as
         // anonymous enums in the header, which linux-raw-sys does not export;
         // the header gives them the same values as COPY's.
         assert_eq!(MODE_DONTWAKE, u64::from(k::UFFDIO_ZEROPAGE_MODE_DONTWAKE));
-        assert_eq!(MODE_WP, u64::from(k::UFFDIO_COPY_MODE_WP));
-        assert_eq!(WRITEPROTECT_MODE_WP, 1);
+        assert_eq!(CONTINUE_MODE_WP, u64::from(k::UFFDIO_COPY_MODE_WP));
 
         assert_eq!(event::PAGEFAULT, k::UFFD_EVENT_PAGEFAULT as u8);
         assert_eq!(event::FORK, k::UFFD_EVENT_FORK as u8);
         assert_eq!(event::REMAP, k::UFFD_EVENT_REMAP as u8);
         assert_eq!(event::REMOVE, k::UFFD_EVENT_REMOVE as u8);
         assert_eq!(event::UNMAP, k::UFFD_EVENT_UNMAP as u8);
-        assert_eq!(fault_flags::WRITE, u64::from(k::UFFD_PAGEFAULT_FLAG_WRITE));
-        assert_eq!(fault_flags::WP, u64::from(k::UFFD_PAGEFAULT_FLAG_WP));
-        assert_eq!(fault_flags::MINOR, u64::from(k::UFFD_PAGEFAULT_FLAG_MINOR));
         assert_eq!(libc::SYS_userfaultfd as u32, k::__NR_userfaultfd);
         assert_eq!(
             crate::sys::mman::Advice::MADV_COLLAPSE as u32,
             k::MADV_COLLAPSE
-        );
-        assert_eq!(
-            crate::sys::mman::Advice::MADV_POPULATE_WRITE as u32,
-            k::MADV_POPULATE_WRITE
         );
     }
 
