@@ -106,7 +106,7 @@ impl Backend {
     }
 
     /// The memfd kind that backs it.
-    pub fn memfd_kind(self) -> MemfdKind {
+    pub(crate) fn memfd_kind(self) -> MemfdKind {
         if self.kind.uses_hugetlb() {
             MemfdKind::Hugetlb(self.huge_page)
         } else {

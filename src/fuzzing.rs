@@ -29,3 +29,23 @@ pub fn region_header_round_trips(layout: RegionLayout) -> bool {
     };
     Header::decode(&header.encode(), READY, Path::new("fuzz")).is_ok_and(|h| h == header)
 }
+
+/// Encodes a snapshot header as written (computing its checksum), for
+/// forging files with valid checksums.
+pub fn snapshot_header_encoded(header: &mut crate::persist::SnapshotHeader) -> Vec<u8> {
+    header.encode().to_vec()
+}
+
+/// Decodes and checks a snapshot header read from a file of `file_len`
+/// bytes.
+pub fn snapshot_header_decoded(
+    bytes: &[u8],
+    file_len: u64,
+) -> Option<crate::persist::SnapshotHeader> {
+    crate::persist::SnapshotHeader::decode(bytes, file_len, Path::new("fuzz")).ok()
+}
+
+/// A snapshot header with every field zero but the backend.
+pub fn blank_snapshot_header(backend: crate::BackendKind) -> crate::persist::SnapshotHeader {
+    crate::persist::SnapshotHeader::new(backend, 21, 12, 0)
+}

@@ -282,7 +282,7 @@ fn a_failing_source_poisons_only_its_pages_and_reports_why() {
         Arc::new(Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap());
     let p = Populator::new(region.clone(), failing_source()).unwrap();
     p.populate(0, region.len()).unwrap();
-    assert_eq!(p.counters().poisoned.load(Ordering::Relaxed), 1);
+    assert_eq!(p.stats().poisoned, 1);
     let errors = p.errors();
     assert_eq!(errors.len(), 1);
     assert_eq!(errors[0].to_string(), "page 5: checksum mismatch");

@@ -16,7 +16,8 @@ use std::io::Write;
 
 use hugearena::BackendKind;
 use hugearena::persist::SnapshotSource;
-use hugearena::persist::{HEADER_LEN, ParentRef, SnapshotHeader};
+use hugearena::fuzzing::{blank_snapshot_header, snapshot_header_decoded, snapshot_header_encoded};
+use hugearena::persist::{HEADER_LEN, ParentRef};
 use hugearena::populate::PageSource;
 use libfuzzer_sys::fuzz_target;
 
@@ -45,7 +46,8 @@ fn forge(input: &[u8]) -> Vec<u8> {
     // The geometry a writer would give these, computed here without
     // overflow (`SnapshotHeader::new` expects sane input), then each field
     // kept or replaced below.
-    let mut h = SnapshotHeader::new(kind, huge_shift, 12, 0);
+    let mut h = blank_snapshot_header(kind);
+    h.huge_page_shift = huge_shift;
     h.granule_shift = granule_shift;
     h.data_len = data_len;
     let granule = 1u64.checked_shl(granule_shift).unwrap_or(0).max(1);
@@ -84,7 +86,7 @@ fn forge(input: &[u8]) -> Vec<u8> {
     if flags & 0x20 != 0 {
         h.map_crc = crc32c::crc32c(&tail[..map_len]);
     }
-    let mut file = h.encode().to_vec();
+    let mut file = snapshot_header_encoded(&mut h);
     let at = h.map_offset.min(1 << 20) as usize;
     file.resize(file.len().max(at), 0);
     file.truncate(at.max(HEADER_LEN as usize));
@@ -100,9 +102,8 @@ fuzz_target!(|data: &[u8]| {
         (rest.to_vec(), 0)
     } else {
         let bytes = forge(rest);
-        let claimed = SnapshotHeader::decode(&bytes[..HEADER_LEN as usize], u64::MAX, "f".as_ref())
-            .map(|h| h.file_len())
-            .unwrap_or(0);
+        let claimed = snapshot_header_decoded(&bytes[..HEADER_LEN as usize], u64::MAX)
+            .map_or(0, |h| h.file_len());
         (bytes, claimed)
     };
     let dir = std::env::temp_dir();

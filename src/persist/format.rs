@@ -89,7 +89,7 @@ fn geometry(granule_shift: u32, data_len: u64) -> Option<(u64, u64, u64)> {
 
 impl SnapshotHeader {
     /// The geometry for `data_len` bytes in granules of `1 << granule_shift`.
-    pub fn new(
+    pub(crate) fn new(
         backend: BackendKind,
         huge_page_shift: u32,
         granule_shift: u32,
@@ -128,7 +128,7 @@ impl SnapshotHeader {
     }
 
     /// The encoded header; records its checksum in `header_crc`.
-    pub fn encode(&mut self) -> [u8; HEADER_LEN as usize] {
+    pub(crate) fn encode(&mut self) -> [u8; HEADER_LEN as usize] {
         let mut b = [0u8; HEADER_LEN as usize];
         b[0..8].copy_from_slice(&MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -159,7 +159,11 @@ impl SnapshotHeader {
 
     /// Decodes and checks a header read from `path`, whose length is
     /// `file_len`.
-    pub fn decode(b: &[u8], file_len: u64, path: &std::path::Path) -> Result<SnapshotHeader> {
+    pub(crate) fn decode(
+        b: &[u8],
+        file_len: u64,
+        path: &std::path::Path,
+    ) -> Result<SnapshotHeader> {
         let bad = |reason: String| Error::BadSnapshot {
             path: path.to_path_buf(),
             reason,

@@ -1,7 +1,7 @@
 //! Snapshots and lazy restore.
 //!
 //! A snapshot holds a region's populated granules, each with a crc32c, in
-//! a sparse file ([`format`](mod@format)). Restoring maps a new region whose page
+//! a sparse file (see [`SnapshotHeader`] for the layout). Restoring maps a new region whose page
 //! source is the snapshot and returns at once: nothing is read until a
 //! page is touched (or a background drain gets to it), and every page is
 //! verified as it is filled; a corrupt page is poisoned and reported, the
@@ -71,7 +71,7 @@ fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 /// source, so that a snapshot of the region holds it. After a lazy restore,
 /// pages nobody touched yet exist only in the old snapshot: a new snapshot
 /// must not drop them.
-pub fn fill_from_source(populator: &Populator) -> Result<()> {
+pub(crate) fn fill_from_source(populator: &Populator) -> Result<()> {
     let region = populator.region();
     let g = region.granule().bytes();
     let states = region.page_states();
@@ -94,7 +94,8 @@ pub fn fill_from_source(populator: &Populator) -> Result<()> {
 }
 
 /// Writes a snapshot of the region `populator` fills, including pages its
-/// source holds that were never touched (see [`fill_from_source`]).
+/// source holds that were never touched (a lazily restored region's
+/// pages still in the old snapshot are read in first).
 pub fn snapshot_populator(populator: &Populator, path: impl AsRef<Path>) -> Result<SnapshotInfo> {
     fill_from_source(populator)?;
     snapshot(populator.region(), path)

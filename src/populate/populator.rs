@@ -400,11 +400,6 @@ impl Populator {
             .map_err(Error::sys("populating a range"))
     }
 
-    /// The live counters.
-    pub fn counters(&self) -> &Counters {
-        &self.core.counters
-    }
-
     /// The counters and the fill latency distribution, now.
     pub fn stats(&self) -> Stats {
         self.core.counters.snapshot(self.core.latency.histogram())

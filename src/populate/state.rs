@@ -125,7 +125,7 @@ pub enum PageState {
 
 impl PageState {
     /// Decodes a word.
-    pub const fn decode(word: u64) -> PageState {
+    pub(crate) const fn decode(word: u64) -> PageState {
         match word >> TAG_SHIFT {
             TAG_ABSENT => PageState::Absent,
             TAG_FILLING => PageState::Filling(Owner {

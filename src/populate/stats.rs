@@ -10,7 +10,7 @@ use std::time::Duration;
 
 /// Live counters of one populator (this process only).
 #[derive(Debug, Default)]
-pub struct Counters {
+pub(crate) struct Counters {
     /// Faults read from the userfaultfd by handler threads.
     pub faults_handler: AtomicU64,
     /// Faults resolved by the faulting thread in its SIGBUS handler.
@@ -40,34 +40,36 @@ pub struct Counters {
     pub collapse_failures: AtomicU64,
 }
 
-/// A plain copy of [`Counters`] plus the fill latency distribution.
+/// The populator's counters at one moment, plus the fill latency
+/// distribution.
 #[derive(Clone, Debug)]
 pub struct Stats {
-    /// See [`Counters::faults_handler`].
+    /// Faults read from the userfaultfd by handler threads.
     pub faults_handler: u64,
-    /// See [`Counters::faults_in_thread`].
+    /// Faults resolved by the faulting thread in its SIGBUS handler.
     pub faults_in_thread: u64,
-    /// See [`Counters::populate_calls`].
+    /// `populate()` calls.
     pub populate_calls: u64,
-    /// See [`Counters::fills`].
+    /// Granules this process filled from the source.
     pub fills: u64,
-    /// See [`Counters::maps`].
+    /// `UFFDIO_CONTINUE` calls that mapped something.
     pub maps: u64,
-    /// See [`Counters::readahead`].
+    /// Granules filled or mapped ahead of a sequential run of faults.
     pub readahead: u64,
-    /// See [`Counters::poisoned`].
+    /// Granules this process poisoned after a source error.
     pub poisoned: u64,
-    /// See [`Counters::takeovers`].
+    /// Claims of dead processes this process took over.
     pub takeovers: u64,
-    /// See [`Counters::fill_retries`].
+    /// Fills tried again after a transient source error.
     pub fill_retries: u64,
-    /// See [`Counters::refills`].
+    /// Present granules whose page had vanished from the file (punched
+    /// behind the protocol's back) and were filled again.
     pub refills: u64,
-    /// See [`Counters::discards`].
+    /// Granules dropped with `discard`.
     pub discards: u64,
-    /// See [`Counters::collapses`].
+    /// Blocks promoted to huge mappings with `MADV_COLLAPSE`.
     pub collapses: u64,
-    /// See [`Counters::collapse_failures`].
+    /// `MADV_COLLAPSE` calls that failed (the block stays 4 KiB-mapped).
     pub collapse_failures: u64,
     /// Time to fill one granule from the source, in nanoseconds (recorded
     /// at 1/8-octave resolution: values are within 12.5 %).

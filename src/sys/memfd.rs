@@ -10,7 +10,7 @@ use super::size::PageSize;
 
 /// What kind of memory a memfd is backed by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MemfdKind {
+pub(crate) enum MemfdKind {
     /// tmpfs (shmem) pages: 4 KiB, or 2 MiB folios when THP allows.
     Shmem,
     /// hugetlb pages of the given size, taken from the reserved pool.
