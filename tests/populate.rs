@@ -109,6 +109,28 @@ fn child_entry() {
             };
             println!("CHILD-FILLS {fills}");
         }
+        "outlive-populator" => {
+            let region = Arc::new(
+                Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap(),
+            );
+            let source = safe_fn(|index: u64, dst: &mut [u8]| {
+                dst.fill(index as u8 ^ 0x77);
+                Ok(())
+            });
+            let options = PopulateOptions::new()
+                .driver(driver_from(&env("DRIVER")))
+                .readahead(0);
+            let p = Populator::with_options(region.clone(), source, options).unwrap();
+            let mut byte = [0u8; 1];
+            region.read_via_primary(4096, &mut byte).unwrap();
+            drop(p);
+            region.read_via_primary(4096, &mut byte).unwrap();
+            println!("PAGE1 {}", byte[0]);
+            // Never touched: no populator any more, and it must not read
+            // as zero.
+            region.read_via_primary(5 * 4096, &mut byte).unwrap();
+            println!("PAGE5 {}", byte[0]);
+        }
         "touch-poisoned" => {
             let region = Arc::new(
                 Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap(),
@@ -584,4 +606,36 @@ fn a_source_without_the_signal_safety_promise_runs_on_handler_threads_only() {
     let mut byte = [0u8; 1];
     region.read_via_primary(5 * 4096, &mut byte).unwrap();
     assert_eq!(byte[0], 5 ^ 0x3C);
+}
+
+/// A region that outlives its populator never reads zeroes where the
+/// source has data: pages filled before read their bytes, untouched ones
+/// raise SIGBUS (every driver).
+#[test]
+fn a_region_that_outlives_its_populator_never_reads_zeroes() {
+    use std::os::unix::process::ExitStatusExt;
+    for driver in ["in-thread", "handlers", "proactive"] {
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ROLE, "outlive-populator")
+            .env("DRIVER", driver)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(&format!("PAGE1 {}", 1 ^ 0x77)),
+            "{driver}: {stdout}"
+        );
+        assert!(
+            !stdout.contains("PAGE5"),
+            "{driver}: an untouched page read: {stdout}"
+        );
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGBUS),
+            "{driver}: {:?}",
+            out.status
+        );
+    }
 }

@@ -746,6 +746,31 @@ impl Core {
     /// process only), then wakes the whole range. A thread that touches an
     /// unpopulated page afterwards gets SIGBUS instead of hanging, and
     /// never reads bytes the source did not give.
+    /// Before this process's registration goes away while the region
+    /// stays mapped: poisons every granule not present in the page cache,
+    /// so a later touch of it raises SIGBUS instead of reading a fresh zero
+    /// page (the poison markers outlive the userfaultfd). Present granules
+    /// need nothing: without a registration they map as ordinary shared
+    /// memory.
+    pub(crate) fn poison_unfilled(&self) {
+        let states = self.region.page_states();
+        let mut at = 0;
+        while at < self.granules {
+            if state::observe(&states[at]) == PageState::Present {
+                at += 1;
+                continue;
+            }
+            let mut end = at + 1;
+            while end < self.granules && state::observe(&states[end]) != PageState::Present {
+                end += 1;
+            }
+            if let Err(e) = self.poison_range(at, end) {
+                self.failures.push(e);
+            }
+            at = end;
+        }
+    }
+
     pub(crate) fn fail_closed(&self) {
         let mut at = 0;
         while at < self.granules {

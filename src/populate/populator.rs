@@ -152,10 +152,10 @@ impl PopulateOptions {
 /// mapped with `UFFDIO_CONTINUE`.
 ///
 /// Dropping it stops its threads and closes the userfaultfd, which turns
-/// the primary back into plain shared memory: drop it only when nothing
-/// touches unpopulated pages any more (or call
-/// [`stop_handlers`](Populator::stop_handlers) first, which makes later
-/// touches of unpopulated pages raise SIGBUS).
+/// the primary back into plain shared memory. If the region is still held
+/// elsewhere, the granules not present yet are poisoned in this process
+/// first, so touching one later raises SIGBUS instead of reading a zero
+/// page where the source has data; present ones keep reading their bytes.
 pub struct Populator {
     core: Arc<Core>,
     driver: Driver,
@@ -621,6 +621,12 @@ impl Drop for Populator {
         }
         // Waits for signal handlers inside this populator to leave.
         drop(self.registration.take());
+        // Someone else still maps the region (the application holds it):
+        // untouched pages must not read as zeroes once the userfaultfd is
+        // closed.
+        if Arc::strong_count(&self.core.region) > 1 {
+            self.core.poison_unfilled();
+        }
         if let Some(worker) = self.collapser.take() {
             if let Some(p) = &self.core.promoter {
                 p.stop();
