@@ -109,6 +109,19 @@ fn child_entry() {
             };
             println!("CHILD-FILLS {fills}");
         }
+        "discard-peer" => {
+            // Reads page 3, waits for the parent to discard it, reads again.
+            let region = Arc::new(Region::open(env("REGION_PATH")).unwrap());
+            let options = PopulateOptions::new().driver(driver_from(&env("DRIVER")));
+            let _p = Populator::with_options(region.clone(), discard_source(), options).unwrap();
+            let mut byte = [0u8; 1];
+            region.read_via_primary(3 * 4096 + 1, &mut byte).unwrap();
+            println!("BEFORE {}", byte[0]);
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).unwrap();
+            region.read_via_primary(3 * 4096 + 1, &mut byte).unwrap();
+            println!("AFTER {}", byte[0]);
+        }
         "outlive-populator" => {
             let region = Arc::new(
                 Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap(),
@@ -636,6 +649,71 @@ fn a_region_that_outlives_its_populator_never_reads_zeroes() {
             Some(libc::SIGBUS),
             "{driver}: {:?}",
             out.status
+        );
+    }
+}
+
+/// Page `index` of the discard test's source holds `index ^ 0x5A`.
+fn discard_source() -> SafeFnSource<impl Fn(u64, &mut [u8]) -> Result<(), FillError> + Send + Sync>
+{
+    safe_fn(|index: u64, dst: &mut [u8]| {
+        dst.fill(index as u8 ^ 0x5A);
+        Ok(())
+    })
+}
+
+/// A page discarded in one process leaves every process: another process
+/// that had it mapped, with a write on it, reads the source's bytes on its
+/// next touch (refilled once, from the source: never zeroes, never the
+/// discarded write), with either driver on either side.
+#[test]
+fn a_page_discarded_in_one_process_is_refilled_from_the_source_in_another() {
+    use std::io::{BufRead, Write};
+    for (mine, theirs) in [("in-thread", "handlers"), ("handlers", "in-thread")] {
+        let region = Arc::new(
+            Region::create(RegionOptions::new(1 << 20).backend(BackendKind::Shmem)).unwrap(),
+        );
+        let options = PopulateOptions::new().driver(driver_from(mine));
+        let p = Populator::with_options(region.clone(), discard_source(), options).unwrap();
+        p.populate(0, 16 * 4096).unwrap();
+        region.write_via_primary(3 * 4096 + 1, &[0xEE]).unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ROLE, "discard-peer")
+            .env("REGION_PATH", region.shareable_path())
+            .env("DRIVER", theirs)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut next_value = |tag: &str| -> u8 {
+            let line = lines
+                .by_ref()
+                .map(Result::unwrap)
+                .find(|l| l.contains(tag))
+                .unwrap_or_else(|| panic!("no {tag} line"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert_eq!(next_value("BEFORE"), 0xEE, "{mine}/{theirs}: shared write");
+        p.discard(0, 16 * 4096).unwrap();
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        assert_eq!(
+            next_value("AFTER"),
+            3 ^ 0x5A,
+            "{mine}/{theirs}: peer after discard"
+        );
+        assert!(child.wait().unwrap().success());
+        let mut byte = [0u8; 1];
+        region.read_via_primary(3 * 4096 + 1, &mut byte).unwrap();
+        assert_eq!(
+            byte[0],
+            3 ^ 0x5A,
+            "{mine}/{theirs}: discarder after discard"
+        );
+        assert_eq!(
+            region.page_state(3),
+            Some(hugearena::populate::PageState::Present)
         );
     }
 }
