@@ -219,12 +219,12 @@ pub enum Error {
     },
 
     /// The header is inconsistent.
-    #[error("region {} has a corrupt header ({what}): remove the file and create the region again", path.display())]
+    #[error("region {} has a corrupt header ({defect}): remove the file and create the region again", path.display())]
     CorruptHeader {
         /// The path.
         path: PathBuf,
-        /// What is inconsistent.
-        what: String,
+        /// What is wrong.
+        defect: crate::codec::HeaderDefect,
     },
 
     /// An access outside the region's data.
@@ -316,19 +316,19 @@ pub enum Error {
     },
 
     /// The region does not hold an arena, or one of another layout.
-    #[error("not a hugearena arena: {reason}")]
+    #[error("not a hugearena arena: {defect}")]
     NotAnArena {
         /// What was found.
-        reason: String,
+        defect: crate::arena::ArenaDefect,
     },
 
     /// A snapshot file is damaged, truncated, or of another format.
-    #[error("snapshot {}: {reason}; nothing was mapped: take a new snapshot or restore another", path.display())]
+    #[error("snapshot {}: {defect}; nothing was mapped: take a new snapshot or restore another", path.display())]
     BadSnapshot {
         /// The file.
         path: PathBuf,
         /// What is wrong with it.
-        reason: String,
+        defect: crate::persist::SnapshotDefect,
     },
 
     /// A thread could not be started.

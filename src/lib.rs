@@ -8,6 +8,7 @@
 
 mod arena;
 mod backend;
+mod codec;
 mod error;
 pub mod persist;
 pub mod populate;
@@ -20,8 +21,9 @@ mod sys;
 #[doc(hidden)]
 pub mod fuzzing;
 
-pub use arena::{Arena, ArenaStats, ReleasePolicy, ShmPtr};
+pub use arena::{Arena, ArenaDefect, ArenaStats, AuditError, PageOwner, ReleasePolicy, ShmPtr};
 pub use backend::{Backend, BackendChoice, BackendKind, HugePages};
+pub use codec::HeaderDefect;
 pub use error::{Error, Result};
 pub use probe::KernelCaps;
 pub use region::{Region, RegionLayout, RegionOptions};

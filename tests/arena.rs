@@ -255,7 +255,7 @@ proptest! {
                 _ => {}
             }
         }
-        let stats = a.audit().map_err(TestCaseError::fail)?;
+        let stats = a.audit().map_err(|e| TestCaseError::fail(e.to_string()))?;
         let allocs = live.len() as u64;
         prop_assert_eq!(stats.cached_objects, 0, "one process, caches flushed");
         prop_assert_eq!(stats.leaked_pages, 0, "nothing leaked");
@@ -263,7 +263,7 @@ proptest! {
         for (p, _) in live {
             prop_assert!(a.free(p).is_ok());
         }
-        prop_assert_eq!(a.audit().map_err(TestCaseError::fail)?.in_use_bytes(), 0);
+        prop_assert_eq!(a.audit().map_err(|e| TestCaseError::fail(e.to_string()))?.in_use_bytes(), 0);
     }
 }
 

@@ -185,13 +185,13 @@ fn damaged_region(tag: &str, offset: u64, bytes: [u8; 4]) -> (RemoveOnDrop, Erro
 
 #[test]
 fn a_newer_format_version_is_refused() {
-    let (_c, err) = damaged_region("version", 8, 2u32.to_le_bytes());
+    let (_c, err) = damaged_region("version", 8, 3u32.to_le_bytes());
     assert!(
         matches!(
             err,
             Error::UnsupportedVersion {
-                found: 2,
-                expected: 1,
+                found: 3,
+                expected: 2,
                 ..
             }
         ),

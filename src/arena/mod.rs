@@ -189,6 +189,81 @@ mod hdr {
     pub(super) const WORDS: usize = 8 + 64 + 1;
 }
 
+/// Why a region does not hold a usable arena.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ArenaDefect {
+    /// Formatting a region that already holds data.
+    #[error("the region already holds data: open it instead")]
+    AlreadyFormatted,
+    /// No arena header, or its creator has not finished writing it.
+    #[error("no arena header (or its creator has not finished)")]
+    NoHeader,
+    /// Another format version.
+    #[error("arena format version {found}, this build reads {supported}")]
+    Version {
+        /// The version found.
+        found: u64,
+        /// The version this build reads.
+        supported: u64,
+    },
+    /// The header's size is not the region's.
+    #[error("the header says {header} bytes, the region has {region}")]
+    Size {
+        /// Bytes the header records.
+        header: u64,
+        /// Bytes of the region.
+        region: u64,
+    },
+    /// The pointer tag word is damaged.
+    #[error("pointer tag {0:#x} in the header is wider than 16 bits")]
+    Tag(u64),
+}
+
+/// What claims a page, in an [`AuditError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageOwner {
+    /// A small-object span.
+    Span,
+    /// A page run.
+    Run,
+}
+
+/// A disagreement between the arena's tables that could hand memory out
+/// twice, found by [`Arena::audit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// A block counts more free pages than its bitmap has clear bits.
+    #[error("block {block}: {counted} free pages counted, bitmap has {in_use} in use")]
+    FreeCount {
+        /// The block.
+        block: u64,
+        /// Free pages its word counts.
+        counted: u64,
+        /// Pages its bitmap marks in use.
+        in_use: u64,
+    },
+    /// A page claimed twice, or claimed but not marked in use.
+    #[error("page {page} ({owner:?}) is double-booked or not marked in use")]
+    PageConflict {
+        /// The page.
+        page: u64,
+        /// What claims it.
+        owner: PageOwner,
+    },
+    /// A span holds more live objects than reservations.
+    #[error("span {slot}: {reserved} reserved, {live} objects in its bitmap")]
+    SpanCount {
+        /// The span slot.
+        slot: u64,
+        /// Its reservation count.
+        reserved: u64,
+        /// Objects its bitmap marks live.
+        live: u64,
+    },
+}
+
 /// A random non-zero pointer tag for a new arena.
 fn fresh_tag() -> u16 {
     use std::hash::{BuildHasher, Hasher};
@@ -285,7 +360,7 @@ impl Arena {
         let h = arena.header();
         if h[hdr::MAGIC].load(Ordering::Acquire) != 0 {
             return Err(Error::NotAnArena {
-                reason: "the region already holds data: open it instead".into(),
+                defect: ArenaDefect::AlreadyFormatted,
             });
         }
         for b in 0..arena.layout.meta_blocks() {
@@ -310,27 +385,30 @@ impl Arena {
             || h[hdr::MAGIC].load(Ordering::Relaxed) != MAGIC
         {
             return Err(Error::NotAnArena {
-                reason: "no arena header (or its creator has not finished)".into(),
+                defect: ArenaDefect::NoHeader,
             });
         }
         let version = h[hdr::VERSION].load(Ordering::Relaxed);
         if version != VERSION {
             return Err(Error::NotAnArena {
-                reason: format!("arena format version {version}, this build reads {VERSION}"),
+                defect: ArenaDefect::Version {
+                    found: version,
+                    supported: VERSION,
+                },
             });
         }
         let len = h[hdr::DATA_LEN].load(Ordering::Relaxed);
         if len != arena.layout.data_len {
             return Err(Error::NotAnArena {
-                reason: format!(
-                    "the header says {len} bytes, the region has {}",
-                    arena.layout.data_len
-                ),
+                defect: ArenaDefect::Size {
+                    header: len,
+                    region: arena.layout.data_len,
+                },
             });
         }
         let tag = h[hdr::TAG].load(Ordering::Relaxed);
         arena.tag = u16::try_from(tag).map_err(|_| Error::NotAnArena {
-            reason: format!("pointer tag {tag:#x} in the header is wider than 16 bits"),
+            defect: ArenaDefect::Tag(tag),
         })?;
         Ok(arena)
     }
@@ -975,7 +1053,7 @@ impl Arena {
     /// marked but recorded by no run or span, are counted as
     /// [`ArenaStats::leaked_pages`], not an error: a process killed inside
     /// an allocation leaves them. Returns the first disagreement.
-    pub fn audit(&self) -> std::result::Result<ArenaStats, String> {
+    pub fn audit(&self) -> std::result::Result<ArenaStats, AuditError> {
         self.flush_thread_caches();
         let mut leaked = 0;
         for b in self.layout.meta_blocks()..self.layout.blocks {
@@ -989,21 +1067,20 @@ impl Arena {
             // process died before marking its pages (leaked). More: pages
             // marked that nothing reserved.
             if st.free_pages > PAGES_PER_BLOCK - set {
-                return Err(format!(
-                    "block {b}: {} free pages counted, bitmap has {set} in use",
-                    st.free_pages
-                ));
+                return Err(AuditError::FreeCount {
+                    block: b,
+                    counted: st.free_pages,
+                    in_use: set,
+                });
             }
             leaked += PAGES_PER_BLOCK - set - st.free_pages;
             let first = b * PAGES_PER_BLOCK;
             let mut covered = vec![false; PAGES_PER_BLOCK as usize];
-            let mut cover = |from: u64, n: u64, what: &str| -> std::result::Result<(), String> {
+            let mut cover = |from: u64, n: u64, owner: PageOwner| {
                 for p in from..from + n {
                     let i = (p - first) as usize;
                     if i >= covered.len() || covered[i] || !bitmap::is_set(bits, i) {
-                        return Err(format!(
-                            "page {p} ({what}) is double-booked or not marked in use"
-                        ));
+                        return Err(AuditError::PageConflict { page: p, owner });
                     }
                     covered[i] = true;
                 }
@@ -1011,7 +1088,7 @@ impl Arena {
             };
             for slot in first / SPAN_PAGES..(first + PAGES_PER_BLOCK) / SPAN_PAGES {
                 if let Some((class, used)) = span::describe(self.span_state(slot)) {
-                    cover(slot * SPAN_PAGES, SPAN_PAGES, "span")?;
+                    cover(slot * SPAN_PAGES, SPAN_PAGES, PageOwner::Span)?;
                     let objects =
                         bitmap::count_set(self.span_bitmap(slot), layout::capacity(class) as usize)
                             as u64;
@@ -1019,16 +1096,18 @@ impl Arena {
                     // caches (or dead ones'). Fewer: live objects that
                     // nothing reserved, which could be handed out twice.
                     if objects > used {
-                        return Err(format!(
-                            "span {slot}: {used} reserved, {objects} objects in its bitmap"
-                        ));
+                        return Err(AuditError::SpanCount {
+                            slot,
+                            reserved: used,
+                            live: objects,
+                        });
                     }
                 }
             }
             for p in first..first + PAGES_PER_BLOCK {
                 let n = u64::from(self.run_len(p).load(Ordering::Acquire));
                 if n != 0 {
-                    cover(p, n, "run")?;
+                    cover(p, n, PageOwner::Run)?;
                 }
             }
             leaked += covered

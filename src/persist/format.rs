@@ -20,6 +20,7 @@
 //! header checksum, geometry, file length, map checksum.
 
 use crate::backend::BackendKind;
+use crate::codec::{Decoder, Encoder, HeaderDefect};
 use crate::error::{Error, Result};
 
 /// The first 8 bytes of a snapshot.
@@ -71,6 +72,78 @@ pub struct SnapshotHeader {
     pub parent: Option<ParentRef>,
     /// The header's own checksum (set by `encode` and `decode`).
     pub header_crc: u32,
+}
+
+/// Offset of the header checksum.
+const CHECKSUM_OFFSET: usize = 68;
+
+/// What is wrong with a snapshot file (or chain), found before anything is
+/// mapped.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotDefect {
+    /// The header does not decode.
+    #[error("header: {0}")]
+    Header(#[from] HeaderDefect),
+    /// The file is not as long as its header says.
+    #[error(
+        "{len} bytes, but its header describes a file of {expected} bytes (truncated or extended)"
+    )]
+    Length {
+        /// The file's length.
+        len: u64,
+        /// The length the header implies.
+        expected: u64,
+    },
+    /// The page map's checksum does not match.
+    #[error("page map checksum mismatch: the map is corrupt")]
+    MapChecksum,
+    /// The page map counts another number of present pages than the header.
+    #[error("the header counts {recorded} present pages, the map {counted}")]
+    PresentCount {
+        /// The header's count.
+        recorded: u64,
+        /// The map's.
+        counted: u64,
+    },
+    /// The page map is larger than this process can hold.
+    #[error("cannot hold its page map of {bytes} bytes in memory")]
+    MapTooLarge {
+        /// Bytes of map.
+        bytes: u64,
+    },
+    /// The map inherits pages but the header names no parent.
+    #[error("the map inherits pages but there is no parent")]
+    NoParent,
+    /// The parent named in the header was replaced, or does not match.
+    #[error("its parent {0} was replaced or does not match (this snapshot builds on another one)")]
+    ParentMismatch(std::path::PathBuf),
+    /// The chain of parents leads back to a file already in it.
+    #[error("the chain of parent snapshots loops back to this file")]
+    Cycle,
+    /// The chain of parents is deeper than [`MAX_CHAIN_DEPTH`](super::MAX_CHAIN_DEPTH).
+    #[error("the chain of parent snapshots is deeper than {0}")]
+    TooDeep(usize),
+    /// A parent's geometry differs from the region's.
+    #[error("its geometry differs from the region's: it cannot be a parent")]
+    GeometryMismatch,
+    /// The region to restore into has another size or granule.
+    #[error(
+        "it holds {data_len} bytes in {granule}-byte granules; the region has {region_len} bytes in {region_granule}-byte granules"
+    )]
+    RegionMismatch {
+        /// The snapshot's data bytes.
+        data_len: u64,
+        /// Its granule.
+        granule: u64,
+        /// The region's data bytes.
+        region_len: u64,
+        /// The region's granule.
+        region_granule: u64,
+    },
+    /// The header's huge page size is none this build knows.
+    #[error("unknown huge page shift {0}")]
+    HugePageShift(u32),
 }
 
 /// Where a snapshot of `data_len` bytes in granules of `1 << granule_shift`
@@ -130,30 +203,26 @@ impl SnapshotHeader {
     /// The encoded header; records its checksum in `header_crc`.
     pub(crate) fn encode(&mut self) -> [u8; HEADER_LEN as usize] {
         let mut b = [0u8; HEADER_LEN as usize];
-        b[0..8].copy_from_slice(&MAGIC);
-        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        b[12..16].copy_from_slice(&self.backend.code().to_le_bytes());
-        b[16..20].copy_from_slice(&self.huge_page_shift.to_le_bytes());
-        b[20..24].copy_from_slice(&self.granule_shift.to_le_bytes());
-        for (at, v) in [
-            (24, self.data_len),
-            (32, self.granules),
-            (40, self.map_offset),
-            (48, self.data_offset),
-            (56, self.present),
-        ] {
-            b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-        }
-        b[64..68].copy_from_slice(&self.map_crc.to_le_bytes());
+        let mut e = Encoder::new(&mut b);
+        e.bytes(0, &MAGIC)
+            .u32(8, VERSION)
+            .u32(12, self.backend.code())
+            .u32(16, self.huge_page_shift)
+            .u32(20, self.granule_shift)
+            .u64(24, self.data_len)
+            .u64(32, self.granules)
+            .u64(40, self.map_offset)
+            .u64(48, self.data_offset)
+            .u64(56, self.present)
+            .u32(64, self.map_crc);
         if let Some(parent) = &self.parent {
             let name = parent.name.as_bytes();
             assert!(name.len() <= MAX_PARENT_NAME, "parent name too long");
-            b[72..76].copy_from_slice(&parent.header_crc.to_le_bytes());
-            b[76..78].copy_from_slice(&(name.len() as u16).to_le_bytes());
-            b[78..78 + name.len()].copy_from_slice(name);
+            e.u32(72, parent.header_crc)
+                .u16(76, name.len() as u16)
+                .bytes(78, name);
         }
-        self.header_crc = crc32c::crc32c(&b);
-        b[68..72].copy_from_slice(&self.header_crc.to_le_bytes());
+        self.header_crc = e.seal(CHECKSUM_OFFSET, None);
         b
     }
 
@@ -164,73 +233,72 @@ impl SnapshotHeader {
         file_len: u64,
         path: &std::path::Path,
     ) -> Result<SnapshotHeader> {
-        let bad = |reason: String| Error::BadSnapshot {
+        Self::decode_checked(b, file_len).map_err(|defect| Error::BadSnapshot {
             path: path.to_path_buf(),
-            reason,
-        };
-        if b.len() < HEADER_LEN as usize || file_len < HEADER_LEN {
-            return Err(bad(format!(
-                "truncated: {file_len} bytes, shorter than the {HEADER_LEN}-byte header"
-            )));
+            defect,
+        })
+    }
+
+    fn decode_checked(
+        b: &[u8],
+        file_len: u64,
+    ) -> std::result::Result<SnapshotHeader, SnapshotDefect> {
+        if file_len < HEADER_LEN {
+            return Err(HeaderDefect::Truncated {
+                len: file_len,
+                need: HEADER_LEN,
+            }
+            .into());
         }
-        if b[0..8] != MAGIC {
-            return Err(bad("wrong magic: not a hugearena snapshot".into()));
-        }
-        let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
-        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
-        let version = u32_at(8);
-        if version != VERSION {
-            return Err(bad(format!(
-                "format version {version}; this build reads version {VERSION}"
-            )));
-        }
-        let mut zeroed = b[..HEADER_LEN as usize].to_vec();
-        zeroed[68..72].fill(0);
-        let header_crc = u32_at(68);
-        if crc32c::crc32c(&zeroed) != header_crc {
-            return Err(bad("header checksum mismatch: the header is corrupt".into()));
-        }
-        let name_len = u16::from_le_bytes([b[76], b[77]]) as usize;
+        let d = Decoder::new(b, HEADER_LEN as usize)?;
+        d.identify(MAGIC, 8, VERSION)?;
+        d.check_seal(CHECKSUM_OFFSET, None)?;
+        let field = |field, value| HeaderDefect::Field { field, value };
+        let name_len = usize::from(d.u16(76));
         let parent = match name_len {
             0 => None,
             n if n <= MAX_PARENT_NAME => Some(ParentRef {
-                name: String::from_utf8(b[78..78 + n].to_vec())
-                    .map_err(|_| bad("the parent's name is not UTF-8".into()))?,
-                header_crc: u32_at(72),
+                name: std::str::from_utf8(d.slice(78, n))
+                    .map_err(|_| field("parent_name (not UTF-8)", n as u64))?
+                    .to_owned(),
+                header_crc: d.u32(72),
             }),
-            n => return Err(bad(format!("parent name of {n} bytes"))),
+            n => return Err(field("parent_name_len", n as u64).into()),
         };
-        let backend = BackendKind::from_code(u32_at(12))
-            .ok_or_else(|| bad(format!("unknown backend code {}", u32_at(12))))?;
+        let backend =
+            BackendKind::from_code(d.u32(12)).ok_or(field("backend", u64::from(d.u32(12))))?;
         let h = SnapshotHeader {
             backend,
-            huge_page_shift: u32_at(16),
-            granule_shift: u32_at(20),
-            data_len: u64_at(24),
-            granules: u64_at(32),
-            map_offset: u64_at(40),
-            data_offset: u64_at(48),
-            present: u64_at(56),
-            map_crc: u32_at(64),
+            huge_page_shift: d.u32(16),
+            granule_shift: d.u32(20),
+            data_len: d.u64(24),
+            granules: d.u64(32),
+            map_offset: d.u64(40),
+            data_offset: d.u64(48),
+            present: d.u64(56),
+            map_crc: d.u32(64),
             parent,
-            header_crc,
+            header_crc: d.u32(CHECKSUM_OFFSET),
         };
-        let consistent = (12..=30).contains(&h.granule_shift)
-            && h.data_len % h.granule() == 0
+        if !(12..=30).contains(&h.granule_shift) {
+            return Err(field("granule_shift", u64::from(h.granule_shift)).into());
+        }
+        let consistent = h.data_len % h.granule() == 0
             && geometry(h.granule_shift, h.data_len)
                 == Some((h.granules, h.map_offset, h.data_offset))
             && h.present <= h.granules
             && h.checked_file_len().is_some();
         if !consistent {
-            return Err(bad("inconsistent geometry in the header".into()));
+            return Err(HeaderDefect::Inconsistent(
+                "geometry (sizes, counts and offsets) that does not follow from the data length",
+            )
+            .into());
         }
         if file_len != h.file_len() {
-            return Err(bad(format!(
-                "{} bytes: a snapshot of {} bytes of data is {} bytes long (truncated or extended)",
-                file_len,
-                h.data_len,
-                h.file_len()
-            )));
+            return Err(SnapshotDefect::Length {
+                len: file_len,
+                expected: h.file_len(),
+            });
         }
         Ok(h)
     }
@@ -251,7 +319,11 @@ mod tests {
             h.granules = data_len >> shift;
             let b = h.encode();
             let err = SnapshotHeader::decode(&b, 1 << 20, p).unwrap_err();
-            assert!(err.to_string().contains("geometry"), "{err}");
+            let text = err.to_string();
+            assert!(
+                text.contains("geometry") || text.contains("granule_shift"),
+                "{text}"
+            );
         }
     }
 

@@ -25,7 +25,7 @@
 #![allow(unsafe_code)] // the snapshot source promises signal safety (`unsafe impl`)
 
 pub(crate) mod format;
-pub use format::{HEADER_LEN, ParentRef, SnapshotHeader};
+pub use format::{HEADER_LEN, ParentRef, SnapshotDefect, SnapshotHeader};
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -244,7 +244,7 @@ fn write_snapshot(
         {
             return Err(Error::BadSnapshot {
                 path: inc.parent.path().to_path_buf(),
-                reason: "its geometry differs from the region's: it cannot be a parent".into(),
+                defect: SnapshotDefect::GeometryMismatch,
             });
         }
         header.parent = Some(format::ParentRef {
@@ -353,13 +353,13 @@ impl SnapshotSource {
         if chain.contains(&id) {
             return Err(Error::BadSnapshot {
                 path,
-                reason: "the chain of parent snapshots loops back to this file".into(),
+                defect: SnapshotDefect::Cycle,
             });
         }
         if chain.len() >= MAX_CHAIN_DEPTH {
             return Err(Error::BadSnapshot {
                 path,
-                reason: format!("the chain of parent snapshots is deeper than {MAX_CHAIN_DEPTH}"),
+                defect: SnapshotDefect::TooDeep(MAX_CHAIN_DEPTH),
             });
         }
         chain.push(id);
@@ -375,7 +375,7 @@ impl SnapshotSource {
         map.try_reserve_exact(header.granules as usize)
             .map_err(|_| Error::BadSnapshot {
                 path: path.clone(),
-                reason: format!("cannot hold its page map of {map_len} bytes in memory"),
+                defect: SnapshotDefect::MapTooLarge { bytes: map_len },
             })?;
         let mut chunk = vec![0u8; MAP_READ_CHUNK.min(map_len as usize)];
         let mut crc = 0;
@@ -396,17 +396,17 @@ impl SnapshotSource {
         if crc != header.map_crc {
             return Err(Error::BadSnapshot {
                 path,
-                reason: "page map checksum mismatch: the map is corrupt".into(),
+                defect: SnapshotDefect::MapChecksum,
             });
         }
         let present = map.iter().filter(|(f, _)| f & PRESENT != 0).count() as u64;
         if present != header.present {
             return Err(Error::BadSnapshot {
                 path,
-                reason: format!(
-                    "the header counts {} present pages, the map {present}",
-                    header.present
-                ),
+                defect: SnapshotDefect::PresentCount {
+                    recorded: header.present,
+                    counted: present,
+                },
             });
         }
         let parent = match &header.parent {
@@ -420,10 +420,7 @@ impl SnapshotSource {
                 {
                     return Err(Error::BadSnapshot {
                         path,
-                        reason: format!(
-                            "its parent {} was replaced or does not match (this snapshot builds on another one)",
-                            parent_path.display()
-                        ),
+                        defect: SnapshotDefect::ParentMismatch(parent_path.clone()),
                     });
                 }
                 Some(Box::new(parent))
@@ -432,7 +429,7 @@ impl SnapshotSource {
         if parent.is_none() && map.iter().any(|(f, _)| f & format::INHERITED != 0) {
             return Err(Error::BadSnapshot {
                 path,
-                reason: "the map inherits pages but there is no parent".into(),
+                defect: SnapshotDefect::NoParent,
             });
         }
         Ok(SnapshotSource {
@@ -474,7 +471,7 @@ impl SnapshotSource {
             .and_then(PageSize::from_bytes)
             .ok_or_else(|| Error::BadSnapshot {
                 path: self.path.clone(),
-                reason: format!("unknown huge page shift {}", self.header.huge_page_shift),
+                defect: SnapshotDefect::HugePageShift(self.header.huge_page_shift),
             })?;
         let options = RegionOptions::new(self.header.data_len).backend(self.header.backend);
         Ok(if self.header.backend.uses_hugetlb() {
@@ -552,13 +549,12 @@ pub fn restore_with(
     if region.len() as u64 != h.data_len || region.granule().bytes() as u64 != h.granule() {
         return Err(Error::BadSnapshot {
             path: source.path().to_path_buf(),
-            reason: format!(
-                "it holds {} bytes in {}-byte granules; the region has {} bytes in {} granules",
-                h.data_len,
-                h.granule(),
-                region.len(),
-                region.granule()
-            ),
+            defect: SnapshotDefect::RegionMismatch {
+                data_len: h.data_len,
+                granule: h.granule(),
+                region_len: region.len() as u64,
+                region_granule: region.granule().bytes() as u64,
+            },
         });
     }
     Populator::with_options(Arc::new(region), source, populate)

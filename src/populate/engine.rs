@@ -25,7 +25,7 @@ use crate::region::Region;
 use crate::sys::memfd::{self, Fallocate};
 use crate::sys::mman::{self, Advice};
 use crate::sys::uffd::{
-    CONTINUE_MODE_WP, Features, MODE_DONTWAKE, OpenFlags, RegisterMode, Userfaultfd,
+    CONTINUE_MODE_WP, Features, MODE_DONTWAKE, OpenFlags, RangeError, RegisterMode, Userfaultfd,
 };
 use crate::sys::{Errno, SysError, SysResult, futex};
 
@@ -670,7 +670,7 @@ impl Core {
         from: usize,
         to: usize,
         needed: Option<usize>,
-        op: impl Fn(*mut u8, usize) -> SysResult<usize>,
+        op: impl Fn(*mut u8, usize) -> Result<usize, RangeError>,
     ) -> SysResult<()> {
         let maps = needed.is_some();
         let installed = |a: usize, b: usize| {
@@ -692,7 +692,7 @@ impl Core {
                 Err(e) if e.errno() == Errno::EAGAIN => {
                     // The mappings changed under the ioctl: keep what it
                     // did and retry the rest.
-                    let done = e.arg_value("done").unwrap_or(0) as usize / g;
+                    let done = e.done / g;
                     installed(at, at + done);
                     at += done;
                 }
@@ -716,7 +716,7 @@ impl Core {
                         (at, 1)
                     };
                     if vanished.1 > REFILL_TRIES {
-                        self.failures.push(e);
+                        self.failures.push(e.sys());
                         self.poison(at)?;
                         at += 1;
                     } else if self.refill_vanished(at) != Outcome::Ready {
@@ -726,8 +726,8 @@ impl Core {
                     }
                 }
                 Err(e) => {
-                    self.failures.push(e);
-                    return Err(e);
+                    self.failures.push(e.sys());
+                    return Err(e.sys());
                 }
             }
         }

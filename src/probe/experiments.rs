@@ -119,7 +119,8 @@ pub(super) fn hgm(uffd: &UffdCaps, hugetlb: &Capability) -> Capability {
             }
             Ok(_) => Capability::No("4 KiB UFFDIO_CONTINUE mapped the wrong bytes".into()),
             Err(e) => Capability::No(format!(
-                "MADV_SPLIT accepted, but a 4 KiB UFFDIO_CONTINUE failed: {e}"
+                "MADV_SPLIT accepted, but a 4 KiB UFFDIO_CONTINUE failed: {}",
+                e.sys()
             )),
         })
     };

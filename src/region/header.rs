@@ -1,14 +1,13 @@
-//! The region header: encoded and decoded as bytes at fixed little-endian
-//! offsets, so reading it needs no unsafe code and no trust in the file.
+//! The region header, in the on-disk header codec (`crate::codec`):
 //!
 //! ```text
 //!  0 magic "HUGEAREN"      32 data_len         72 creator_pid
-//!  8 version (u32)         40 states_offset    80 created (Unix ms)
-//! 12 state (u32, atomic)   48 states_len       88 checksum (FNV-1a of all
-//! 16 backend code (u32)    56 data_offset         other bytes in 0..88,
-//! 20 huge page shift       64 file_len            state excluded)
+//!  8 version (u32) = 2     40 states_offset    80 created (Unix ms)
+//! 12 state (u32, atomic)   48 states_len       88 reserved (0)
+//! 16 backend code (u32)    56 data_offset
+//! 20 huge page shift       64 file_len
 //! 24 granule shift
-//! 28 reserved (0)
+//! 28 checksum (CRC-32C of bytes 0..96, checksum and state read as zero)
 //! ```
 //!
 //! The creator writes everything with `state = INITIALISING`, then stores
@@ -20,21 +19,27 @@ use std::path::Path;
 
 use super::layout::Layout;
 use crate::backend::{Backend, BackendKind};
+use crate::codec::{Decoder, Encoder, HeaderDefect};
 use crate::error::{Error, Result};
 use crate::sys::size::PageSize;
 
 /// Identifies a hugearena region file.
 pub(crate) const MAGIC: [u8; 8] = *b"HUGEAREN";
-/// The format version this build writes and reads.
-pub(crate) const VERSION: u32 = 1;
+/// The format version this build writes and reads (1 had an FNV-1a sum).
+pub(crate) const VERSION: u32 = 2;
 /// Bytes of encoded header.
 pub(crate) const ENCODED_LEN: usize = 96;
 /// Offset of the atomic `state` word.
 pub(super) const STATE_OFFSET: usize = 12;
+/// Offset of the checksum.
+const CHECKSUM_OFFSET: usize = 28;
 /// `state` while the creator is still initialising.
 pub(crate) const INITIALISING: u32 = 0;
 /// `state` once the region may be opened.
 pub(crate) const READY: u32 = 1;
+
+/// The state word changes after the header is sealed.
+const LIVE: Option<std::ops::Range<usize>> = Some(STATE_OFFSET..STATE_OFFSET + 4);
 
 /// A decoded header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,21 +58,21 @@ impl Header {
         let l = &self.layout;
         let b = l.backend();
         let mut out = [0u8; ENCODED_LEN];
-        out[0..8].copy_from_slice(&MAGIC);
-        put32(&mut out, 8, VERSION);
-        put32(&mut out, STATE_OFFSET, INITIALISING);
-        put32(&mut out, 16, b.kind().code());
-        put32(&mut out, 20, b.mapping_unit().shift());
-        put32(&mut out, 24, b.granule().shift());
-        put64(&mut out, 32, l.data_len());
-        put64(&mut out, 40, l.states_offset());
-        put64(&mut out, 48, l.states_len());
-        put64(&mut out, 56, l.data_offset());
-        put64(&mut out, 64, l.file_len());
-        put64(&mut out, 72, u64::from(self.creator_pid));
-        put64(&mut out, 80, self.created_unix_ms);
-        let sum = checksum(&out);
-        put64(&mut out, 88, sum);
+        Encoder::new(&mut out)
+            .bytes(0, &MAGIC)
+            .u32(8, VERSION)
+            .u32(STATE_OFFSET, INITIALISING)
+            .u32(16, b.kind().code())
+            .u32(20, b.mapping_unit().shift())
+            .u32(24, b.granule().shift())
+            .u64(32, l.data_len())
+            .u64(40, l.states_offset())
+            .u64(48, l.states_len())
+            .u64(56, l.data_offset())
+            .u64(64, l.file_len())
+            .u64(72, u64::from(self.creator_pid))
+            .u64(80, self.created_unix_ms)
+            .seal(CHECKSUM_OFFSET, LIVE);
         out
     }
 
@@ -75,51 +80,47 @@ impl Header {
     /// `state` is the value of the state word, loaded with acquire ordering.
     pub(crate) fn decode(bytes: &[u8; ENCODED_LEN], state: u32, path: &Path) -> Result<Header> {
         let path_buf = || path.to_path_buf();
-        let magic: [u8; 8] = bytes[0..8].try_into().expect("8 bytes");
-        if magic != MAGIC {
-            return Err(Error::BadMagic {
-                path: path_buf(),
-                found: magic,
-            });
-        }
-        let version = get32(bytes, 8);
-        if version != VERSION {
-            return Err(Error::UnsupportedVersion {
-                path: path_buf(),
-                found: version,
-                expected: VERSION,
-            });
+        let d = Decoder::new(bytes, ENCODED_LEN).map_err(corrupt(path))?;
+        match d.identify(MAGIC, 8, VERSION) {
+            Ok(()) => {}
+            Err(HeaderDefect::Magic { found }) => {
+                return Err(Error::BadMagic {
+                    path: path_buf(),
+                    found,
+                });
+            }
+            Err(HeaderDefect::Version { found, supported }) => {
+                return Err(Error::UnsupportedVersion {
+                    path: path_buf(),
+                    found,
+                    expected: supported,
+                });
+            }
+            Err(other) => return Err(corrupt(path)(other)),
         }
         if state != READY {
             return Err(Error::NotReady { path: path_buf() });
         }
-        let corrupt = |what: String| Error::CorruptHeader {
-            path: path_buf(),
-            what,
-        };
-        if checksum(bytes) != get64(bytes, 88) {
-            return Err(corrupt("checksum mismatch".into()));
+        Self::decode_fields(d).map_err(corrupt(path))
+    }
+
+    fn decode_fields(d: Decoder<'_>) -> std::result::Result<Header, HeaderDefect> {
+        d.check_seal(CHECKSUM_OFFSET, LIVE)?;
+        let field = |field, value| HeaderDefect::Field { field, value };
+        if d.u64(88) != 0 {
+            return Err(field("reserved", d.u64(88)));
         }
-        if get32(bytes, 28) != 0 {
-            return Err(corrupt("reserved bytes are not zero".into()));
-        }
-        let creator_pid = u32::try_from(get64(bytes, 72))
-            .map_err(|_| corrupt(format!("creator pid {} is out of range", get64(bytes, 72))))?;
-        let kind = BackendKind::from_code(get32(bytes, 16))
-            .ok_or_else(|| corrupt(format!("unknown backend code {}", get32(bytes, 16))))?;
-        let huge = page_size_of_shift(get32(bytes, 20))
-            .ok_or_else(|| corrupt(format!("bad huge page shift {}", get32(bytes, 20))))?;
+        let creator_pid = u32::try_from(d.u64(72)).map_err(|_| field("creator_pid", d.u64(72)))?;
+        let kind =
+            BackendKind::from_code(d.u32(16)).ok_or(field("backend", u64::from(d.u32(16))))?;
+        let huge =
+            page_size_of_shift(d.u32(20)).ok_or(field("huge_page_shift", u64::from(d.u32(20))))?;
         let backend = Backend::new(kind, huge);
-        if backend.granule().shift() != get32(bytes, 24) || backend.mapping_unit() != huge {
-            return Err(corrupt("granule does not match the backend".into()));
+        if backend.granule().shift() != d.u32(24) || backend.mapping_unit() != huge {
+            return Err(field("granule_shift", u64::from(d.u32(24))));
         }
-        let layout = Layout::new(backend, get64(bytes, 32)).map_err(|e| corrupt(e.to_string()))?;
-        let recorded = (
-            get64(bytes, 40),
-            get64(bytes, 48),
-            get64(bytes, 56),
-            get64(bytes, 64),
-        );
+        let layout = Layout::new(backend, d.u64(32)).map_err(|_| field("data_len", d.u64(32)))?;
+        let recorded = (d.u64(40), d.u64(48), d.u64(56), d.u64(64));
         let expected = (
             layout.states_offset(),
             layout.states_len(),
@@ -127,57 +128,27 @@ impl Header {
             layout.file_len(),
         );
         if recorded != expected {
-            return Err(corrupt(format!(
-                "layout {recorded:?} differs from the one its size implies {expected:?}"
-            )));
+            return Err(HeaderDefect::Inconsistent(
+                "the table and data offsets differ from the ones the size implies",
+            ));
         }
         Ok(Header {
             layout,
             creator_pid,
-            created_unix_ms: get64(bytes, 80),
+            created_unix_ms: d.u64(80),
         })
+    }
+}
+
+fn corrupt(path: &Path) -> impl Fn(HeaderDefect) -> Error + '_ {
+    move |defect| Error::CorruptHeader {
+        path: path.to_path_buf(),
+        defect,
     }
 }
 
 fn page_size_of_shift(shift: u32) -> Option<PageSize> {
     PageSize::ALL.into_iter().find(|p| p.shift() == shift)
-}
-
-/// FNV-1a over bytes 0..88, with the state word read as zero.
-fn checksum(bytes: &[u8; ENCODED_LEN]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for (i, &byte) in bytes[..88].iter().enumerate() {
-        let byte = if (STATE_OFFSET..STATE_OFFSET + 4).contains(&i) {
-            0
-        } else {
-            byte
-        };
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
-}
-
-fn put32(buf: &mut [u8], at: usize, v: u32) {
-    buf[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put64(buf: &mut [u8], at: usize, v: u64) {
-    buf[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-fn get32(buf: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn get64(buf: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
-}
-
-/// Test support: build header bytes with chosen damage.
-#[cfg(test)]
-pub(crate) fn put32_for_tests(buf: &mut [u8], at: usize, v: u32) {
-    put32(buf, at, v)
 }
 
 #[cfg(test)]
@@ -220,7 +191,7 @@ mod tests {
             Err(Error::BadMagic { .. })
         ));
         let mut bad = good;
-        put32_for_tests(&mut bad, 8, 99);
+        bad[8..12].copy_from_slice(&99u32.to_le_bytes());
         assert!(matches!(
             Header::decode(&bad, READY, p),
             Err(Error::UnsupportedVersion { found: 99, .. })

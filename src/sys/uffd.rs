@@ -518,7 +518,7 @@ impl Userfaultfd {
         start: *mut u8,
         len: usize,
         mode: u64,
-    ) -> SysResult<usize> {
+    ) -> Result<usize, RangeError> {
         let mut arg = UffdioContinue {
             range: range(start, len),
             mode,
@@ -535,7 +535,12 @@ impl Userfaultfd {
     ///
     /// The range must be registered with this descriptor, and no code may
     /// rely on being able to access it.
-    pub(crate) unsafe fn poison(&self, start: *mut u8, len: usize, mode: u64) -> SysResult<usize> {
+    pub(crate) unsafe fn poison(
+        &self,
+        start: *mut u8,
+        len: usize,
+        mode: u64,
+    ) -> Result<usize, RangeError> {
         let mut arg = UffdioPoison {
             range: range(start, len),
             mode,
@@ -589,14 +594,42 @@ fn range(start: *mut u8, len: usize) -> UffdioRange {
 }
 
 /// Folds the "bytes done" out-field into the ioctl's result.
-fn done(result: SysResult<()>, out: i64, start: *mut u8, len: usize) -> SysResult<usize> {
-    match result {
-        Ok(()) => Ok(out.max(0) as usize),
-        Err(e) => Err(e
-            .arg("start", start as u64)
-            .arg("len", len as u64)
-            .arg("done", out.max(0) as u64)),
+/// A range ioctl that stopped part-way: which, why, and how many bytes it
+/// got through first (`EAGAIN` under concurrent mapping changes is a
+/// normal outcome: retry the rest). Small, so results carrying it stay
+/// cheap on the fault path.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RangeError {
+    op: &'static str,
+    errno: Errno,
+    start: u64,
+    len: u64,
+    pub(crate) done: usize,
+}
+
+impl RangeError {
+    pub(crate) fn errno(&self) -> Errno {
+        self.errno
     }
+
+    /// The failure as a [`SysError`], for logs and callers.
+    pub(crate) fn sys(&self) -> SysError {
+        SysError::new(self.op, self.errno)
+            .arg("start", self.start)
+            .arg("len", self.len)
+            .arg("done", self.done as u64)
+    }
+}
+
+fn done(result: SysResult<()>, out: i64, start: *mut u8, len: usize) -> Result<usize, RangeError> {
+    let done = out.max(0) as usize;
+    result.map(|()| done).map_err(|e| RangeError {
+        op: e.op(),
+        errno: e.errno(),
+        start: start as u64,
+        len: len as u64,
+        done,
+    })
 }
 
 #[cfg(test)]
