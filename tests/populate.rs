@@ -712,7 +712,7 @@ fn a_page_discarded_in_one_process_is_refilled_from_the_source_in_another() {
             "{mine}/{theirs}: discarder after discard"
         );
         assert_eq!(
-            region.page_state(3),
+            p.page_state(3),
             Some(hugearena::populate::PageState::Present)
         );
     }

@@ -52,7 +52,7 @@ impl Shared<'_> {
         let region = self.arena.region();
         let populator = self.arena.populator();
         let stats = populator.stats();
-        let present = region.present_granules();
+        let present = populator.present_granules();
         let us = |q: f64| stats.fill_latency.value_at_quantile(q) as f64 / 1e3;
         let a = self.arena.stats();
         format!(

@@ -13,7 +13,7 @@ use super::handlers::HandlerPool;
 use super::promote::{Promoter, Promotion};
 use super::signal::{self, Registration};
 use super::source::{PageSource, SignalSafeSource, SourceError};
-use super::state::Owner;
+use super::state::{self, Owner, PageState};
 use super::stats::{Counters, Stats};
 use crate::backend::BackendKind;
 use crate::error::{Error, Result};
@@ -377,6 +377,27 @@ impl Populator {
     /// The region.
     pub fn region(&self) -> &Arc<Region> {
         &self.core.region
+    }
+
+    /// The shared state of granule `index` (what every process sees), or
+    /// `None` past the end: for monitoring and tests.
+    pub fn page_state(&self, index: usize) -> Option<PageState> {
+        self.core
+            .region
+            .page_states()
+            .get(index)
+            .map(state::observe)
+    }
+
+    /// How many granules are present in the page cache (filled by any
+    /// process): a scan of the page-state table.
+    pub fn present_granules(&self) -> usize {
+        self.core
+            .region
+            .page_states()
+            .iter()
+            .filter(|w| state::observe(*w) == PageState::Present)
+            .count()
     }
 
     /// The page source.

@@ -29,7 +29,6 @@ pub(crate) use layout::Layout;
 
 use crate::backend::{self, Backend, BackendChoice, BackendKind, BackendRequest};
 use crate::error::{Error, Result};
-use crate::populate::PageState;
 use crate::probe::{HugePagePool, KernelCaps};
 use crate::sys::memfd::{self, FileSystem};
 use crate::sys::mman::{self, Advice, Protection, Reservation};
@@ -415,23 +414,6 @@ impl Region {
     /// The first byte of the alias view (what fills go through).
     pub(crate) fn alias(&self) -> NonNull<u8> {
         self.alias.get()
-    }
-
-    /// The shared state of granule `index` (what every process sees), or
-    /// `None` past the end: for monitoring and tests.
-    pub fn page_state(&self, index: usize) -> Option<PageState> {
-        self.page_states()
-            .get(index)
-            .map(crate::populate::state::observe)
-    }
-
-    /// How many granules are present in the page cache (filled by any
-    /// process): a scan of the page-state table.
-    pub fn present_granules(&self) -> usize {
-        self.page_states()
-            .iter()
-            .filter(|w| crate::populate::state::observe(*w) == PageState::Present)
-            .count()
     }
 
     /// The page-state table: one word per granule, shared by every process.
