@@ -277,7 +277,37 @@ fn fresh_tag() -> u16 {
     (h.finish() % 0xFFFF) as u16 + 1
 }
 
-/// A lock-free allocator in a shared region. See the module docs.
+/// A lock-free allocator over a demand-populated shared region, addressed
+/// by offsets ([`ShmPtr`]) that mean the same in every process.
+///
+/// Three size ranges: **small** (1 B – 8 KiB, 32 size classes carved from
+/// 64 KiB spans), **page runs** (8 KiB – 2 MiB − 4 KiB, whole 4 KiB pages,
+/// first fit by address so high blocks empty out) and **large** (whole
+/// 2 MiB blocks). Allocation never writes into the memory it hands out:
+/// only the tables change, and the populator fills a page on its first
+/// touch. A free is checked against the tables: a second free, an interior
+/// or made-up pointer, and another arena's pointer are errors.
+///
+/// ```
+/// use std::alloc::Layout;
+/// use hugearena::populate::PopulateOptions;
+/// use hugearena::{Arena, BackendKind, RegionOptions};
+///
+/// let arena = Arena::create(
+///     RegionOptions::new(16 << 20).backend(BackendKind::Shmem),
+///     PopulateOptions::new(),
+/// )?;
+/// let p = arena.alloc(Layout::new::<[u64; 8]>())?;
+/// arena.write_bytes(p, 0, b"in shared memory")?;
+/// // Another process opens the same arena and reads the same offset.
+/// let other = Arena::open(arena.region().shareable_path(), PopulateOptions::new())?;
+/// let mut buf = [0u8; 16];
+/// other.read_bytes(p, 0, &mut buf)?;
+/// assert_eq!(&buf, b"in shared memory");
+/// arena.free(p)?;
+/// assert!(arena.free(p).is_err(), "a second free is refused");
+/// # Ok::<(), hugearena::Error>(())
+/// ```
 pub struct Arena {
     populator: Populator,
     layout: ArenaLayout,

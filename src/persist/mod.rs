@@ -321,7 +321,31 @@ fn write_snapshot(
     })
 }
 
-/// A snapshot opened for restore: its header and page map, checked.
+/// A snapshot opened for restore: its header and page map, checked (and
+/// its chain of parents) before anything is mapped. As a page source it
+/// reads each page once, verifies its checksum, and poisons a page that
+/// does not match.
+///
+/// ```
+/// use hugearena::persist::{self, SnapshotSource};
+/// use hugearena::populate::PopulateOptions;
+/// use hugearena::{Arena, BackendKind, RegionOptions};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let arena = Arena::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem), PopulateOptions::new())?;
+/// let p = arena.alloc_bytes(64)?;
+/// arena.write_bytes(p, 0, b"kept")?;
+/// arena.snapshot(dir.path().join("a.snap"))?;
+///
+/// let source = SnapshotSource::open(dir.path().join("a.snap"))?;
+/// println!("{} of {} pages present", source.header().present, source.header().granules);
+/// // Returns at once: pages are read (and verified) on first touch.
+/// let restored = Arena::attach(persist::restore_with(source.region_options()?, source, PopulateOptions::new())?)?;
+/// let mut buf = [0u8; 4];
+/// restored.read_bytes(p, 0, &mut buf)?;
+/// assert_eq!(&buf, b"kept");
+/// # Ok::<(), hugearena::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct SnapshotSource {
     path: PathBuf,

@@ -72,7 +72,19 @@ impl std::fmt::Display for Driver {
 /// Default readahead cap in bytes: 64 granules of 4 KiB.
 pub const DEFAULT_READAHEAD: usize = 256 << 10;
 
-/// How a [`Populator`] works.
+/// How a [`Populator`] works: the driver, readahead, promotion to huge
+/// mappings, write tracking and how long to wait for another filler.
+///
+/// ```
+/// use std::time::Duration;
+/// use hugearena::populate::{Driver, PopulateOptions, Promotion};
+/// let options = PopulateOptions::new()
+///     .driver(Driver::HandlerThreads(2))
+///     .readahead(1 << 20)
+///     .promotion(Promotion::Inline)
+///     .fill_timeout(Duration::from_secs(5));
+/// # let _ = options;
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PopulateOptions {
     driver: Option<Driver>,
@@ -156,6 +168,30 @@ impl PopulateOptions {
 /// elsewhere, the granules not present yet are poisoned in this process
 /// first, so touching one later raises SIGBUS instead of reading a zero
 /// page where the source has data; present ones keep reading their bytes.
+///
+/// ```
+/// use std::sync::Arc;
+/// use hugearena::populate::{FnSource, PopulateOptions, Populator, SignalSafe};
+/// use hugearena::{BackendKind, Region, RegionOptions};
+///
+/// let region = Arc::new(Region::create(
+///     RegionOptions::new(4 << 20).backend(BackendKind::Shmem),
+/// )?);
+/// // Page i is filled with the byte i, once, on its first touch in any process.
+/// // SAFETY: the closure only writes into `dst`: no allocation, lock or panic.
+/// let source = unsafe {
+///     SignalSafe::new(FnSource(|i: u64, dst: &mut [u8]| {
+///         dst.fill(i as u8);
+///         Ok(())
+///     }))
+/// };
+/// let populator = Populator::with_options(region.clone(), source, PopulateOptions::new())?;
+/// let mut byte = [0u8; 1];
+/// region.read_via_primary(7 * 4096, &mut byte)?;
+/// assert_eq!(byte[0], 7);
+/// assert_eq!(populator.stats().fills, 1 + populator.stats().readahead);
+/// # Ok::<(), hugearena::Error>(())
+/// ```
 pub struct Populator {
     core: Arc<Core>,
     driver: Driver,

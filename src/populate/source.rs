@@ -74,6 +74,32 @@ pub struct SourceError {
 /// must be `Send + Sync` and must not touch the region's unpopulated pages
 /// itself. Only a [`SignalSafeSource`] is also called inside a SIGBUS
 /// handler (the in-thread and proactive drivers).
+///
+/// ```
+/// use std::sync::Arc;
+/// use hugearena::populate::{FillError, PageSource, PopulateOptions, Populator};
+/// use hugearena::{BackendKind, Region, RegionOptions};
+///
+/// /// Every 8-byte word of page `i` holds `i`.
+/// struct Counting;
+///
+/// impl PageSource for Counting {
+///     fn fill(&self, index: u64, dst: &mut [u8]) -> Result<(), FillError> {
+///         for word in dst.chunks_exact_mut(8) {
+///             word.copy_from_slice(&index.to_le_bytes());
+///         }
+///         Ok(())
+///     }
+/// }
+///
+/// // No signal-safety promise: handler threads serve it.
+/// let region = Arc::new(Region::create(RegionOptions::new(2 << 20).backend(BackendKind::Shmem))?);
+/// let _p = Populator::with_handler_threads(region.clone(), Counting, PopulateOptions::new())?;
+/// let mut word = [0u8; 8];
+/// region.read_via_primary(3 * 4096 + 8, &mut word)?;
+/// assert_eq!(u64::from_le_bytes(word), 3);
+/// # Ok::<(), hugearena::Error>(())
+/// ```
 pub trait PageSource: Send + Sync {
     /// Writes the content of granule `index` into `dst` (one granule long;
     /// its prior content is unspecified).

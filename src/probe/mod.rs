@@ -227,7 +227,17 @@ fn parse_size(s: &str) -> Option<u64> {
     n.checked_mul(1 << shift)
 }
 
-/// Everything hugearena needs to know about the running kernel.
+/// Everything hugearena needs to know about the running kernel, probed
+/// once per process (`cached`), with a report that names the fix for
+/// anything missing.
+///
+/// ```
+/// use hugearena::KernelCaps;
+/// let caps = KernelCaps::cached();
+/// for line in caps.report() {
+///     println!("{line}");
+/// }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelCaps {
     /// `uname -r`.

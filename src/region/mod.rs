@@ -35,7 +35,17 @@ use crate::sys::mman::{self, Advice, Protection, Reservation};
 use crate::sys::size::PageSize;
 use crate::sys::{Errno, SysError};
 
-/// What region to create.
+/// What region to create: its size, the huge page policy (or an exact
+/// backend), the huge page size, and where its file lives.
+///
+/// ```
+/// use hugearena::{HugePages, KernelCaps, RegionOptions};
+/// let options = RegionOptions::new(1 << 30).huge_pages(HugePages::Try);
+/// // What it would get here, and why, without creating anything:
+/// let choice = options.plan(KernelCaps::cached())?;
+/// println!("{}: {}", choice.backend.kind(), choice.reason);
+/// # Ok::<(), hugearena::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct RegionOptions {
     size: u64,
@@ -83,7 +93,30 @@ impl RegionOptions {
     }
 }
 
-/// A mapped region. See the module documentation.
+/// A shared region: one backing file (an anonymous memfd, or a named file
+/// on hugetlbfs or tmpfs) mapped three times inside one address
+/// reservation: the metadata (header and page-state table); the
+/// **primary** view, the data as users see it, which a [`Populator`]
+/// registers with userfaultfd so first touches are caught; and the
+/// **alias**, the same data never registered, through which pages are
+/// filled before the primary maps them. Another process opens the same
+/// region by path (or an inherited descriptor) and gets the same layout
+/// from the header.
+///
+/// Without a populator the primary is plain shared memory:
+///
+/// ```
+/// use hugearena::{BackendKind, Region, RegionOptions};
+/// let region = Region::create(RegionOptions::new(4 << 20).backend(BackendKind::Shmem))?;
+/// region.write_via_primary(100, b"hello")?;
+/// let other = Region::open(region.shareable_path())?; // as another process would
+/// let mut buf = [0u8; 5];
+/// other.read_via_primary(100, &mut buf)?;
+/// assert_eq!(&buf, b"hello");
+/// # Ok::<(), hugearena::Error>(())
+/// ```
+///
+/// [`Populator`]: crate::populate::Populator
 #[derive(Debug)]
 pub struct Region {
     file: OwnedFd,
