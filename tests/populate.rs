@@ -386,11 +386,14 @@ fn a_filler_killed_mid_fill_is_taken_over_by_another_process() {
     });
     let options = PopulateOptions::new().driver(Driver::Proactive);
     let p = Populator::with_options(region.clone(), source, options).unwrap();
+    let published_by_child = p.present_granules();
     p.populate(0, region.len()).unwrap();
     let stats = p.stats();
-    assert_eq!(stats.takeovers, 2, "{stats}");
-    // The child filled pages 0..3 and 1024..1500 before it was killed.
-    assert_eq!(stats.fills, 2048 - 3 - 476, "{stats}");
+    // At least the two claims stuck in the source were the dead child's
+    // (more when it had claimed whole runs); every other page it filled
+    // is not filled again.
+    assert!(stats.takeovers >= 2, "{stats}");
+    assert_eq!(stats.fills, 2048 - published_by_child as u64, "{stats}");
     verify(&region, |i| pattern_byte(2, i));
 }
 

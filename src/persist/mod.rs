@@ -546,6 +546,67 @@ impl PageSource for SnapshotSource {
         Ok(())
     }
 
+    fn fill_run(
+        &self,
+        first: u64,
+        dst: &mut [u8],
+        granule: usize,
+    ) -> std::result::Result<(), FillError> {
+        let g = self.header.granule() as usize;
+        if granule != g || dst.len() % g != 0 {
+            return Err(FillError::Failed(
+                "the region's granule differs from the snapshot's",
+            ));
+        }
+        let count = dst.len() / g;
+        let entries = usize::try_from(first)
+            .ok()
+            .and_then(|f| self.map.get(f..f.checked_add(count)?))
+            .ok_or(FillError::PastEnd {
+                len: self.header.data_len,
+            })?;
+        // Sub-runs of one kind: stored pages are read with one `pread` and
+        // checked page by page; inherited ones come from the parent; holes
+        // are zero.
+        let kind = |flags: u32| flags & (PRESENT | format::INHERITED);
+        let mut at = 0;
+        while at < count {
+            let k = kind(entries[at].0);
+            let end = (at..count)
+                .find(|&i| kind(entries[i].0) != k)
+                .unwrap_or(count);
+            let pages = &mut dst[at * g..end * g];
+            let index = first + at as u64;
+            if k & format::INHERITED != 0 {
+                match &self.parent {
+                    Some(parent) => parent.fill_run(index, pages, g)?,
+                    None => {
+                        return Err(FillError::Failed(
+                            "snapshot page inherited from a missing parent",
+                        ));
+                    }
+                }
+            } else if k & PRESENT != 0 {
+                self.file
+                    .read_exact_at(pages, self.header.data_offset + index * g as u64)
+                    .map_err(|e| {
+                        FillError::Io(e.raw_os_error().map_or(Errno::EIO, Errno::from_raw))
+                    })?;
+                for (page, &(_, crc)) in pages.chunks(g).zip(&entries[at..end]) {
+                    if crc32c::crc32c(page) != crc {
+                        return Err(FillError::Failed(
+                            "snapshot page checksum mismatch (corrupt page)",
+                        ));
+                    }
+                }
+            } else {
+                pages.fill(0);
+            }
+            at = end;
+        }
+        Ok(())
+    }
+
     fn is_zero(&self, index: u64) -> bool {
         self.map
             .get(index as usize)

@@ -33,6 +33,9 @@ use crate::sys::{Errno, SysError, SysResult, futex};
 pub(crate) const KEPT_ERRORS: usize = 64;
 /// Driver failures (unexpected system call errors) kept.
 pub(crate) const KEPT_FAILURES: usize = 16;
+/// Granules `populate` fills with one allocation and one source read at
+/// most (2 MiB of 4 KiB granules).
+const RUN_GRANULES: usize = 512;
 /// Busy-granule checks that only yield before a waiter sleeps.
 const YIELDS_BEFORE_SLEEP: u32 = 16;
 /// A sleeping waiter wakes at least this often to check that the filler
@@ -45,11 +48,12 @@ const TRANSIENT_TRIES: u32 = 4;
 const REFILL_TRIES: u32 = 8;
 
 thread_local! {
-    /// The granule this thread is filling, as (core address, index + 1):
-    /// a fault on it from inside its own fill can never be resolved.
+    /// The granules this thread is filling, as (core address, first + 1,
+    /// last + 1): a fault on one of them from inside its own fill can never
+    /// be resolved.
     /// Const-initialised and without a destructor, so the SIGBUS handler
     /// may read it.
-    static FILLING: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+    static FILLING: Cell<(usize, usize, usize)> = const { Cell::new((0, 0, 0)) };
 
     /// Whether this thread is resolving a fault inside the SIGBUS handler
     /// (const-initialised, no destructor: readable there).
@@ -315,17 +319,38 @@ impl Core {
     /// what is being filled, maps contiguous runs, poisons failures.
     pub(crate) fn populate_range(&self, first: usize, last: usize) -> SysResult<()> {
         Counters::bump(&self.counters.populate_calls);
+        let states = self.region.page_states();
         let mut run_start = first;
         let mut stuck = None;
-        for index in first..last {
-            match self.resolve(index, true) {
-                Outcome::Ready => continue,
-                Outcome::Failed => {}
-                Outcome::Stuck | Outcome::Busy => stuck = stuck.or(Some(index)),
+        let mut index = first;
+        while index < last {
+            // Absent granules in a row are claimed together and filled
+            // with one allocation and one source read.
+            let claimed = self.claim_run(index, last);
+            if claimed > 1 && self.fill_run(index, index + claimed) {
+                index += claimed;
+                continue;
             }
-            self.map(run_start, index)?;
-            self.poison(index)?;
-            run_start = index + 1;
+            // One at a time: what could not be claimed (present, poisoned,
+            // or another filler's), and a run whose read failed (so only
+            // the granules that fail alone are poisoned).
+            let end = index + claimed.max(1);
+            for (i, slot) in states.iter().enumerate().take(end).skip(index) {
+                let outcome = if i < index + claimed {
+                    self.fill(i, slot)
+                } else {
+                    self.resolve(i, true)
+                };
+                match outcome {
+                    Outcome::Ready => continue,
+                    Outcome::Failed => {}
+                    Outcome::Stuck | Outcome::Busy => stuck = stuck.or(Some(i)),
+                }
+                self.map(run_start, i)?;
+                self.poison(i)?;
+                run_start = i + 1;
+            }
+            index = end;
         }
         self.map(run_start, last)?;
         match stuck {
@@ -382,7 +407,10 @@ impl Core {
     /// fill in progress (its source touched the page, or discards it):
     /// waiting for it would never end.
     fn filled_by_this_thread(&self, owner: Owner, index: usize) -> bool {
-        owner == self.me() && FILLING.get() == (self as *const _ as usize, index + 1)
+        let (core, first, last) = FILLING.get();
+        owner == self.me()
+            && core == self as *const _ as usize
+            && (first..last).contains(&(index + 1))
     }
 
     /// One step of waiting for `owner`'s claim on `slot` to end: a few
@@ -425,7 +453,7 @@ impl Core {
     /// tried again a few times first.
     fn fill(&self, index: usize, slot: &AtomicU64) -> Outcome {
         let started = Instant::now();
-        let outer = FILLING.replace((self as *const _ as usize, index + 1));
+        let outer = FILLING.replace((self as *const _ as usize, index + 1, index + 2));
         let mut tries = 0;
         let result = loop {
             tries += 1;
@@ -458,6 +486,93 @@ impl Core {
             Outcome::Ready
         } else {
             Outcome::Failed
+        }
+    }
+
+    /// Claims the absent granules from `from` on, up to `limit` and
+    /// [`RUN_GRANULES`]: how many it claimed (they are this thread's to
+    /// fill and publish).
+    fn claim_run(&self, from: usize, limit: usize) -> usize {
+        let states = self.region.page_states();
+        let limit = limit.min(from + RUN_GRANULES);
+        let mut n = 0;
+        while from + n < limit && state::claim(&states[from + n], self.me()) == Claim::Won {
+            n += 1;
+        }
+        n
+    }
+
+    /// Fills the claimed granules `from..to` with one allocation and one
+    /// source read and publishes them; `false` (nothing published, every
+    /// claim still held) if the allocation or the read failed.
+    fn fill_run(&self, from: usize, to: usize) -> bool {
+        let started = Instant::now();
+        let outer = FILLING.replace((self as *const _ as usize, from + 1, to + 1));
+        let result = self.fill_run_once(from, to);
+        FILLING.set(outer);
+        if result.is_err() {
+            return false;
+        }
+        let n = (to - from) as u32;
+        let each = started.elapsed() / n;
+        let states = self.region.page_states();
+        for slot in &states[from..to] {
+            self.latency.record(each);
+            if state::publish(slot, self.me()) == Ok(true) {
+                self.wake_waiters(slot);
+            }
+        }
+        self.counters
+            .fills
+            .fetch_add(u64::from(n), Ordering::Relaxed);
+        true
+    }
+
+    fn fill_run_once(&self, from: usize, to: usize) -> Result<(), FillError> {
+        let g = self.granule;
+        let alias = self.region.alias().as_ptr().wrapping_add(from * g);
+        let len = (to - from) * g;
+        if self.source.fills_zero() {
+            // Allocating the pages is the whole fill.
+            return self.allocate(from, to);
+        }
+        // Allocate and map the alias run in one call, so the read below
+        // takes no fault per page.
+        // SAFETY: the alias is never registered and the claimed granules
+        // are this thread's: populating them changes no byte anyone reads.
+        if unsafe { mman::madvise(alias, len, Advice::PopulateWrite) }.is_err() {
+            // Where a touch would raise SIGBUS: learn why (ENOSPC, say)
+            // from an allocation, which also makes the pages exist.
+            self.allocate(from, to)?;
+        }
+        // SAFETY: the claims make this thread the only writer of these
+        // granules, nobody reads them before they are published, the alias
+        // is never registered, and their pages exist (allocated above).
+        let dst = unsafe { std::slice::from_raw_parts_mut(alias, len) };
+        if IN_SIGNAL_HANDLER.get() {
+            let _abort = AbortOnUnwind;
+            return self.source.fill_run(from as u64, dst, g);
+        }
+        catch_unwind(AssertUnwindSafe(|| {
+            self.source.fill_run(from as u64, dst, g)
+        }))
+        .unwrap_or(Err(FillError::Panicked))
+    }
+
+    /// Allocates the pages of granules `from..to` in the file.
+    fn allocate(&self, from: usize, to: usize) -> Result<(), FillError> {
+        let g = self.granule as u64;
+        match memfd::fallocate(
+            self.region.fd().as_fd(),
+            Fallocate::Allocate,
+            self.region.layout().data_offset() + from as u64 * g,
+            (to - from) as u64 * g,
+        ) {
+            Ok(()) => Ok(()),
+            // Some kernels (hugetlb on 6.3) report pages already allocated
+            // as EEXIST: they are there, which is all this needs.
+            Err(e) if e.errno() == Errno::EEXIST => Ok(()),
+            Err(e) => Err(FillError::Io(e.errno())),
         }
     }
 

@@ -105,6 +105,19 @@ pub trait PageSource: Send + Sync {
     /// its prior content is unspecified).
     fn fill(&self, index: u64, dst: &mut [u8]) -> Result<(), FillError>;
 
+    /// Writes granules `first..` into `dst`, `granule` bytes each (`dst`
+    /// holds a whole number of them): what `populate` and the drain call
+    /// for a run of absent granules, so a source can read them with one
+    /// large read. The default fills them one by one. An error fails the
+    /// whole run; the populator then fills its granules one by one, so only
+    /// the ones that fail alone are poisoned.
+    fn fill_run(&self, first: u64, dst: &mut [u8], granule: usize) -> Result<(), FillError> {
+        for (i, page) in dst.chunks_mut(granule).enumerate() {
+            self.fill(first + i as u64, page)?;
+        }
+        Ok(())
+    }
+
     /// Whether every page is all zeroes, so that a fresh (zero) page needs
     /// no fill at all.
     fn fills_zero(&self) -> bool {
@@ -171,6 +184,10 @@ impl<S: PageSource> SignalSafe<S> {
 impl<S: PageSource> PageSource for SignalSafe<S> {
     fn fill(&self, index: u64, dst: &mut [u8]) -> Result<(), FillError> {
         self.0.fill(index, dst)
+    }
+
+    fn fill_run(&self, first: u64, dst: &mut [u8], granule: usize) -> Result<(), FillError> {
+        self.0.fill_run(first, dst, granule)
     }
 
     fn fills_zero(&self) -> bool {
@@ -272,12 +289,27 @@ impl FileSource {
 
 impl PageSource for FileSource {
     fn fill(&self, index: u64, dst: &mut [u8]) -> Result<(), FillError> {
+        self.read_pages(index, dst, dst.len())
+    }
+
+    fn fill_run(&self, first: u64, dst: &mut [u8], granule: usize) -> Result<(), FillError> {
+        self.read_pages(first, dst, granule)
+    }
+}
+
+impl FileSource {
+    /// Reads the granules from `index` on into `dst` with one read.
+    fn read_pages(&self, index: u64, dst: &mut [u8], granule: usize) -> Result<(), FillError> {
         let past_end = FillError::PastEnd { len: self.len };
         let start = index
-            .checked_mul(dst.len() as u64)
+            .checked_mul(granule as u64)
             .and_then(|s| s.checked_add(self.offset))
             .filter(|&s| s < self.len)
             .ok_or(past_end)?;
+        // Every page of a run must start before the end, as one page must.
+        if (dst.len() - granule) as u64 >= self.len - start && dst.len() > granule {
+            return Err(past_end);
+        }
         let available = ((self.len - start) as usize).min(dst.len());
         let (data, padding) = dst.split_at_mut(available);
         match &self.reader {

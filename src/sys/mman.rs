@@ -27,6 +27,9 @@ pub(crate) enum Advice {
     NoHugePage,
     /// `MADV_DONTNEED` (4): drop this mapping's page-table entries.
     DontNeed,
+    /// `MADV_POPULATE_WRITE` (23, Linux 5.14): allocate and map the range
+    /// writable now; `EFAULT` where a touch would have raised SIGBUS.
+    PopulateWrite,
 }
 
 impl Advice {
@@ -34,6 +37,8 @@ impl Advice {
     pub(crate) const MADV_SPLIT: libc::c_int = 26;
     /// `MADV_COLLAPSE`, Linux 6.1.
     pub(crate) const MADV_COLLAPSE: libc::c_int = 25;
+    /// `MADV_POPULATE_WRITE`, Linux 5.14.
+    pub(crate) const MADV_POPULATE_WRITE: libc::c_int = 23;
 
     /// The raw advice number.
     pub(crate) const fn raw(self) -> libc::c_int {
@@ -43,6 +48,7 @@ impl Advice {
             Advice::HugePage => libc::MADV_HUGEPAGE,
             Advice::NoHugePage => libc::MADV_NOHUGEPAGE,
             Advice::DontNeed => libc::MADV_DONTNEED,
+            Advice::PopulateWrite => Self::MADV_POPULATE_WRITE,
         }
     }
 
@@ -54,6 +60,7 @@ impl Advice {
             Advice::HugePage => "madvise(MADV_HUGEPAGE)",
             Advice::NoHugePage => "madvise(MADV_NOHUGEPAGE)",
             Advice::DontNeed => "madvise(MADV_DONTNEED)",
+            Advice::PopulateWrite => "madvise(MADV_POPULATE_WRITE)",
         }
     }
 }
