@@ -302,7 +302,25 @@ impl Core {
         let window = self.readahead.on_fault(index as u64) as usize;
         let limit = (index + 1 + window).min(self.granules);
         let mut end = index + 1;
-        // Read ahead only what can be had without waiting.
+        // Read ahead only what can be had without waiting: the absent
+        // granules right behind as one run (one allocation, one read),
+        // then whatever else is ready.
+        let claimed = self.claim_run(end, limit);
+        if claimed > 1 && self.fill_run(end, end + claimed) {
+            end += claimed;
+        } else {
+            let states = self.region.page_states();
+            let from = end;
+            let mut ready = true;
+            for (i, slot) in states.iter().enumerate().skip(from).take(claimed) {
+                // Every claim must be filled; the window stops at the
+                // first that fails.
+                ready &= self.fill(i, slot) == Outcome::Ready;
+                if ready {
+                    end = i + 1;
+                }
+            }
+        }
         while end < limit && self.resolve(end, false) == Outcome::Ready {
             end += 1;
         }
