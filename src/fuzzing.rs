@@ -49,3 +49,13 @@ pub fn snapshot_header_decoded(
 pub fn blank_snapshot_header(backend: crate::BackendKind) -> crate::persist::SnapshotHeader {
     crate::persist::SnapshotHeader::new(backend, 21, 12, 0)
 }
+
+/// Where a snapshot of this format version, granule and size keeps its
+/// map and data: `(granules, map_offset, data_offset)`.
+pub fn snapshot_geometry(
+    version: u32,
+    granule_shift: u32,
+    data_len: u64,
+) -> Option<(u64, u64, u64)> {
+    crate::persist::format::geometry(version, granule_shift, data_len)
+}

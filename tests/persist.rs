@@ -384,12 +384,15 @@ fn corrupt_truncated_and_foreign_snapshots_are_refused_or_poisoned() {
         ("short", Box::new(|f| f.set_len(100).unwrap()), "truncated"),
         (
             "version",
-            Box::new(|f| f.write_all_at(&2u32.to_le_bytes(), 8).unwrap()),
-            "version 2",
+            Box::new(|f| f.write_all_at(&9u32.to_le_bytes(), 8).unwrap()),
+            "version 9",
         ),
         (
-            "map",
-            Box::new(|f| f.write_all_at(&[0xFF], header.map_offset + 9).unwrap()),
+            "chunk table",
+            Box::new(|f| {
+                let table = header.map_offset + header.granules * 8;
+                f.write_all_at(&[0xFF], table + 2).unwrap()
+            }),
             "page map checksum",
         ),
     ];
@@ -578,6 +581,55 @@ fn a_drain_of_a_damaged_snapshot_poisons_exactly_the_damaged_pages() {
             .unwrap();
         assert!(
             (0..4096).all(|i| buf[i] == pattern_byte(5, page * 4096 + i)),
+            "page {page}"
+        );
+    }
+}
+
+/// The page map is checked chunk by chunk as restore needs it: a damaged
+/// chunk (512 entries: 2 MiB of 4 KiB pages) is found on first use, every
+/// page it describes is poisoned and reported, and the rest of the
+/// snapshot reads right. Opening reads only the chunk table.
+#[test]
+fn a_damaged_page_map_chunk_poisons_exactly_its_pages() {
+    let dir = snapshot_dir();
+    let region =
+        Arc::new(Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap());
+    let p = Populator::with_options(
+        region.clone(),
+        pattern_source(6),
+        PopulateOptions::new().driver(Driver::Proactive),
+    )
+    .unwrap();
+    p.populate(0, 8 << 20).unwrap();
+    let path = dir.path().join("chunk.snap");
+    persist::snapshot(&region, &path).unwrap();
+    let header = SnapshotSource::open(&path).unwrap().header().clone();
+    assert_eq!(header.version, 2);
+    // Entry 700 lies in chunk 1 (granules 512..1024).
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[0xAB], header.map_offset + 700 * 8 + 5)
+        .unwrap();
+    let restored =
+        persist::restore(&path, PopulateOptions::new().driver(Driver::Proactive)).unwrap();
+    restored.populate(0, 8 << 20).unwrap();
+    let errors = restored.errors();
+    assert!(!errors.is_empty());
+    assert!(
+        errors
+            .iter()
+            .all(|e| (512..1024).contains(&e.index) && e.to_string().contains("map chunk")),
+        "{errors:?}"
+    );
+    assert_eq!(restored.stats().poisoned, 512);
+    for page in (0..2048usize).filter(|i| !(512..1024).contains(i)) {
+        let mut buf = vec![0u8; 4096];
+        restored
+            .region()
+            .read_via_primary(page * 4096, &mut buf)
+            .unwrap();
+        assert!(
+            (0..4096).all(|i| buf[i] == pattern_byte(6, page * 4096 + i)),
             "page {page}"
         );
     }

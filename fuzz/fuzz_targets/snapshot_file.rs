@@ -16,7 +16,9 @@ use std::io::Write;
 
 use hugearena::BackendKind;
 use hugearena::persist::SnapshotSource;
-use hugearena::fuzzing::{blank_snapshot_header, snapshot_header_decoded, snapshot_header_encoded};
+use hugearena::fuzzing::{
+    blank_snapshot_header, snapshot_geometry, snapshot_header_decoded, snapshot_header_encoded,
+};
 use hugearena::persist::{HEADER_LEN, ParentRef};
 use hugearena::populate::PageSource;
 use libfuzzer_sys::fuzz_target;
@@ -50,12 +52,13 @@ fn forge(input: &[u8]) -> Vec<u8> {
     h.huge_page_shift = huge_shift;
     h.granule_shift = granule_shift;
     h.data_len = data_len;
-    let granule = 1u64.checked_shl(granule_shift).unwrap_or(0).max(1);
-    h.granules = data_len / granule;
-    h.data_offset = HEADER_LEN
-        .saturating_add(h.granules.saturating_mul(8))
-        .checked_next_multiple_of(granule.max(HEADER_LEN))
-        .unwrap_or(u64::MAX);
+    // Either format version: 1 (whole map checked at open) or 2 (chunk
+    // table; the map checked chunk by chunk on fill).
+    h.version = if flags & 0x10 != 0 { 1 } else { 2 };
+    if let Some((granules, _, data_offset)) = snapshot_geometry(h.version, granule_shift, data_len)
+    {
+        (h.granules, h.data_offset) = (granules, data_offset);
+    }
     // Each field kept, or replaced by the input.
     let pick = |field: u64, at: usize| {
         if input.get(at).is_some_and(|b| b & 1 == 1) {

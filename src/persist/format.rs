@@ -25,8 +25,15 @@ use crate::error::{Error, Result};
 
 /// The first 8 bytes of a snapshot.
 pub(crate) const MAGIC: [u8; 8] = *b"HASNAP\0\x01";
-/// The format version this build writes and reads.
-pub(crate) const VERSION: u32 = 1;
+/// The format version this build writes (it reads 1 too). Version 2 adds
+/// the chunk table: the page map is checked chunk by chunk as restore
+/// needs it, so opening a snapshot costs the same whatever its size.
+pub(crate) const VERSION: u32 = 2;
+/// The version without a chunk table (its whole map is checked at open).
+pub(crate) const VERSION_1: u32 = 1;
+/// Page-map entries per chunk: 4 KiB of map, one crc32c each in the
+/// chunk table.
+pub(crate) const MAP_CHUNK_ENTRIES: u64 = 512;
 /// Bytes of the header.
 pub const HEADER_LEN: u64 = 4096;
 /// Bytes of one page-map entry.
@@ -66,8 +73,11 @@ pub struct SnapshotHeader {
     pub data_offset: u64,
     /// Granules present in the file.
     pub present: u64,
-    /// crc32c of the page map.
+    /// crc32c of the chunk table (version 2), or of the whole page map
+    /// (version 1).
     pub map_crc: u32,
+    /// The format version of the file.
+    pub version: u32,
     /// The parent, for an incremental snapshot.
     pub parent: Option<ParentRef>,
     /// The header's own checksum (set by `encode` and `decode`).
@@ -149,13 +159,18 @@ pub enum SnapshotDefect {
 /// Where a snapshot of `data_len` bytes in granules of `1 << granule_shift`
 /// keeps its map and data: `(granules, map_offset, data_offset)`, or `None`
 /// when the numbers do not fit in 64 bits (a hostile header).
-fn geometry(granule_shift: u32, data_len: u64) -> Option<(u64, u64, u64)> {
+pub(crate) fn geometry(version: u32, granule_shift: u32, data_len: u64) -> Option<(u64, u64, u64)> {
     let granule = 1u64.checked_shl(granule_shift)?;
     let granules = data_len / granule;
     let map_offset = HEADER_LEN;
+    let chunk_table = match version {
+        VERSION_1 => 0,
+        _ => granules.div_ceil(MAP_CHUNK_ENTRIES).checked_mul(4)?,
+    };
     let data_offset = granules
         .checked_mul(MAP_ENTRY)?
         .checked_add(map_offset)?
+        .checked_add(chunk_table)?
         .checked_next_multiple_of(granule.max(HEADER_LEN))?;
     Some((granules, map_offset, data_offset))
 }
@@ -168,7 +183,7 @@ impl SnapshotHeader {
         granule_shift: u32,
         data_len: u64,
     ) -> Self {
-        let (granules, map_offset, data_offset) = geometry(granule_shift, data_len)
+        let (granules, map_offset, data_offset) = geometry(VERSION, granule_shift, data_len)
             .expect("a snapshot's geometry fits in 64 bits (granule shift 12..=30)");
         SnapshotHeader {
             backend,
@@ -180,6 +195,7 @@ impl SnapshotHeader {
             data_offset,
             present: 0,
             map_crc: 0,
+            version: VERSION,
             parent: None,
             header_crc: 0,
         }
@@ -188,6 +204,16 @@ impl SnapshotHeader {
     /// The length a complete snapshot file has, if it fits in 64 bits.
     fn checked_file_len(&self) -> Option<u64> {
         self.data_offset.checked_add(self.data_len)
+    }
+
+    /// Where the chunk table starts (version 2): right after the map.
+    pub(crate) fn chunk_table_offset(&self) -> u64 {
+        self.map_offset + self.granules * MAP_ENTRY
+    }
+
+    /// Chunks of the page map.
+    pub(crate) fn chunks(&self) -> u64 {
+        self.granules.div_ceil(MAP_CHUNK_ENTRIES)
     }
 
     /// Bytes per granule.
@@ -205,7 +231,7 @@ impl SnapshotHeader {
         let mut b = [0u8; HEADER_LEN as usize];
         let mut e = Encoder::new(&mut b);
         e.bytes(0, &MAGIC)
-            .u32(8, VERSION)
+            .u32(8, self.version)
             .u32(12, self.backend.code())
             .u32(16, self.huge_page_shift)
             .u32(20, self.granule_shift)
@@ -251,7 +277,13 @@ impl SnapshotHeader {
             .into());
         }
         let d = Decoder::new(b, HEADER_LEN as usize)?;
-        d.identify(MAGIC, 8, VERSION)?;
+        let version = match d.identify(MAGIC, 8, VERSION) {
+            Ok(()) => VERSION,
+            Err(HeaderDefect::Version {
+                found: VERSION_1, ..
+            }) => VERSION_1,
+            Err(e) => return Err(e.into()),
+        };
         d.check_seal(CHECKSUM_OFFSET, None)?;
         let field = |field, value| HeaderDefect::Field { field, value };
         let name_len = usize::from(d.u16(76));
@@ -277,6 +309,7 @@ impl SnapshotHeader {
             data_offset: d.u64(48),
             present: d.u64(56),
             map_crc: d.u32(64),
+            version,
             parent,
             header_crc: d.u32(CHECKSUM_OFFSET),
         };
@@ -284,7 +317,7 @@ impl SnapshotHeader {
             return Err(field("granule_shift", u64::from(h.granule_shift)).into());
         }
         let consistent = h.data_len % h.granule() == 0
-            && geometry(h.granule_shift, h.data_len)
+            && geometry(h.version, h.granule_shift, h.data_len)
                 == Some((h.granules, h.map_offset, h.data_offset))
             && h.present <= h.granules
             && h.checked_file_len().is_some();

@@ -25,6 +25,7 @@
 #![allow(unsafe_code)] // the snapshot source promises signal safety (`unsafe impl`)
 
 pub(crate) mod format;
+mod page_map;
 pub use format::{HEADER_LEN, ParentRef, SnapshotDefect, SnapshotHeader};
 
 use std::fs::File;
@@ -34,6 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use self::format::{MAP_ENTRY, PRESENT};
+use self::page_map::{Entry, PageMap};
 use crate::error::{Error, Result};
 use crate::populate::state::{self, PageState};
 use crate::populate::{FillError, PageSource, PopulateOptions, Populator};
@@ -205,9 +207,6 @@ fn remove_stale_temporaries(dir: &Path, name: &str) {
     }
 }
 
-/// Bytes of page map read at a time (a multiple of the entry size).
-const MAP_READ_CHUNK: usize = 1 << 20;
-
 /// The deepest chain of incremental snapshots a restore follows.
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
@@ -275,7 +274,7 @@ fn write_snapshot(
         }
         if inherited(i) {
             let at = i * MAP_ENTRY as usize;
-            let crc = increment.map_or(0, |inc| inc.parent.map[i].1);
+            let crc = increment.map_or(0, |inc| inc.parent.entry(i as u64).map_or(0, |e| e.crc));
             map[at..at + 4].copy_from_slice(&format::INHERITED.to_le_bytes());
             map[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
             inherited_count += 1;
@@ -303,8 +302,16 @@ fn write_snapshot(
         data_bytes += bytes.len() as u64;
         i = end;
     }
-    header.map_crc = crc32c::crc32c(&map);
+    // One crc per chunk of map, so a restore checks only what it reads;
+    // the table's own crc goes in the header.
+    let table: Vec<u8> = map
+        .chunks((format::MAP_CHUNK_ENTRIES * MAP_ENTRY) as usize)
+        .flat_map(|chunk| crc32c::crc32c(chunk).to_le_bytes())
+        .collect();
+    header.map_crc = crc32c::crc32c(&table);
     file.write_all_at(&map, header.map_offset)
+        .map_err(io_error(tmp))?;
+    file.write_all_at(&table, header.chunk_table_offset())
         .map_err(io_error(tmp))?;
     // The header last: a file without it is not a snapshot.
     file.write_all_at(&header.encode(), 0)
@@ -351,8 +358,8 @@ pub struct SnapshotSource {
     path: PathBuf,
     file: File,
     header: SnapshotHeader,
-    /// Per granule: (flags, crc32c).
-    map: Vec<(u32, u32)>,
+    /// Per granule: flags and crc32c, loaded chunk by chunk.
+    map: PageMap,
     /// The snapshot this one builds on, opened and checked.
     parent: Option<Box<SnapshotSource>>,
 }
@@ -391,48 +398,9 @@ impl SnapshotSource {
         file.read_exact_at(&mut head, 0).map_err(io_error(&path))?;
         head.resize(HEADER_LEN as usize, 0);
         let header = SnapshotHeader::decode(&head, len, &path)?;
-        // The map's size follows from the header (checked against the
-        // file's length); it is reserved fallibly, so a hostile header gets
-        // an error, not an abort, and read through a fixed buffer.
-        let map_len = header.granules * MAP_ENTRY;
-        let mut map: Vec<(u32, u32)> = Vec::new();
-        map.try_reserve_exact(header.granules as usize)
-            .map_err(|_| Error::BadSnapshot {
-                path: path.clone(),
-                defect: SnapshotDefect::MapTooLarge { bytes: map_len },
-            })?;
-        let mut chunk = vec![0u8; MAP_READ_CHUNK.min(map_len as usize)];
-        let mut crc = 0;
-        let mut at = 0;
-        while at < map_len {
-            let part = &mut chunk[..(map_len - at).min(MAP_READ_CHUNK as u64) as usize];
-            file.read_exact_at(part, header.map_offset + at)
-                .map_err(io_error(&path))?;
-            crc = crc32c::crc32c_append(crc, part);
-            map.extend(part.chunks_exact(8).map(|e| {
-                (
-                    u32::from_le_bytes(e[0..4].try_into().expect("4 bytes")),
-                    u32::from_le_bytes(e[4..8].try_into().expect("4 bytes")),
-                )
-            }));
-            at += part.len() as u64;
-        }
-        if crc != header.map_crc {
-            return Err(Error::BadSnapshot {
-                path,
-                defect: SnapshotDefect::MapChecksum,
-            });
-        }
-        let present = map.iter().filter(|(f, _)| f & PRESENT != 0).count() as u64;
-        if present != header.present {
-            return Err(Error::BadSnapshot {
-                path,
-                defect: SnapshotDefect::PresentCount {
-                    recorded: header.present,
-                    counted: present,
-                },
-            });
-        }
+        // Only the chunk table is read now (the whole map of a version 1
+        // file); the map's entries are read and checked as pages need them.
+        let map = PageMap::open(&file, &header, &path)?;
         let parent = match &header.parent {
             None => None,
             Some(p) => {
@@ -450,7 +418,7 @@ impl SnapshotSource {
                 Some(Box::new(parent))
             }
         };
-        if parent.is_none() && map.iter().any(|(f, _)| f & format::INHERITED != 0) {
+        if parent.is_none() && !map.inherits_nothing_loaded() {
             return Err(Error::BadSnapshot {
                 path,
                 defect: SnapshotDefect::NoParent,
@@ -468,8 +436,18 @@ impl SnapshotSource {
     /// Whether granule `index` has bytes in this snapshot or its parents.
     fn holds(&self, index: usize) -> bool {
         self.map
-            .get(index)
-            .is_some_and(|(flags, _)| flags & (PRESENT | format::INHERITED) != 0)
+            .entry(&self.file, index as u64)
+            .is_ok_and(|e| e.flags & (PRESENT | format::INHERITED) != 0)
+    }
+
+    /// The entry of granule `index`, its chunk loaded and checked.
+    fn entry(&self, index: u64) -> std::result::Result<Entry, FillError> {
+        if index >= self.header.granules {
+            return Err(FillError::PastEnd {
+                len: self.header.data_len,
+            });
+        }
+        self.map.entry(&self.file, index)
     }
 
     /// How many snapshots this one builds on.
@@ -520,9 +498,7 @@ impl PageSource for SnapshotSource {
                 "the region's granule differs from the snapshot's",
             ));
         }
-        let (flags, crc) = *self.map.get(index as usize).ok_or(FillError::PastEnd {
-            len: self.header.data_len,
-        })?;
+        let Entry { flags, crc } = self.entry(index)?;
         if flags & format::INHERITED != 0 {
             return match &self.parent {
                 Some(parent) => parent.fill(index, dst),
@@ -559,22 +535,20 @@ impl PageSource for SnapshotSource {
             ));
         }
         let count = dst.len() / g;
-        let entries = usize::try_from(first)
-            .ok()
-            .and_then(|f| self.map.get(f..f.checked_add(count)?))
-            .ok_or(FillError::PastEnd {
-                len: self.header.data_len,
-            })?;
         // Sub-runs of one kind: stored pages are read with one `pread` and
         // checked page by page; inherited ones come from the parent; holes
         // are zero.
-        let kind = |flags: u32| flags & (PRESENT | format::INHERITED);
+        let kind = |i: usize| {
+            self.entry(first + i as u64)
+                .map(|e| e.flags & (PRESENT | format::INHERITED))
+        };
         let mut at = 0;
         while at < count {
-            let k = kind(entries[at].0);
-            let end = (at..count)
-                .find(|&i| kind(entries[i].0) != k)
-                .unwrap_or(count);
+            let k = kind(at)?;
+            let mut end = at + 1;
+            while end < count && kind(end)? == k {
+                end += 1;
+            }
             let pages = &mut dst[at * g..end * g];
             let index = first + at as u64;
             if k & format::INHERITED != 0 {
@@ -592,8 +566,8 @@ impl PageSource for SnapshotSource {
                     .map_err(|e| {
                         FillError::Io(e.raw_os_error().map_or(Errno::EIO, Errno::from_raw))
                     })?;
-                for (page, &(_, crc)) in pages.chunks(g).zip(&entries[at..end]) {
-                    if crc32c::crc32c(page) != crc {
+                for (k, page) in pages.chunks(g).enumerate() {
+                    if crc32c::crc32c(page) != self.entry(index + k as u64)?.crc {
                         return Err(FillError::Failed(
                             "snapshot page checksum mismatch (corrupt page)",
                         ));
@@ -608,9 +582,8 @@ impl PageSource for SnapshotSource {
     }
 
     fn is_zero(&self, index: u64) -> bool {
-        self.map
-            .get(index as usize)
-            .is_some_and(|(flags, _)| flags & (PRESENT | format::INHERITED) == 0)
+        self.entry(index)
+            .is_ok_and(|e| e.flags & (PRESENT | format::INHERITED) == 0)
     }
 }
 

@@ -257,6 +257,64 @@ impl Drop for Reservation {
     }
 }
 
+/// Private words that read as zero until written: anonymous memory the
+/// kernel allocates page by page on first touch (`MAP_NORESERVE`), so a
+/// large table costs nothing until it is used and a size the system cannot
+/// hold is an error rather than an abort. Unmapped on drop.
+#[derive(Debug)]
+pub(crate) struct ZeroedWords {
+    base: NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+}
+
+// SAFETY: the words are atomics owned by this value; sharing or moving the
+// mapping between threads moves no thread-bound state.
+unsafe impl Send for ZeroedWords {}
+// SAFETY: as above: every access goes through `AtomicU64`.
+unsafe impl Sync for ZeroedWords {}
+
+impl ZeroedWords {
+    /// `len` zero words.
+    pub(crate) fn new(len: usize) -> SysResult<ZeroedWords> {
+        let bytes = len.checked_mul(8).filter(|&b| b > 0).unwrap_or(8);
+        // SAFETY: a fresh private mapping at a kernel-chosen address
+        // overlaps nothing we own.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(SysError::last("mmap(MAP_ANONYMOUS)").arg("len", bytes as u64));
+        }
+        Ok(ZeroedWords {
+            base: NonNull::new(raw.cast()).expect("mmap returns a non-null address"),
+            len,
+        })
+    }
+
+    /// The words.
+    pub(crate) fn words(&self) -> &[std::sync::atomic::AtomicU64] {
+        // SAFETY: the mapping holds `len` 8-byte-aligned words, zero (a
+        // valid `AtomicU64`) or written through these atomics, and lives
+        // as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for ZeroedWords {
+    fn drop(&mut self) {
+        let bytes = (self.len * 8).max(8);
+        // SAFETY: the mapping is ours and nothing borrows it any more.
+        let _ = unsafe { libc::munmap(self.base.as_ptr().cast(), bytes) };
+    }
+}
+
 /// Maps `len` bytes of `fd` `MAP_SHARED | MAP_NORESERVE` at a kernel-chosen
 /// address for a short-lived experiment (the kernel probe). Unmapped on drop.
 pub(crate) fn map_probe(fd: BorrowedFd<'_>, len: usize) -> SysResult<ProbeMapping> {
