@@ -132,6 +132,46 @@ fn main() {
         drains.push((len, drain, eager, info.file_len));
         let _ = std::fs::remove_file(&path);
     }
+    // A large sparse snapshot: restore must not grow with the region.
+    if !quick {
+        let len = 16usize << 30;
+        let every = 64;
+        let path = dir.join("hugearena-bench-sparse.snap");
+        let info = {
+            let region = Arc::new(
+                Region::create(RegionOptions::new(len as u64).backend(BackendKind::Shmem))
+                    .expect("region"),
+            );
+            // SAFETY: `pattern` only computes bytes into `dst`.
+            let source: PatternSource = unsafe { SignalSafe::new(FnSource(pattern)) };
+            let options = PopulateOptions::new().driver(Driver::Proactive);
+            let p = Populator::with_options(region, source, options).expect("populator");
+            for page in (0..len / 4096).step_by(every) {
+                p.populate(page * 4096, 4096).expect("populate");
+            }
+            persist::snapshot(p.region(), &path).expect("snapshot")
+        };
+        let mut first = Histogram::<u64>::new(3).expect("histogram");
+        for _ in 0..5 {
+            drop_cache(&path);
+            let t = Instant::now();
+            let p = persist::restore(&path, PopulateOptions::new()).expect("restore");
+            let mut b = [0u8; 8];
+            p.region()
+                .read_via_primary(len / 2, &mut b)
+                .expect("first access");
+            std::hint::black_box(&mut b);
+            first.record(t.elapsed().as_nanos() as u64).expect("record");
+        }
+        println!(
+            "| {} MiB, sparse ({} MiB present) | {:.2} s | {:.2} ms | — | — |",
+            len >> 20,
+            info.data_bytes >> 20,
+            info.elapsed.as_secs_f64(),
+            first.value_at_quantile(0.5) as f64 / 1e6
+        );
+        let _ = std::fs::remove_file(&path);
+    }
     println!("\n## Full background drain (cold cache, crc32c verified) vs sequential read\n");
     println!("| snapshot | drain | drain rate | file read rate | drain / read |");
     println!("|---|---|---|---|---|");

@@ -874,11 +874,6 @@ impl Core {
         }
     }
 
-    /// Leaves no faulting thread parked once nobody resolves faults any
-    /// more: maps every granule that is present, poisons the rest (in this
-    /// process only), then wakes the whole range. A thread that touches an
-    /// unpopulated page afterwards gets SIGBUS instead of hanging, and
-    /// never reads bytes the source did not give.
     /// Before this process's registration goes away while the region
     /// stays mapped: poisons every granule not present in the page cache,
     /// so a later touch of it raises SIGBUS instead of reading a fresh zero
@@ -904,6 +899,11 @@ impl Core {
         }
     }
 
+    /// Leaves no faulting thread parked once nobody resolves faults any
+    /// more: maps every granule that is present, poisons the rest (in this
+    /// process only), then wakes the whole range. A thread that touches an
+    /// unpopulated page afterwards gets SIGBUS instead of hanging, and
+    /// never reads bytes the source did not give.
     pub(crate) fn fail_closed(&self) {
         let mut at = 0;
         while at < self.granules {
