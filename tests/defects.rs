@@ -937,7 +937,10 @@ impl Drop for SmallTmpfs {
 /// the page is poisoned: SIGBUS on touch in any process, `errors()` names
 /// ENOSPC); nothing crashes, neither on the page-state table nor on the
 /// fill's own write. The poison stays after space is freed, until `retry`;
-/// then the pages fill with the source's bytes.
+/// then the pages fill with the source's bytes. The page-state table is
+/// allocated as it is used: where even its page cannot be allocated,
+/// `populate` returns ENOSPC and a touch gets SIGBUS, and once space
+/// returns that page fills normally (nothing stayed poisoned).
 #[test]
 fn a_full_tmpfs_poisons_pages_until_space_returns_and_they_are_retried() {
     use std::io::Write;
@@ -953,6 +956,9 @@ fn a_full_tmpfs_poisons_pages_until_space_returns_and_they_are_retried() {
     let path = region.shareable_path().display().to_string();
     let populator = Populator::with_options(region.clone(), patterned(), in_thread()).unwrap();
     let g = region.granule().bytes();
+    // The page-state table is allocated as it is used: use the part that
+    // describes pages 0..512 before the file system fills up.
+    populator.populate(100 * g, g).unwrap();
     // Fill what is left of the file system.
     let ballast_path = fs.0.path().join("ballast");
     let mut ballast = std::fs::File::create(&ballast_path).unwrap();
@@ -1008,6 +1014,27 @@ fn a_full_tmpfs_poisons_pages_until_space_returns_and_they_are_retried() {
             .iter()
             .enumerate()
             .all(|(i, &b)| b == pattern_byte(7, i))
+    );
+
+    // Where even the state table's page cannot be allocated: `populate`
+    // says so, a touch gets SIGBUS, and nothing stays poisoned in the
+    // shared table once space returns.
+    let far = 3000 * g;
+    let mut ballast = std::fs::File::create(&ballast_path).unwrap();
+    for chunk in [1 << 20, 4096] {
+        while ballast.write_all(&vec![1u8; chunk]).is_ok() {}
+    }
+    drop(ballast);
+    let err = populator.populate(far, g).unwrap_err();
+    assert!(err.to_string().contains("ENOSPC"), "{err}");
+    let out = touch(far + 1);
+    assert_eq!(killed_by(&out), Some(libc::SIGBUS), "{out:?}");
+    std::fs::remove_file(&ballast_path).unwrap();
+    let out = touch(far + 1);
+    let want = pattern_byte(7, far + 1);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("READ {want} WANT {want}")),
+        "{out:?}"
     );
 }
 

@@ -76,7 +76,9 @@ fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 pub(crate) fn fill_from_source(populator: &Populator) -> Result<()> {
     let region = populator.region();
     let g = region.granule().bytes();
-    let states = region.page_states();
+    let states = region
+        .all_page_states()
+        .map_err(Error::sys("allocating the page-state table"))?;
     let needs = |i: usize| {
         state::observe(&states[i]) != PageState::Present && !populator.source().is_zero(i as u64)
     };
@@ -258,7 +260,9 @@ fn write_snapshot(
     // Copy runs of present granules up to 1 MiB at a time.
     let per_batch = ((1 << 20) / g).max(1);
     let mut buf = vec![0u8; per_batch * g];
-    let states = region.page_states();
+    let states = region
+        .all_page_states()
+        .map_err(Error::sys("allocating the page-state table"))?;
     let mut i = 0;
     let mut data_bytes = 0;
     // A present granule the parent holds and nobody changed is inherited:

@@ -309,7 +309,8 @@ impl Core {
         if claimed > 1 && self.fill_run(end, end + claimed) {
             end += claimed;
         } else {
-            let states = self.region.page_states();
+            // `claim_run` made these words' pages ready.
+            let states = self.region.page_states_for(end, end + claimed)?;
             let from = end;
             let mut ready = true;
             for (i, slot) in states.iter().enumerate().skip(from).take(claimed) {
@@ -337,7 +338,7 @@ impl Core {
     /// what is being filled, maps contiguous runs, poisons failures.
     pub(crate) fn populate_range(&self, first: usize, last: usize) -> SysResult<()> {
         Counters::bump(&self.counters.populate_calls);
-        let states = self.region.page_states();
+        let states = self.region.page_states_for(first, last)?;
         let mut run_start = first;
         let mut stuck = None;
         let mut index = first;
@@ -385,7 +386,16 @@ impl Core {
     /// `wait`, waits for a live filler (up to the fill timeout) and takes
     /// over a dead one's claim; without, reports `Busy`.
     pub(crate) fn resolve(&self, index: usize, wait: bool) -> Outcome {
-        let slot = &self.region.page_states()[index];
+        let slot = match self.region.page_states_for(index, index + 1) {
+            Ok(states) => &states[index],
+            Err(e) => {
+                // No memory for the state table: this granule cannot be
+                // claimed; it fails here (poisoned in this process).
+                self.failures.push(e);
+                self.record_error(index, FillError::Io(e.errno()));
+                return Outcome::Failed;
+            }
+        };
         let mut deadline = None;
         let mut checks = 0u32;
         loop {
@@ -511,8 +521,11 @@ impl Core {
     /// [`RUN_GRANULES`]: how many it claimed (they are this thread's to
     /// fill and publish).
     fn claim_run(&self, from: usize, limit: usize) -> usize {
-        let states = self.region.page_states();
         let limit = limit.min(from + RUN_GRANULES);
+        let Ok(states) = self.region.page_states_for(from, limit) else {
+            // One at a time then, where the error is reported.
+            return 0;
+        };
         let mut n = 0;
         while from + n < limit && state::claim(&states[from + n], self.me()) == Claim::Won {
             n += 1;
@@ -533,7 +546,11 @@ impl Core {
         }
         let n = (to - from) as u32;
         let each = started.elapsed() / n;
-        let states = self.region.page_states();
+        // Claimed, so their words' pages are ready (if not, the caller
+        // fills them one by one, which reports the error).
+        let Ok(states) = self.region.page_states_for(from, to) else {
+            return false;
+        };
         for slot in &states[from..to] {
             self.latency.record(each);
             if state::publish(slot, self.me()) == Ok(true) {
@@ -646,7 +663,10 @@ impl Core {
     /// back, so fill it again; otherwise it is being discarded or refilled:
     /// resolve it as a fault would.
     fn refill_vanished(&self, index: usize) -> Outcome {
-        let slot = &self.region.page_states()[index];
+        let Ok(states) = self.region.page_states_for(index, index + 1) else {
+            return self.resolve(index, true);
+        };
+        let slot = &states[index];
         if state::observe(slot) == PageState::Present
             && state::begin_discard(slot, self.me()) == Discard::Claimed
         {
@@ -663,7 +683,7 @@ impl Core {
     /// the granules claimed so far are still discarded, and the error is
     /// returned.
     pub(crate) fn discard_range(&self, first: usize, last: usize) -> SysResult<()> {
-        let states = self.region.page_states();
+        let states = self.region.page_states_for(first, last)?;
         let mut claimed = first;
         let mut failed = None;
         'claim: while claimed < last {
@@ -740,7 +760,7 @@ impl Core {
     /// words go back to `Absent` and this process's poison markers are
     /// dropped. Returns how many were poisoned.
     pub(crate) fn retry_range(&self, first: usize, last: usize) -> SysResult<usize> {
-        let states = self.region.page_states();
+        let states = self.region.page_states_for(first, last)?;
         let retried = states[first..last]
             .iter()
             .filter(|s| state::unpoison(*s))
@@ -881,22 +901,7 @@ impl Core {
     /// need nothing: without a registration they map as ordinary shared
     /// memory.
     pub(crate) fn poison_unfilled(&self) {
-        let states = self.region.page_states();
-        let mut at = 0;
-        while at < self.granules {
-            if state::observe(&states[at]) == PageState::Present {
-                at += 1;
-                continue;
-            }
-            let mut end = at + 1;
-            while end < self.granules && state::observe(&states[end]) != PageState::Present {
-                end += 1;
-            }
-            if let Err(e) = self.poison_range(at, end) {
-                self.failures.push(e);
-            }
-            at = end;
-        }
+        self.settle(false);
     }
 
     /// Leaves no faulting thread parked once nobody resolves faults any
@@ -905,28 +910,62 @@ impl Core {
     /// unpopulated page afterwards gets SIGBUS instead of hanging, and
     /// never reads bytes the source did not give.
     pub(crate) fn fail_closed(&self) {
-        let mut at = 0;
-        while at < self.granules {
-            let present = state::observe(&self.region.page_states()[at]) == PageState::Present;
-            let mut end = at + 1;
-            while end < self.granules
-                && (state::observe(&self.region.page_states()[end]) == PageState::Present)
-                    == present
-            {
-                end += 1;
+        self.settle(true);
+        if let Err(e) = self.uffd.wake(self.addr(0), self.granules * self.granule) {
+            self.failures.push(e);
+        }
+    }
+
+    /// Poisons, in this process, every granule not present (and maps the
+    /// present ones if `map_present`). Granules whose page-state words have
+    /// no memory behind them were never claimed by anyone: they are
+    /// poisoned without allocating their part of the table.
+    fn settle(&self, map_present: bool) {
+        let backed = match self.region.backed_state_ranges() {
+            Ok(backed) => backed,
+            Err(e) => {
+                self.failures.push(e);
+                return;
             }
-            let done = if present {
-                self.map(at, end)
-            } else {
-                self.poison_range(at, end)
-            };
+        };
+        let record = |done: SysResult<()>| {
             if let Err(e) = done {
                 self.failures.push(e);
             }
-            at = end;
-        }
-        if let Err(e) = self.uffd.wake(self.addr(0), self.granules * self.granule) {
-            self.failures.push(e);
+        };
+        let mut at = 0;
+        for range in backed
+            .into_iter()
+            .chain(std::iter::once(self.granules..self.granules))
+        {
+            if at < range.start {
+                record(self.poison_range(at, range.start));
+            }
+            let states = match self.region.page_states_for(range.start, range.end) {
+                Ok(states) => states,
+                Err(e) => {
+                    record(Err(e));
+                    at = range.end;
+                    continue;
+                }
+            };
+            let mut i = range.start;
+            while i < range.end {
+                let present = state::observe(&states[i]) == PageState::Present;
+                let mut end = i + 1;
+                while end < range.end
+                    && (state::observe(&states[end]) == PageState::Present) == present
+                {
+                    end += 1;
+                }
+                if !present {
+                    record(self.poison_range(i, end));
+                } else if map_present {
+                    record(self.map(i, end));
+                }
+                i = end;
+            }
+            at = range.end;
         }
     }
 }

@@ -418,22 +418,29 @@ impl Populator {
     /// The shared state of granule `index` (what every process sees), or
     /// `None` past the end: for monitoring and tests.
     pub fn page_state(&self, index: usize) -> Option<PageState> {
-        self.core
-            .region
-            .page_states()
-            .get(index)
-            .map(state::observe)
+        let states = self.core.region.page_states_for(index, index + 1).ok()?;
+        states.get(index).map(state::observe)
     }
 
     /// How many granules are present in the page cache (filled by any
-    /// process): a scan of the page-state table.
+    /// process): a scan of the page-state table (0 if the table cannot be
+    /// allocated).
     pub fn present_granules(&self) -> usize {
-        self.core
-            .region
-            .page_states()
-            .iter()
-            .filter(|w| state::observe(*w) == PageState::Present)
-            .count()
+        let region = &self.core.region;
+        region.backed_state_ranges().map_or(0, |ranges| {
+            ranges
+                .into_iter()
+                .filter_map(|r| {
+                    let states = region.page_states_for(r.start, r.end).ok()?;
+                    Some(
+                        states[r]
+                            .iter()
+                            .filter(|w| state::observe(*w) == PageState::Present)
+                            .count(),
+                    )
+                })
+                .sum()
+        })
     }
 
     /// The page source.

@@ -127,6 +127,9 @@ pub struct Region {
     meta: SharedBase,
     primary: SharedBase,
     alias: SharedBase,
+    /// Which 4 KiB pages of the metadata (header and page-state table)
+    /// this process has made sure are allocated in the file, one bit each.
+    states_ready: Box<[AtomicU64]>,
     // Declared last: unmapped after the pointers above are gone.
     reservation: Reservation,
 }
@@ -205,20 +208,23 @@ impl Region {
             Errno::ENOMEM | Errno::ENOSPC => short_pool_error(&layout, e),
             _ => Error::sys("sizing the backing file")(e),
         })?;
-        // The header and the page-state table get their memory now: a
-        // first touch on a full file system must fail as a fill (an
-        // error, a poisoned page), not as a fault on the state table.
-        memfd::fallocate(
-            file.as_fd(),
-            memfd::Fallocate::Allocate,
-            0,
-            layout.data_offset(),
-        )
-        .map_err(|e| match e.errno() {
-            Errno::ENOMEM | Errno::ENOSPC if layout.backend().kind().uses_hugetlb() => {
-                short_pool_error(&layout, e)
+        // The header gets its memory now, and so does a hugetlb region's
+        // page-state table (a few huge pages, counted against the pool at
+        // creation). A shmem region's table is allocated page by page as
+        // it is used (`page_states_for`): a large region costs nothing
+        // until it is touched.
+        let table_now = if layout.backend().kind().uses_hugetlb() {
+            layout.data_offset()
+        } else {
+            header::ENCODED_LEN as u64
+        };
+        memfd::fallocate(file.as_fd(), memfd::Fallocate::Allocate, 0, table_now).map_err(|e| {
+            match e.errno() {
+                Errno::ENOMEM | Errno::ENOSPC if layout.backend().kind().uses_hugetlb() => {
+                    short_pool_error(&layout, e)
+                }
+                _ => Error::sys("allocating the region's page-state table")(e),
             }
-            _ => Error::sys("allocating the region's page-state table")(e),
         })?;
         let header = Header {
             layout,
@@ -346,6 +352,18 @@ impl Region {
             meta,
             primary,
             alias,
+            states_ready: {
+                // A hugetlb region's table is allocated whole at creation.
+                let ready = if layout.backend().kind().uses_hugetlb() {
+                    u64::MAX
+                } else {
+                    0
+                };
+                let pages = (layout.states_offset() + layout.states_len()).div_ceil(4096);
+                (0..pages.div_ceil(64))
+                    .map(|_| AtomicU64::new(ready))
+                    .collect()
+            },
             reservation,
         })
     }
@@ -450,7 +468,90 @@ impl Region {
     }
 
     /// The page-state table: one word per granule, shared by every process.
-    pub(crate) fn page_states(&self) -> &[AtomicU64] {
+    /// The page-state table, with the words of granules `[from, to)`
+    /// backed by memory (only those may be touched). The table's pages are
+    /// allocated in the file on first use in each process, one `fallocate`
+    /// per 512 granules, so a full file system is an error here and never
+    /// a SIGBUS on a word. Async-signal-safe.
+    pub(crate) fn page_states_for(
+        &self,
+        from: usize,
+        to: usize,
+    ) -> crate::sys::SysResult<&[AtomicU64]> {
+        let layout = &self.header.layout;
+        let to = to.min(layout.granules() as usize);
+        if from < to {
+            let first = (layout.states_offset() + from as u64 * 8) / 4096;
+            let last = (layout.states_offset() + to as u64 * 8 - 1) / 4096;
+            let mut page = first;
+            while page <= last {
+                if self.state_page_ready(page) {
+                    page += 1;
+                    continue;
+                }
+                // A run of pages not yet known to be allocated: one call.
+                let mut end = page + 1;
+                while end <= last && !self.state_page_ready(end) {
+                    end += 1;
+                }
+                memfd::fallocate(
+                    self.file.as_fd(),
+                    memfd::Fallocate::Allocate,
+                    page * 4096,
+                    (end - page) * 4096,
+                )?;
+                for p in page..end {
+                    self.states_ready[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Release);
+                }
+                page = end;
+            }
+        }
+        Ok(self.page_states())
+    }
+
+    /// The whole page-state table, every page of it backed by memory.
+    pub(crate) fn all_page_states(&self) -> crate::sys::SysResult<&[AtomicU64]> {
+        self.page_states_for(0, self.header.layout.granules() as usize)
+    }
+
+    /// The granule ranges whose page-state words have memory behind them in
+    /// the file (made ready in this process), in order. Outside them no
+    /// process ever claimed a granule: all are absent. Lets whole-table
+    /// scans of a large, mostly untouched region skip the rest without
+    /// allocating it.
+    pub(crate) fn backed_state_ranges(&self) -> crate::sys::SysResult<Vec<std::ops::Range<usize>>> {
+        let layout = &self.header.layout;
+        let granules = layout.granules() as usize;
+        if layout.backend().kind().uses_hugetlb() {
+            return Ok(std::iter::once(0..granules).collect());
+        }
+        let (start, end) = (
+            layout.states_offset(),
+            layout.states_offset() + layout.states_len(),
+        );
+        let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+        for (from, to) in memfd::data_extents(self.file.as_fd(), start, end)? {
+            // Whole pages of words: a partly described granule counts.
+            let first = ((from.max(start) - start) / 8) as usize;
+            let last = ((to - start).div_ceil(8) as usize).min(granules);
+            if first < last {
+                self.page_states_for(first, last)?;
+                match ranges.last_mut() {
+                    Some(r) if r.end >= first => r.end = r.end.max(last),
+                    _ => ranges.push(first..last),
+                }
+            }
+        }
+        Ok(ranges)
+    }
+
+    fn state_page_ready(&self, page: u64) -> bool {
+        self.states_ready[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+    }
+
+    /// The page-state table, unchecked: callers touch only words
+    /// [`page_states_for`](Region::page_states_for) made sure of.
+    fn page_states(&self) -> &[AtomicU64] {
         let layout = &self.header.layout;
         // SAFETY: the table lies inside the metadata mapping, which lives as
         // long as `self`; `states_offset` is 8-byte aligned; its words are

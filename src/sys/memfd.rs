@@ -96,6 +96,41 @@ pub(crate) fn fallocate(
     Ok(())
 }
 
+/// The allocated extents of `fd` within `[from, to)`, by
+/// `lseek(SEEK_DATA / SEEK_HOLE)`: where the file has memory behind it.
+pub(crate) fn data_extents(fd: BorrowedFd<'_>, from: u64, to: u64) -> SysResult<Vec<(u64, u64)>> {
+    let seek = |at: u64, whence: libc::c_int, op: &'static str| -> SysResult<Option<u64>> {
+        // SAFETY: lseek on an open descriptor only moves its offset.
+        let ret = unsafe { libc::lseek(fd.as_raw_fd(), at as libc::off_t, whence) };
+        if ret < 0 {
+            let e = SysError::last(op).arg("offset", at);
+            // ENXIO: no data (or hole) at or after `at`.
+            return if e.errno() == Errno::ENXIO {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(ret as u64))
+    };
+    let mut extents = Vec::new();
+    let mut at = from;
+    while at < to {
+        let Some(start) = seek(at, libc::SEEK_DATA, "lseek(SEEK_DATA)")? else {
+            break;
+        };
+        if start >= to {
+            break;
+        }
+        let end = seek(start, libc::SEEK_HOLE, "lseek(SEEK_HOLE)")?
+            .unwrap_or(to)
+            .min(to);
+        extents.push((start, end));
+        at = end;
+    }
+    Ok(extents)
+}
+
 /// The file system a descriptor lives on, as far as hugearena cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum FileSystem {
