@@ -33,9 +33,10 @@ use crate::sys::{Errno, SysError, SysResult, futex};
 pub(crate) const KEPT_ERRORS: usize = 64;
 /// Driver failures (unexpected system call errors) kept.
 pub(crate) const KEPT_FAILURES: usize = 16;
-/// Granules `populate` fills with one allocation and one source read at
-/// most (2 MiB of 4 KiB granules).
-const RUN_GRANULES: usize = 512;
+/// Bytes `populate`, the drain and readahead fill with one allocation and
+/// one source read at most (512 granules of 4 KiB; a huge-page granule is
+/// its own run).
+const RUN_BYTES: usize = 2 << 20;
 /// Busy-granule checks that only yield before a waiter sleeps.
 const YIELDS_BEFORE_SLEEP: u32 = 16;
 /// A sleeping waiter wakes at least this often to check that the filler
@@ -518,10 +519,10 @@ impl Core {
     }
 
     /// Claims the absent granules from `from` on, up to `limit` and
-    /// [`RUN_GRANULES`]: how many it claimed (they are this thread's to
+    /// [`RUN_BYTES`]: how many it claimed (they are this thread's to
     /// fill and publish).
     fn claim_run(&self, from: usize, limit: usize) -> usize {
-        let limit = limit.min(from + RUN_GRANULES);
+        let limit = limit.min(from + (RUN_BYTES / self.granule).max(1));
         let Ok(states) = self.region.page_states_for(from, limit) else {
             // One at a time then, where the error is reported.
             return 0;
