@@ -6,7 +6,7 @@
 //! ```text
 //! cargo run --release --example populate -- [--backend auto|shmem|thp|hugetlb]
 //!     [--driver in-thread|handlers:N|proactive] [--size MIB] [--source file|zero]
-//!     [--order random|sequential] [--threads N] [--second-process]
+//!     [--order random|sequential] [--threads N] [--spin-us N] [--second-process]
 //! ```
 //!
 //! `--second-process` then starts a second process that opens the same
@@ -36,6 +36,8 @@ struct Args {
     from_file: bool,
     sequential: bool,
     threads: usize,
+    /// Handler threads spin this long before sleeping.
+    spin_us: u64,
     second_process: bool,
     /// Internal: this is the second process, attached to this region.
     attach: Option<String>,
@@ -51,6 +53,7 @@ fn parse() -> Result<Args, String> {
         from_file: true,
         sequential: false,
         threads: 2,
+        spin_us: 0,
         second_process: false,
         attach: None,
         source_file: None,
@@ -89,6 +92,9 @@ fn parse() -> Result<Args, String> {
             "--second-process" => args.second_process = true,
             "--attach" => args.attach = Some(value()?),
             "--source-file" => args.source_file = Some(value()?),
+            "--spin-us" => {
+                args.spin_us = value()?.parse().map_err(|e| format!("--spin-us: {e}"))?;
+            }
             "--threads" => {
                 args.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?;
                 if args.threads == 0 {
@@ -158,7 +164,9 @@ fn run<S: SignalSafeSource + 'static>(
     args: &Args,
     check: impl Fn(usize) -> u8,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let options = PopulateOptions::new().driver(args.driver);
+    let options = PopulateOptions::new()
+        .driver(args.driver)
+        .handler_spin(std::time::Duration::from_micros(args.spin_us));
     let p = Populator::with_options(region.clone(), source, options)?;
     let g = region.granule().bytes();
     let granules = region.len() / g;

@@ -720,3 +720,28 @@ fn a_page_discarded_in_one_process_is_refilled_from_the_source_in_another() {
         );
     }
 }
+
+/// Handler threads that spin before sleeping (`handler_spin`) serve every
+/// fault, from two touching threads, and stop cleanly.
+#[test]
+fn spinning_handler_threads_serve_every_fault() {
+    let region =
+        Arc::new(Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap());
+    let source = safe_fn(|index: u64, dst: &mut [u8]| {
+        dst.fill(index as u8 ^ 0x11);
+        Ok(())
+    });
+    let options = PopulateOptions::new()
+        .driver(Driver::HandlerThreads(2))
+        .handler_spin(Duration::from_micros(50));
+    let p = Populator::with_options(region.clone(), source, options).unwrap();
+    touch_from_two_threads(&p);
+    let g = region.granule().bytes();
+    for i in 0..region.len() / g {
+        let mut b = [0u8; 1];
+        region.read_via_primary(i * g + 3, &mut b).unwrap();
+        assert_eq!(b[0], i as u8 ^ 0x11, "page {i}");
+    }
+    assert_eq!(p.stats().fills as usize, region.len() / g);
+    assert!(p.failures().is_empty(), "{:?}", p.failures());
+}

@@ -155,6 +155,10 @@ pub(crate) struct Core {
     pub(crate) promoter: Option<Promoter>,
     /// Handler threads still running (handler-thread driver only).
     pub(crate) live_handlers: AtomicUsize,
+    /// How long a handler thread spins before it sleeps, and whether one
+    /// is spinning now (one at a time).
+    pub(crate) handler_spin: Duration,
+    pub(crate) handler_spinning: std::sync::atomic::AtomicBool,
     /// How long a toucher waits for another filler before giving up.
     fill_timeout: Duration,
 }
@@ -176,6 +180,8 @@ pub(crate) struct Settings {
     pub(crate) readahead_granules: u64,
     /// How long to wait for another filler.
     pub(crate) fill_timeout: Duration,
+    /// How long a handler thread spins before it sleeps.
+    pub(crate) handler_spin: Duration,
 }
 
 impl Core {
@@ -194,6 +200,7 @@ impl Core {
             track_writes,
             readahead_granules,
             fill_timeout,
+            handler_spin,
         } = settings;
         let granule = region.granule().bytes();
         let granules = region.len() / granule;
@@ -220,6 +227,8 @@ impl Core {
             readahead: Readahead::new(readahead_granules),
             promoter,
             live_handlers: AtomicUsize::new(0),
+            handler_spin,
+            handler_spinning: std::sync::atomic::AtomicBool::new(false),
             fill_timeout,
         }
     }

@@ -134,11 +134,42 @@ fn serve(core: &Core, stop: &EventFd) {
             .is_some_and(|r| r.contains(PollFlags::POLLIN));
         // Resolve everything pending, also when stopping: the threads that
         // faulted are parked until someone does.
+        let mut idle_since: Option<std::time::Instant> = None;
         loop {
             let n = match core.uffd.read_events(&mut msgs) {
-                Ok(0) => break,
-                Ok(n) => n,
+                Ok(0) if stopping || core.handler_spin.is_zero() => break,
+                Ok(0) => {
+                    // Look again for a while before sleeping in poll (see
+                    // `PopulateOptions::handler_spin`); one spinner at a
+                    // time.
+                    let since = match idle_since {
+                        Some(since) => since,
+                        None if core
+                            .handler_spinning
+                            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                            .is_ok() =>
+                        {
+                            *idle_since.insert(std::time::Instant::now())
+                        }
+                        None => break,
+                    };
+                    if since.elapsed() >= core.handler_spin {
+                        core.handler_spinning.store(false, Ordering::Release);
+                        break;
+                    }
+                    std::hint::spin_loop();
+                    continue;
+                }
+                Ok(n) => {
+                    if idle_since.take().is_some() {
+                        core.handler_spinning.store(false, Ordering::Release);
+                    }
+                    n
+                }
                 Err(e) => {
+                    if idle_since.is_some() {
+                        core.handler_spinning.store(false, Ordering::Release);
+                    }
                     core.failures.push(e);
                     return;
                 }
