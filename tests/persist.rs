@@ -542,24 +542,47 @@ fn a_snapshot_of_a_lazily_restored_region_keeps_the_untouched_pages() {
     });
 }
 
+/// An 8 MiB shmem region, every page holding pattern `seed`, snapshotted
+/// to `dir/name`: the path and the snapshot's header.
+fn full_patterned_snapshot(
+    dir: &tempfile::TempDir,
+    name: &str,
+    seed: u64,
+) -> (std::path::PathBuf, hugearena::persist::SnapshotHeader) {
+    let region =
+        Arc::new(Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap());
+    let p = Populator::with_options(
+        region.clone(),
+        pattern_source(seed),
+        PopulateOptions::new().driver(Driver::Proactive),
+    )
+    .unwrap();
+    p.populate(0, 8 << 20).unwrap();
+    let path = dir.path().join(name);
+    persist::snapshot(&region, &path).unwrap();
+    let header = SnapshotSource::open(&path).unwrap().header().clone();
+    (path, header)
+}
+
+/// Every 4 KiB page of `region` but the `skipped` ones holds pattern `seed`.
+fn verify_pages_but(region: &Region, seed: u64, skipped: impl Fn(usize) -> bool) {
+    let mut buf = vec![0u8; 4096];
+    for page in (0..region.len() / 4096).filter(|&i| !skipped(i)) {
+        region.read_via_primary(page * 4096, &mut buf).unwrap();
+        assert!(
+            (0..4096).all(|i| buf[i] == pattern_byte(seed, page * 4096 + i)),
+            "page {page}"
+        );
+    }
+}
+
 /// A drain reads the snapshot in large runs, yet a damaged page poisons
 /// only itself: the rest of its run is filled and every other byte reads
 /// right.
 #[test]
 fn a_drain_of_a_damaged_snapshot_poisons_exactly_the_damaged_pages() {
     let dir = snapshot_dir();
-    let region =
-        Arc::new(Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap());
-    let p = Populator::with_options(
-        region.clone(),
-        pattern_source(5),
-        PopulateOptions::new().driver(Driver::Proactive),
-    )
-    .unwrap();
-    p.populate(0, 8 << 20).unwrap();
-    let path = dir.path().join("drain.snap");
-    persist::snapshot(&region, &path).unwrap();
-    let header = SnapshotSource::open(&path).unwrap().header().clone();
+    let (path, header) = full_patterned_snapshot(&dir, "drain.snap", 5);
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     for page in [100u64, 1700] {
         f.write_all_at(&[0xFF, 0x00, 0xFF], header.data_offset + page * 4096 + 9)
@@ -573,17 +596,7 @@ fn a_drain_of_a_damaged_snapshot_poisons_exactly_the_damaged_pages() {
     assert_eq!(damaged, [100, 1700]);
     assert_eq!(restored.stats().fills, 2046);
     assert_eq!(restored.present_granules(), 2046);
-    for page in (0..2048usize).filter(|&i| i != 100 && i != 1700) {
-        let mut buf = vec![0u8; 4096];
-        restored
-            .region()
-            .read_via_primary(page * 4096, &mut buf)
-            .unwrap();
-        assert!(
-            (0..4096).all(|i| buf[i] == pattern_byte(5, page * 4096 + i)),
-            "page {page}"
-        );
-    }
+    verify_pages_but(restored.region(), 5, |i| i == 100 || i == 1700);
 }
 
 /// The page map is checked chunk by chunk as restore needs it: a damaged
@@ -593,18 +606,7 @@ fn a_drain_of_a_damaged_snapshot_poisons_exactly_the_damaged_pages() {
 #[test]
 fn a_damaged_page_map_chunk_poisons_exactly_its_pages() {
     let dir = snapshot_dir();
-    let region =
-        Arc::new(Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap());
-    let p = Populator::with_options(
-        region.clone(),
-        pattern_source(6),
-        PopulateOptions::new().driver(Driver::Proactive),
-    )
-    .unwrap();
-    p.populate(0, 8 << 20).unwrap();
-    let path = dir.path().join("chunk.snap");
-    persist::snapshot(&region, &path).unwrap();
-    let header = SnapshotSource::open(&path).unwrap().header().clone();
+    let (path, header) = full_patterned_snapshot(&dir, "chunk.snap", 6);
     assert_eq!(header.version, 2);
     // Entry 700 lies in chunk 1 (granules 512..1024).
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
@@ -622,15 +624,5 @@ fn a_damaged_page_map_chunk_poisons_exactly_its_pages() {
         "{errors:?}"
     );
     assert_eq!(restored.stats().poisoned, 512);
-    for page in (0..2048usize).filter(|i| !(512..1024).contains(i)) {
-        let mut buf = vec![0u8; 4096];
-        restored
-            .region()
-            .read_via_primary(page * 4096, &mut buf)
-            .unwrap();
-        assert!(
-            (0..4096).all(|i| buf[i] == pattern_byte(6, page * 4096 + i)),
-            "page {page}"
-        );
-    }
+    verify_pages_but(restored.region(), 6, |i| (512..1024).contains(&i));
 }
