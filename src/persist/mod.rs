@@ -495,35 +495,8 @@ unsafe impl crate::populate::SignalSafeSource for SnapshotSource {}
 
 impl PageSource for SnapshotSource {
     fn fill(&self, index: u64, dst: &mut [u8]) -> std::result::Result<(), FillError> {
-        let g = self.header.granule() as usize;
-        // The region's granule is the snapshot's (restore checks it).
-        if dst.len() != g {
-            return Err(FillError::Failed(
-                "the region's granule differs from the snapshot's",
-            ));
-        }
-        let Entry { flags, crc } = self.entry(index)?;
-        if flags & format::INHERITED != 0 {
-            return match &self.parent {
-                Some(parent) => parent.fill(index, dst),
-                None => Err(FillError::Failed(
-                    "snapshot page inherited from a missing parent",
-                )),
-            };
-        }
-        if flags & PRESENT == 0 {
-            dst.fill(0);
-            return Ok(());
-        }
-        self.file
-            .read_exact_at(dst, self.header.data_offset + index * g as u64)
-            .map_err(|e| FillError::Io(e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)))?;
-        if crc32c::crc32c(dst) != crc {
-            return Err(FillError::Failed(
-                "snapshot page checksum mismatch (corrupt page)",
-            ));
-        }
-        Ok(())
+        // One page is a run of one (the granule check included).
+        self.fill_run(index, dst, dst.len())
     }
 
     fn fill_run(

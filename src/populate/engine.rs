@@ -81,6 +81,18 @@ impl Drop for InSignalHandler {
     }
 }
 
+/// Runs a source's fill. A panic is caught (the granule is then poisoned),
+/// except inside the SIGBUS handler: a `SignalSafeSource` promised not to
+/// panic, and if it does the process ends there rather than unwinding in
+/// the handler.
+fn call_source(fill: impl FnOnce() -> Result<(), FillError>) -> Result<(), FillError> {
+    if IN_SIGNAL_HANDLER.get() {
+        let _abort = AbortOnUnwind;
+        return fill();
+    }
+    catch_unwind(AssertUnwindSafe(fill)).unwrap_or(Err(FillError::Panicked))
+}
+
 /// Aborts the process if dropped during a panic: a panic must not unwind
 /// through a signal handler (unwinding allocates, and the interrupted code
 /// may hold the allocator's lock).
@@ -594,14 +606,7 @@ impl Core {
         // granules, nobody reads them before they are published, the alias
         // is never registered, and their pages exist (allocated above).
         let dst = unsafe { std::slice::from_raw_parts_mut(alias, len) };
-        if IN_SIGNAL_HANDLER.get() {
-            let _abort = AbortOnUnwind;
-            return self.source.fill_run(from as u64, dst, g);
-        }
-        catch_unwind(AssertUnwindSafe(|| {
-            self.source.fill_run(from as u64, dst, g)
-        }))
-        .unwrap_or(Err(FillError::Panicked))
+        call_source(|| self.source.fill_run(from as u64, dst, g))
     }
 
     /// Allocates the pages of granules `from..to` in the file.
@@ -632,19 +637,7 @@ impl Core {
     /// Allocating first turns a full file system or an empty huge page pool
     /// into `ENOSPC` here; a write through the alias would get SIGBUS.
     fn fill_once(&self, index: usize) -> Result<(), FillError> {
-        let file_offset = self.region.layout().data_offset() + (index * self.granule) as u64;
-        match memfd::fallocate(
-            self.region.fd().as_fd(),
-            Fallocate::Allocate,
-            file_offset,
-            self.granule as u64,
-        ) {
-            // Some kernels (hugetlb on 6.3) report a page that is already
-            // allocated as EEXIST: it is there, which is all this needs.
-            Ok(()) => {}
-            Err(e) if e.errno() == Errno::EEXIST => {}
-            Err(e) => return Err(FillError::Io(e.errno())),
-        }
+        self.allocate(index, index + 1)?;
         if self.source.is_zero(index as u64) {
             return Ok(());
         }
@@ -658,14 +651,7 @@ impl Core {
                 self.granule,
             )
         };
-        if IN_SIGNAL_HANDLER.get() {
-            // A `SignalSafeSource` promised not to panic; if it does, the
-            // process ends here rather than unwinding in the handler.
-            let _abort = AbortOnUnwind;
-            return self.source.fill(index as u64, dst);
-        }
-        catch_unwind(AssertUnwindSafe(|| self.source.fill(index as u64, dst)))
-            .unwrap_or(Err(FillError::Panicked))
+        call_source(|| self.source.fill(index as u64, dst))
     }
 
     /// A granule whose page was gone when it was mapped (`EFAULT`): if its

@@ -515,7 +515,7 @@ impl Region {
     }
 
     /// The granule ranges whose page-state words have memory behind them in
-    /// the file (made ready in this process), in order. Outside them no
+    /// the file, in order (read them through `page_states_for`). Outside them no
     /// process ever claimed a granule: all are absent. Lets whole-table
     /// scans of a large, mostly untouched region skip the rest without
     /// allocating it.
@@ -535,7 +535,6 @@ impl Region {
             let first = ((from.max(start) - start) / 8) as usize;
             let last = ((to - start).div_ceil(8) as usize).min(granules);
             if first < last {
-                self.page_states_for(first, last)?;
                 match ranges.last_mut() {
                     Some(r) if r.end >= first => r.end = r.end.max(last),
                     _ => ranges.push(first..last),
