@@ -7,7 +7,11 @@
 //! cargo run --release --example populate -- [--backend auto|shmem|thp|hugetlb]
 //!     [--driver in-thread|handlers:N|proactive] [--size MIB] [--source file|zero]
 //!     [--order random|sequential] [--threads N] [--spin-us N] [--second-process]
+//!     [--dir DIR]
 //! ```
+//!
+//! `--dir` puts the region's file in `DIR` (a tmpfs, say one mounted with
+//! `huge=always`, or a hugetlbfs) instead of an anonymous memfd.
 //!
 //! `--second-process` then starts a second process that opens the same
 //! region and touches every page the same way: it maps pages the first one
@@ -39,6 +43,8 @@ struct Args {
     /// Handler threads spin this long before sleeping.
     spin_us: u64,
     second_process: bool,
+    /// Where the region's file lives (default: an anonymous memfd).
+    dir: Option<std::path::PathBuf>,
     /// Internal: this is the second process, attached to this region.
     attach: Option<String>,
     /// Internal: the first process's source file.
@@ -55,6 +61,7 @@ fn parse() -> Result<Args, String> {
         threads: 2,
         spin_us: 0,
         second_process: false,
+        dir: None,
         attach: None,
         source_file: None,
     };
@@ -90,6 +97,7 @@ fn parse() -> Result<Args, String> {
             "--source" => args.from_file = value()? == "file",
             "--order" => args.sequential = value()? == "sequential",
             "--second-process" => args.second_process = true,
+            "--dir" => args.dir = Some(value()?.into()),
             "--attach" => args.attach = Some(value()?),
             "--source-file" => args.source_file = Some(value()?),
             "--spin-us" => {
@@ -290,6 +298,13 @@ fn main() {
         Some(kind) => options.backend(kind),
         None => options.huge_pages(HugePages::Try),
     };
+    let file_path = args
+        .dir
+        .as_ref()
+        .map(|dir| dir.join(format!("hugearena-populate-{}", std::process::id())));
+    if let Some(path) = &file_path {
+        options = options.path(path);
+    }
     let region = match Region::create(options) {
         Ok(r) => Arc::new(r),
         Err(e) => {
@@ -341,6 +356,9 @@ fn main() {
         second(None);
         r
     };
+    if let Some(path) = &file_path {
+        let _ = std::fs::remove_file(path);
+    }
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);

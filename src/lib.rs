@@ -26,7 +26,7 @@ pub use backend::{Backend, BackendChoice, BackendKind, HugePages};
 pub use codec::HeaderDefect;
 pub use error::{Error, Result};
 pub use probe::KernelCaps;
-pub use region::{Region, RegionLayout, RegionOptions};
+pub use region::{BlockAllocation, Region, RegionLayout, RegionOptions};
 pub use sys::size::PageSize;
 pub use sys::uffd::OpenError;
 pub use sys::{Errno, SysError};

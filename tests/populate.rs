@@ -14,7 +14,7 @@ use common::*;
 use hugearena::populate::{
     Driver, FileSource, FillError, FnSource, PopulateOptions, Populator, Promotion, ZeroSource,
 };
-use hugearena::{BackendKind, PageSize, Region, RegionOptions};
+use hugearena::{BackendKind, BlockAllocation, PageSize, Region, RegionOptions};
 
 const LEN: usize = 64 << 20;
 
@@ -194,12 +194,42 @@ fn child_entry() {
     }
 }
 
+/// Where an acceptance test's region lives.
+#[derive(Clone, Copy, PartialEq)]
+enum File {
+    /// An anonymous memfd.
+    Memfd,
+    /// A tmpfs mounted `huge=always`: `ShmemThp` blocks get their 2 MiB
+    /// folio before their first fill.
+    HugeTmpfs,
+}
+
 fn acceptance(kind: BackendKind, driver: Driver, from_file: bool) {
+    acceptance_in(File::Memfd, kind, driver, from_file)
+}
+
+fn acceptance_in(file: File, kind: BackendKind, driver: Driver, from_file: bool) {
     if kind == BackendKind::Hugetlb && !ensure_huge_pages(PageSize::Huge2M, 40) {
         return;
     }
-    let region = Arc::new(Region::create(RegionOptions::new(LEN as u64).backend(kind)).unwrap());
+    let mut options = RegionOptions::new(LEN as u64).backend(kind);
+    let _remove = match file {
+        File::Memfd => None,
+        File::HugeTmpfs => {
+            let Some(dir) = huge_tmpfs() else { return };
+            let path = unique_path(dir.to_str().unwrap(), "acceptance");
+            options = options.path(&path);
+            Some(RemoveOnDrop(path))
+        }
+    };
+    let region = Arc::new(Region::create(options).unwrap());
     assert_eq!(region.backend().kind(), kind);
+    let expected_blocks = match file {
+        File::HugeTmpfs if kind == BackendKind::ShmemThp => BlockAllocation::PopulateAlias,
+        _ if kind != BackendKind::ShmemThp => BlockAllocation::ByRun,
+        _ => region.block_allocation(),
+    };
+    assert_eq!(region.block_allocation(), expected_blocks);
     let options = PopulateOptions::new().driver(driver);
     let granules = (LEN / region.granule().bytes()) as u64;
     let (file, fills) = if from_file {
@@ -219,6 +249,10 @@ fn acceptance(kind: BackendKind, driver: Driver, from_file: bool) {
     };
     // Every granule was touched by both threads, and filled exactly once.
     assert_eq!(fills.fills, granules, "{fills}");
+    if expected_blocks == BlockAllocation::PopulateAlias {
+        let blocks = (LEN >> 21) as u64;
+        assert_eq!(fills.blocks_allocated, blocks, "{fills}");
+    }
     match driver {
         Driver::HandlerThreads(_) => assert!(fills.faults_handler > 0, "{fills}"),
         Driver::InThread => assert!(fills.faults_in_thread > 0, "{fills}"),
@@ -243,6 +277,24 @@ fn acceptance(kind: BackendKind, driver: Driver, from_file: bool) {
         stdout.contains("CHILD-FILLS 0"),
         "the second process must not fill: {stdout}"
     );
+}
+
+macro_rules! huge_tmpfs_acceptance_tests {
+    ($($name:ident: $driver:expr, $file:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            acceptance_in(File::HugeTmpfs, BackendKind::ShmemThp, $driver, $file);
+        }
+    )*};
+}
+
+huge_tmpfs_acceptance_tests! {
+    shmem_thp_huge_tmpfs_handlers_file: Driver::HandlerThreads(2), true;
+    shmem_thp_huge_tmpfs_handlers_zero: Driver::HandlerThreads(2), false;
+    shmem_thp_huge_tmpfs_in_thread_file: Driver::InThread, true;
+    shmem_thp_huge_tmpfs_in_thread_zero: Driver::InThread, false;
+    shmem_thp_huge_tmpfs_proactive_file: Driver::Proactive, true;
+    shmem_thp_huge_tmpfs_proactive_zero: Driver::Proactive, false;
 }
 
 macro_rules! acceptance_tests {

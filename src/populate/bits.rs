@@ -24,6 +24,22 @@ impl AtomicBits {
         self.words[i / 64].fetch_or(1 << (i % 64), Ordering::Release);
     }
 
+    /// Adds `i`; whether it was absent (`AcqRel`).
+    pub(crate) fn insert_new(&self, i: usize) -> bool {
+        self.words[i / 64].fetch_or(1 << (i % 64), Ordering::AcqRel) & (1 << (i % 64)) == 0
+    }
+
+    /// Whether `i` is in the set (`Acquire`: what the inserter did before
+    /// is visible).
+    pub(crate) fn contains(&self, i: usize) -> bool {
+        self.words[i / 64].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+
+    /// Removes `i`.
+    pub(crate) fn remove(&self, i: usize) {
+        self.words[i / 64].fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
+    }
+
     /// Removes every index and calls `f` on each, in increasing order.
     pub(crate) fn take(&self, mut f: impl FnMut(usize)) {
         for (w, word) in self.words.iter().enumerate() {
@@ -50,5 +66,9 @@ mod tests {
         s.take(|i| got.push(i));
         assert_eq!(got, vec![3, 64, 130, 199]);
         s.take(|_| panic!("empty after take"));
+        assert!(s.insert_new(70) && !s.insert_new(70));
+        assert!(s.contains(70) && !s.contains(71));
+        s.remove(70);
+        assert!(!s.contains(70));
     }
 }

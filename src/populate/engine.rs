@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::bits::AtomicBits;
+use super::blocks::BlockAllocator;
 use super::owner::Liveness;
 use super::promote::Promoter;
 use super::readahead::Readahead;
@@ -165,6 +166,8 @@ pub(crate) struct Core {
     pub(crate) failures: RecordLog<SysError, KEPT_FAILURES>,
     readahead: Readahead,
     pub(crate) promoter: Option<Promoter>,
+    /// Gives `ShmemThp` blocks their memory before their first fill.
+    blocks: Option<BlockAllocator>,
     /// Handler threads still running (handler-thread driver only).
     pub(crate) live_handlers: AtomicUsize,
     /// How long a handler thread spins before it sleeps, and whether one
@@ -216,7 +219,15 @@ impl Core {
         } = settings;
         let granule = region.granule().bytes();
         let granules = region.len() / granule;
+        let blocks = BlockAllocator::new(
+            region.block_allocation(),
+            region.alias().as_ptr() as usize,
+            region.len(),
+            region.backend().mapping_unit().bytes(),
+            granule,
+        );
         Core {
+            blocks,
             granules,
             primary: region.primary().as_ptr() as usize,
             region,
@@ -325,12 +336,14 @@ impl Core {
         let limit = (index + 1 + window).min(self.granules);
         let mut end = index + 1;
         // Read ahead only what can be had without waiting: the absent
-        // granules right behind as one run (one allocation, one read),
+        // granules right behind in runs (one allocation, one read each),
         // then whatever else is ready.
-        let claimed = self.claim_run(end, limit);
-        if claimed > 1 && self.fill_run(end, end + claimed) {
-            end += claimed;
-        } else {
+        while end < limit {
+            let claimed = self.claim_run(end, limit);
+            if claimed > 1 && self.fill_run(end, end + claimed) {
+                end += claimed;
+                continue;
+            }
             // `claim_run` made these words' pages ready.
             let states = self.region.page_states_for(end, end + claimed)?;
             let from = end;
@@ -342,6 +355,9 @@ impl Core {
                 if ready {
                     end = i + 1;
                 }
+            }
+            if !ready || claimed <= 1 {
+                break;
             }
         }
         while end < limit && self.resolve(end, false) == Outcome::Ready {
@@ -369,6 +385,14 @@ impl Core {
             // with one allocation and one source read.
             let claimed = self.claim_run(index, last);
             if claimed > 1 && self.fill_run(index, index + claimed) {
+                if self.is_whole_block(index, claimed) {
+                    self.map(run_start, index)?;
+                    run_start = if self.map_whole_block(index) {
+                        index + claimed
+                    } else {
+                        index
+                    };
+                }
                 index += claimed;
                 continue;
             }
@@ -539,11 +563,31 @@ impl Core {
         }
     }
 
-    /// Claims the absent granules from `from` on, up to `limit` and
-    /// [`RUN_BYTES`]: how many it claimed (they are this thread's to
+    /// Whether granules `[from, from + n)` are exactly one promotion block.
+    fn is_whole_block(&self, from: usize, n: usize) -> bool {
+        self.promoter.as_ref().is_some_and(|p| {
+            let per = p.granules_per_block();
+            n == per && from % per == 0
+        })
+    }
+
+    /// Maps the whole block starting at granule `from`, every granule of
+    /// which this thread just filled and published, with one huge-page
+    /// entry (`MADV_COLLAPSE`, which maps every page of the block) instead
+    /// of 4 KiB entries now and a collapse later. Whether it did.
+    fn map_whole_block(&self, from: usize) -> bool {
+        self.promoter
+            .as_ref()
+            .is_some_and(|p| p.collapse_filled(from / p.granules_per_block(), &self.counters))
+    }
+
+    /// Claims the absent granules from `from` on, up to `limit` and the
+    /// end of the [`RUN_BYTES`]-aligned run `from` is in (runs line up with
+    /// promotion blocks): how many it claimed (they are this thread's to
     /// fill and publish).
     fn claim_run(&self, from: usize, limit: usize) -> usize {
-        let limit = limit.min(from + (RUN_BYTES / self.granule).max(1));
+        let per_run = (RUN_BYTES / self.granule).max(1);
+        let limit = limit.min((from / per_run + 1) * per_run);
         let Ok(states) = self.region.page_states_for(from, limit) else {
             // One at a time then, where the error is reported.
             return 0;
@@ -589,12 +633,19 @@ impl Core {
         let g = self.granule;
         let alias = self.region.alias().as_ptr().wrapping_add(from * g);
         let len = (to - from) * g;
+        let block_allocated = self.allocate_blocks(from, to);
         if self.source.fills_zero() {
             // Allocating the pages is the whole fill.
-            return self.allocate(from, to);
+            return if block_allocated {
+                Ok(())
+            } else {
+                self.allocate(from, to)
+            };
         }
         // Allocate and map the alias run in one call, so the read below
-        // takes no fault per page.
+        // takes no fault per page (only a page-table walk where the block
+        // is allocated and mapped already, but a discard in another process
+        // may have punched a page out since).
         // SAFETY: the alias is never registered and the claimed granules
         // are this thread's: populating them changes no byte anyone reads.
         if unsafe { mman::madvise(alias, len, Advice::PopulateWrite) }.is_err() {
@@ -607,6 +658,14 @@ impl Core {
         // is never registered, and their pages exist (allocated above).
         let dst = unsafe { std::slice::from_raw_parts_mut(alias, len) };
         call_source(|| self.source.fill_run(from as u64, dst, g))
+    }
+
+    /// Gives the blocks of granules `from..to` their memory (`ShmemThp`)
+    /// unless this process did already: whether they all have it.
+    fn allocate_blocks(&self, from: usize, to: usize) -> bool {
+        self.blocks
+            .as_ref()
+            .is_some_and(|b| b.ensure(from, to, &self.counters))
     }
 
     /// Allocates the pages of granules `from..to` in the file.
@@ -637,10 +696,17 @@ impl Core {
     /// Allocating first turns a full file system or an empty huge page pool
     /// into `ENOSPC` here; a write through the alias would get SIGBUS.
     fn fill_once(&self, index: usize) -> Result<(), FillError> {
-        self.allocate(index, index + 1)?;
+        let block_allocated = self.allocate_blocks(index, index + 1);
         if self.source.is_zero(index as u64) {
-            return Ok(());
+            if block_allocated {
+                // The page is there, zeroed: nothing to do (if another
+                // process punched it out since, mapping it finds that out
+                // and it is filled again).
+                return Ok(());
+            }
+            return self.allocate(index, index + 1);
         }
+        self.allocate(index, index + 1)?;
         // SAFETY: the claim makes this thread the granule's only writer,
         // and nobody reads it before `publish`; the alias is never
         // registered, so writing it cannot fault into userfaultfd, and the
@@ -663,6 +729,10 @@ impl Core {
             return self.resolve(index, true);
         };
         let slot = &states[index];
+        if let Some(b) = &self.blocks {
+            // Its block lost a page: allocate the block again.
+            b.forget(index, index + 1);
+        }
         if state::observe(slot) == PageState::Present
             && state::begin_discard(slot, self.me()) == Discard::Claimed
         {
@@ -738,6 +808,9 @@ impl Core {
             }
             if let Some(p) = &self.promoter {
                 p.forget(first * g, (claimed - first) * g);
+            }
+            if let Some(b) = &self.blocks {
+                b.forget(first, claimed);
             }
             if let Err(e) = punched.and(zapped) {
                 // The granules are absent and will be filled again from the
@@ -886,8 +959,25 @@ impl Core {
     fn mapped(&self, from: usize, to: usize) {
         Counters::bump(&self.counters.maps);
         if let Some(p) = &self.promoter {
-            p.on_mapped(from, to, &self.counters);
+            p.on_mapped(from, to, &self.counters, &|block| {
+                self.block_complete(block)
+            });
         }
+    }
+
+    /// Whether every granule of promotion block `block` is present.
+    /// Signal-safe.
+    pub(crate) fn block_complete(&self, block: usize) -> bool {
+        let Some(p) = &self.promoter else {
+            return false;
+        };
+        let per = p.granules_per_block();
+        let (from, to) = (block * per, ((block + 1) * per).min(self.granules));
+        self.region.page_states_for(from, to).is_ok_and(|states| {
+            states[from..to]
+                .iter()
+                .all(|s| state::observe(s) == PageState::Present)
+        })
     }
 
     /// Before this process's registration goes away while the region

@@ -3,6 +3,7 @@
 //! drivers: handler threads, the faulting thread itself, or `populate`).
 
 mod bits;
+mod blocks;
 mod engine;
 pub(crate) mod fork;
 mod handlers;

@@ -382,7 +382,7 @@ impl Populator {
                 .name("hugearena-collapse".into())
                 .spawn(move || {
                     if let Some(p) = &core.promoter {
-                        p.run_worker(&core.counters);
+                        p.run_worker(&core.counters, &|b| core.block_complete(b));
                     }
                 })
                 .map_err(|source| Error::Spawn {
@@ -511,7 +511,7 @@ impl Populator {
     /// calling thread.
     pub fn flush_promotions(&self) {
         if let Some(p) = &self.core.promoter {
-            p.flush(&self.core.counters);
+            p.flush(&self.core.counters, &|b| self.core.block_complete(b));
         }
     }
 

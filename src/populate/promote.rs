@@ -3,10 +3,11 @@
 //! huge-page entry, so resident memory gets huge-page TLB reach.
 //!
 //! Counting is per process, because mappings are: a block's counter grows
-//! by the granules this process mapped with `UFFDIO_CONTINUE`, and reaches
-//! the block's size only when all of them are present in the page cache.
-//! That matters: collapsing a block maps every one of its pages, including
-//! ones never continued.
+//! by the granules this process mapped with `UFFDIO_CONTINUE`. Reaching
+//! the block's size makes the block a candidate; it is collapsed only if
+//! the shared page states say every granule is present, because
+//! collapsing a block maps every one of its pages, including ones never
+//! continued.
 #![allow(unsafe_code)] // `MADV_COLLAPSE` on the populator's own primary view
 
 use std::sync::OnceLock;
@@ -35,7 +36,18 @@ pub enum Promotion {
     Background,
 }
 
+/// A block's mapped count once it has been collapsed: later mappings in
+/// it (after another process's collapse zapped them, say) add to it
+/// without ever promoting it again.
+const COLLAPSED: u32 = 1 << 31;
+
 /// Per-block counters and the pending set of one populator.
+///
+/// A count reaching the block's size is only a hint: a page zapped from
+/// this process's mapping (by another process's collapse) and mapped again
+/// is counted twice. Before collapsing, the caller's `complete` check reads
+/// the shared page states: a block is collapsed only when every one of its
+/// granules is present, because collapsing maps them all.
 #[derive(Debug)]
 pub(crate) struct Promoter {
     mode: Promotion,
@@ -50,6 +62,9 @@ pub(crate) struct Promoter {
     /// Drains in progress (taken blocks not yet collapsed).
     draining: AtomicU32,
 }
+
+/// Whether every granule of a block is present (shared page states).
+pub(crate) type Complete<'a> = &'a dyn Fn(usize) -> bool;
 
 impl Promoter {
     pub(crate) fn new(
@@ -77,9 +92,19 @@ impl Promoter {
         self.mode
     }
 
+    pub(crate) fn granules_per_block(&self) -> usize {
+        self.granules_per_block as usize
+    }
+
     /// Accounts granules `[from, to)` as mapped in this process and
     /// promotes the blocks this completes. Signal-safe.
-    pub(crate) fn on_mapped(&self, from: usize, to: usize, counters: &Counters) {
+    pub(crate) fn on_mapped(
+        &self,
+        from: usize,
+        to: usize,
+        counters: &Counters,
+        complete: Complete<'_>,
+    ) {
         let per = self.granules_per_block as usize;
         let mut at = from;
         while at < to {
@@ -87,18 +112,19 @@ impl Promoter {
             let block_end = ((block + 1) * per).min(to);
             let n = (block_end - at) as u32;
             if let Some(count) = self.mapped.get(block) {
-                if count.fetch_add(n, Ordering::AcqRel) + n == self.granules_per_block {
-                    self.promote(block, counters);
+                let before = count.fetch_add(n, Ordering::AcqRel);
+                if before < COLLAPSED && before + n >= self.granules_per_block {
+                    self.promote(block, counters, complete);
                 }
             }
             at = block_end;
         }
     }
 
-    fn promote(&self, block: usize, counters: &Counters) {
+    fn promote(&self, block: usize, counters: &Counters, complete: Complete<'_>) {
         match self.mode {
             Promotion::Off => {}
-            Promotion::Inline => self.collapse(block, counters),
+            Promotion::Inline => self.collapse_block(block, counters, complete),
             Promotion::Background => {
                 self.pending.insert(block);
                 if let Some(worker) = self.worker.get() {
@@ -108,27 +134,47 @@ impl Promoter {
         }
     }
 
-    fn collapse(&self, block: usize, counters: &Counters) {
-        let start = (self.primary + block * self.block_bytes) as *mut u8;
-        for _ in 0..COLLAPSE_TRIES {
-            // SAFETY: the block lies inside the primary view, and every page
-            // of it is present in the page cache with its final bytes (its
-            // counter is full), so mapping all of them changes no byte
-            // anyone reads.
-            match unsafe { mman::madvise(start, self.block_bytes, Advice::Collapse) } {
-                Ok(()) => return Counters::bump(&counters.collapses),
-                // Transient when another thread of this process is mapping
-                // a page of the block at the same moment (a fault taken
-                // while an earlier collapse retracted its page table): the
-                // kernel reports EAGAIN, or EINVAL for the scan results it
-                // has no other errno for. Both pass on a retry.
-                Err(e) if e.errno() == Errno::EAGAIN || e.errno() == Errno::EINVAL => {
-                    std::thread::yield_now()
-                }
-                Err(_) => break,
-            }
+    /// Maps block `block`, whose granules this thread just made present
+    /// all at once, with one huge-page entry now, instead of one
+    /// `UFFDIO_CONTINUE` per run and a collapse later. Whether it did (if
+    /// not, the caller maps the granules itself). Signal-safe.
+    pub(crate) fn collapse_filled(&self, block: usize, counters: &Counters) -> bool {
+        if self.mode == Promotion::Off {
+            return false;
         }
-        Counters::bump(&counters.collapse_failures);
+        let start = (self.primary + block * self.block_bytes) as *mut u8;
+        if collapse(start, self.block_bytes).is_err() {
+            return false;
+        }
+        if let Some(count) = self.mapped.get(block) {
+            count.store(COLLAPSED, Ordering::Release);
+        }
+        Counters::bump(&counters.collapses);
+        true
+    }
+
+    fn collapse_block(&self, block: usize, counters: &Counters, complete: Complete<'_>) {
+        let Some(count) = self.mapped.get(block) else {
+            return;
+        };
+        // Claimed by setting the mark first: a block queued or triggered
+        // twice (a mapping counted twice) is collapsed once.
+        if count.fetch_or(COLLAPSED, Ordering::AcqRel) >= COLLAPSED {
+            return;
+        }
+        if !complete(block) {
+            // Counted twice somewhere: the block is promoted when its
+            // missing granules are mapped here (they count again).
+            count.fetch_and(!COLLAPSED, Ordering::AcqRel);
+            return;
+        }
+        let start = (self.primary + block * self.block_bytes) as *mut u8;
+        match collapse(start, self.block_bytes) {
+            Ok(()) => Counters::bump(&counters.collapses),
+            // The mark stays: the block keeps its 4 KiB mappings rather
+            // than failing again on every later mapping.
+            Err(_) => Counters::bump(&counters.collapse_failures),
+        }
     }
 
     /// Forgets the mapped counts of the blocks in `[offset, offset + len)`
@@ -148,31 +194,32 @@ impl Promoter {
 
     /// Collapses every pending block now, in the calling thread, and waits
     /// for blocks another thread took to be collapsed too.
-    pub(crate) fn flush(&self, counters: &Counters) {
-        self.drain(counters);
+    pub(crate) fn flush(&self, counters: &Counters, complete: Complete<'_>) {
+        self.drain(counters, complete);
         while self.draining.load(Ordering::Acquire) != 0 {
             std::thread::yield_now();
         }
     }
 
     /// Collapses every pending block now, in the calling thread.
-    fn drain(&self, counters: &Counters) {
+    fn drain(&self, counters: &Counters, complete: Complete<'_>) {
         // Counted before taking blocks, so `flush` cannot miss them.
         self.draining.fetch_add(1, Ordering::AcqRel);
-        self.pending.take(|block| self.collapse(block, counters));
+        self.pending
+            .take(|block| self.collapse_block(block, counters, complete));
         self.draining.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// The background thread's loop; returns when [`Promoter::stop`] is
     /// called.
-    pub(crate) fn run_worker(&self, counters: &Counters) {
+    pub(crate) fn run_worker(&self, counters: &Counters, complete: Complete<'_>) {
         let _ = self.worker.set(std::thread::current());
         while !self.stop.load(Ordering::Acquire) {
-            self.drain(counters);
+            self.drain(counters, complete);
             // A timeout covers an unpark that raced with `set` above.
             std::thread::park_timeout(std::time::Duration::from_millis(100));
         }
-        self.drain(counters);
+        self.drain(counters, complete);
     }
 
     /// In a forked child: the parent's threads that were collapsing blocks
@@ -188,4 +235,31 @@ impl Promoter {
             worker.unpark();
         }
     }
+}
+
+/// `MADV_COLLAPSE` of `len` bytes at `start` (a 2 MiB-aligned block of one
+/// of the region's views, every page of which is in the page cache or may
+/// be zero-filled), tried again while the kernel reports a transient
+/// failure. Signal-safe.
+pub(super) fn collapse(start: *mut u8, len: usize) -> Result<(), Errno> {
+    let mut last = Errno::EAGAIN;
+    for _ in 0..COLLAPSE_TRIES {
+        // SAFETY: the caller passes a block of one of the region's views
+        // whose every page may be mapped: collapsing changes no byte
+        // anyone reads, only how the block is mapped.
+        match unsafe { mman::madvise(start, len, Advice::Collapse) } {
+            Ok(()) => return Ok(()),
+            // Transient when another thread of this process is mapping
+            // a page of the block at the same moment (a fault taken
+            // while an earlier collapse retracted its page table): the
+            // kernel reports EAGAIN, or EINVAL for the scan results it
+            // has no other errno for. Both pass on a retry.
+            Err(e) if e.errno() == Errno::EAGAIN || e.errno() == Errno::EINVAL => {
+                last = e.errno();
+                std::thread::yield_now()
+            }
+            Err(e) => return Err(e.errno()),
+        }
+    }
+    Err(last)
 }

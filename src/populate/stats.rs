@@ -38,6 +38,10 @@ pub(crate) struct Counters {
     pub collapses: AtomicU64,
     /// `MADV_COLLAPSE` calls that failed (the block stays 4 KiB-mapped).
     pub collapse_failures: AtomicU64,
+    /// Blocks given their memory in one step before their first fill.
+    pub blocks_allocated: AtomicU64,
+    /// Blocks whose one-step allocation failed (filled a run at a time).
+    pub block_allocation_failures: AtomicU64,
 }
 
 /// The populator's counters at one moment, plus the fill latency
@@ -71,6 +75,12 @@ pub struct Stats {
     pub collapses: u64,
     /// `MADV_COLLAPSE` calls that failed (the block stays 4 KiB-mapped).
     pub collapse_failures: u64,
+    /// Blocks given their memory in one step before their first fill
+    /// (see [`BlockAllocation`](crate::BlockAllocation)).
+    pub blocks_allocated: u64,
+    /// Blocks whose one-step allocation failed (no free 2 MiB of memory,
+    /// say): they were filled a run at a time.
+    pub block_allocation_failures: u64,
     /// Time to fill one granule from the source, in nanoseconds (recorded
     /// at 1/8-octave resolution: values are within 12.5 %).
     pub fill_latency: hdrhistogram::Histogram<u64>,
@@ -97,6 +107,8 @@ impl Counters {
             discards: get(&self.discards),
             collapses: get(&self.collapses),
             collapse_failures: get(&self.collapse_failures),
+            blocks_allocated: get(&self.blocks_allocated),
+            block_allocation_failures: get(&self.block_allocation_failures),
             fill_latency,
         }
     }
@@ -108,7 +120,7 @@ impl std::fmt::Display for Stats {
             f,
             "faults: {} handler, {} in-thread; populate calls {}; fills {}; maps {}; \
              readahead {}; poisoned {}; takeovers {}; retries {}; refills {}; discards {}; \
-             collapses {} ({} failed)",
+             collapses {} ({} failed); blocks allocated {} ({} failed)",
             self.faults_handler,
             self.faults_in_thread,
             self.populate_calls,
@@ -121,7 +133,9 @@ impl std::fmt::Display for Stats {
             self.refills,
             self.discards,
             self.collapses,
-            self.collapse_failures
+            self.collapse_failures,
+            self.blocks_allocated,
+            self.block_allocation_failures
         )?;
         let h = &self.fill_latency;
         if !h.is_empty() {

@@ -150,14 +150,33 @@ impl ShmemThp {
             .split_whitespace()
             .find(|w| w.starts_with('['))
             .map(|w| w.trim_matches(|c| c == '[' || c == ']'));
-        match selected {
-            Some("always") => ShmemThp::Always,
-            Some("within_size") => ShmemThp::WithinSize,
-            Some("advise") => ShmemThp::Advise,
-            Some("never") => ShmemThp::Never,
-            Some("deny") => ShmemThp::Deny,
-            Some("force") => ShmemThp::Force,
+        selected.map_or(ShmemThp::Unknown, ShmemThp::parse)
+    }
+
+    /// The setting named `word`, as the sysfs file or a tmpfs `huge=`
+    /// mount option spells it.
+    pub fn parse(word: &str) -> ShmemThp {
+        match word {
+            "always" => ShmemThp::Always,
+            "within_size" => ShmemThp::WithinSize,
+            "advise" => ShmemThp::Advise,
+            "never" => ShmemThp::Never,
+            "deny" => ShmemThp::Deny,
+            "force" => ShmemThp::Force,
             _ => ShmemThp::Unknown,
+        }
+    }
+
+    /// How the kernel spells it.
+    pub fn word(self) -> &'static str {
+        match self {
+            ShmemThp::Always => "always",
+            ShmemThp::WithinSize => "within_size",
+            ShmemThp::Advise => "advise",
+            ShmemThp::Never => "never",
+            ShmemThp::Deny => "deny",
+            ShmemThp::Force => "force",
+            ShmemThp::Unknown => "unknown",
         }
     }
 

@@ -11,6 +11,7 @@
 //! descriptor) and gets the same layout from the header.
 #![allow(unsafe_code)] // mapping the views, raw copies and atomic views of shared memory
 
+mod blocks;
 pub(crate) mod header;
 mod layout;
 
@@ -22,6 +23,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use blocks::BlockAllocation;
 pub(crate) use header::Header;
 pub(crate) use layout::HEADER_BYTES;
 pub use layout::Layout as RegionLayout;
@@ -122,6 +124,8 @@ pub struct Region {
     file: OwnedFd,
     name: PathBuf,
     choice: BackendChoice,
+    /// How this process allocates the pages of a block before filling it.
+    blocks: BlockAllocation,
     header: Header,
     created: bool,
     meta: SharedBase,
@@ -292,11 +296,16 @@ impl Region {
     fn map(
         file: OwnedFd,
         name: PathBuf,
-        choice: BackendChoice,
+        mut choice: BackendChoice,
         header: Header,
         created: bool,
     ) -> Result<Region> {
         let layout = header.layout;
+        let (blocks, why) = BlockAllocation::choose(layout.backend().kind(), file.as_fd());
+        if layout.backend().kind() == BackendKind::ShmemThp {
+            choice.reason.push_str("; blocks: ");
+            choice.reason.push_str(&why);
+        }
         let meta_len = layout.data_offset() as usize;
         let span = layout.data_span();
         let data_len = layout.data_len() as usize;
@@ -347,6 +356,7 @@ impl Region {
             file,
             name,
             choice,
+            blocks,
             header,
             created,
             meta,
@@ -393,6 +403,12 @@ impl Region {
     /// The backend and why it was chosen.
     pub fn choice(&self) -> &BackendChoice {
         &self.choice
+    }
+
+    /// How this process gives a block its memory before filling its first
+    /// page (the reason is part of [`Region::choice`]).
+    pub fn block_allocation(&self) -> BlockAllocation {
+        self.blocks
     }
 
     /// The backend.

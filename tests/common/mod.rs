@@ -101,6 +101,46 @@ pub fn hugetlbfs_2m() -> Option<PathBuf> {
     }
 }
 
+/// Where a tmpfs mounted with `huge=always` is mounted for the tests.
+const HUGE_TMPFS: &str = "/tmp/hugearena-huge-tmpfs";
+
+/// A tmpfs mounted with `huge=always` (its files get 2 MiB folios whatever
+/// `shmem_enabled` says), mounting one when root.
+pub fn huge_tmpfs() -> Option<PathBuf> {
+    let mounted = || {
+        std::fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(HUGE_TMPFS) && l.contains("huge=always"))
+    };
+    if mounted() {
+        return Some(PathBuf::from(HUGE_TMPFS));
+    }
+    if !is_root() {
+        skip(&format!(
+            "no huge tmpfs: sudo mount -t tmpfs -o huge=always,size=4G none {HUGE_TMPFS}"
+        ));
+        return None;
+    }
+    let _ = std::fs::create_dir_all(HUGE_TMPFS);
+    let status = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "huge=always,size=4G",
+            "none",
+            HUGE_TMPFS,
+        ])
+        .status();
+    // Tests run in parallel: another one may have mounted it meanwhile.
+    if mounted() {
+        return Some(PathBuf::from(HUGE_TMPFS));
+    }
+    skip(&format!("mounting a huge tmpfs failed: {status:?}"));
+    None
+}
+
 /// A fresh path in `dir` for a region file; the file does not exist yet.
 pub fn unique_path(dir: &str, tag: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
