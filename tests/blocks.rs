@@ -1,0 +1,229 @@
+//! Block allocation on the real kernel: a `ShmemThp` block on a tmpfs
+//! mounted `huge=always` is one 2 MiB folio before its second page is
+//! filled, becomes PMD-mapped without a copy, and a block whose page was
+//! punched out by another mapping is filled again correctly.
+//!
+//! Alone in its binary: `thp_collapse_alloc` in `/proc/vmstat` counts
+//! copying collapses machine-wide, and the other suites make some.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use common::*;
+use hugearena::populate::{Driver, FileSource, PopulateOptions, Populator, ZeroSource};
+use hugearena::{BackendKind, BlockAllocation, Region, RegionOptions};
+
+const BLOCK: usize = 2 << 20;
+const LEN: usize = 8 << 20;
+
+/// `/proc/kpageflags` bits.
+const KPF_COMPOUND_HEAD: u64 = 1 << 15;
+const KPF_COMPOUND_TAIL: u64 = 1 << 16;
+const KPF_THP: u64 = 1 << 22;
+
+/// The page frame number behind virtual address `addr` of this process.
+fn pfn(addr: usize) -> u64 {
+    let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
+    let mut entry = [0u8; 8];
+    pagemap
+        .read_exact_at(&mut entry, (addr / 4096 * 8) as u64)
+        .unwrap();
+    let entry = u64::from_le_bytes(entry);
+    assert!(entry >> 63 == 1, "page at {addr:#x} is not present");
+    let pfn = entry & ((1 << 55) - 1);
+    assert_ne!(pfn, 0, "pagemap hides frame numbers (not root?)");
+    pfn
+}
+
+fn kpageflags(pfn: u64) -> u64 {
+    let flags = std::fs::File::open("/proc/kpageflags").unwrap();
+    let mut word = [0u8; 8];
+    flags.read_exact_at(&mut word, pfn * 8).unwrap();
+    u64::from_le_bytes(word)
+}
+
+fn vmstat(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/vmstat"))
+}
+
+/// KiB of `field` in `/proc/self/smaps` for the mappings that lie inside
+/// `[start, end)`.
+fn smaps_kib(start: usize, end: usize, field: &str) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((a, b)) = range.split_once('-')
+            && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+        {
+            inside = a >= start && b <= end;
+            continue;
+        }
+        if inside && let Some(v) = line.strip_prefix(field) {
+            total += v
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap();
+        }
+    }
+    total
+}
+
+/// A ShmemThp region on the huge tmpfs, and the guard that removes it.
+fn huge_tmpfs_region(tag: &str) -> Option<(Arc<Region>, RemoveOnDrop)> {
+    let dir = huge_tmpfs()?;
+    let path = unique_path(dir.to_str().unwrap(), tag);
+    let region = Region::create(
+        RegionOptions::new(LEN as u64)
+            .backend(BackendKind::ShmemThp)
+            .path(&path),
+    )
+    .unwrap();
+    assert_eq!(region.block_allocation(), BlockAllocation::PopulateAlias);
+    assert!(
+        region.choice().reason.contains("huge= option of the tmpfs"),
+        "{}",
+        region.choice().reason
+    );
+    Some((Arc::new(region), RemoveOnDrop(path)))
+}
+
+#[test]
+fn a_block_is_one_folio_before_its_second_page_is_filled_and_maps_without_a_copy() {
+    let Some((region, _remove)) = huge_tmpfs_region("folio") else {
+        return;
+    };
+    let snapshot = tempfile::NamedTempFile::new().unwrap();
+    let mut bytes = vec![0u8; LEN];
+    fill_pattern(3, 0, &mut bytes);
+    snapshot.as_file().write_all_at(&bytes, 0).unwrap();
+    let source = FileSource::open(snapshot.path()).unwrap();
+    let p = Populator::with_options(
+        region.clone(),
+        source,
+        PopulateOptions::new().driver(Driver::InThread),
+    )
+    .unwrap();
+    let copies_before = vmstat("thp_collapse_alloc");
+    let block = region.primary().as_ptr() as usize + BLOCK;
+
+    // The first page of block 1: one fill, one block allocated.
+    let mut byte = [0u8; 1];
+    region.read_via_primary(BLOCK, &mut byte).unwrap();
+    assert_eq!(byte[0], pattern_byte(3, BLOCK));
+    let stats = p.stats();
+    assert_eq!((stats.fills, stats.blocks_allocated), (1, 1), "{stats}");
+    let head = pfn(block);
+    let flags = kpageflags(head);
+    assert!(
+        flags & KPF_THP != 0 && flags & KPF_COMPOUND_HEAD != 0,
+        "the first page filled is the head of a huge folio: flags {flags:#x}"
+    );
+    assert_eq!(head % 512, 0, "a 2 MiB folio starts 2 MiB-aligned");
+
+    // The second page lies in the same folio, right after the first.
+    region
+        .read_via_primary(BLOCK + 4096 * 9, &mut byte)
+        .unwrap();
+    assert_eq!(pfn(block + 4096 * 9), head + 9);
+    assert!(kpageflags(head + 9) & (KPF_THP | KPF_COMPOUND_TAIL) == KPF_THP | KPF_COMPOUND_TAIL);
+
+    // Filling the rest maps the block with one PMD, on the same frames.
+    let mut rest = vec![0u8; BLOCK];
+    region.read_via_primary(BLOCK, &mut rest).unwrap();
+    assert!(
+        rest.iter()
+            .enumerate()
+            .all(|(i, b)| *b == pattern_byte(3, BLOCK + i))
+    );
+    p.flush_promotions();
+    let primary = region.primary().as_ptr() as usize;
+    assert_eq!(
+        smaps_kib(primary, primary + LEN, "ShmemPmdMapped:"),
+        2048,
+        "only block 1 is PMD-mapped: {}",
+        p.stats()
+    );
+    assert_eq!(pfn(block), head, "promotion moved the block: it copied");
+    assert_eq!(pfn(block + BLOCK - 4096), head + 511);
+    // (Readahead may have run into block 2, and allocated it.)
+    assert_eq!(p.stats().collapses, 1, "{}", p.stats());
+    assert_eq!(
+        vmstat("thp_collapse_alloc"),
+        copies_before,
+        "a collapse allocated a new huge page (copied)"
+    );
+}
+
+#[test]
+fn populating_whole_blocks_maps_each_with_one_pmd_and_no_copy() {
+    let Some((region, _remove)) = huge_tmpfs_region("populate") else {
+        return;
+    };
+    let p = Populator::with_options(
+        region.clone(),
+        ZeroSource,
+        PopulateOptions::new().driver(Driver::Proactive),
+    )
+    .unwrap();
+    let copies_before = vmstat("thp_collapse_alloc");
+    p.populate(0, LEN).unwrap();
+    let stats = p.stats();
+    assert_eq!(stats.blocks_allocated, (LEN / BLOCK) as u64, "{stats}");
+    assert_eq!(stats.collapses, (LEN / BLOCK) as u64, "{stats}");
+    assert_eq!(stats.maps, 0, "no UFFDIO_CONTINUE was needed: {stats}");
+    let primary = region.primary().as_ptr() as usize;
+    assert_eq!(
+        smaps_kib(primary, primary + LEN, "ShmemPmdMapped:"),
+        (LEN >> 10) as u64
+    );
+    assert_eq!(vmstat("thp_collapse_alloc"), copies_before);
+    verify(&region, |_| 0);
+}
+
+#[test]
+fn a_page_punched_out_of_an_allocated_block_elsewhere_is_allocated_again() {
+    let Some((region, remove)) = huge_tmpfs_region("punch") else {
+        return;
+    };
+    // Two mappings with their own populators stand for two processes.
+    let other = Arc::new(Region::open(&remove.0).unwrap());
+    let mine = Populator::with_options(
+        region.clone(),
+        ZeroSource,
+        PopulateOptions::new().driver(Driver::InThread),
+    )
+    .unwrap();
+    let theirs = Populator::with_options(
+        other.clone(),
+        ZeroSource,
+        PopulateOptions::new().driver(Driver::InThread),
+    )
+    .unwrap();
+    // This one fills block 0, so it knows the block as allocated.
+    mine.populate(0, BLOCK).unwrap();
+    theirs.populate(4096 * 5, 4096).unwrap();
+    assert_eq!(mine.stats().blocks_allocated, 1);
+    region.write_via_primary(4096 * 5, &[0xAB; 16]).unwrap();
+    // The other one drops page 5 (its memory goes back to the file system).
+    theirs.discard(4096 * 5, 4096).unwrap();
+    // Touching it here finds a page the block no longer has: it is
+    // allocated again and reads as the source says.
+    let mut buf = [0xFFu8; 16];
+    region.read_via_primary(4096 * 5, &mut buf).unwrap();
+    assert_eq!(buf, [0u8; 16]);
+    region.write_via_primary(4096 * 5, &[0xCD; 16]).unwrap();
+    other.read_via_primary(4096 * 5, &mut buf).unwrap();
+    assert_eq!(buf, [0xCD; 16], "both mappings see one page again");
+    assert!(mine.errors().is_empty() && mine.failures().is_empty());
+    assert!(theirs.errors().is_empty() && theirs.failures().is_empty());
+}
