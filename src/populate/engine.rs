@@ -227,7 +227,6 @@ impl Core {
             granule,
         );
         Core {
-            blocks,
             granules,
             primary: region.primary().as_ptr() as usize,
             region,
@@ -247,8 +246,16 @@ impl Core {
             latency: LatencyRecorder::default(),
             errors: RecordLog::default(),
             failures: RecordLog::default(),
-            readahead: Readahead::new(readahead_granules),
+            // Where blocks are allocated whole, a scan maps them whole.
+            readahead: Readahead::new(
+                readahead_granules,
+                match (&blocks, &promoter) {
+                    (Some(_), Some(p)) => p.granules_per_block() as u64,
+                    _ => 0,
+                },
+            ),
             promoter,
+            blocks,
             live_handlers: AtomicUsize::new(0),
             handler_spin,
             handler_spinning: std::sync::atomic::AtomicBool::new(false),
@@ -366,6 +373,9 @@ impl Core {
         self.counters
             .readahead
             .fetch_add((end - index - 1) as u64, Ordering::Relaxed);
+        if self.completes_block(index, end) {
+            return Ok(true);
+        }
         // Only the faulting granule must be mapped; the readahead behind
         // it is dropped if its pages vanish meanwhile (a discard).
         self.map_needed(index, end, index + 1)?;
@@ -561,6 +571,25 @@ impl Core {
         } else {
             Outcome::Failed
         }
+    }
+
+    /// If granules `[index, end)`, just resolved by a fault and its
+    /// readahead, reach the end of a block whose every granule is present
+    /// now: maps the whole block with one huge-page entry (the faulting
+    /// granule included) and says so.
+    fn completes_block(&self, index: usize, end: usize) -> bool {
+        if self.blocks.is_none() {
+            return false;
+        }
+        let Some(p) = &self.promoter else {
+            return false;
+        };
+        let per = p.granules_per_block();
+        let block = index / per;
+        end == ((block + 1) * per).min(self.granules)
+            && end % per == 0
+            && self.block_complete(block)
+            && p.collapse_filled(block, &self.counters)
     }
 
     /// Whether granules `[from, from + n)` are exactly one promotion block.

@@ -30,15 +30,22 @@ fn encode(expected: u64, window: u64) -> u64 {
 pub(crate) struct Readahead {
     streams: [AtomicU64; STREAMS],
     cap: u64,
+    /// Granules per block when a hit's window stretches to the end of the
+    /// block the fault is in (0: it does not).
+    block: u64,
 }
 
 impl Readahead {
     /// A detector whose window grows to at most `cap` granules (0 turns
-    /// readahead off).
-    pub(crate) fn new(cap: u64) -> Readahead {
+    /// readahead off). With `block` > 0, a hit's window stretches to the
+    /// end of the `block`-granule block the fault is in: where blocks are
+    /// allocated whole, a scan then fills and maps whole blocks, one fault
+    /// each.
+    pub(crate) fn new(cap: u64, block: u64) -> Readahead {
         Readahead {
             streams: std::array::from_fn(|_| AtomicU64::new(0)),
             cap: cap.min(WINDOW_MASK),
+            block,
         }
     }
 
@@ -55,12 +62,16 @@ impl Readahead {
                 continue;
             }
             let window = ((word & WINDOW_MASK) * 2).clamp(INITIAL_WINDOW.min(self.cap), self.cap);
-            let next = encode(index + 1 + window, window);
+            let reach = match self.block {
+                0 => window,
+                block => window.max((index / block + 1) * block - index - 1),
+            };
+            let next = encode(index + 1 + reach, window);
             if slot
                 .compare_exchange(word, next, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
             {
-                return window;
+                return reach;
             }
             // Another thread advanced this stream: this fault is not the
             // one it expected any more.
@@ -81,7 +92,7 @@ mod tests {
 
     #[test]
     fn a_scan_grows_its_window_to_the_cap() {
-        let ra = Readahead::new(16);
+        let ra = Readahead::new(16, 0);
         assert_eq!(ra.on_fault(100), 0, "a first fault is not a run");
         assert_eq!(ra.on_fault(101), 4);
         // 102..=105 were populated; the next fault is at 106.
@@ -92,18 +103,29 @@ mod tests {
 
     #[test]
     fn random_faults_get_no_readahead_and_off_means_off() {
-        let ra = Readahead::new(16);
+        let ra = Readahead::new(16, 0);
         for i in [5, 900, 17, 4000, 33] {
             assert_eq!(ra.on_fault(i), 0);
         }
-        let off = Readahead::new(0);
+        let off = Readahead::new(0, 0);
         assert_eq!(off.on_fault(1), 0);
         assert_eq!(off.on_fault(2), 0);
     }
 
     #[test]
+    fn with_blocks_a_hit_reaches_the_end_of_its_block() {
+        let ra = Readahead::new(16, 512);
+        assert_eq!(ra.on_fault(512), 0);
+        assert_eq!(ra.on_fault(513), 510, "the rest of block 1");
+        assert_eq!(ra.on_fault(1024), 511, "all of block 2 but the fault");
+        assert_eq!(ra.on_fault(1536), 511);
+        let ra = Readahead::new(0, 512);
+        assert_eq!((ra.on_fault(1), ra.on_fault(2)), (0, 0), "off means off");
+    }
+
+    #[test]
     fn interleaved_scans_keep_their_own_streams() {
-        let ra = Readahead::new(64);
+        let ra = Readahead::new(64, 0);
         ra.on_fault(0);
         ra.on_fault(1 << 20);
         assert_eq!(ra.on_fault(1), 4);
