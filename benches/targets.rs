@@ -8,6 +8,8 @@
 //!   `huge=always`) is shown as the native equivalent of block allocation.
 //! - P2a: `populate` of one random page whose block is allocated, then a
 //!   touch, against a kernel-native shmem minor fault (goal: p50 ≤ 0.8×).
+//!   Pages 64 KiB apart, so the kernel's fault-around never maps a page
+//!   before it is measured.
 //! - P2b: random 4 KiB first touches of a `Shmem` region against a
 //!   kernel-native shmem first touch (goal: p50 ≤ 1.5× in-thread, ≤ 2×
 //!   with handler threads).
@@ -16,10 +18,13 @@
 //! cargo bench --bench targets [-- --quick]
 //! ```
 //!
-//! **Fresh** memory: measured after 4 s without allocating, by which time
-//! these guests have handed freed memory back to the host, so first use
-//! costs a host fault. **Warm**: right after the same amount of anonymous
-//! memory was touched and freed. `ShmemThp` regions live on a tmpfs
+//! **Fresh** memory: measured after 4 s without allocating. These guests
+//! hand free 2 MiB chunks back to the host a share at a time (every 2 s),
+//! and the first use of one costs a host fault (milliseconds per 2 MiB):
+//! how much of the memory a fresh case gets is host-cold varies from run
+//! to run, and hits 2 MiB allocations (huge folios) far more than 4 KiB
+//! ones, which come from partly used chunks. **Warm**: right after the
+//! same amount of anonymous memory (in 2 MiB pages) was touched and freed. `ShmemThp` regions live on a tmpfs
 //! mounted `huge=always` (mounted at `/tmp/hugearena-huge-tmpfs` when
 //! missing; needs root), so their blocks get a 2 MiB folio each.
 
@@ -38,6 +43,8 @@ use hugearena::{BackendKind, BlockAllocation, Region, RegionOptions};
 const PAGE: usize = 4096;
 const BLOCK: usize = 2 << 20;
 const HUGE_TMPFS: &str = "/tmp/hugearena-huge-tmpfs";
+/// The kernel's fault-around window for file mappings.
+const FAULT_AROUND: usize = 64 << 10;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Memory {
@@ -178,7 +185,14 @@ fn huge_tmpfs() -> Option<PathBuf> {
     if !mounted() {
         let _ = std::fs::create_dir_all(HUGE_TMPFS);
         let _ = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "huge=always,size=4G", "none", HUGE_TMPFS])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                "huge=always,size=4G",
+                "none",
+                HUGE_TMPFS,
+            ])
             .status();
     }
     mounted().then(|| PathBuf::from(HUGE_TMPFS))
@@ -242,7 +256,11 @@ impl Row {
             self.ours,
             self.baseline,
             self.ratio(),
-            if self.higher_is_better { "≥ " } else { "≤ " },
+            if self.higher_is_better {
+                "≥ "
+            } else {
+                "≤ "
+            },
             self.goal,
             if self.met() { "yes" } else { "**no**" },
             unit = self.unit,
@@ -312,7 +330,11 @@ fn sequential<S: SignalSafeSource + 'static>(
     p.flush_promotions();
     let d = t.elapsed();
     let stats = p.stats();
-    assert_eq!(stats.collapse_failures + stats.block_allocation_failures, 0, "{stats}");
+    assert_eq!(
+        stats.collapse_failures + stats.block_allocation_failures,
+        0,
+        "{stats}"
+    );
     gbps(len, d)
 }
 
@@ -372,7 +394,7 @@ fn populate_one(len: usize, dir: &Path, order: &[usize]) -> f64 {
     }
     let base = region.primary().as_ptr();
     let mut hist = histogram();
-    for &off in order.iter().filter(|&&off| off % BLOCK != 0) {
+    for &off in order {
         let t = Instant::now();
         p.populate(off, PAGE).expect("populate");
         // SAFETY: inside the primary, populated just now.
@@ -385,13 +407,13 @@ fn populate_one(len: usize, dir: &Path, order: &[usize]) -> f64 {
 }
 
 /// p50 of a random first touch of a Shmem region (zero source) with
-/// `driver`, µs.
-fn random_first_touch(len: usize, driver: Driver, order: &[usize]) -> f64 {
+/// `driver` (handler threads spinning for `spin` before they sleep), µs.
+fn random_first_touch(len: usize, driver: Driver, spin: Duration, order: &[usize]) -> f64 {
     let (region, _path) = region(BackendKind::Shmem, len, None);
     let p = Populator::with_options(
         region.clone(),
         ZeroSource,
-        PopulateOptions::new().driver(driver),
+        PopulateOptions::new().driver(driver).handler_spin(spin),
     )
     .expect("populator");
     let hist = touch(region.primary().as_ptr(), order);
@@ -422,7 +444,10 @@ fn main() {
     // Warm the page cache for the file source.
     let mut sink = vec![0u8; 1 << 20];
     for off in (0..len).step_by(sink.len()) {
-        snapshot.as_file().read_exact_at(&mut sink, off as u64).expect("read");
+        snapshot
+            .as_file()
+            .read_exact_at(&mut sink, off as u64)
+            .expect("read");
     }
     let file_source = || FileSource::open(snapshot.path()).expect("source");
     println!(
@@ -473,7 +498,14 @@ fn main() {
             .print("anonymous first touch");
         }
 
-        let sample = &order[..order.len().min(16384)];
+        // One page per 64 KiB, in random order: a kernel-native minor
+        // fault maps the present pages around it too (fault-around, 64 KiB),
+        // which would make later touches nearby free.
+        let sample: Vec<usize> = shuffled(len / FAULT_AROUND, 0xfa17)
+            .into_iter()
+            .map(|off| off / PAGE * FAULT_AROUND + PAGE)
+            .collect();
+        let sample = &sample[..];
         memory.prepare(len);
         let minor = native_minor(len, sample);
         memory.prepare(len);
@@ -492,17 +524,30 @@ fn main() {
 
         memory.prepare(len);
         let first = native_shmem_first_touch(len, &order);
-        for (driver, name, goal) in [
-            (Driver::InThread, "in-thread", 1.5),
-            (Driver::HandlerThreads(1), "handlers:1", 2.0),
-            (Driver::HandlerThreads(2), "handlers:2", 2.0),
+        let spin = Duration::from_micros(50);
+        for (driver, spin, name, goal) in [
+            (Driver::InThread, Duration::ZERO, "in-thread", 1.5),
+            (Driver::HandlerThreads(1), Duration::ZERO, "handlers:1", 2.0),
+            (Driver::HandlerThreads(2), Duration::ZERO, "handlers:2", 2.0),
+            (
+                Driver::HandlerThreads(1),
+                spin,
+                "handlers:1, 50 µs spin",
+                2.0,
+            ),
+            (
+                Driver::HandlerThreads(2),
+                spin,
+                "handlers:2, 50 µs spin",
+                2.0,
+            ),
         ] {
             memory.prepare(len);
             Row {
                 target: "P2b",
                 what: format!("random 4 KiB first touch, Shmem, {name}, p50"),
                 memory,
-                ours: random_first_touch(len, driver, &order),
+                ours: random_first_touch(len, driver, spin, &order),
                 baseline: first,
                 unit: "µs",
                 higher_is_better: false,
