@@ -221,6 +221,9 @@ fn region(kind: BackendKind, len: usize, dir: Option<&Path>) -> (Arc<Region>, Op
     (Arc::new(Region::create(options).expect("region")), path)
 }
 
+/// A measurement that returns its figure.
+type Measure<'a> = Box<dyn Fn() -> f64 + 'a>;
+
 /// One row of the report.
 struct Row {
     target: &'static str,
@@ -465,7 +468,7 @@ fn main() {
             memory.name(),
             huge / anon
         );
-        let cases: [(&str, Box<dyn Fn() -> f64>); 4] = [
+        let cases: [(&str, Measure<'_>); 4] = [
             (
                 "ShmemThp, zero source, sequential touches",
                 Box::new(|| sequential(len, &dir, ZeroSource, true)),
