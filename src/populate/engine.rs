@@ -168,6 +168,10 @@ pub(crate) struct Core {
     pub(crate) promoter: Option<Promoter>,
     /// Gives `ShmemThp` blocks their memory before their first fill.
     blocks: Option<BlockAllocator>,
+    /// A faulting absent zero granule may be allocated, zeroed and mapped
+    /// with one `UFFDIO_ZEROPAGE` (shmem allocated a run at a time, pages
+    /// not mapped write-protected for tracking).
+    zeropage_faults: bool,
     /// Handler threads still running (handler-thread driver only).
     pub(crate) live_handlers: AtomicUsize,
     /// How long a handler thread spins before it sleeps, and whether one
@@ -219,6 +223,10 @@ impl Core {
         } = settings;
         let granule = region.granule().bytes();
         let granules = region.len() / granule;
+        let zeropage_faults = !region.backend().kind().uses_hugetlb()
+            && granule == 4096
+            && !track_writes
+            && register_mode.contains(RegisterMode::MISSING);
         let blocks = BlockAllocator::new(
             region.block_allocation(),
             region.alias().as_ptr() as usize,
@@ -254,6 +262,7 @@ impl Core {
                     _ => 0,
                 },
             ),
+            zeropage_faults,
             promoter,
             blocks,
             live_handlers: AtomicUsize::new(0),
@@ -330,13 +339,16 @@ impl Core {
     /// Resolves a fault on granule `index`, with readahead when it
     /// continues a sequential run. `Ok(false)`: the granule is poisoned.
     pub(crate) fn resolve_fault(&self, index: usize) -> SysResult<bool> {
-        match self.resolve(index, true) {
-            Outcome::Ready => {}
-            // Stuck: SIGBUS in this process only, until `retry`; the
-            // shared state stays with the filler.
-            Outcome::Failed | Outcome::Stuck | Outcome::Busy => {
-                self.poison(index)?;
-                return Ok(false);
+        let mapped = self.zero_fill_and_map(index);
+        if !mapped {
+            match self.resolve(index, true) {
+                Outcome::Ready => {}
+                // Stuck: SIGBUS in this process only, until `retry`; the
+                // shared state stays with the filler.
+                Outcome::Failed | Outcome::Stuck | Outcome::Busy => {
+                    self.poison(index)?;
+                    return Ok(false);
+                }
             }
         }
         let window = self.readahead.on_fault(index as u64) as usize;
@@ -378,8 +390,57 @@ impl Core {
         }
         // Only the faulting granule must be mapped; the readahead behind
         // it is dropped if its pages vanish meanwhile (a discard).
-        self.map_needed(index, end, index + 1)?;
+        let from = if mapped { index + 1 } else { index };
+        self.map_needed(from, end, index + 1)?;
         Ok(true)
+    }
+
+    /// If granule `index` is absent, its source gives zeroes and the
+    /// region allows it: claims it, and has the kernel allocate, zero and
+    /// map its page with one `UFFDIO_ZEROPAGE` (instead of an allocation
+    /// and a `UFFDIO_CONTINUE`), then publishes it. Whether it did. If the
+    /// call fails, the claimed granule is filled the usual way (which
+    /// reports the error) and is left for the caller to resolve again.
+    fn zero_fill_and_map(&self, index: usize) -> bool {
+        if !self.zeropage_faults
+            || !self.source.is_zero(index as u64)
+            // Where blocks are allocated whole, the block's folio comes
+            // first (this would put a 4 KiB page in its way).
+            || self.blocks.is_some()
+        {
+            return false;
+        }
+        let Ok(states) = self.region.page_states_for(index, index + 1) else {
+            return false;
+        };
+        let slot = &states[index];
+        if state::claim(slot, self.me()) != Claim::Won {
+            return false;
+        }
+        let started = Instant::now();
+        // SAFETY: the primary is registered for missing faults, and the
+        // claim makes this thread the granule's filler: its content is
+        // zeroes, which is what the kernel maps.
+        match unsafe {
+            self.uffd
+                .zeropage(self.addr(index), self.granule, self.wake_mode)
+        } {
+            Ok(_) => {
+                self.latency.record(started.elapsed());
+                Counters::bump(&self.counters.fills);
+                if state::publish(slot, self.me()) == Ok(true) {
+                    self.wake_waiters(slot);
+                }
+                self.mapped(index, index + 1);
+                true
+            }
+            Err(_) => {
+                // The page exists already (EEXIST), or no memory: the usual
+                // path allocates (or reports why not) and publishes.
+                self.fill(index, slot);
+                false
+            }
+        }
     }
 
     /// Populates granules `[first, last)`: fills what is absent, waits for
@@ -589,7 +650,27 @@ impl Core {
         end == ((block + 1) * per).min(self.granules)
             && end % per == 0
             && self.block_complete(block)
-            && p.collapse_filled(block, &self.counters)
+            && self.collapse_filled(block)
+    }
+
+    /// Maps block `block`, every granule of which is present, with one
+    /// `MADV_COLLAPSE`, and wakes whoever is parked on a page of it (a
+    /// collapse, unlike `UFFDIO_CONTINUE`, wakes nobody). Whether it did.
+    fn collapse_filled(&self, block: usize) -> bool {
+        let Some(p) = &self.promoter else {
+            return false;
+        };
+        if !p.collapse_filled(block, &self.counters) {
+            return false;
+        }
+        if self.wake_mode == 0 {
+            let per = p.granules_per_block();
+            let (from, to) = (block * per, ((block + 1) * per).min(self.granules));
+            if let Err(e) = self.uffd.wake(self.addr(from), (to - from) * self.granule) {
+                self.failures.push(e);
+            }
+        }
+        true
     }
 
     /// Whether granules `[from, from + n)` are exactly one promotion block.
@@ -607,7 +688,7 @@ impl Core {
     fn map_whole_block(&self, from: usize) -> bool {
         self.promoter
             .as_ref()
-            .is_some_and(|p| p.collapse_filled(from / p.granules_per_block(), &self.counters))
+            .is_some_and(|p| self.collapse_filled(from / p.granules_per_block()))
     }
 
     /// Claims the absent granules from `from` on, up to `limit` and the

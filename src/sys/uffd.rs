@@ -1,5 +1,5 @@
 //! userfaultfd(2): open, API handshake, registration, and the resolving
-//! ioctls (`CONTINUE`, `WAKE`, `POISON`), plus batched event reads.
+//! ioctls (`CONTINUE`, `ZEROPAGE`, `WAKE`, `POISON`), plus batched event reads.
 //!
 //! Request codes are computed with `nix`'s ioctl macros from the kernel's
 //! numbers and our `#[repr(C)]` argument structs; a test cross-checks them
@@ -65,6 +65,18 @@ pub(crate) struct UffdioContinue {
     pub mapped: i64,
 }
 
+/// `struct uffdio_zeropage`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct UffdioZeropage {
+    /// The range to fill with zeroes and map.
+    pub range: UffdioRange,
+    /// `UFFDIO_ZEROPAGE_MODE_*` bits.
+    pub mode: u64,
+    /// Out: bytes zeroed and mapped, or a negative errno.
+    pub zeropage: i64,
+}
+
 /// `struct uffdio_poison`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -110,6 +122,9 @@ pub(crate) mod request {
     /// `UFFDIO_CONTINUE`.
     pub(crate) const CONTINUE: Request =
         nix::request_code_readwrite!(UFFDIO_TYPE, 0x07, size_of::<UffdioContinue>());
+    /// `UFFDIO_ZEROPAGE`.
+    pub(crate) const ZEROPAGE: Request =
+        nix::request_code_readwrite!(UFFDIO_TYPE, 0x04, size_of::<UffdioZeropage>());
     /// `UFFDIO_POISON`.
     pub(crate) const POISON: Request =
         nix::request_code_readwrite!(UFFDIO_TYPE, 0x08, size_of::<UffdioPoison>());
@@ -216,6 +231,11 @@ impl RegisterMode {
     pub(crate) const WP: RegisterMode = RegisterMode(1 << 1);
     /// `UFFDIO_REGISTER_MODE_MINOR`: page in the page cache, not mapped here.
     pub(crate) const MINOR: RegisterMode = RegisterMode(1 << 2);
+
+    /// Whether every mode in `other` is in `self`.
+    pub(crate) fn contains(self, other: RegisterMode) -> bool {
+        self.0 & other.0 == other.0
+    }
 }
 
 impl std::ops::BitOr for RegisterMode {
@@ -528,6 +548,31 @@ impl Userfaultfd {
         done(result, arg.mapped, start, len)
     }
 
+    /// Resolves missing faults on `[start, start + len)` with zeroed pages
+    /// (`UFFDIO_ZEROPAGE`): on shmem the kernel allocates each page, zeroes
+    /// it, adds it to the file and maps it, in one call. `EEXIST` if a
+    /// page is already in the file or mapped. Returns the bytes done.
+    ///
+    /// # Safety
+    ///
+    /// The range must be registered with this descriptor for missing
+    /// faults, and its pages' content must be zeroes for whoever reads them
+    /// (the caller holds the fill of each one).
+    pub(crate) unsafe fn zeropage(
+        &self,
+        start: *mut u8,
+        len: usize,
+        mode: u64,
+    ) -> Result<usize, RangeError> {
+        let mut arg = UffdioZeropage {
+            range: range(start, len),
+            mode,
+            zeropage: 0,
+        };
+        let result = self.ioctl(request::ZEROPAGE, &mut arg, "UFFDIO_ZEROPAGE");
+        done(result, arg.zeropage, start, len)
+    }
+
     /// Marks `[start, start + len)` poisoned (`UFFDIO_POISON`): any access
     /// raises SIGBUS until the range is zapped. Returns the bytes poisoned.
     ///
@@ -652,6 +697,7 @@ mod tests {
         assert_eq!(request::REGISTER as u64, kio::UFFDIO_REGISTER as u64);
         assert_eq!(request::WAKE as u64, kio::UFFDIO_WAKE as u64);
         assert_eq!(request::CONTINUE as u64, kio::UFFDIO_CONTINUE as u64);
+        assert_eq!(request::ZEROPAGE as u64, kio::UFFDIO_ZEROPAGE as u64);
         // linux-raw-sys has no precomputed POISON or IOC_NEW: build them from
         // its own numbers and struct sizes.
         assert_eq!(
@@ -670,6 +716,7 @@ mod tests {
         assert_eq!(size_of::<UffdioRegister>(), size_of::<k::uffdio_register>());
         assert_eq!(size_of::<UffdioContinue>(), size_of::<k::uffdio_continue>());
         assert_eq!(size_of::<UffdioPoison>(), size_of::<k::uffdio_poison>());
+        assert_eq!(size_of::<UffdioZeropage>(), size_of::<k::uffdio_zeropage>());
         assert_eq!(size_of::<UffdMsg>(), size_of::<k::uffd_msg>());
         assert_eq!(size_of::<UffdMsg>(), 32);
     }
