@@ -14,6 +14,9 @@
 
 use std::time::Instant;
 
+#[path = "../examples/support/mapping.rs"]
+mod mapping;
+
 use hdrhistogram::Histogram;
 use hugearena::{BackendKind, Region, RegionOptions};
 
@@ -45,28 +48,8 @@ fn report(name: &str, hist: &Histogram<u64>, pages: usize, baseline_p50: Option<
     );
 }
 
-/// A fresh private anonymous mapping of `len` bytes at 4 KiB pages; the
-/// caller unmaps it.
-fn fresh_anonymous(len: usize) -> *mut libc::c_void {
-    // SAFETY: a fresh private anonymous mapping, unmapped below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    // SAFETY: keep the baseline at 4 KiB pages.
-    unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
-    p
-}
-
 fn anonymous(len: usize) -> Histogram<u64> {
-    let p = fresh_anonymous(len);
+    let p = mapping::anonymous_4k(len).cast::<libc::c_void>();
     let hist = touch_all(p.cast(), len);
     // SAFETY: unmapping what was mapped above.
     unsafe { libc::munmap(p, len) };
@@ -77,7 +60,7 @@ fn anonymous(len: usize) -> Histogram<u64> {
 /// memory: the kernel's own "populate ahead" path.
 fn populate_write(len: usize) -> Histogram<u64> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("bounds");
-    let p = fresh_anonymous(len);
+    let p = mapping::anonymous_4k(len).cast::<libc::c_void>();
     for off in (0..len).step_by(PAGE) {
         let start = Instant::now();
         // SAFETY: the page lies inside the mapping.

@@ -28,6 +28,13 @@
 //! mounted `huge=always` (mounted at `/tmp/hugearena-huge-tmpfs` when
 //! missing; needs root), so their blocks get a 2 MiB folio each.
 
+#[path = "../examples/support/huge_tmpfs.rs"]
+mod huge_tmpfs;
+#[path = "../examples/support/mapping.rs"]
+mod mapping;
+#[path = "../examples/support/order.rs"]
+mod order;
+
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -42,7 +49,6 @@ use hugearena::{BackendKind, BlockAllocation, Region, RegionOptions};
 
 const PAGE: usize = 4096;
 const BLOCK: usize = 2 << 20;
-const HUGE_TMPFS: &str = "/tmp/hugearena-huge-tmpfs";
 /// The kernel's fault-around window for file mappings.
 const FAULT_AROUND: usize = 64 << 10;
 
@@ -68,7 +74,7 @@ impl Memory {
                 // In 2 MiB pages: the host backs whole 2 MiB chunks, which
                 // serve huge and small allocations alike afterwards.
                 let len = len + (64 << 20);
-                let p = anonymous(len);
+                let p = mapping::anonymous_4k(len);
                 // SAFETY: the fresh mapping above; populated, then unmapped.
                 unsafe {
                     libc::madvise(p.cast(), len, libc::MADV_HUGEPAGE);
@@ -82,25 +88,6 @@ impl Memory {
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("bounds")
-}
-
-/// A private anonymous mapping of `len` bytes at 4 KiB pages.
-fn anonymous(len: usize) -> *mut u8 {
-    // SAFETY: a fresh private anonymous mapping; callers unmap it.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    // SAFETY: advice on the mapping above.
-    unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
-    p.cast()
 }
 
 /// A shared mapping of `len` bytes of `file`, 2 MiB-aligned.
@@ -159,43 +146,6 @@ fn write_each(base: *mut u8, len: usize) {
 
 fn gbps(len: usize, d: Duration) -> f64 {
     len as f64 / d.as_secs_f64() / 1e9
-}
-
-/// Page offsets in a random order (xorshift Fisher-Yates).
-fn shuffled(pages: usize, seed: u64) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..pages).map(|i| i * PAGE).collect();
-    let mut x = seed | 1;
-    for i in (1..order.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        order.swap(i, (x % (i as u64 + 1)) as usize);
-    }
-    order
-}
-
-/// The huge tmpfs, mounted if missing.
-fn huge_tmpfs() -> Option<PathBuf> {
-    let mounted = || {
-        std::fs::read_to_string("/proc/mounts")
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.split(' ').nth(1) == Some(HUGE_TMPFS) && l.contains("huge=always"))
-    };
-    if !mounted() {
-        let _ = std::fs::create_dir_all(HUGE_TMPFS);
-        let _ = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                "huge=always,size=4G",
-                "none",
-                HUGE_TMPFS,
-            ])
-            .status();
-    }
-    mounted().then(|| PathBuf::from(HUGE_TMPFS))
 }
 
 /// A file of `len` bytes for a region or a baseline, removed on drop.
@@ -274,7 +224,7 @@ impl Row {
 /// Kernel-native first touch of `len` bytes of 4 KiB anonymous memory,
 /// sequential: GB/s.
 fn native_anonymous(len: usize) -> f64 {
-    let p = anonymous(len);
+    let p = mapping::anonymous_4k(len);
     let t = Instant::now();
     write_each(p, len);
     let d = t.elapsed();
@@ -323,10 +273,10 @@ fn sequential<S: SignalSafeSource + 'static>(
         PopulateOptions::new().driver(driver),
     )
     .expect("populator");
-    let order: Vec<usize> = (0..len / PAGE).map(|i| i * PAGE).collect();
+    let in_order: Vec<usize> = (0..len / PAGE).map(|i| i * PAGE).collect();
     let t = Instant::now();
     if by_touch {
-        touch(region.primary().as_ptr(), &order);
+        touch(region.primary().as_ptr(), &in_order);
     } else {
         p.populate(0, len).expect("populate");
     }
@@ -439,9 +389,12 @@ fn snapshot_file(len: usize) -> tempfile::NamedTempFile {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let len: usize = if quick { 128 << 20 } else { 256 << 20 };
-    let Some(dir) = huge_tmpfs() else {
-        println!("skipped: no tmpfs mounted huge=always at {HUGE_TMPFS} (mounting needs root)");
-        return;
+    let dir = match huge_tmpfs::mount() {
+        Ok(dir) => dir,
+        Err(e) => {
+            println!("skipped: {e}");
+            return;
+        }
     };
     let snapshot = snapshot_file(len);
     // Warm the page cache for the file source.
@@ -457,7 +410,7 @@ fn main() {
         "| target | what | memory | hugearena | kernel-native baseline | ratio | goal | met |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let order = shuffled(len / PAGE, 0x5eed);
+    let random = order::shuffled(len / PAGE, PAGE, 0x5eed);
     for memory in [Memory::Fresh, Memory::Warm] {
         memory.prepare(len);
         let anon = native_anonymous(len);
@@ -504,7 +457,7 @@ fn main() {
         // One page per 64 KiB, in random order: a kernel-native minor
         // fault maps the present pages around it too (fault-around, 64 KiB),
         // which would make later touches nearby free.
-        let sample: Vec<usize> = shuffled(len / FAULT_AROUND, 0xfa17)
+        let sample: Vec<usize> = order::shuffled(len / FAULT_AROUND, PAGE, 0xfa17)
             .into_iter()
             .map(|off| off / PAGE * FAULT_AROUND + PAGE)
             .collect();
@@ -526,7 +479,7 @@ fn main() {
         .print("shmem minor fault");
 
         memory.prepare(len);
-        let first = native_shmem_first_touch(len, &order);
+        let first = native_shmem_first_touch(len, &random);
         let spin = Duration::from_micros(50);
         for (driver, spin, name, goal) in [
             (Driver::InThread, Duration::ZERO, "in-thread", 1.5),
@@ -550,7 +503,7 @@ fn main() {
                 target: "P2b",
                 what: format!("random 4 KiB first touch, Shmem, {name}, p50"),
                 memory,
-                ours: random_first_touch(len, driver, spin, &order),
+                ours: random_first_touch(len, driver, spin, &random),
                 baseline: first,
                 unit: "µs",
                 higher_is_better: false,

@@ -22,6 +22,8 @@
 
 #[path = "support/human.rs"]
 mod human;
+#[path = "support/order.rs"]
+mod order;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -134,17 +136,11 @@ fn snapshot(size: usize) -> std::io::Result<tempfile::NamedTempFile> {
 }
 
 fn order(granules: usize, granule: usize, seed: u64, sequential: bool) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..granules).map(|i| i * granule).collect();
-    if !sequential {
-        let mut x = seed | 1;
-        for i in (1..order.len()).rev() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            order.swap(i, (x % (i as u64 + 1)) as usize);
-        }
+    if sequential {
+        (0..granules).map(|i| i * granule).collect()
+    } else {
+        order::shuffled(granules, granule, seed)
     }
-    order
 }
 
 /// Touches every granule (the first byte of each), timing each touch.

@@ -52,32 +52,6 @@ fn vmstat(field: &str) -> u64 {
         .unwrap_or_else(|| panic!("{field} in /proc/vmstat"))
 }
 
-/// KiB of `field` in `/proc/self/smaps` for the mappings that lie inside
-/// `[start, end)`.
-fn smaps_kib(start: usize, end: usize, field: &str) -> u64 {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let mut inside = false;
-    let mut total = 0;
-    for line in smaps.lines() {
-        if let Some((range, _)) = line.split_once(' ')
-            && let Some((a, b)) = range.split_once('-')
-            && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-        {
-            inside = a >= start && b <= end;
-            continue;
-        }
-        if inside && let Some(v) = line.strip_prefix(field) {
-            total += v
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .unwrap();
-        }
-    }
-    total
-}
-
 /// A ShmemThp region on the huge tmpfs, and the guard that removes it.
 fn huge_tmpfs_region(tag: &str) -> Option<(Arc<Region>, RemoveOnDrop)> {
     let dir = huge_tmpfs()?;

@@ -46,19 +46,6 @@ fn driver_arg(driver: Driver) -> &'static str {
     }
 }
 
-/// Granule offsets in a random order (xorshift-driven Fisher-Yates).
-fn shuffled(granules: usize, granule: usize, seed: u64) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..granules).map(|i| i * granule).collect();
-    let mut x = seed | 1;
-    for i in (1..order.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        order.swap(i, (x % (i as u64 + 1)) as usize);
-    }
-    order
-}
-
 /// Touches one byte of every granule in a random order, as a user of the
 /// driver would: proactive users populate first.
 fn touch_all(populator: &Populator, seed: u64) {
@@ -540,32 +527,6 @@ fn sequential_faults_read_ahead_and_random_ones_do_not() {
             (_, false) => assert!(s.faults_in_thread > 2048 * 7 / 8, "{s}"),
         }
     }
-}
-
-/// Sums a field of `/proc/self/smaps` over the mappings inside
-/// `[start, end)`, in KiB.
-fn smaps_kib(start: usize, end: usize, field: &str) -> u64 {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let mut inside = false;
-    let mut total = 0;
-    for line in smaps.lines() {
-        if let Some((range, _)) = line.split_once(' ')
-            && let Some((a, b)) = range.split_once('-')
-            && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-        {
-            inside = a >= start && b <= end;
-            continue;
-        }
-        if inside && let Some(v) = line.strip_prefix(field) {
-            total += v
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .unwrap();
-        }
-    }
-    total
 }
 
 #[test]

@@ -101,44 +101,53 @@ pub fn hugetlbfs_2m() -> Option<PathBuf> {
     }
 }
 
-/// Where a tmpfs mounted with `huge=always` is mounted for the tests.
-const HUGE_TMPFS: &str = "/tmp/hugearena-huge-tmpfs";
+#[path = "../../examples/support/huge_tmpfs.rs"]
+mod huge_tmpfs_mount;
+#[path = "../../examples/support/order.rs"]
+mod order;
+#[allow(unused_imports)] // not every test binary shuffles
+pub use order::shuffled;
 
 /// A tmpfs mounted with `huge=always` (its files get 2 MiB folios whatever
 /// `shmem_enabled` says), mounting one when root.
 pub fn huge_tmpfs() -> Option<PathBuf> {
-    let mounted = || {
-        std::fs::read_to_string("/proc/mounts")
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.split(' ').nth(1) == Some(HUGE_TMPFS) && l.contains("huge=always"))
-    };
-    if mounted() {
-        return Some(PathBuf::from(HUGE_TMPFS));
+    if let Some(path) = huge_tmpfs_mount::mounted() {
+        return Some(path);
     }
     if !is_root() {
         skip(&format!(
-            "no huge tmpfs: sudo mount -t tmpfs -o huge=always,size=4G none {HUGE_TMPFS}"
+            "no huge tmpfs: sudo mount -t tmpfs -o huge=always,size=4G none {}",
+            huge_tmpfs_mount::HUGE_TMPFS
         ));
         return None;
     }
-    let _ = std::fs::create_dir_all(HUGE_TMPFS);
-    let status = Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "huge=always,size=4G",
-            "none",
-            HUGE_TMPFS,
-        ])
-        .status();
-    // Tests run in parallel: another one may have mounted it meanwhile.
-    if mounted() {
-        return Some(PathBuf::from(HUGE_TMPFS));
+    huge_tmpfs_mount::mount().map_err(|e| skip(&e)).ok()
+}
+
+/// Sums a field of `/proc/self/smaps` over the mappings that lie inside
+/// `[start, end)`, in KiB.
+pub fn smaps_kib(start: usize, end: usize, field: &str) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((a, b)) = range.split_once('-')
+            && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+        {
+            inside = a >= start && b <= end;
+            continue;
+        }
+        if inside && let Some(v) = line.strip_prefix(field) {
+            total += v
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap();
+        }
     }
-    skip(&format!("mounting a huge tmpfs failed: {status:?}"));
-    None
+    total
 }
 
 /// A fresh path in `dir` for a region file; the file does not exist yet.
