@@ -241,16 +241,20 @@ fn targets(quick: bool, doc: &mut String, restore: &str, losses: &mut Vec<String
         c.get(3)
             .and_then(|v| v.trim_end_matches(" ms").parse::<f64>().ok())
     };
+    // Every size within 10 ms; the largest (a sparse 16 GiB one in a full
+    // run) within 1.5× of the smallest: flat.
     let smallest = restore_rows.first().and_then(|c| ms(c));
-    for c in &restore_rows {
+    for (i, c) in restore_rows.iter().enumerate() {
         let (Some(t), Some(base)) = (ms(c), smallest) else {
             continue;
         };
-        let met = t <= 10.0 && t <= 1.5 * base;
+        let largest = i + 1 == restore_rows.len() && i > 0;
+        let met = t <= 10.0 && (!largest || t <= 1.5 * base);
         rows.push(format!(
-            "| P3 | restore → first byte, {} (cold cache) | — | {t:.2} ms | {base:.2} ms (the smallest snapshot) | {:.2}× | ≤ 10 ms and ≤ 1.5× | {} |",
+            "| P3 | restore → first byte, {} (cold cache) | — | {t:.2} ms | {base:.2} ms (the smallest snapshot) | {:.2}× | {} | {} |",
             c[1],
             t / base,
+            if largest { "≤ 10 ms and ≤ 1.5×" } else { "≤ 10 ms" },
             if met { "yes" } else { "**no**" }
         ));
     }
