@@ -9,6 +9,7 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::*;
@@ -54,7 +55,11 @@ fn vmstat(field: &str) -> u64 {
 
 /// A ShmemThp region on the huge tmpfs, and the guard that removes it.
 fn huge_tmpfs_region(tag: &str) -> Option<(Arc<Region>, RemoveOnDrop)> {
-    let dir = huge_tmpfs()?;
+    region_in(&huge_tmpfs()?, tag, "always")
+}
+
+/// A ShmemThp region in `dir`, a tmpfs whose `huge=` option is `huge`.
+fn region_in(dir: &Path, tag: &str, huge: &str) -> Option<(Arc<Region>, RemoveOnDrop)> {
     let path = unique_path(dir.to_str().unwrap(), tag);
     let region = Region::create(
         RegionOptions::new(LEN as u64)
@@ -63,12 +68,40 @@ fn huge_tmpfs_region(tag: &str) -> Option<(Arc<Region>, RemoveOnDrop)> {
     )
     .unwrap();
     assert_eq!(region.block_allocation(), BlockAllocation::PopulateAlias);
+    let reason = &region.choice().reason;
     assert!(
-        region.choice().reason.contains("huge= option of the tmpfs"),
-        "{}",
-        region.choice().reason
+        reason.contains(&format!(
+            "huge= option of the tmpfs at {} is {huge}",
+            dir.display()
+        )),
+        "{reason}"
     );
     Some((Arc::new(region), RemoveOnDrop(path)))
+}
+
+/// A small tmpfs mounted `huge=advise` (2 MiB folios only where a mapping
+/// asks with `MADV_HUGEPAGE`, as the alias does), mounting it when root.
+fn advise_tmpfs() -> Option<PathBuf> {
+    const DIR: &str = "/tmp/hugearena-advise-tmpfs";
+    let mounted = || {
+        std::fs::read_to_string("/proc/mounts")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(DIR) && l.contains("huge=advise"))
+    };
+    if !mounted() {
+        let _ = std::fs::create_dir_all(DIR);
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "huge=advise,size=64M", "none", DIR])
+            .status();
+        if !mounted() {
+            skip(&format!(
+                "mounting a huge=advise tmpfs at {DIR} failed: {status:?}"
+            ));
+            return None;
+        }
+    }
+    Some(PathBuf::from(DIR))
 }
 
 #[test]
@@ -200,4 +233,32 @@ fn a_page_punched_out_of_an_allocated_block_elsewhere_is_allocated_again() {
     assert_eq!(buf, [0xCD; 16], "both mappings see one page again");
     assert!(mine.errors().is_empty() && mine.failures().is_empty());
     assert!(theirs.errors().is_empty() && theirs.failures().is_empty());
+}
+
+#[test]
+fn where_the_setting_is_advise_the_huge_page_alias_gets_the_folio() {
+    let Some(dir) = advise_tmpfs() else {
+        return;
+    };
+    let Some((region, _remove)) = region_in(&dir, "advise", "advise") else {
+        return;
+    };
+    let p = Populator::with_options(
+        region.clone(),
+        ZeroSource,
+        PopulateOptions::new().driver(Driver::InThread),
+    )
+    .unwrap();
+    let mut byte = [1u8; 1];
+    region
+        .read_via_primary(BLOCK + 4096 * 3, &mut byte)
+        .unwrap();
+    assert_eq!(byte[0], 0);
+    assert_eq!(p.stats().blocks_allocated, 1, "{}", p.stats());
+    let frame = pfn(region.primary().as_ptr() as usize + BLOCK + 4096 * 3);
+    assert!(
+        kpageflags(frame) & (KPF_THP | KPF_COMPOUND_TAIL) == KPF_THP | KPF_COMPOUND_TAIL,
+        "page 3 of the block lies in a huge folio"
+    );
+    assert_eq!(frame % 512, 3);
 }
