@@ -654,7 +654,14 @@ fn a_snapshot_chain_cannot_become_a_cycle() {
     region.write_via_primary(0, b"base").unwrap();
     snap.full(&p, dir.path().join("snap.0")).unwrap();
     region.write_via_primary(4096, b"one").unwrap();
-    snap.incremental(&p, dir.path().join("snap.1")).unwrap();
+    let one = snap.incremental(&p, dir.path().join("snap.1")).unwrap();
+    if !p.tracks_writes() {
+        // Before Linux 6.7 increments are full snapshots: no chain to loop.
+        assert!(one.full_because.is_some(), "{one:?}");
+        let source = SnapshotSource::open(dir.path().join("snap.1")).unwrap();
+        assert_eq!(source.depth(), 0);
+        return;
+    }
     region.write_via_primary(8192, b"two").unwrap();
     let err = snap.incremental(&p, dir.path().join("snap.0")).unwrap_err();
     assert!(err.to_string().contains("part of the chain"), "{err}");

@@ -60,6 +60,9 @@ pub struct SnapshotInfo {
     pub file_len: u64,
     /// How long it took.
     pub elapsed: Duration,
+    /// Why a snapshot asked for as incremental is a full one (the
+    /// populator does not track writes), or `None`.
+    pub full_because: Option<String>,
 }
 
 fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -329,6 +332,7 @@ fn write_snapshot(
         data_bytes,
         file_len: header.file_len(),
         elapsed: Duration::ZERO,
+        full_because: None,
     })
 }
 
@@ -672,6 +676,17 @@ impl Snapshotter {
                     last.display()
                 ),
             });
+        }
+        if !populator.tracks_writes() {
+            // Nothing says which pages changed: every page goes in, and
+            // the new file starts a chain of its own.
+            let why = populator
+                .tracking_unavailable()
+                .unwrap_or("the populator does not track writes (PopulateOptions::track_writes)")
+                .to_string();
+            let mut info = self.full(populator, path)?;
+            info.full_because = Some(why);
+            return Ok(info);
         }
         let parent = SnapshotSource::open(&last)?;
         // Writing over a file of the chain would make it its own ancestor

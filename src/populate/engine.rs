@@ -168,6 +168,9 @@ pub(crate) struct Core {
     pub(crate) promoter: Option<Promoter>,
     /// Gives `ShmemThp` blocks their memory before their first fill.
     blocks: Option<BlockAllocator>,
+    /// Failed granules get `UFFDIO_POISON` markers (Linux 6.6+); without
+    /// them, see [`Core::fence`].
+    poison_markers: bool,
     /// A faulting absent zero granule may be allocated, zeroed and mapped
     /// with one `UFFDIO_ZEROPAGE` (shmem allocated a run at a time, pages
     /// not mapped write-protected for tracking).
@@ -235,6 +238,7 @@ impl Core {
             granule,
         );
         Core {
+            poison_markers: features.contains(Features::POISON),
             granules,
             primary: region.primary().as_ptr() as usize,
             region,
@@ -274,6 +278,11 @@ impl Core {
 
     pub(crate) fn granule(&self) -> usize {
         self.granule
+    }
+
+    /// Whether failed granules get `UFFDIO_POISON` markers.
+    pub(crate) fn poison_markers(&self) -> bool {
+        self.poison_markers
     }
 
     fn me(&self) -> Owner {
@@ -979,12 +988,18 @@ impl Core {
     }
 
     fn poison_range(&self, from: usize, to: usize) -> SysResult<()> {
-        self.apply(from, to, None, |start, len| {
-            // SAFETY: the range is registered, and its granules are not
-            // present (or their fill failed), so nobody relies on reading
-            // them: an access raises SIGBUS instead of returning bytes.
-            unsafe { self.uffd.poison(start, len, self.wake_mode) }
-        })?;
+        if self.poison_markers {
+            self.apply(from, to, None, |start, len| {
+                // SAFETY: the range is registered, and its granules are not
+                // present (or their fill failed), so nobody relies on
+                // reading them: an access raises SIGBUS instead of
+                // returning bytes.
+                unsafe { self.uffd.poison(start, len, self.wake_mode) }
+            })?;
+        }
+        // Without markers the granules stay unmapped and registered: a
+        // touch faults, finds them failed (or absent with nobody to fill
+        // them) and is answered with SIGBUS by the fault path.
         self.counters
             .poisoned
             .fetch_add((to - from) as u64, Ordering::Relaxed);
@@ -1091,32 +1106,55 @@ impl Core {
     }
 
     /// Before this process's registration goes away while the region
-    /// stays mapped: poisons every granule not present in the page cache,
-    /// so a later touch of it raises SIGBUS instead of reading a fresh zero
-    /// page (the poison markers outlive the userfaultfd). Present granules
-    /// need nothing: without a registration they map as ordinary shared
-    /// memory.
+    /// stays mapped: makes sure a later touch of a granule that is not
+    /// present raises a fault instead of reading a fresh zero page (see
+    /// [`Core::fence`]). Present granules need nothing: without a
+    /// registration they map as ordinary shared memory.
     pub(crate) fn poison_unfilled(&self) {
-        self.settle(false);
+        self.fence(false);
     }
 
     /// Leaves no faulting thread parked once nobody resolves faults any
-    /// more: maps every granule that is present, poisons the rest (in this
+    /// more: maps every granule that is present, fences the rest (in this
     /// process only), then wakes the whole range. A thread that touches an
-    /// unpopulated page afterwards gets SIGBUS instead of hanging, and
+    /// unpopulated page afterwards gets a fault instead of hanging, and
     /// never reads bytes the source did not give.
     pub(crate) fn fail_closed(&self) {
-        self.settle(true);
+        self.fence(true);
         if let Err(e) = self.uffd.wake(self.addr(0), self.granules * self.granule) {
             self.failures.push(e);
         }
     }
 
-    /// Poisons, in this process, every granule not present (and maps the
-    /// present ones if `map_present`). Granules whose page-state words have
-    /// no memory behind them were never claimed by anyone: they are
-    /// poisoned without allocating their part of the table.
-    fn settle(&self, map_present: bool) {
+    /// Closes every granule that is not present in this process, and maps
+    /// the present ones if `map_present`:
+    /// - with poison markers (Linux 6.6+), each gets one: SIGBUS on touch;
+    /// - without, under `UFFD_FEATURE_SIGBUS` (the in-thread driver), the
+    ///   present granules are all mapped and the userfaultfd is kept open
+    ///   with the region: its registration answers a touch of any other
+    ///   granule with SIGBUS;
+    /// - without, under handler threads, the granules are made
+    ///   inaccessible (`PROT_NONE`): SIGSEGV on touch (the whole primary,
+    ///   if the kernel runs out of mappings for the pieces).
+    fn fence(&self, map_present: bool) {
+        if self.poison_markers {
+            return self.settle(map_present, Fence::Markers);
+        }
+        if self.features.contains(Features::SIGBUS) {
+            self.settle(true, Fence::Nothing);
+            match self.uffd.duplicate() {
+                Ok(fd) => return self.region.keep_fence(fd),
+                Err(e) => self.failures.push(e),
+            }
+        }
+        self.settle(map_present, Fence::Protect);
+    }
+
+    /// Closes, in this process, every granule not present as `fence` says
+    /// (and maps the present ones if `map_present`). Granules whose
+    /// page-state words have no memory behind them were never claimed by
+    /// anyone: they are closed without allocating their part of the table.
+    fn settle(&self, map_present: bool, fence: Fence) {
         let backed = match self.region.backed_state_ranges() {
             Ok(backed) => backed,
             Err(e) => {
@@ -1135,7 +1173,7 @@ impl Core {
             .chain(std::iter::once(self.granules..self.granules))
         {
             if at < range.start {
-                record(self.poison_range(at, range.start));
+                record(self.close(at, range.start, fence));
             }
             let states = match self.region.page_states_for(range.start, range.end) {
                 Ok(states) => states,
@@ -1155,13 +1193,50 @@ impl Core {
                     end += 1;
                 }
                 if !present {
-                    record(self.poison_range(i, end));
+                    record(self.close(i, end, fence));
                 } else if map_present {
                     record(self.map(i, end));
                 }
                 i = end;
             }
             at = range.end;
+        }
+    }
+}
+
+/// How [`Core::settle`] closes granules that are not present.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fence {
+    /// `UFFDIO_POISON` markers.
+    Markers,
+    /// Nothing: a kept registration with `UFFD_FEATURE_SIGBUS` does it.
+    Nothing,
+    /// `PROT_NONE`.
+    Protect,
+}
+
+impl Core {
+    /// Closes granules `[from, to)` of this process's primary as `fence`
+    /// says.
+    fn close(&self, from: usize, to: usize, fence: Fence) -> SysResult<()> {
+        match fence {
+            Fence::Markers => self.poison_range(from, to),
+            Fence::Nothing => Ok(()),
+            Fence::Protect => {
+                // SAFETY: the range lies in this process's primary, and its
+                // granules are not present: nobody can rely on reading them.
+                let closed =
+                    unsafe { mman::protect_none(self.addr(from), (to - from) * self.granule) };
+                if let Err(e) = closed {
+                    // Out of mappings for the pieces, say: close it all
+                    // rather than let a touch read a zero page.
+                    self.failures.push(e);
+                    // SAFETY: as above, for the whole primary: what is
+                    // present becomes unreadable too, never wrong.
+                    unsafe { mman::protect_none(self.addr(0), self.granules * self.granule) }?;
+                }
+                Ok(())
+            }
         }
     }
 }

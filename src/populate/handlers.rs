@@ -85,6 +85,8 @@ impl HandlerPool {
 struct ExitGuard<'c> {
     core: &'c Core,
     unresolved: [usize; BATCH],
+    /// The faulting thread of each (`UFFD_FEATURE_THREAD_ID`, else 0).
+    threads: [u32; BATCH],
     pending: std::ops::Range<usize>,
     clean: bool,
 }
@@ -112,6 +114,7 @@ fn serve(core: &Core, stop: &EventFd) {
     let mut guard = ExitGuard {
         core,
         unresolved: [0; BATCH],
+        threads: [0; BATCH],
         pending: 0..0,
         clean: false,
     };
@@ -174,17 +177,20 @@ fn serve(core: &Core, stop: &EventFd) {
                     return;
                 }
             };
-            for (slot, msg) in guard.unresolved.iter_mut().zip(&msgs[..n]) {
-                *slot = match msg.decode() {
-                    Event::PageFault { address, .. } => address as usize,
-                    _ => usize::MAX,
+            for (i, msg) in msgs[..n].iter().enumerate() {
+                (guard.unresolved[i], guard.threads[i]) = match msg.decode() {
+                    Event::PageFault {
+                        address, thread_id, ..
+                    } => (address as usize, thread_id),
+                    _ => (usize::MAX, 0),
                 };
             }
             guard.pending = 0..n;
             while guard.pending.start < guard.pending.end {
-                let addr = guard.unresolved[guard.pending.start];
+                let at = guard.pending.start;
+                let addr = guard.unresolved[at];
                 if addr != usize::MAX {
-                    serve_fault(core, addr);
+                    serve_fault(core, addr, guard.threads[at]);
                 }
                 // Only now is it resolved: a panic above leaves it pending.
                 guard.pending.start += 1;
@@ -197,17 +203,42 @@ fn serve(core: &Core, stop: &EventFd) {
     }
 }
 
-fn serve_fault(core: &Core, addr: usize) {
+fn serve_fault(core: &Core, addr: usize, thread: u32) {
     Counters::bump(&core.counters.faults_handler);
     let Some(index) = core.index_of(addr) else {
         // Not ours (cannot happen: only the primary is registered).
         let _ = core.uffd.wake(addr as *mut u8, core.granule());
         return;
     };
-    // A poisoned granule was woken by UFFDIO_POISON: the faulter retries
-    // and gets SIGBUS. An unexpected error is recorded (in `resolve_fault`)
-    // and the faulter woken to retry.
-    if core.resolve_fault(index).is_err() {
-        let _ = core.uffd.wake(addr as *mut u8, core.granule());
+    match core.resolve_fault(index) {
+        Ok(true) => {}
+        // A poisoned granule was woken by UFFDIO_POISON: the faulter
+        // retries and gets SIGBUS. Without markers (before Linux 6.6) the
+        // faulter is sent SIGBUS, then woken: it takes the signal on its way
+        // out of the fault.
+        Ok(false) => {
+            if !core.poison_markers() {
+                if let Err(e) = thread_sigbus(thread) {
+                    core.failures.push(e);
+                }
+                let _ = core.uffd.wake(addr as *mut u8, core.granule());
+            }
+        }
+        // An unexpected error is recorded (in `resolve_fault`) and the
+        // faulter woken to retry.
+        Err(_) => {
+            let _ = core.uffd.wake(addr as *mut u8, core.granule());
+        }
     }
+}
+
+/// SIGBUS for faulting thread `thread` (0: unknown, the kernel gave no id).
+fn thread_sigbus(thread: u32) -> Result<(), SysError> {
+    if thread == 0 {
+        return Err(SysError::new(
+            "signalling a faulting thread: the kernel reported no thread id",
+            Errno::ESRCH,
+        ));
+    }
+    crate::sys::thread::sigbus_thread(thread)
 }

@@ -136,7 +136,9 @@ impl PopulateOptions {
     /// write without a trap to user space), for
     /// [`take_changed`](Populator::take_changed) and incremental snapshots.
     /// Write-protected ranges cannot be collapsed into huge mappings, so
-    /// this turns promotion off.
+    /// this turns promotion off. On a kernel without `WP_ASYNC` (before
+    /// Linux 6.7) the populator runs untracked and
+    /// [`Populator::tracking_unavailable`] says why.
     pub fn track_writes(mut self, on: bool) -> Self {
         self.track_writes = on;
         self
@@ -211,6 +213,8 @@ pub struct Populator {
     core: Arc<Core>,
     driver: Driver,
     tracking: bool,
+    /// Why writes are not tracked although the options asked for it.
+    untracked: Option<String>,
     handlers: Option<HandlerPool>,
     registration: Option<Registration>,
     collapser: Option<JoinHandle<()>>,
@@ -291,18 +295,42 @@ impl Populator {
         // cache yet, a MINOR fault if another process (or the alias) put it
         // there: both are caught, and both are resolved by filling the page
         // cache through the alias and mapping it with UFFDIO_CONTINUE.
-        let mut features = Features::POISON
-            | if kind.uses_hugetlb() {
-                Features::MISSING_HUGETLBFS | Features::MINOR_HUGETLBFS
+        let mut features = if kind.uses_hugetlb() {
+            Features::MISSING_HUGETLBFS | Features::MINOR_HUGETLBFS
+        } else {
+            Features::MISSING_SHMEM | Features::MINOR_SHMEM
+        };
+        // A failed page gets a poison marker (UFFDIO_POISON, Linux 6.6).
+        // Without it the page's shared state alone says it failed, and each
+        // touch of it is answered with SIGBUS by the fault path: the
+        // faulting thread's own handler chains, a handler thread signals
+        // the faulting thread (whose id THREAD_ID gives).
+        let offered = KernelCaps::cached().uffd.features;
+        features = features
+            | if offered.contains(Features::POISON) {
+                Features::POISON
             } else {
-                Features::MISSING_SHMEM | Features::MINOR_SHMEM
+                Features::THREAD_ID
             };
         if !handlers {
             features = features | Features::SIGBUS;
         }
         let mut mode = RegisterMode::MISSING | RegisterMode::MINOR;
-        if options.track_writes {
-            features = features | Features::WP_HUGETLBFS_SHMEM | Features::WP_ASYNC;
+        // Write tracking needs asynchronous write-protect faults and
+        // PAGEMAP_SCAN (both Linux 6.7); without them the populator runs
+        // untracked and says why (incremental snapshots are then full).
+        let tracking_features = Features::WP_HUGETLBFS_SHMEM | Features::WP_ASYNC;
+        let untracked = (options.track_writes && !offered.contains(tracking_features)).then(|| {
+            format!(
+                "write tracking is unavailable: this kernel's userfaultfd lacks {} (Linux 6.7)",
+                Features(tracking_features.0 & !offered.0)
+                    .names()
+                    .join(" | ")
+            )
+        });
+        let track_writes = options.track_writes && untracked.is_none();
+        if track_writes {
+            features = features | tracking_features;
             mode = mode | RegisterMode::WP;
         }
         check_features(driver, features)?;
@@ -338,7 +366,7 @@ impl Populator {
             BackendKind::Hugetlb | BackendKind::Shmem => None,
         };
         let promoter = block
-            .filter(|_| options.promotion != Promotion::Off && !options.track_writes)
+            .filter(|_| options.promotion != Promotion::Off && !track_writes)
             .map(|b| Promoter::new(options.promotion, primary as usize, len, b, granule));
         let readahead = match options.readahead {
             _ if driver == Driver::Proactive => 0,
@@ -355,7 +383,7 @@ impl Populator {
                 features,
                 register_mode: mode,
                 wakes: handlers,
-                track_writes: options.track_writes,
+                track_writes,
                 readahead_granules: readahead,
                 fill_timeout: options.fill_timeout,
                 handler_spin: options.handler_spin,
@@ -364,7 +392,8 @@ impl Populator {
         let mut populator = Populator {
             core,
             driver,
-            tracking: options.track_writes,
+            tracking: track_writes,
+            untracked,
             handlers: None,
             registration: None,
             collapser: None,
@@ -649,6 +678,13 @@ impl Populator {
     /// Whether this populator tracks writes.
     pub fn tracks_writes(&self) -> bool {
         self.tracking
+    }
+
+    /// Why this populator does not track writes although
+    /// [`PopulateOptions::track_writes`] asked for it (the kernel lacks
+    /// what tracking needs), or `None`.
+    pub fn tracking_unavailable(&self) -> Option<&str> {
+        self.untracked.as_deref()
     }
 
     /// Stops the handler threads after they resolve what is pending, and

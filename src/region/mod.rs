@@ -134,6 +134,11 @@ pub struct Region {
     /// Which 4 KiB pages of the metadata (header and page-state table)
     /// this process has made sure are allocated in the file, one bit each.
     states_ready: Box<[AtomicU64]>,
+    /// Userfaultfds kept open after their populator went away, so that
+    /// their registration (with `UFFD_FEATURE_SIGBUS`) keeps answering a
+    /// touch of an unfilled page with SIGBUS where the kernel has no
+    /// poison markers (before Linux 6.6). Closed with the region.
+    fences: std::sync::Mutex<Vec<OwnedFd>>,
     // Declared last: unmapped after the pointers above are gone.
     reservation: Reservation,
 }
@@ -374,8 +379,18 @@ impl Region {
                     .map(|_| AtomicU64::new(ready))
                     .collect()
             },
+            fences: std::sync::Mutex::new(Vec::new()),
             reservation,
         })
+    }
+
+    /// Keeps `fd` (a userfaultfd registered over the primary) open for as
+    /// long as the region is mapped in this process.
+    pub(crate) fn keep_fence(&self, fd: OwnedFd) {
+        self.fences
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(fd);
     }
 
     /// Writes the header, then marks it ready (release) for openers.

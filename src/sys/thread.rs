@@ -1,5 +1,5 @@
 //! Per-thread scheduling.
-#![allow(unsafe_code)] // `setpriority`
+#![allow(unsafe_code)] // `setpriority`, `tgkill`
 
 use super::error::{SysError, SysResult};
 
@@ -12,6 +12,27 @@ pub(crate) fn lower_priority() -> SysResult<()> {
     let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19) };
     if ret == -1 {
         return Err(SysError::last("setpriority").arg("tid", tid as u64));
+    }
+    Ok(())
+}
+
+/// Sends SIGBUS to thread `tid` of this process (`tgkill`): how a handler
+/// thread makes a parked faulting thread fail its access where the kernel
+/// has no poison markers. The thread takes it when it returns from the
+/// fault.
+pub(crate) fn sigbus_thread(tid: u32) -> SysResult<()> {
+    let pid = std::process::id();
+    // SAFETY: plain syscall with integer arguments.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_tgkill,
+            pid as libc::c_long,
+            tid as libc::c_long,
+            libc::SIGBUS as libc::c_long,
+        )
+    };
+    if ret == -1 {
+        return Err(SysError::last("tgkill(SIGBUS)").arg("tid", u64::from(tid)));
     }
     Ok(())
 }

@@ -462,6 +462,15 @@ impl Userfaultfd {
     /// (`dup3` onto it, close-on-exec), so everything holding this one uses
     /// the replacement from now on. Allocates nothing (a forked child calls
     /// it before it may take locks).
+    /// A second descriptor for the same userfaultfd (`F_DUPFD_CLOEXEC`):
+    /// its registrations last until both are closed.
+    pub(crate) fn duplicate(&self) -> SysResult<OwnedFd> {
+        self.fd.try_clone().map_err(|e| {
+            let errno = Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+            SysError::new("fcntl(F_DUPFD_CLOEXEC, userfaultfd)", errno)
+        })
+    }
+
     pub(crate) fn replace_with(&self, replacement: Userfaultfd) -> SysResult<()> {
         // SAFETY: both descriptors are open and owned; dup3 closes ours and
         // reuses its number atomically, so no other descriptor is affected.

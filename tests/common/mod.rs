@@ -150,6 +150,23 @@ pub fn smaps_kib(start: usize, end: usize, field: &str) -> u64 {
     total
 }
 
+/// The signal a touch of an unfilled page gets once nobody resolves faults
+/// for it any more (a dropped populator, stopped handler threads): SIGBUS
+/// from a poison marker (Linux 6.6+) or from a registration kept with
+/// `UFFD_FEATURE_SIGBUS` (the in-thread and proactive drivers); SIGSEGV
+/// from `PROT_NONE` where handler threads ran on a kernel without markers.
+pub fn unfilled_touch_signal(handler_threads: bool) -> i32 {
+    let markers = hugearena::KernelCaps::cached()
+        .uffd
+        .features
+        .contains(hugearena::probe::UffdFeatures::POISON);
+    if markers || !handler_threads {
+        libc::SIGBUS
+    } else {
+        libc::SIGSEGV
+    }
+}
+
 /// A fresh path in `dir` for a region file; the file does not exist yet.
 pub fn unique_path(dir: &str, tag: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
