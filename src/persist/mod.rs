@@ -628,7 +628,12 @@ impl Snapshotter {
 
     /// A full snapshot; starts a new chain.
     pub fn full(&mut self, populator: &Populator, path: impl AsRef<Path>) -> Result<SnapshotInfo> {
-        let changed = populator.take_changed()?;
+        // What changed before a full snapshot is in it: start afresh.
+        let changed = if populator.tracks_writes() {
+            populator.take_changed()?
+        } else {
+            Vec::new()
+        };
         let written =
             fill_from_source(populator).and_then(|()| snapshot(populator.region(), path.as_ref()));
         self.record(populator, &changed, written)
