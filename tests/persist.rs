@@ -172,7 +172,10 @@ fn patterned_snapshot(
 }
 
 fn round_trip(kind: BackendKind) {
-    if kind == BackendKind::Hugetlb && !ensure_huge_pages(PageSize::Huge2M, 80) {
+    if kind == BackendKind::HugetlbHgm && !hgm_available() {
+        return;
+    }
+    if kind.uses_hugetlb() && !ensure_huge_pages(PageSize::Huge2M, 80) {
         return;
     }
     let dir = snapshot_dir();
@@ -217,10 +220,26 @@ fn hugetlb_round_trip() {
 }
 
 #[test]
+fn hgm_round_trip() {
+    round_trip(BackendKind::HugetlbHgm);
+}
+
+#[test]
 fn an_arena_keeps_allocating_after_restore() {
+    arena_after_restore(BackendKind::Shmem);
+}
+
+#[test]
+fn an_hgm_arena_keeps_allocating_after_restore() {
+    if hgm_available() && ensure_huge_pages(PageSize::Huge2M, 80) {
+        arena_after_restore(BackendKind::HugetlbHgm);
+    }
+}
+
+fn arena_after_restore(kind: BackendKind) {
     let dir = snapshot_dir();
     let a = Arena::create(
-        RegionOptions::new(64 << 20).backend(BackendKind::Shmem),
+        RegionOptions::new(64 << 20).backend(kind),
         PopulateOptions::new(),
     )
     .unwrap();

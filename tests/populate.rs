@@ -196,7 +196,10 @@ fn acceptance(kind: BackendKind, driver: Driver, from_file: bool) {
 }
 
 fn acceptance_in(file: File, kind: BackendKind, driver: Driver, from_file: bool) {
-    if kind == BackendKind::Hugetlb && !ensure_huge_pages(PageSize::Huge2M, 40) {
+    if kind == BackendKind::HugetlbHgm && !hgm_available() {
+        return;
+    }
+    if kind.uses_hugetlb() && !ensure_huge_pages(PageSize::Huge2M, 40) {
         return;
     }
     let mut options = RegionOptions::new(LEN as u64).backend(kind);
@@ -312,6 +315,42 @@ acceptance_tests! {
     hugetlb_in_thread_zero: Hugetlb, Driver::InThread, false;
     hugetlb_proactive_file: Hugetlb, Driver::Proactive, true;
     hugetlb_proactive_zero: Hugetlb, Driver::Proactive, false;
+    hgm_handlers_file: HugetlbHgm, Driver::HandlerThreads(2), true;
+    hgm_handlers_zero: HugetlbHgm, Driver::HandlerThreads(2), false;
+    hgm_in_thread_file: HugetlbHgm, Driver::InThread, true;
+    hgm_in_thread_zero: HugetlbHgm, Driver::InThread, false;
+    hgm_proactive_file: HugetlbHgm, Driver::Proactive, true;
+    hgm_proactive_zero: HugetlbHgm, Driver::Proactive, false;
+}
+
+/// HGM's point: 4 KiB pieces of a huge page are filled and mapped one at a
+/// time, and a full huge page is mapped whole again (`MADV_COLLAPSE`).
+#[test]
+fn hgm_fills_4k_pieces_of_huge_pages_and_collapses_them_back() {
+    if !hgm_available() || !ensure_huge_pages(PageSize::Huge2M, 8) {
+        return;
+    }
+    let region = Arc::new(
+        Region::create(RegionOptions::new(8 << 20).backend(BackendKind::HugetlbHgm)).unwrap(),
+    );
+    assert_eq!(region.granule(), PageSize::Base4K);
+    let options = PopulateOptions::new()
+        .driver(Driver::InThread)
+        .promotion(Promotion::Inline);
+    let p = Populator::with_options(region.clone(), ZeroSource, options).unwrap();
+    let mut byte = [1u8; 1];
+    region.read_via_primary(3 * 4096, &mut byte).unwrap();
+    assert_eq!((byte[0], p.stats().fills), (0, 1), "one 4 KiB piece");
+    region.read_via_primary(0, &mut vec![0u8; 2 << 20]).unwrap();
+    p.flush_promotions();
+    let stats = p.stats();
+    assert_eq!(stats.fills, 512, "{stats}");
+    assert_eq!(
+        (stats.collapses, stats.collapse_failures),
+        (1, 0),
+        "{stats}"
+    );
+    verify(&region, |_| 0);
 }
 
 /// Fills page i with i + 1, except page 5, whose fill fails.
@@ -395,9 +434,19 @@ fn a_panicking_source_poisons_its_page_and_the_rest_keeps_working() {
 
 #[test]
 fn a_filler_killed_mid_fill_is_taken_over_by_another_process() {
+    killed_filler_is_taken_over(BackendKind::Shmem);
+}
+
+#[test]
+fn a_killed_hgm_filler_is_taken_over_by_another_process() {
+    if hgm_available() && ensure_huge_pages(PageSize::Huge2M, 8) {
+        killed_filler_is_taken_over(BackendKind::HugetlbHgm);
+    }
+}
+
+fn killed_filler_is_taken_over(kind: BackendKind) {
     use std::process::{Command, Stdio};
-    let region =
-        Arc::new(Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap());
+    let region = Arc::new(Region::create(RegionOptions::new(8 << 20).backend(kind)).unwrap());
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
         .env(CHILD_ROLE, "hold-claims")

@@ -167,6 +167,33 @@ pub fn unfilled_touch_signal(handler_threads: bool) -> i32 {
     }
 }
 
+/// Whether this kernel has HugeTLB high-granularity mapping (the unmerged
+/// HGM series), so `HugetlbHgm` regions can be tested. Where it has not,
+/// checks what can be checked (the backend is refused, with the reason)
+/// and returns false; with `HUGEARENA_REQUIRE_HGM` set (CI's HGM guest)
+/// its absence fails the test instead.
+pub fn hgm_available() -> bool {
+    use hugearena::probe::Capability;
+    match &hugearena::KernelCaps::cached().hgm {
+        Capability::Yes(_) => true,
+        Capability::No(reason) => {
+            assert!(
+                std::env::var_os("HUGEARENA_REQUIRE_HGM").is_none(),
+                "HGM is required here and missing: {reason}"
+            );
+            let err = hugearena::Region::create(
+                hugearena::RegionOptions::new(4 << 20).backend(hugearena::BackendKind::HugetlbHgm),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(err, hugearena::Error::HgmUnavailable { .. }),
+                "{err}"
+            );
+            false
+        }
+    }
+}
+
 /// A fresh path in `dir` for a region file; the file does not exist yet.
 pub fn unique_path(dir: &str, tag: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
