@@ -241,6 +241,13 @@ pub(crate) fn select(
     caps: &KernelCaps,
     hugetlb_pages: impl Fn(Backend) -> Result<u64>,
 ) -> Result<BackendChoice> {
+    // What runs degraded on this kernel, for every choice's reason.
+    let degraded = if caps.uffd.usable() && !caps.uffd.features.contains(Features::POISON) {
+        "; degraded: no UFFDIO_POISON (Linux 6.6), so failed pages raise SIGBUS by signal \
+         from the fault path (see the probe)"
+    } else {
+        ""
+    };
     let try_one = |kind: BackendKind| -> Result<Backend> {
         let backend = Backend::new(kind, huge_page);
         check_kernel(backend, caps)?;
@@ -252,7 +259,9 @@ pub(crate) fn select(
             let backend = try_one(kind)?;
             return Ok(BackendChoice {
                 backend,
-                reason: format!("{kind} was requested explicitly and the kernel supports it"),
+                reason: format!(
+                    "{kind} was requested explicitly and the kernel supports it{degraded}"
+                ),
             });
         }
         BackendRequest::Policy(HugePages::On) => &[BackendKind::HugetlbHgm, BackendKind::Hugetlb],
@@ -276,6 +285,7 @@ pub(crate) fn select(
                     reason.push_str(" because ");
                     reason.push_str(&passed_over.join("; "));
                 }
+                reason.push_str(degraded);
                 return Ok(BackendChoice { backend, reason });
             }
             Err(e) => {

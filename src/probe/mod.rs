@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 pub use crate::sys::uffd::{Features as UffdFeatures, OpenedThrough};
-pub use report::ReportLine;
+pub use report::{ReportLine, Support};
 
 use crate::sys::SysError;
 use crate::sys::size::PageSize;

@@ -12,8 +12,9 @@ use crate::sys::uffd::{Features, OpenedThrough};
 pub struct ReportLine {
     /// What was probed, e.g. `"userfaultfd"`.
     pub capability: &'static str,
-    /// Whether it is there (`true`) or missing.
-    pub ok: bool,
+    /// Whether hugearena gets it in full, works around its absence, or
+    /// goes without what depends on it.
+    pub support: Support,
     /// What the probe found.
     pub found: String,
     /// What it means for hugearena.
@@ -22,13 +23,39 @@ pub struct ReportLine {
     pub fix: Option<String>,
 }
 
+/// How far a capability is there for hugearena.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Support {
+    /// It is there.
+    Full,
+    /// It is missing and hugearena works around it (the line's meaning
+    /// says how, and what differs).
+    Degraded,
+    /// It is missing and what depends on it is unavailable.
+    Unavailable,
+}
+
+impl Support {
+    fn from_ok(ok: bool) -> Support {
+        if ok {
+            Support::Full
+        } else {
+            Support::Unavailable
+        }
+    }
+}
+
 impl fmt::Display for ReportLine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mark = if self.ok { "yes" } else { "NO " };
-        writeln!(f, "[{mark}] {:<22} {}", self.capability, self.found)?;
-        write!(f, "      {:<22} -> {}", "", self.meaning)?;
+        let mark = match self.support {
+            Support::Full => "full",
+            Support::Degraded => "degraded",
+            Support::Unavailable => "unavailable",
+        };
+        writeln!(f, "[{mark:^11}] {:<22} {}", self.capability, self.found)?;
+        write!(f, "{:14}{:<22} -> {}", "", "", self.meaning)?;
         if let Some(fix) = &self.fix {
-            write!(f, "\n      {:<22} fix: {fix}", "")?;
+            write!(f, "\n{:14}{:<22} fix: {fix}", "", "")?;
         }
         Ok(())
     }
@@ -43,7 +70,7 @@ fn line(
 ) -> ReportLine {
     ReportLine {
         capability,
-        ok,
+        support: Support::from_ok(ok),
         found,
         meaning: meaning.to_string(),
         fix,
@@ -130,13 +157,48 @@ pub(super) fn lines(caps: &KernelCaps) -> Vec<ReportLine> {
         "in-thread population: the faulting thread resolves its own fault (no wake-up)",
         None,
     ));
-    out.push(line(
-        "poison",
-        feature(Features::POISON),
-        yes_no(feature(Features::POISON)),
-        "a page whose source fails raises SIGBUS on that page only, instead of hanging",
-        None,
-    ));
+    let poison = feature(Features::POISON);
+    out.push(ReportLine {
+        support: if poison {
+            Support::Full
+        } else {
+            Support::Degraded
+        },
+        ..line(
+            "poison (6.6)",
+            poison,
+            yes_no(poison),
+            if poison {
+                "a page whose source fails raises SIGBUS on that page only (UFFDIO_POISON)"
+            } else {
+                "no UFFDIO_POISON: a page whose source fails still raises SIGBUS, sent by the \
+                 fault path (in-thread: the handler chains; handler threads: tgkill of the \
+                 faulting thread); once nobody resolves faults, unfilled pages stay fenced \
+                 (in-thread: the registration is kept; handler threads: PROT_NONE, SIGSEGV)"
+            },
+            None,
+        )
+    });
+    let tracking = feature(Features::WP_ASYNC) && feature(Features::WP_HUGETLBFS_SHMEM);
+    out.push(ReportLine {
+        support: if tracking {
+            Support::Full
+        } else {
+            Support::Degraded
+        },
+        ..line(
+            "write tracking (6.7)",
+            tracking,
+            yes_no(tracking),
+            if tracking {
+                "WP_ASYNC + PAGEMAP_SCAN: incremental snapshots write only changed pages"
+            } else {
+                "no WP_ASYNC: populators asked to track writes run untracked, and incremental \
+                 snapshots are full ones (SnapshotInfo::full_because says why)"
+            },
+            None,
+        )
+    });
 
     for size in [PageSize::Huge2M, PageSize::Huge1G] {
         let name = if size == PageSize::Huge2M {
