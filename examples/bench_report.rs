@@ -319,6 +319,83 @@ fn targets(quick: bool, doc: &mut String, restore: &str, losses: &mut Vec<String
     let _ = writeln!(doc);
 }
 
+/// The test guests of the kernel matrix (`.ci/kernel-matrix` finds them
+/// the same way).
+fn guest_dir() -> Option<PathBuf> {
+    [
+        std::env::var_os("HUGEARENA_GUEST_DIR").map(PathBuf::from),
+        Some(root().join("../shared/guest")),
+        Some(PathBuf::from("/work/shared/guest")),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|d| d.join("run-in-guest.sh").exists())
+}
+
+/// Section 8: what HGM exists for, in the HGM guest (emulated, so only
+/// the ratios within this run mean anything): a random sparse touch of
+/// 4 KiB pages of a 256 MiB region on HugetlbHgm (4 KiB fills inside huge
+/// pages), Hugetlb (whole 2 MiB fills) and ShmemThp.
+fn emulated_hgm(doc: &mut String) {
+    let _ = writeln!(
+        doc,
+        "## 8. Emulated: 4 KiB population inside huge pages (HGM) against whole huge pages\n"
+    );
+    let Some(guests) = guest_dir() else {
+        let _ = writeln!(doc, "Skipped: no test guests (set HUGEARENA_GUEST_DIR).\n");
+        return;
+    };
+    let static_dir = root().join("target/static");
+    run(Command::new(env!("CARGO"))
+        .current_dir(root())
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args(["build", "--release", "--example", "populate", "--target"])
+        .arg("x86_64-unknown-linux-gnu")
+        .arg("--target-dir")
+        .arg(&static_dir));
+    let binary = static_dir.join("x86_64-unknown-linux-gnu/release/examples/populate");
+    let touches = 256;
+    let mut cmd = Command::new(guests.join("run-in-guest.sh"));
+    cmd.arg("-a").arg(&binary).args(["-t", "900", "-T", "1800"]);
+    for backend in ["hgm", "hugetlb", "thp"] {
+        cmd.arg("-c").arg(format!(
+            "./populate --backend {backend} --size 256 --threads 1 --source file --touches {touches}"
+        ));
+    }
+    let out = run(&mut cmd);
+    let _ = writeln!(
+        doc,
+        "```sh\n{} -a populate -c './populate --backend B --size 256 --threads 1 --source file --touches {touches}'\n```\n\n\
+         In a QEMU guest (software emulation, Linux 6.3.8 with the HGM series): one thread touches {touches} random 4 KiB \
+         pages of a 256 MiB region filled from a file. **Emulated: compare only the rows with each other.**\n\n\
+         | backend | granule | wall for all touches | touch p50 | p99 | fills | bytes filled | bytes filled / touched |\n\
+         |---|---|---|---|---|---|---|---|",
+        guests.join("run-in-guest.sh").display()
+    );
+    for line in out.lines().filter(|l| l.starts_with("RESULT")) {
+        let f = fields(line);
+        let filled: f64 = get(&f, "bytes_filled").parse().unwrap_or(0.0);
+        let fills: f64 = get(&f, "fills").parse().unwrap_or(0.0);
+        let _ = writeln!(
+            doc,
+            "| {} | {} | {} ms | {} µs | {} µs | {} | {:.1} MiB | {:.0}× |",
+            get(&f, "backend"),
+            if fills > 0.0 {
+                format!("{:.0} KiB", filled / fills / 1024.0)
+            } else {
+                "—".into()
+            },
+            get(&f, "wall_ms"),
+            get(&f, "p50_us"),
+            get(&f, "p99_us"),
+            get(&f, "fills"),
+            filled / (1 << 20) as f64,
+            filled / (touches as f64 * 4096.0)
+        );
+    }
+    let _ = writeln!(doc);
+}
+
 fn scaling(quick: bool, doc: &mut String, plots: &Path) {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     let size = if quick { "64" } else { "256" };
@@ -669,6 +746,8 @@ fn main() {
     kv_vs_redis(quick, &mut doc, &plots, &mut losses);
     eprintln!("7. population targets");
     targets(quick, &mut doc, &restore, &mut losses);
+    eprintln!("8. emulated: HGM");
+    emulated_hgm(&mut doc);
     let _ = writeln!(
         doc,
         "## Where hugearena loses (computed from the tables above)\n"

@@ -7,8 +7,13 @@
 //! cargo run --release --example populate -- [--backend auto|shmem|thp|hugetlb]
 //!     [--driver in-thread|handlers:N|proactive] [--size MIB] [--source file|zero]
 //!     [--order random|sequential] [--threads N] [--spin-us N] [--second-process]
-//!     [--dir DIR]
+//!     [--dir DIR] [--touches N]
 //! ```
+//!
+//! `--touches N` touches only N random 4 KiB pages (the same ones whatever
+//! the backend, split between the threads) instead of every granule: the
+//! sparse pattern huge-page population is worst at. The report then gives
+//! the bytes filled for them.
 //!
 //! `--dir` puts the region's file in `DIR` (a tmpfs, say one mounted with
 //! `huge=always`, or a hugetlbfs) instead of an anonymous memfd.
@@ -47,6 +52,8 @@ struct Args {
     second_process: bool,
     /// Where the region's file lives (default: an anonymous memfd).
     dir: Option<std::path::PathBuf>,
+    /// Touch only this many random 4 KiB pages.
+    touches: Option<usize>,
     /// Internal: this is the second process, attached to this region.
     attach: Option<String>,
     /// Internal: the first process's source file.
@@ -64,6 +71,7 @@ fn parse() -> Result<Args, String> {
         spin_us: 0,
         second_process: false,
         dir: None,
+        touches: None,
         attach: None,
         source_file: None,
     };
@@ -77,6 +85,7 @@ fn parse() -> Result<Args, String> {
                     "shmem" => Some(BackendKind::Shmem),
                     "thp" => Some(BackendKind::ShmemThp),
                     "hugetlb" => Some(BackendKind::Hugetlb),
+                    "hgm" => Some(BackendKind::HugetlbHgm),
                     other => return Err(format!("unknown backend {other}")),
                 }
             }
@@ -100,6 +109,9 @@ fn parse() -> Result<Args, String> {
             "--order" => args.sequential = value()? == "sequential",
             "--second-process" => args.second_process = true,
             "--dir" => args.dir = Some(value()?.into()),
+            "--touches" => {
+                args.touches = Some(value()?.parse().map_err(|e| format!("--touches: {e}"))?)
+            }
             "--attach" => args.attach = Some(value()?),
             "--source-file" => args.source_file = Some(value()?),
             "--spin-us" => {
@@ -174,12 +186,28 @@ fn run<S: SignalSafeSource + 'static>(
     let p = Populator::with_options(region.clone(), source, options)?;
     let g = region.granule().bytes();
     let granules = region.len() / g;
+    // Sparse: N random 4 KiB pages, the same for every backend, dealt out
+    // to the threads in turn.
+    let sparse: Option<Vec<usize>> = args.touches.map(|n| {
+        let mut pages = order::shuffled(region.len() / 4096, 4096, 0x5A4A5E);
+        pages.truncate(n);
+        pages
+    });
     let started = Instant::now();
     let hists: Vec<Histogram<u64>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..args.threads)
             .map(|t| {
                 let p = &p;
-                s.spawn(move || touch(p, &order(granules, g, t as u64 + 1, args.sequential)))
+                let offsets = match &sparse {
+                    Some(pages) => pages
+                        .iter()
+                        .skip(t)
+                        .step_by(args.threads)
+                        .copied()
+                        .collect(),
+                    None => order(granules, g, t as u64 + 1, args.sequential),
+                };
+                s.spawn(move || touch(p, &offsets))
             })
             .collect();
         handles
@@ -194,14 +222,27 @@ fn run<S: SignalSafeSource + 'static>(
         touches.add(h).expect("same precision");
     }
 
+    // Counted before the check, which touches what was not touched yet.
+    let stats = p.stats();
     let mut buf = vec![0u8; 1 << 20];
-    for off in (0..region.len()).step_by(buf.len()) {
-        region.read_via_primary(off, &mut buf)?;
-        if let Some(i) = (0..buf.len()).find(|&i| buf[i] != check(off + i)) {
-            return Err(format!("byte {} differs from the source", off + i).into());
+    match &sparse {
+        Some(pages) => {
+            for &off in pages {
+                region.read_via_primary(off, &mut buf[..4096])?;
+                if let Some(i) = (0..4096).find(|&i| buf[i] != check(off + i)) {
+                    return Err(format!("byte {} differs from the source", off + i).into());
+                }
+            }
+        }
+        None => {
+            for off in (0..region.len()).step_by(buf.len()) {
+                region.read_via_primary(off, &mut buf)?;
+                if let Some(i) = (0..buf.len()).find(|&i| buf[i] != check(off + i)) {
+                    return Err(format!("byte {} differs from the source", off + i).into());
+                }
+            }
         }
     }
-    let stats = p.stats();
     println!("driver:    {}", p.driver());
     println!(
         "populated: {} in {:.1} ms by {} threads ({:.2} GB/s); every byte verified",
@@ -223,7 +264,7 @@ fn run<S: SignalSafeSource + 'static>(
     );
     // One machine-readable line for scripts/bench.sh.
     println!(
-        "RESULT process={} backend={} driver={} order={} threads={} wall_ms={:.1} gbps={:.3} p50_us={:.2} p99_us={:.2} p999_us={:.2} faults={} readahead={} fills={}",
+        "RESULT process={} backend={} driver={} order={} threads={} wall_ms={:.1} gbps={:.3} p50_us={:.2} p99_us={:.2} p999_us={:.2} faults={} readahead={} fills={} touches={} bytes_filled={}",
         if args.attach.is_some() {
             "second"
         } else {
@@ -244,7 +285,9 @@ fn run<S: SignalSafeSource + 'static>(
         us(&touches, 0.999),
         stats.faults_handler + stats.faults_in_thread,
         stats.readahead,
-        stats.fills
+        stats.fills,
+        touches.len(),
+        stats.fills * g as u64
     );
     let errors = p.errors();
     if !errors.is_empty() {
