@@ -365,9 +365,12 @@ fn emulated_hgm(doc: &mut String) {
     let out = run(&mut cmd);
     let _ = writeln!(
         doc,
-        "```sh\n{} -a populate -c './populate --backend B --size 256 --threads 1 --source file --touches {touches}'\n```\n\n\
-         In a QEMU guest (software emulation, Linux 6.3.8 with the HGM series): one thread touches {touches} random 4 KiB \
-         pages of a 256 MiB region filled from a file. **Emulated: compare only the rows with each other.**\n\n\
+        "```sh\nrun-in-guest.sh -a populate -c './populate --backend B --size 256 --threads 1 --source file --touches {touches}'\n```\n\n\
+         In a QEMU guest (`{}`: software emulation, Linux 6.3.8 with the HGM series): one thread touches {touches} random \
+         4 KiB pages of a 256 MiB region filled from a file. **Emulated: compare only the rows with each other.** HGM reads \
+         from the source only the pieces touched, where `Hugetlb` reads whole huge pages; both still have the kernel allocate \
+         and zero a whole 2 MiB hugetlb page on a huge page's first touch, which emulation makes slow, while `ShmemThp` \
+         (on a memfd here, allocated by run) allocates 4 KiB pages.\n\n\
          | backend | granule | wall for all touches | touch p50 | p99 | fills | bytes filled | bytes filled / touched |\n\
          |---|---|---|---|---|---|---|---|",
         guests.join("run-in-guest.sh").display()
