@@ -17,7 +17,6 @@ use crate::sys::mman::{self, Advice};
 /// Per-block allocation state of one populator.
 #[derive(Debug)]
 pub(crate) struct BlockAllocator {
-    how: BlockAllocation,
     alias: usize,
     block_bytes: usize,
     granules_per_block: usize,
@@ -32,7 +31,8 @@ pub(crate) struct BlockAllocator {
 impl BlockAllocator {
     /// The allocator for a region whose alias starts at `alias` and holds
     /// `len` bytes, or `None` if its pages are allocated as they are
-    /// filled.
+    /// filled. The one way there is: `MADV_POPULATE_WRITE` of the alias
+    /// block ([`BlockAllocation::PopulateAlias`]).
     pub(crate) fn new(
         how: BlockAllocation,
         alias: usize,
@@ -45,7 +45,6 @@ impl BlockAllocator {
         }
         let blocks = len.div_ceil(block_bytes);
         Some(BlockAllocator {
-            how,
             alias,
             block_bytes,
             granules_per_block: block_bytes / granule,
@@ -87,8 +86,7 @@ impl BlockAllocator {
         // SAFETY: the alias is this region's, never registered; populating
         // allocates (zeroed) pages or maps existing ones, and changes no
         // byte.
-        self.how == BlockAllocation::PopulateAlias
-            && unsafe { mman::madvise(start, self.block_bytes, Advice::PopulateWrite) }.is_ok()
+        unsafe { mman::madvise(start, self.block_bytes, Advice::PopulateWrite) }.is_ok()
     }
 
     /// Forgets the blocks holding granules `[from, to)`: their pages were

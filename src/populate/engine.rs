@@ -172,8 +172,8 @@ pub(crate) struct Core {
     /// them, see [`Core::fence`].
     poison_markers: bool,
     /// A faulting absent zero granule may be allocated, zeroed and mapped
-    /// with one `UFFDIO_ZEROPAGE` (shmem allocated a run at a time, pages
-    /// not mapped write-protected for tracking).
+    /// with one `UFFDIO_ZEROPAGE` (4 KiB shmem allocated a run at a time,
+    /// pages not mapped write-protected for tracking).
     zeropage_faults: bool,
     /// Handler threads still running (handler-thread driver only).
     pub(crate) live_handlers: AtomicUsize,
@@ -226,10 +226,6 @@ impl Core {
         } = settings;
         let granule = region.granule().bytes();
         let granules = region.len() / granule;
-        let zeropage_faults = !region.backend().kind().uses_hugetlb()
-            && granule == 4096
-            && !track_writes
-            && register_mode.contains(RegisterMode::MISSING);
         let blocks = BlockAllocator::new(
             region.block_allocation(),
             region.alias().as_ptr() as usize,
@@ -237,6 +233,13 @@ impl Core {
             region.backend().mapping_unit().bytes(),
             granule,
         );
+        // Where blocks are allocated whole, the block's folio comes first
+        // (a 4 KiB page from UFFDIO_ZEROPAGE would be in its way).
+        let zeropage_faults = !region.backend().kind().uses_hugetlb()
+            && granule == 4096
+            && !track_writes
+            && register_mode.contains(RegisterMode::MISSING)
+            && blocks.is_none();
         Core {
             poison_markers: features.contains(Features::POISON),
             granules,
@@ -411,12 +414,7 @@ impl Core {
     /// call fails, the claimed granule is filled the usual way (which
     /// reports the error) and is left for the caller to resolve again.
     fn zero_fill_and_map(&self, index: usize) -> bool {
-        if !self.zeropage_faults
-            || !self.source.is_zero(index as u64)
-            // Where blocks are allocated whole, the block's folio comes
-            // first (this would put a 4 KiB page in its way).
-            || self.blocks.is_some()
-        {
+        if !self.zeropage_faults || !self.source.is_zero(index as u64) {
             return false;
         }
         let Ok(states) = self.region.page_states_for(index, index + 1) else {
@@ -654,10 +652,8 @@ impl Core {
         let Some(p) = &self.promoter else {
             return false;
         };
-        let per = p.granules_per_block();
-        let block = index / per;
-        end == ((block + 1) * per).min(self.granules)
-            && end % per == 0
+        let block = index / p.granules_per_block();
+        end == (block + 1) * p.granules_per_block()
             && self.block_complete(block)
             && self.collapse_filled(block)
     }
@@ -1150,6 +1146,30 @@ impl Core {
         self.settle(map_present, Fence::Protect);
     }
 
+    /// Closes granules `[from, to)` of this process's primary as `fence`
+    /// says.
+    fn close(&self, from: usize, to: usize, fence: Fence) -> SysResult<()> {
+        match fence {
+            Fence::Markers => self.poison_range(from, to),
+            Fence::Nothing => Ok(()),
+            Fence::Protect => {
+                // SAFETY: the range lies in this process's primary, and its
+                // granules are not present: nobody can rely on reading them.
+                let closed =
+                    unsafe { mman::protect_none(self.addr(from), (to - from) * self.granule) };
+                if let Err(e) = closed {
+                    // Out of mappings for the pieces, say: close it all
+                    // rather than let a touch read a zero page.
+                    self.failures.push(e);
+                    // SAFETY: as above, for the whole primary: what is
+                    // present becomes unreadable too, never wrong.
+                    unsafe { mman::protect_none(self.addr(0), self.granules * self.granule) }?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Closes, in this process, every granule not present as `fence` says
     /// (and maps the present ones if `map_present`). Granules whose
     /// page-state words have no memory behind them were never claimed by
@@ -1213,30 +1233,4 @@ enum Fence {
     Nothing,
     /// `PROT_NONE`.
     Protect,
-}
-
-impl Core {
-    /// Closes granules `[from, to)` of this process's primary as `fence`
-    /// says.
-    fn close(&self, from: usize, to: usize, fence: Fence) -> SysResult<()> {
-        match fence {
-            Fence::Markers => self.poison_range(from, to),
-            Fence::Nothing => Ok(()),
-            Fence::Protect => {
-                // SAFETY: the range lies in this process's primary, and its
-                // granules are not present: nobody can rely on reading them.
-                let closed =
-                    unsafe { mman::protect_none(self.addr(from), (to - from) * self.granule) };
-                if let Err(e) = closed {
-                    // Out of mappings for the pieces, say: close it all
-                    // rather than let a touch read a zero page.
-                    self.failures.push(e);
-                    // SAFETY: as above, for the whole primary: what is
-                    // present becomes unreadable too, never wrong.
-                    unsafe { mman::protect_none(self.addr(0), self.granules * self.granule) }?;
-                }
-                Ok(())
-            }
-        }
-    }
 }

@@ -139,11 +139,7 @@ impl Promoter {
     /// `UFFDIO_CONTINUE` per run and a collapse later. Whether it did (if
     /// not, the caller maps the granules itself). Signal-safe.
     pub(crate) fn collapse_filled(&self, block: usize, counters: &Counters) -> bool {
-        if self.mode == Promotion::Off {
-            return false;
-        }
-        let start = (self.primary + block * self.block_bytes) as *mut u8;
-        if collapse(start, self.block_bytes).is_err() {
+        if self.mode == Promotion::Off || !self.collapse(block) {
             return false;
         }
         if let Some(count) = self.mapped.get(block) {
@@ -168,13 +164,39 @@ impl Promoter {
             count.fetch_and(!COLLAPSED, Ordering::AcqRel);
             return;
         }
-        let start = (self.primary + block * self.block_bytes) as *mut u8;
-        match collapse(start, self.block_bytes) {
-            Ok(()) => Counters::bump(&counters.collapses),
+        if self.collapse(block) {
+            Counters::bump(&counters.collapses)
+        } else {
             // The mark stays: the block keeps its 4 KiB mappings rather
             // than failing again on every later mapping.
-            Err(_) => Counters::bump(&counters.collapse_failures),
+            Counters::bump(&counters.collapse_failures)
         }
+    }
+
+    /// `MADV_COLLAPSE` of block `block` of the primary, tried again while
+    /// the kernel reports a transient failure. Whether it worked.
+    /// Signal-safe.
+    fn collapse(&self, block: usize) -> bool {
+        let start = (self.primary + block * self.block_bytes) as *mut u8;
+        for _ in 0..COLLAPSE_TRIES {
+            // SAFETY: the block lies inside the primary view and every
+            // page of it is present (callers check the page states, or
+            // filled the block themselves): mapping all of them changes no
+            // byte anyone reads, only how the block is mapped.
+            match unsafe { mman::madvise(start, self.block_bytes, Advice::Collapse) } {
+                Ok(()) => return true,
+                // Transient when another thread of this process is mapping
+                // a page of the block at the same moment (a fault taken
+                // while an earlier collapse retracted its page table): the
+                // kernel reports EAGAIN, or EINVAL for the scan results it
+                // has no other errno for. Both pass on a retry.
+                Err(e) if e.errno() == Errno::EAGAIN || e.errno() == Errno::EINVAL => {
+                    std::thread::yield_now()
+                }
+                Err(_) => return false,
+            }
+        }
+        false
     }
 
     /// Forgets the mapped counts of the blocks in `[offset, offset + len)`
@@ -235,31 +257,4 @@ impl Promoter {
             worker.unpark();
         }
     }
-}
-
-/// `MADV_COLLAPSE` of `len` bytes at `start` (a 2 MiB-aligned block of one
-/// of the region's views, every page of which is in the page cache or may
-/// be zero-filled), tried again while the kernel reports a transient
-/// failure. Signal-safe.
-pub(super) fn collapse(start: *mut u8, len: usize) -> Result<(), Errno> {
-    let mut last = Errno::EAGAIN;
-    for _ in 0..COLLAPSE_TRIES {
-        // SAFETY: the caller passes a block of one of the region's views
-        // whose every page may be mapped: collapsing changes no byte
-        // anyone reads, only how the block is mapped.
-        match unsafe { mman::madvise(start, len, Advice::Collapse) } {
-            Ok(()) => return Ok(()),
-            // Transient when another thread of this process is mapping
-            // a page of the block at the same moment (a fault taken
-            // while an earlier collapse retracted its page table): the
-            // kernel reports EAGAIN, or EINVAL for the scan results it
-            // has no other errno for. Both pass on a retry.
-            Err(e) if e.errno() == Errno::EAGAIN || e.errno() == Errno::EINVAL => {
-                last = e.errno();
-                std::thread::yield_now()
-            }
-            Err(e) => return Err(e.errno()),
-        }
-    }
-    Err(last)
 }
