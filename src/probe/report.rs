@@ -77,6 +77,25 @@ fn line(
     }
 }
 
+/// A capability hugearena works around when it is missing: full or
+/// degraded, with what each means.
+fn degradable(capability: &'static str, there: bool, full: &str, degraded: &str) -> ReportLine {
+    ReportLine {
+        support: if there {
+            Support::Full
+        } else {
+            Support::Degraded
+        },
+        ..line(
+            capability,
+            there,
+            yes_no(there),
+            if there { full } else { degraded },
+            None,
+        )
+    }
+}
+
 const UFFD_FIX: &str = "run as root, or let this user open /dev/userfaultfd \
     (e.g. `sudo setfacl -m u:$USER:rw /dev/userfaultfd`), or allow the system call \
     with `sudo sysctl vm.unprivileged_userfaultfd=1`; in a container, also allow \
@@ -157,48 +176,22 @@ pub(super) fn lines(caps: &KernelCaps) -> Vec<ReportLine> {
         "in-thread population: the faulting thread resolves its own fault (no wake-up)",
         None,
     ));
-    let poison = feature(Features::POISON);
-    out.push(ReportLine {
-        support: if poison {
-            Support::Full
-        } else {
-            Support::Degraded
-        },
-        ..line(
-            "poison (6.6)",
-            poison,
-            yes_no(poison),
-            if poison {
-                "a page whose source fails raises SIGBUS on that page only (UFFDIO_POISON)"
-            } else {
-                "no UFFDIO_POISON: a page whose source fails still raises SIGBUS, sent by the \
-                 fault path (in-thread: the handler chains; handler threads: tgkill of the \
-                 faulting thread); once nobody resolves faults, unfilled pages stay fenced \
-                 (in-thread: the registration is kept; handler threads: PROT_NONE, SIGSEGV)"
-            },
-            None,
-        )
-    });
-    let tracking = feature(Features::WP_ASYNC) && feature(Features::WP_HUGETLBFS_SHMEM);
-    out.push(ReportLine {
-        support: if tracking {
-            Support::Full
-        } else {
-            Support::Degraded
-        },
-        ..line(
-            "write tracking (6.7)",
-            tracking,
-            yes_no(tracking),
-            if tracking {
-                "WP_ASYNC + PAGEMAP_SCAN: incremental snapshots write only changed pages"
-            } else {
-                "no WP_ASYNC: populators asked to track writes run untracked, and incremental \
-                 snapshots are full ones (SnapshotInfo::full_because says why)"
-            },
-            None,
-        )
-    });
+    out.push(degradable(
+        "poison (6.6)",
+        feature(Features::POISON),
+        "a page whose source fails raises SIGBUS on that page only (UFFDIO_POISON)",
+        "no UFFDIO_POISON: a page whose source fails still raises SIGBUS, sent by the \
+         fault path (in-thread: the handler chains; handler threads: tgkill of the \
+         faulting thread); once nobody resolves faults, unfilled pages stay fenced \
+         (in-thread: the registration is kept; handler threads: PROT_NONE, SIGSEGV)",
+    ));
+    out.push(degradable(
+        "write tracking (6.7)",
+        feature(Features::WP_ASYNC) && feature(Features::WP_HUGETLBFS_SHMEM),
+        "WP_ASYNC + PAGEMAP_SCAN: incremental snapshots write only changed pages",
+        "no WP_ASYNC: populators asked to track writes run untracked, and incremental \
+         snapshots are full ones (SnapshotInfo::full_because says why)",
+    ));
 
     for size in [PageSize::Huge2M, PageSize::Huge1G] {
         let name = if size == PageSize::Huge2M {
