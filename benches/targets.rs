@@ -29,6 +29,7 @@
 //! missing; needs root), so their blocks get a 2 MiB folio each.
 
 #[path = "../examples/support/huge_tmpfs.rs"]
+#[allow(dead_code)] // the tests use the other mount too
 mod huge_tmpfs;
 #[path = "../examples/support/mapping.rs"]
 mod mapping;
@@ -389,7 +390,7 @@ fn snapshot_file(len: usize) -> tempfile::NamedTempFile {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let len: usize = if quick { 128 << 20 } else { 256 << 20 };
-    let dir = match huge_tmpfs::mount() {
+    let dir = match huge_tmpfs::HUGE_TMPFS.mount() {
         Ok(dir) => dir,
         Err(e) => {
             println!("skipped: {e}");

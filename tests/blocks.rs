@@ -9,7 +9,7 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use common::*;
@@ -78,31 +78,6 @@ fn region_in(dir: &Path, tag: &str, huge: &str) -> Option<(Arc<Region>, RemoveOn
         "{reason}"
     );
     Some((Arc::new(region), RemoveOnDrop(path)))
-}
-
-/// A small tmpfs mounted `huge=advise` (2 MiB folios only where a mapping
-/// asks with `MADV_HUGEPAGE`, as the alias does), mounting it when root.
-fn advise_tmpfs() -> Option<PathBuf> {
-    const DIR: &str = "/tmp/hugearena-advise-tmpfs";
-    let mounted = || {
-        std::fs::read_to_string("/proc/mounts")
-            .unwrap()
-            .lines()
-            .any(|l| l.split(' ').nth(1) == Some(DIR) && l.contains("huge=advise"))
-    };
-    if !mounted() {
-        let _ = std::fs::create_dir_all(DIR);
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "huge=advise,size=64M", "none", DIR])
-            .status();
-        if !mounted() {
-            skip(&format!(
-                "mounting a huge=advise tmpfs at {DIR} failed: {status:?}"
-            ));
-            return None;
-        }
-    }
-    Some(PathBuf::from(DIR))
 }
 
 #[test]

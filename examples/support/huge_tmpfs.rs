@@ -1,39 +1,60 @@
-//! The tmpfs mounted `huge=always` where `ShmemThp` regions get a 2 MiB
+//! The tmpfs mounts whose `huge=` option gives `ShmemThp` regions a 2 MiB
 //! folio per block whatever `shmem_enabled` says; shared by the
-//! benchmarks and the tests (`.ci/run` mounts it too).
+//! benchmarks and the tests (`.ci/run` mounts the `huge=always` one too).
 
 use std::path::PathBuf;
 
-/// Where it is mounted.
-pub const HUGE_TMPFS: &str = "/tmp/hugearena-huge-tmpfs";
-
-/// Its path if it is mounted with `huge=always`.
-pub fn mounted() -> Option<PathBuf> {
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(1) == Some(HUGE_TMPFS) && l.contains("huge=always"))
-        .then(|| PathBuf::from(HUGE_TMPFS))
+/// A tmpfs mount: where, with which `huge=` option, how large.
+pub struct TmpfsMount {
+    /// Mount point.
+    pub dir: &'static str,
+    /// The `huge=` option.
+    pub huge: &'static str,
+    /// The `size=` option.
+    pub size: &'static str,
 }
 
-/// Mounts it (root only), unless it is mounted; its path if it is mounted
-/// afterwards (by this call or, concurrently, by another), else why not.
-pub fn mount() -> Result<PathBuf, String> {
-    if let Some(path) = mounted() {
-        return Ok(path);
+/// `huge=always`: 2 MiB folios on any write.
+pub const HUGE_TMPFS: TmpfsMount = TmpfsMount {
+    dir: "/tmp/hugearena-huge-tmpfs",
+    huge: "always",
+    size: "4G",
+};
+
+/// `huge=advise`: 2 MiB folios only where a mapping asks with
+/// `MADV_HUGEPAGE` (as a region's alias does).
+pub const ADVISE_TMPFS: TmpfsMount = TmpfsMount {
+    dir: "/tmp/hugearena-advise-tmpfs",
+    huge: "advise",
+    size: "64M",
+};
+
+impl TmpfsMount {
+    /// Its path if it is mounted with its `huge=` option.
+    pub fn mounted(&self) -> Option<PathBuf> {
+        let option = format!("huge={}", self.huge);
+        std::fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(self.dir) && l.contains(&option))
+            .then(|| PathBuf::from(self.dir))
     }
-    let _ = std::fs::create_dir_all(HUGE_TMPFS);
-    let status = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "huge=always,size=4G",
-            "none",
-            HUGE_TMPFS,
-        ])
-        .status();
-    mounted().ok_or(format!(
-        "mounting a huge tmpfs failed ({status:?}): sudo mount -t tmpfs -o huge=always,size=4G none {HUGE_TMPFS}"
-    ))
+
+    /// Mounts it (root only), unless it is mounted; its path if it is
+    /// mounted afterwards (by this call or, concurrently, by another),
+    /// else why not.
+    pub fn mount(&self) -> Result<PathBuf, String> {
+        if let Some(path) = self.mounted() {
+            return Ok(path);
+        }
+        let options = format!("huge={},size={}", self.huge, self.size);
+        let _ = std::fs::create_dir_all(self.dir);
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &options, "none", self.dir])
+            .status();
+        self.mounted().ok_or(format!(
+            "mounting a huge={} tmpfs failed ({status:?}): sudo mount -t tmpfs -o {options} none {}",
+            self.huge, self.dir
+        ))
+    }
 }

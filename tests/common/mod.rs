@@ -111,17 +111,27 @@ pub use order::shuffled;
 /// A tmpfs mounted with `huge=always` (its files get 2 MiB folios whatever
 /// `shmem_enabled` says), mounting one when root.
 pub fn huge_tmpfs() -> Option<PathBuf> {
-    if let Some(path) = huge_tmpfs_mount::mounted() {
+    tmpfs(&huge_tmpfs_mount::HUGE_TMPFS)
+}
+
+/// A small tmpfs mounted `huge=advise` (2 MiB folios only where a mapping
+/// asks with `MADV_HUGEPAGE`, as the alias does), mounting it when root.
+pub fn advise_tmpfs() -> Option<PathBuf> {
+    tmpfs(&huge_tmpfs_mount::ADVISE_TMPFS)
+}
+
+fn tmpfs(mount: &huge_tmpfs_mount::TmpfsMount) -> Option<PathBuf> {
+    if let Some(path) = mount.mounted() {
         return Some(path);
     }
     if !is_root() {
         skip(&format!(
-            "no huge tmpfs: sudo mount -t tmpfs -o huge=always,size=4G none {}",
-            huge_tmpfs_mount::HUGE_TMPFS
+            "no huge={} tmpfs: sudo mount -t tmpfs -o huge={},size={} none {}",
+            mount.huge, mount.huge, mount.size, mount.dir
         ));
         return None;
     }
-    huge_tmpfs_mount::mount().map_err(|e| skip(&e)).ok()
+    mount.mount().map_err(|e| skip(&e)).ok()
 }
 
 /// Sums a field of `/proc/self/smaps` over the mappings that lie inside
