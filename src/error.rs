@@ -331,6 +331,30 @@ pub enum Error {
         defect: crate::persist::SnapshotDefect,
     },
 
+    /// Writing pages back to the populator's store failed. The pages are
+    /// still in memory with their bytes (nothing was discarded).
+    #[error(
+        "writing back bytes {offset}..{offset}+{len} failed: {source}; the pages are still in \
+         memory: make room or fix the store's file, then write them back again before \
+         discarding them"
+    )]
+    WriteBack {
+        /// Region offset of the first byte that was not written.
+        offset: u64,
+        /// Bytes in the range that was being written.
+        len: u64,
+        /// Why.
+        #[source]
+        source: crate::populate::FillError,
+    },
+
+    /// Pages were to be written back to a source that cannot take them.
+    #[error(
+        "the populator's source cannot take pages back: populate from a PageStore \
+         (hugearena::populate::FileStore) to write pages back"
+    )]
+    ReadOnlySource,
+
     /// A thread could not be started.
     #[error(
         "starting the {what} thread failed: {source}; the process may be at its thread or \

@@ -5,7 +5,8 @@
 //! is not ordered after the write that filled it. `--cfg hugearena_mutation`
 //! weakens the publishing CAS to `Relaxed`; these tests must then fail.
 //! `--cfg hugearena_mutation_discard` plants the old discard order; the
-//! discard test must then fail.
+//! discard test must then fail. `--cfg hugearena_mutation_writeback` drops
+//! the discard's releases; the write-back test must then fail.
 #![allow(unsafe_code)] // the modelled bytes are loom `UnsafeCell`s
 
 use super::state::{self, Claim, Owner, PageState};
@@ -228,5 +229,57 @@ fn a_dead_claim_is_taken_over_once_and_published_once() {
         }
         assert_eq!(publishes.load(Ordering::Relaxed), 1);
         assert_eq!(state::observe(&g.state), PageState::Present);
+    });
+}
+
+/// A buffer pool evicts a dirty page: it writes the page back to its store,
+/// then discards it, while another process touches the page. Whoever fills
+/// the page after the discard reads the written bytes, never the store's
+/// older ones. The store is a `Relaxed` atomic: the only order between the
+/// evictor's write and the refiller's read is the state word's.
+/// `--cfg hugearena_mutation_writeback` drops the discard's releases; this
+/// test must then fail.
+#[test]
+fn a_page_written_back_then_discarded_is_refilled_with_the_written_bytes() {
+    loom::model(|| {
+        let g = Granule::new();
+        let store = Arc::new(AtomicU64::new(5));
+        assert!(g.populate(A, 5));
+        // The page is updated in memory (dirty), under the pool's latch.
+        // SAFETY: no other thread exists yet.
+        g.data.with_mut(|p| unsafe { *p = 7 });
+        let evictor = {
+            let (g, store) = (g.clone(), store.clone());
+            thread::spawn(move || {
+                // SAFETY: the page is present and its latch is held here.
+                let dirty = g.data.with(|p| unsafe { *p });
+                store.store(dirty, Ordering::Relaxed);
+                assert_eq!(state::begin_discard(&g.state, A), state::Discard::Claimed);
+                let _ = state::finish_discard(&g.state, A);
+            })
+        };
+        let refiller = {
+            let (g, store) = (g.clone(), store.clone());
+            thread::spawn(move || {
+                for _ in 0..3 {
+                    match state::claim(&g.state, B) {
+                        Claim::Won => {
+                            let read = store.load(Ordering::Relaxed);
+                            assert_eq!(
+                                read, 7,
+                                "a refill read the store's bytes from before the write-back"
+                            );
+                            // SAFETY: the claim makes this thread the writer.
+                            g.data.with_mut(|p| unsafe { *p = read });
+                            state::publish(&g.state, B).unwrap();
+                            return;
+                        }
+                        Claim::Present | Claim::Busy(_) | Claim::Poisoned => thread::yield_now(),
+                    }
+                }
+            })
+        };
+        evictor.join().unwrap();
+        refiller.join().unwrap();
     });
 }

@@ -21,8 +21,8 @@ pub use populator::{
 };
 pub use promote::Promotion;
 pub use source::{
-    FileSource, FillError, FnSource, PageSource, SignalSafe, SignalSafeSource, SourceError,
-    ZeroSource,
+    FileSource, FileStore, FillError, FnSource, PageSource, PageStore, SignalSafe,
+    SignalSafeSource, SourceError, ZeroSource,
 };
 pub use state::PageState;
 pub use stats::Stats;

@@ -12,7 +12,7 @@ use super::fork;
 use super::handlers::HandlerPool;
 use super::promote::{Promoter, Promotion};
 use super::signal::{self, Registration};
-use super::source::{PageSource, SignalSafeSource, SourceError};
+use super::source::{FillError, PageSource, SignalSafeSource, SourceError};
 use super::state::{self, Owner, PageState};
 use super::stats::{Counters, Stats};
 use crate::backend::BackendKind;
@@ -609,6 +609,74 @@ impl Populator {
             }
         }
         Ok(())
+    }
+
+    /// Writes the bytes of `[offset, offset + len)` back to the populator's
+    /// [`PageStore`](super::PageStore), straight from the region (one
+    /// `pwrite` per present granule in the range; a granule that is not
+    /// present has no bytes of its own to write and is skipped).
+    ///
+    /// With [`discard`](Self::discard) this is a buffer pool's eviction of a
+    /// dirty page: a write-back that returns before a discard of the same
+    /// page begins is read by every fill of the page after the discard, in
+    /// any process (see the page-state protocol). The caller keeps writers
+    /// of the range out from the write-back to the end of the discard (a
+    /// buffer pool's exclusive page latch); bytes written in between are
+    /// lost with the page. On error nothing is discarded and the range can
+    /// be written back again.
+    pub fn write_back(&self, offset: usize, len: usize) -> Result<()> {
+        let store = self.core.source().as_store().ok_or(Error::ReadOnlySource)?;
+        let (first, last) = self.granules(offset, len)?;
+        let g = self.core.granule();
+        let end = offset + len;
+        let primary = self.core.region.primary().as_ptr();
+        for index in first..last {
+            if self.page_state(index) != Some(PageState::Present) {
+                continue;
+            }
+            let from = offset.max(index * g);
+            let to = end.min((index + 1) * g);
+            // SAFETY: `from..to` lies in the primary, and the granule is
+            // present, so reading it takes at most a minor fault. Writers
+            // are kept out by the caller (documented above); a racing
+            // writer makes the bytes stale, never unsound to read as `u8`.
+            let bytes = unsafe { std::slice::from_raw_parts(primary.add(from), to - from) };
+            let mut written = store.write_back(from as u64, bytes);
+            if written == Err(FillError::Io(crate::sys::Errno::EFAULT)) {
+                // Filled by another process and not mapped in this one: the
+                // kernel's read of it is a minor fault, which the in-thread
+                // drivers cannot serve in kernel mode. Map it and try again.
+                self.core
+                    .populate_range(index, index + 1)
+                    .map_err(Error::sys("mapping a page to write it back"))?;
+                written = store.write_back(from as u64, bytes);
+            }
+            written.map_err(|source| Error::WriteBack {
+                offset: from as u64,
+                len: (to - from) as u64,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Makes the pages written back so far durable: the store's `sync`
+    /// (`fdatasync(2)` for a [`FileStore`](super::FileStore)).
+    pub fn sync(&self) -> Result<()> {
+        let store = self.core.source().as_store().ok_or(Error::ReadOnlySource)?;
+        store.sync().map_err(|source| Error::WriteBack {
+            offset: 0,
+            len: self.core.region.len() as u64,
+            source,
+        })
+    }
+
+    /// Whether the granule holding byte `offset` is present: filled by some
+    /// process, so that touching it costs at most a minor fault and reads
+    /// no source. One load of its shared state word; `false` past the end.
+    pub fn is_present(&self, offset: usize) -> bool {
+        offset < self.core.region.len()
+            && self.page_state(offset / self.core.granule()) == Some(PageState::Present)
     }
 
     /// Lets the poisoned granules overlapping `[offset, offset + len)` be

@@ -129,6 +129,28 @@ pub trait PageSource: Send + Sync {
     fn is_zero(&self, _index: u64) -> bool {
         self.fills_zero()
     }
+
+    /// The same source as a [`PageStore`], if pages can be written back to
+    /// it: what [`Populator::write_back`](super::Populator::write_back)
+    /// writes to. `None` (the default) for a read-only source.
+    fn as_store(&self) -> Option<&dyn PageStore> {
+        None
+    }
+}
+
+/// A page source that takes pages back: a database's data file under a
+/// buffer pool. A page written back with [`write_back`](Self::write_back)
+/// is what a later [`fill`](PageSource::fill) of it reads, so a page can
+/// leave memory (`Populator::discard`) and come back with the same bytes.
+/// A store returns itself from [`PageSource::as_store`].
+pub trait PageStore: PageSource {
+    /// Writes `src`, the region's bytes at byte `offset`, to where `fill`
+    /// reads them from. The store does not grow: bytes past its end are an
+    /// error ([`FillError::PastEnd`]).
+    fn write_back(&self, offset: u64, src: &[u8]) -> Result<(), FillError>;
+
+    /// Makes what was written back durable (`fdatasync(2)` for a file).
+    fn sync(&self) -> Result<(), FillError>;
 }
 
 /// A [`PageSource`] that may run inside a SIGBUS handler, in the faulting
@@ -196,6 +218,10 @@ impl<S: PageSource> PageSource for SignalSafe<S> {
 
     fn is_zero(&self, index: u64) -> bool {
         self.0.is_zero(index)
+    }
+
+    fn as_store(&self) -> Option<&dyn PageStore> {
+        self.0.as_store()
     }
 }
 
@@ -331,6 +357,118 @@ impl FileSource {
 // read a static error: neither allocates) or a copy from a mapping, with
 // checked arithmetic: no allocation, lock or panic.
 unsafe impl SignalSafeSource for FileSource {}
+
+/// A database file that pages are filled from and written back to: page
+/// `i` of a region populated from it is the `granule` bytes at `offset + i
+/// * granule` of the file, read with `pread(2)` and written with
+/// `pwrite(2)`. The file keeps its length: it is the whole database, and
+/// the region is as large as it (a buffer pool's address space), with only
+/// the pages in use resident.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use hugearena::populate::{FileStore, PopulateOptions, Populator};
+/// use hugearena::{Region, RegionOptions};
+///
+/// let store = FileStore::open("data.db")?;
+/// let region = Arc::new(Region::create(RegionOptions::new(store.len()))?);
+/// let pool = Populator::with_options(region, store, PopulateOptions::new())?;
+/// pool.populate(0, 4096)?; // a miss: page 0 is read from the file
+/// pool.region().write_via_primary(0, b"new bytes")?;
+/// pool.write_back(0, 4096)?; // the page is dirty: write it back first
+/// pool.discard(0, 4096)?; // evicted: its memory goes back to the kernel
+/// pool.populate(0, 4096)?; // and it comes back with the written bytes
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct FileStore {
+    file: FileSource,
+    /// The same open file as `file`'s reader (a `dup`), for writing.
+    writer: File,
+}
+
+impl FileStore {
+    /// Opens an existing file for reading and writing.
+    pub fn open(path: impl AsRef<Path>) -> std::io::Result<FileStore> {
+        let path = path.as_ref().to_path_buf();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let len = file.metadata()?.len();
+        Ok(FileStore {
+            writer: file.try_clone()?,
+            file: FileSource {
+                path,
+                reader: Reader::Pread(file),
+                offset: 0,
+                len,
+            },
+        })
+    }
+
+    /// Starts page 0 at byte `offset` of the file (e.g. after a header).
+    pub fn with_offset(mut self, offset: u64) -> FileStore {
+        self.file.offset = offset;
+        self
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.file.path
+    }
+
+    /// Bytes of pages in the file (its length past the offset).
+    pub fn len(&self) -> u64 {
+        self.file.len.saturating_sub(self.file.offset)
+    }
+
+    /// Whether the file holds no page.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl PageSource for FileStore {
+    fn fill(&self, index: u64, dst: &mut [u8]) -> Result<(), FillError> {
+        self.file.fill(index, dst)
+    }
+
+    fn fill_run(&self, first: u64, dst: &mut [u8], granule: usize) -> Result<(), FillError> {
+        self.file.fill_run(first, dst, granule)
+    }
+
+    fn as_store(&self) -> Option<&dyn PageStore> {
+        Some(self)
+    }
+}
+
+impl PageStore for FileStore {
+    fn write_back(&self, offset: u64, src: &[u8]) -> Result<(), FillError> {
+        let len = self.file.len;
+        let start = offset
+            .checked_add(self.file.offset)
+            .filter(|&s| {
+                s.checked_add(src.len() as u64)
+                    .is_some_and(|end| end <= len)
+            })
+            .ok_or(FillError::PastEnd { len })?;
+        self.writer
+            .write_all_at(src, start)
+            .map_err(|e| FillError::Io(e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)))
+    }
+
+    fn sync(&self) -> Result<(), FillError> {
+        self.writer
+            .sync_data()
+            .map_err(|e| FillError::Io(e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)))
+    }
+}
+
+// SAFETY: `fill` is `FileSource`'s `pread(2)` path, which is
+// async-signal-safe (see there); `write_back` and `sync` are never called
+// from a signal handler.
+unsafe impl SignalSafeSource for FileStore {}
 
 /// Pages come from a closure `(index, dst) -> Result`. The closure can do
 /// anything, so the source is served by handler threads only, unless

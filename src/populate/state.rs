@@ -44,6 +44,13 @@
 //!   never `Present`, so nobody maps a page that is going away; a
 //!   discarder killed half-way leaves a `Filling` claim of a dead process,
 //!   which the next toucher takes over and fills from the source.
+//! - **write-back** (a buffer pool evicting a dirty page): both discard
+//!   transitions are releases and every claim an acquire, so bytes written
+//!   to the page store before `begin_discard` are what the next fill of the
+//!   granule reads, in any process. The library guarantees that order and
+//!   no more: keeping writers of the page out from the write-back to the
+//!   end of the discard is the caller's latch, and bytes written to the
+//!   page after its write-back are dropped with it.
 //!
 //! Every transition is a single CAS from an exact expected value, so no
 //! transition can be applied to a word that changed in between.
@@ -74,6 +81,20 @@ pub(crate) const POISONED: u64 = TAG_POISONED << TAG_SHIFT;
 const PUBLISH: Ordering = Ordering::Release;
 #[cfg(hugearena_mutation)]
 const PUBLISH: Ordering = Ordering::Relaxed;
+
+/// Orderings of the two discard transitions: each is a release, so a
+/// write-back done before `begin_discard` (a buffer pool's dirty page) is
+/// read by the fill that claims the granule after `finish_discard`.
+/// `--cfg hugearena_mutation_writeback` drops both releases on purpose so
+/// CI can check that the loom model of write-back notices.
+#[cfg(not(hugearena_mutation_writeback))]
+const DISCARD_CLAIM: Ordering = Ordering::AcqRel;
+#[cfg(not(hugearena_mutation_writeback))]
+const DISCARD_END: Ordering = Ordering::Release;
+#[cfg(hugearena_mutation_writeback)]
+const DISCARD_CLAIM: Ordering = Ordering::Acquire;
+#[cfg(hugearena_mutation_writeback)]
+const DISCARD_END: Ordering = Ordering::Relaxed;
 
 /// Who holds a `Filling` claim: a process, told apart from a later process
 /// that reuses its pid by a token.
@@ -258,7 +279,7 @@ pub(crate) fn begin_discard(slot: &impl AtomicSlot, me: Owner) -> Discard {
         if let PageState::Filling(owner) = PageState::decode(word) {
             return Discard::Busy(owner);
         }
-        match slot.compare_exchange(word, me.filling_word(), Ordering::AcqRel, Ordering::Relaxed) {
+        match slot.compare_exchange(word, me.filling_word(), DISCARD_CLAIM, Ordering::Relaxed) {
             Ok(_) => return Discard::Claimed,
             Err(found) => word = found,
         }
@@ -279,7 +300,7 @@ pub fn begin_discard(slot: &impl AtomicSlot, _me: Owner) -> Discard {
 /// granule again. `Ok(true)`: wake the waiters.
 #[cfg(not(hugearena_mutation_discard))]
 pub(crate) fn finish_discard(slot: &impl AtomicSlot, me: Owner) -> Result<bool, PageState> {
-    end_claim(slot, me, ABSENT, Ordering::Release).map_err(PageState::decode)
+    end_claim(slot, me, ABSENT, DISCARD_END).map_err(PageState::decode)
 }
 
 /// The planted mutation's second half (see `begin_discard`).
