@@ -358,10 +358,9 @@ impl FileSource {
 // checked arithmetic: no allocation, lock or panic.
 unsafe impl SignalSafeSource for FileSource {}
 
-/// A database file that pages are filled from and written back to: page
-/// `i` of a region populated from it is the `granule` bytes at `offset + i
-/// * granule` of the file, read with `pread(2)` and written with
-/// `pwrite(2)`. The file keeps its length: it is the whole database, and
+/// A database file that pages are filled from and written back to: byte
+/// `b` of a region populated from it is byte `offset + b` of the file,
+/// read with `pread(2)` and written with `pwrite(2)`. The file keeps its length: it is the whole database, and
 /// the region is as large as it (a buffer pool's address space), with only
 /// the pages in use resident.
 ///
