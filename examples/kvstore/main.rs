@@ -35,27 +35,6 @@ use hugearena::{Arena, HugePages, Region, RegionOptions};
 
 use server::{SHUTDOWN, Shared, dump_path};
 
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
-    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => s.split_at(i),
-        None => (s, ""),
-    };
-    let n: u64 = digits.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let shift = match unit
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        _ => return Err(format!("bad size unit in {s:?} (use K, M or G)")),
-    };
-    n.checked_mul(1 << shift)
-        .ok_or(format!("size {s:?} too large"))
-}
-
 /// Command-line flags: `--name value` pairs and bare `--flags`.
 struct Flags(Vec<String>);
 
@@ -225,7 +204,7 @@ fn serve(flags: &Flags) {
     }
     let size = flags
         .value("--size")
-        .map_or(Ok(1 << 30), parse_size)
+        .map_or(Ok(1 << 30), human::parse_size)
         .unwrap_or_else(|e| fail(e));
     install_terminate_handler();
     let dump = dump_path(&dir);
@@ -333,7 +312,7 @@ fn flags_to_demo(flags: &Flags) -> demo::Options {
     let size = |name: &str, default: u64| {
         flags
             .value(name)
-            .map_or(Ok(default), parse_size)
+            .map_or(Ok(default), human::parse_size)
             .unwrap_or_else(|e| fail(e))
     };
     demo::Options {

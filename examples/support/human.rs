@@ -15,3 +15,27 @@ pub fn bytes(n: u64) -> String {
         format!("{scaled:.1} {}", UNITS[unit])
     }
 }
+
+/// Parses a byte count: digits with an optional K, M or G suffix
+/// (binary; `KiB`, `KB` and `k` alike).
+#[allow(dead_code)] // not every example takes sizes
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, ""),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let shift = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => return Err(format!("bad size unit in {s:?} (use K, M or G)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or(format!("size {s:?} too large"))
+}
