@@ -173,13 +173,6 @@ impl AnonFrames {
         let map = memmap2::MmapMut::map_anon(file.metadata()?.len() as usize)?;
         Ok(AnonFrames { map, file })
     }
-
-    fn page(&self, at: usize, len: usize) -> &mut [u8] {
-        // SAFETY: `at..at + len` lies in the mapping; the pool holds the
-        // page's lock, and optimistic readers read it through atomics (and
-        // throw away what they read while it changes).
-        unsafe { std::slice::from_raw_parts_mut(self.map.as_ptr().add(at) as *mut u8, len) }
-    }
 }
 
 impl Frames for AnonFrames {
@@ -192,13 +185,17 @@ impl Frames for AnonFrames {
     }
 
     fn load(&self, f: usize) -> io::Result<()> {
-        self.file
-            .read_exact_at(self.page(f * PAGE, PAGE), (f * PAGE) as u64)
+        // SAFETY: the page lies in the mapping; the pool holds its lock, and
+        // optimistic readers read it through atomics (and throw away what
+        // they read while it changes), so the kernel's write aliases no
+        // Rust reference that relies on it.
+        let page = unsafe { std::slice::from_raw_parts_mut(self.base().add(f * PAGE), PAGE) };
+        self.file.read_exact_at(page, (f * PAGE) as u64)
     }
 
     fn write_back(&self, p: usize) -> io::Result<()> {
         self.file
-            .write_all_at(self.page(p * PAGE, PAGE), (p * PAGE) as u64)
+            .write_all_at(&self.map[p * PAGE..(p + 1) * PAGE], (p * PAGE) as u64)
     }
 
     fn evict(&self, f: usize) -> io::Result<()> {

@@ -378,6 +378,12 @@ impl BufferPool {
         }
     }
 
+    /// Whether page `p`'s frame is resident.
+    #[allow(dead_code)] // the tests ask
+    pub fn is_resident(&self, p: usize) -> bool {
+        self.meta.frame_words()[p / self.frame_pages].load(Ordering::Acquire) != FRAME_ABSENT
+    }
+
     /// The LSN last committed to page `p` (by any process).
     pub fn committed(&self, p: usize) -> u64 {
         self.meta.committed()[p].load(Ordering::Acquire)

@@ -84,7 +84,8 @@ pub fn value(key: u64, version: u64, i: usize) -> u64 {
     x ^ (x >> 31)
 }
 
-fn record_at(record: usize) -> usize {
+/// The first word of record `record` in a page.
+pub fn record_at(record: usize) -> usize {
     HEADER_WORDS + record * RECORD_WORDS
 }
 
@@ -129,7 +130,7 @@ pub fn warm_page_cache(path: &Path) -> io::Result<()> {
 /// The record of `key` in its bucket page: a binary search, as the
 /// records of a page are sorted by key (and keys never move). Bounded
 /// whatever a racing writer left in the page.
-fn find(view: &PageView, key: u64) -> Option<usize> {
+pub fn find(view: &PageView, key: u64) -> Option<usize> {
     let (mut lo, mut hi) = (0, RECORDS);
     while lo < hi {
         let mid = (lo + hi) / 2;

@@ -102,7 +102,7 @@ pub fn hugetlbfs_2m() -> Option<PathBuf> {
 }
 
 #[path = "../../examples/support/huge_tmpfs.rs"]
-mod huge_tmpfs_mount;
+pub mod huge_tmpfs_mount;
 #[path = "../../examples/support/order.rs"]
 mod order;
 #[allow(unused_imports)] // not every test binary shuffles
