@@ -337,7 +337,7 @@ fn a_dirty_page_is_written_back_before_it_is_evicted() {
 /// Two processes (two threads each) fill, update and evict the same few
 /// pages at once through a pool of 8 frames; every read is checked for
 /// torn records and lost updates, and the file is checked at the end.
-fn racing_processes(kind: BackendKind, pages: usize, budget: usize) {
+fn racing_processes(kind: BackendKind, pages: usize, budget: usize, min_evictions: u64) {
     let Some(t) = test_pool(kind, pages, budget) else {
         return;
     };
@@ -357,7 +357,7 @@ fn racing_processes(kind: BackendKind, pages: usize, budget: usize) {
     let c = t.pool.counters();
     assert!(ops > 0 && child_ops > 0);
     assert!(
-        c.evictions > 100,
+        c.evictions >= min_evictions,
         "pages were evicted while both processes used them: {c:?}"
     );
     t.pool.flush().unwrap();
@@ -394,18 +394,20 @@ fn race(pool: &BufferPool, pages: usize, seed: u64) -> u64 {
 
 #[test]
 fn two_processes_racing_to_fill_write_and_evict_never_see_torn_or_stale_data_shmem() {
-    racing_processes(BackendKind::Shmem, 32, 8);
+    racing_processes(BackendKind::Shmem, 32, 8, 100);
 }
 
 #[test]
 fn two_processes_racing_to_fill_write_and_evict_never_see_torn_or_stale_data_shmem_thp() {
-    racing_processes(BackendKind::ShmemThp, 32, 8);
+    racing_processes(BackendKind::ShmemThp, 32, 8, 100);
 }
 
 #[test]
 fn two_processes_racing_to_fill_write_and_evict_never_see_torn_or_stale_data_hugetlb() {
-    // 2 MiB frames: 2 of the 4 frames (2048 pages) resident at most.
-    racing_processes(BackendKind::Hugetlb, 2048, 2);
+    // 2 MiB frames: 2 of the 4 frames (2048 pages) resident, give or
+    // take one; a frame of 512 pages that 4 threads update is seldom
+    // free of locks, so evictions are fewer.
+    racing_processes(BackendKind::Hugetlb, 2048, 2, 2);
 }
 
 /// A process killed with SIGKILL in the middle of an update, holding the

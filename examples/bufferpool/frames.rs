@@ -27,8 +27,9 @@ pub trait Frames: Send + Sync {
     fn load(&self, f: usize) -> io::Result<()>;
     /// Writes page `p` to the data file.
     fn write_back(&self, p: usize) -> io::Result<()>;
-    /// Drops frame `f`'s memory (its dirty pages were written back).
-    fn evict(&self, f: usize) -> io::Result<()>;
+    /// Drops the memory of frames `first..first + count` (their dirty
+    /// pages were written back; the caller holds every page's lock).
+    fn evict(&self, first: usize, count: usize) -> io::Result<()>;
     /// Whether frame `f` holds its bytes in memory (after a crash: a frame
     /// flagged resident may have been dropped by a dead evictor).
     fn is_resident(&self, f: usize) -> bool;
@@ -131,9 +132,11 @@ impl Frames for HugearenaFrames {
         self.populator.write_back(p * PAGE, PAGE).map_err(other)
     }
 
-    fn evict(&self, f: usize) -> io::Result<()> {
+    fn evict(&self, first: usize, count: usize) -> io::Result<()> {
         let len = self.frame_len();
-        self.populator.discard(f * len, len).map_err(other)
+        self.populator
+            .discard(first * len, count * len)
+            .map_err(other)
     }
 
     fn is_resident(&self, f: usize) -> bool {
@@ -198,8 +201,8 @@ impl Frames for AnonFrames {
             .write_all_at(&self.map[p * PAGE..(p + 1) * PAGE], (p * PAGE) as u64)
     }
 
-    fn evict(&self, f: usize) -> io::Result<()> {
-        dont_need(self.base(), f * PAGE)
+    fn evict(&self, first: usize, count: usize) -> io::Result<()> {
+        dont_need(self.base(), first * PAGE, count * PAGE)
     }
 
     fn is_resident(&self, _f: usize) -> bool {
@@ -252,8 +255,8 @@ impl Frames for MmapFrames {
         Ok(())
     }
 
-    fn evict(&self, f: usize) -> io::Result<()> {
-        dont_need(self.base(), f * PAGE)
+    fn evict(&self, first: usize, count: usize) -> io::Result<()> {
+        dont_need(self.base(), first * PAGE, count * PAGE)
     }
 
     fn is_resident(&self, _f: usize) -> bool {
@@ -269,10 +272,10 @@ impl Frames for MmapFrames {
     }
 }
 
-fn dont_need(base: *mut u8, at: usize) -> io::Result<()> {
-    // SAFETY: one page of the pool's own mapping; its bytes are in the
-    // data file (written back, or the page cache's) and the page is locked.
-    let r = unsafe { libc::madvise(base.add(at).cast(), PAGE, libc::MADV_DONTNEED) };
+fn dont_need(base: *mut u8, at: usize, len: usize) -> io::Result<()> {
+    // SAFETY: pages of the pool's own mapping; their bytes are in the data
+    // file (written back, or the page cache's) and they are locked.
+    let r = unsafe { libc::madvise(base.add(at).cast(), len, libc::MADV_DONTNEED) };
     if r == 0 {
         Ok(())
     } else {

@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering, fence};
+use std::time::{Duration, Instant};
 
 use super::frames::Frames;
 use super::liveness::{self, ProcessId};
@@ -27,6 +28,10 @@ pub const PAGE_WORDS: usize = PAGE / 8;
 pub const MAX_PROCESSES: usize = 64;
 /// Threads per process that can update pages (each has an intent record).
 pub const MAX_THREADS: usize = 16;
+
+/// Frames the pool may be over budget while another thread evicts (at
+/// most; a sixteenth of the budget in a small pool).
+const SLACK: u64 = 64;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"HApool01");
 
@@ -116,6 +121,11 @@ struct Header {
     evictions: AtomicU64,
     write_backs: AtomicU64,
     takeovers: AtomicU64,
+    /// The evictor: its process id word, 0 when nobody evicts. One thread
+    /// at a time evicts (the backends serialize evictions anyway, e.g.
+    /// on the file's lock): the others go on over budget by at most
+    /// [`SLACK`] frames instead of spinning on that lock.
+    evictor: AtomicU64,
     /// Set by the launcher when every process may start.
     start: AtomicU64,
     /// Process slots: `ProcessId::to_word`, 0 when free.
@@ -317,8 +327,11 @@ impl BufferPool {
         )))
     }
 
-    /// Takes over every page lock the (dead) process in `slot` holds.
+    /// Takes over every page lock the (dead) process in `slot` holds, and
+    /// its evictor role.
     fn recover_slot(&self, slot: usize) {
+        let evictor = &self.meta.header().evictor;
+        let _ = evictor.compare_exchange(slot as u64 + 1, 0, Ordering::AcqRel, Ordering::Relaxed);
         for (p, w) in self.meta.states().iter().enumerate() {
             let word = w.load(Ordering::Acquire);
             if state_of(word) == LOCKED && owner_of(word) == slot {
@@ -405,7 +418,7 @@ impl BufferPool {
     /// must only read. Returns its result from a stable page.
     pub fn read<R>(&self, p: usize, read: impl Fn(&PageView) -> R) -> PoolResult<R> {
         let state = &self.meta.states()[p];
-        let mut spins = 0u32;
+        let mut patience = Patience::default();
         loop {
             let word = state.load(Ordering::Acquire);
             match state_of(word) {
@@ -419,7 +432,7 @@ impl BufferPool {
                     }
                 }
                 EVICTED => self.fault_in(p, word)?,
-                _ => self.wait_for_lock(p, word, &mut spins),
+                _ => self.wait_for_lock(p, word, &mut patience),
             }
         }
     }
@@ -452,7 +465,7 @@ impl BufferPool {
     /// word it had (resident, unlocked) when taken.
     fn lock(&self, p: usize) -> PoolResult<u64> {
         let state = &self.meta.states()[p];
-        let mut spins = 0u32;
+        let mut patience = Patience::default();
         loop {
             let word = state.load(Ordering::Acquire);
             match state_of(word) {
@@ -471,7 +484,7 @@ impl BufferPool {
                     }
                 }
                 EVICTED => self.fault_in(p, word)?,
-                _ => self.wait_for_lock(p, word, &mut spins),
+                _ => self.wait_for_lock(p, word, &mut patience),
             }
         }
     }
@@ -531,30 +544,88 @@ impl BufferPool {
         loaded
     }
 
-    /// Evicts until a frame is free (bounded: with every frame locked it
-    /// goes on over budget rather than wait).
+    /// Evicts until a frame is free, if no other thread is evicting; while
+    /// one is, goes on unless the pool is `SLACK` frames over budget, and
+    /// then waits for it (bounded: with every frame locked it goes on over
+    /// budget rather than wait forever).
     fn make_room(&self) {
         let h = self.meta.header();
-        for _ in 0..8 {
-            if h.resident.load(Ordering::Relaxed) < self.budget {
+        let me = self.slot as u64 + 1;
+        let mut patience = Patience::default();
+        for _ in 0..4096u32 {
+            let resident = h.resident.load(Ordering::Relaxed);
+            if resident < self.budget {
                 return;
             }
-            self.evict_batch(32);
+            let evictor = h.evictor.load(Ordering::Acquire);
+            if evictor == 0
+                && h.evictor
+                    .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                // Two passes of the clock at least: the first may only mark.
+                // Where every frame is used between passes, later passes
+                // evict used frames too rather than leave the pool over
+                // budget.
+                for pass in 0..8 {
+                    if h.resident.load(Ordering::Relaxed) < self.budget {
+                        break;
+                    }
+                    self.evict_batch(32, pass >= 3);
+                }
+                h.evictor.store(0, Ordering::Release);
+                return;
+            }
+            if resident < self.budget + (self.budget / 16).clamp(1, SLACK) {
+                return;
+            }
+            if patience.wait() && evictor != 0 {
+                // An evictor that died holding the role loses it.
+                let id = h.slots[(evictor - 1) as usize % MAX_PROCESSES].load(Ordering::Acquire);
+                if !ProcessId::from_word(id).is_alive() {
+                    let _ =
+                        h.evictor
+                            .compare_exchange(evictor, 0, Ordering::AcqRel, Ordering::Relaxed);
+                }
+            }
         }
     }
 
     /// One pass of the clock over up to `4 * batch` frames: unmarked
     /// resident frames are marked, marked ones (unused since the previous
-    /// pass) evicted, up to `batch` of them. Returns how many.
-    pub fn evict_batch(&self, batch: usize) -> usize {
+    /// pass) evicted, up to `batch` of them; with `force`, used ones too.
+    /// Returns how many. Victims
+    /// next to each other, or separated only by frames that hold nothing,
+    /// are dropped with one call (one hole punched, one TLB flush): the
+    /// frames in between are locked too, so nobody loads them meanwhile.
+    pub fn evict_batch(&self, batch: usize, force: bool) -> usize {
         let frames = self.meta.frame_words();
-        let n = frames.len() as u64;
-        let span = 4 * batch as u64;
-        let start = self.meta.header().hand.fetch_add(span, Ordering::Relaxed) % n;
+        let n = frames.len();
+        let span = (4 * batch).min(n);
+        let start = (self
+            .meta
+            .header()
+            .hand
+            .fetch_add(span as u64, Ordering::Relaxed)
+            % n as u64) as usize;
+        let mut run = Run::default();
         let mut evicted = 0;
-        for i in 0..span.min(n) {
-            let f = ((start + i) % n) as usize;
-            match frames[f].load(Ordering::Relaxed) {
+        for i in 0..span {
+            let f = (start + i) % n;
+            if f == 0 {
+                // Runs are contiguous: the clock wrapped.
+                evicted += self.evict_run(&mut run);
+            }
+            let kind = match frames[f].load(Ordering::Relaxed) {
+                FRAME_RESIDENT if force => {
+                    let _ = frames[f].compare_exchange(
+                        FRAME_RESIDENT,
+                        FRAME_MARKED,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    Some(FRAME_MARKED)
+                }
                 FRAME_RESIDENT => {
                     let _ = frames[f].compare_exchange(
                         FRAME_RESIDENT,
@@ -562,29 +633,39 @@ impl BufferPool {
                         Ordering::Relaxed,
                         Ordering::Relaxed,
                     );
+                    None
                 }
-                FRAME_MARKED if self.try_evict(f) => {
-                    evicted += 1;
-                    if evicted == batch {
-                        break;
-                    }
-                }
-                _ => {}
+                FRAME_MARKED => Some(FRAME_MARKED),
+                // A hole only extends a run that has a victim.
+                _ if run.frames.is_empty() => None,
+                _ => Some(FRAME_ABSENT),
+            };
+            match kind {
+                Some(kind) if self.lock_frame(f, kind, &mut run) => {}
+                _ => evicted += self.evict_run(&mut run),
+            }
+            if evicted >= batch {
+                break;
             }
         }
-        evicted
+        evicted + self.evict_run(&mut run)
     }
 
-    /// Evicts frame `f` if every page of it can be locked at once without
-    /// waiting and it is still marked: writes its dirty pages back, drops
-    /// its memory, and leaves its pages evicted.
-    fn try_evict(&self, f: usize) -> bool {
+    /// Locks every page of frame `f` without waiting and appends it to
+    /// `run` if its frame word is still `kind` (a victim: marked; a hole:
+    /// absent). `false` (nothing locked) otherwise.
+    fn lock_frame(&self, f: usize, kind: u8, run: &mut Run) -> bool {
         let states = self.meta.states();
         let pages = f * self.frame_pages..((f + 1) * self.frame_pages).min(self.meta.pages);
-        let mut taken: Vec<u64> = Vec::with_capacity(pages.len());
+        let mark = run.words.len();
         for p in pages.clone() {
             let word = states[p].load(Ordering::Acquire);
-            if state_of(word) == LOCKED
+            let expected = if kind == FRAME_MARKED {
+                state_of(word) != LOCKED
+            } else {
+                state_of(word) == EVICTED
+            };
+            if !expected
                 || states[p]
                     .compare_exchange(
                         word,
@@ -594,30 +675,72 @@ impl BufferPool {
                     )
                     .is_err()
             {
-                break;
+                self.unlock_pages(pages.start, &run.words[mark..], false);
+                run.words.truncate(mark);
+                return false;
             }
-            taken.push(word);
+            run.words.push(word);
         }
-        let frame = &self.meta.frame_words()[f];
-        let all = taken.len() == pages.len() && frame.load(Ordering::Acquire) == FRAME_MARKED;
-        let written = all && self.write_back_dirty(pages.start, &taken);
-        if written && self.frames.evict(f).is_ok() {
-            let h = self.meta.header();
-            frame.store(FRAME_ABSENT, Ordering::Release);
-            h.resident.fetch_sub(1, Ordering::Relaxed);
-            h.evictions.fetch_add(1, Ordering::Relaxed);
-            for (p, word) in pages.zip(&taken) {
-                states[p].store(released(*word, EVICTED, false), Ordering::Release);
-            }
-            return true;
+        if self.meta.frame_words()[f].load(Ordering::Acquire) != kind {
+            self.unlock_pages(pages.start, &run.words[mark..], false);
+            run.words.truncate(mark);
+            return false;
         }
-        for (p, word) in pages.zip(&taken) {
-            states[p].store(
-                released(*word, state_of(*word), *word & DIRTY != 0),
-                Ordering::Release,
+        if run.frames.is_empty() {
+            run.first = f;
+        }
+        run.frames.push(kind == FRAME_MARKED);
+        true
+    }
+
+    /// Releases locked pages from `first` on (their words as taken in
+    /// `words`): evicted and clean if `evicted`, else as they were.
+    fn unlock_pages(&self, first: usize, words: &[u64], evicted: bool) {
+        for (p, word) in (first..).zip(words) {
+            let released = if evicted {
+                released(*word, EVICTED, false)
+            } else {
+                released(*word, state_of(*word), *word & DIRTY != 0)
+            };
+            self.meta.states()[p].store(released, Ordering::Release);
+        }
+    }
+
+    /// Evicts the victims of `run` (writing their dirty pages back first)
+    /// with one call over the run, trailing holes left out, and empties
+    /// it. Returns how many frames it evicted.
+    fn evict_run(&self, run: &mut Run) -> usize {
+        while run.frames.last() == Some(&false) {
+            run.frames.pop();
+            let keep = run.frames.len() * self.frame_pages;
+            self.unlock_pages(
+                run.first * self.frame_pages + keep,
+                &run.words[keep..],
+                false,
             );
+            run.words.truncate(keep);
         }
-        false
+        let victims = run.frames.iter().filter(|&&v| v).count();
+        let first_page = run.first * self.frame_pages;
+        if victims > 0 {
+            let written = self.write_back_dirty(first_page, &run.words);
+            if written && self.frames.evict(run.first, run.frames.len()).is_ok() {
+                let h = self.meta.header();
+                for (i, _) in run.frames.iter().enumerate().filter(|(_, v)| **v) {
+                    self.meta.frame_words()[run.first + i].store(FRAME_ABSENT, Ordering::Release);
+                }
+                h.resident.fetch_sub(victims as u64, Ordering::Relaxed);
+                h.evictions.fetch_add(victims as u64, Ordering::Relaxed);
+                self.unlock_pages(first_page, &run.words, true);
+                run.frames.clear();
+                run.words.clear();
+                return victims;
+            }
+        }
+        self.unlock_pages(first_page, &run.words, false);
+        run.frames.clear();
+        run.words.clear();
+        0
     }
 
     /// Writes back the dirty pages among `words` (pages from `first` on,
@@ -669,15 +792,9 @@ impl BufferPool {
 
     /// Waits for a locked page: spins, then yields, and now and then checks
     /// that the owner process is alive, taking the lock over if it is not.
-    fn wait_for_lock(&self, p: usize, word: u64, spins: &mut u32) {
-        *spins += 1;
-        if *spins < 128 {
-            std::hint::spin_loop();
-            return;
-        }
-        std::thread::yield_now();
+    fn wait_for_lock(&self, p: usize, word: u64, patience: &mut Patience) {
         let owner = owner_of(word);
-        if *spins % 256 == 0 && owner != self.slot {
+        if patience.wait() && owner != self.slot {
             let id = self.meta.header().slots[owner].load(Ordering::Acquire);
             if !ProcessId::from_word(id).is_alive() {
                 self.take_over(p, word, owner);
@@ -744,6 +861,47 @@ impl Drop for BufferPool {
             s.store(0, Ordering::Release);
         }
     }
+}
+
+/// How long a waiter has waited: it spins, then yields, and is told to
+/// check the holder's liveness (a read of `/proc`) every
+/// `LIVENESS_EVERY` only.
+#[derive(Default)]
+struct Patience {
+    spins: u32,
+    next_check: Option<Instant>,
+}
+
+const LIVENESS_EVERY: Duration = Duration::from_millis(20);
+
+impl Patience {
+    /// One step of waiting; whether to check the holder's liveness now.
+    fn wait(&mut self) -> bool {
+        self.spins += 1;
+        if self.spins < 128 {
+            std::hint::spin_loop();
+            return false;
+        }
+        std::thread::yield_now();
+        let now = Instant::now();
+        match self.next_check {
+            Some(at) if now < at => false,
+            first => {
+                self.next_check = Some(now + LIVENESS_EVERY);
+                first.is_some()
+            }
+        }
+    }
+}
+
+/// Frames locked for eviction, contiguous from `first`: victims (`true`)
+/// and, between them, frames that hold nothing (`false`); the words their
+/// pages had when locked, in page order.
+#[derive(Default)]
+struct Run {
+    first: usize,
+    frames: Vec<bool>,
+    words: Vec<u64>,
 }
 
 /// An update's redo record, as the dead thread logged it.

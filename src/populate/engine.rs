@@ -11,7 +11,7 @@ use std::cell::Cell;
 use std::os::fd::AsFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::bits::AtomicBits;
@@ -48,6 +48,12 @@ const TRANSIENT_TRIES: u32 = 4;
 /// Recoveries of one granule whose page vanished under `UFFDIO_CONTINUE`
 /// (`EFAULT`: discarded, or punched by someone else) before giving up.
 const REFILL_TRIES: u32 = 8;
+/// The granule of regions filled directly (`Core::direct_fills`).
+const DIRECT_BYTES: usize = 4096;
+
+/// A granule's bytes on the stack, page-aligned, for `UFFDIO_COPY`.
+#[repr(C, align(4096))]
+struct DirectPage([u8; DIRECT_BYTES]);
 
 thread_local! {
     /// The granules this thread is filling, as (core address, first + 1,
@@ -121,6 +127,15 @@ pub(crate) enum Outcome {
     Stuck,
 }
 
+/// How a direct fill (`Core::fill_and_map_claimed`) ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direct {
+    /// Filled, published and mapped in this process.
+    Mapped,
+    /// Filled the usual way (or not): mapped by nobody yet.
+    Filled(Outcome),
+}
+
 /// How a wait for another filler's claim ended.
 enum Waited {
     /// The word changed: look again.
@@ -171,10 +186,16 @@ pub(crate) struct Core {
     /// Failed granules get `UFFDIO_POISON` markers (Linux 6.6+); without
     /// them, see [`Core::fence`].
     poison_markers: bool,
-    /// A faulting absent zero granule may be allocated, zeroed and mapped
-    /// with one `UFFDIO_ZEROPAGE` (4 KiB shmem allocated a run at a time,
-    /// pages not mapped write-protected for tracking).
-    zeropage_faults: bool,
+    /// Whether this process ever installed a marker (poison, or uffd-wp
+    /// under write tracking) in its primary. A punched page's markers
+    /// survive the punch; only then does a discard also drop this
+    /// process's mappings (a second TLB flush).
+    markers_installed: AtomicBool,
+    /// A granule filled alone may be allocated, filled and mapped by the
+    /// kernel in one call (`UFFDIO_ZEROPAGE`, or `UFFDIO_COPY` from a buffer
+    /// the source filled): 4 KiB shmem allocated a run at a time, registered
+    /// for missing faults, pages not mapped write-protected for tracking.
+    direct_fills: bool,
     /// Handler threads still running (handler-thread driver only).
     pub(crate) live_handlers: AtomicUsize,
     /// How long a handler thread spins before it sleeps, and whether one
@@ -234,14 +255,17 @@ impl Core {
             granule,
         );
         // Where blocks are allocated whole, the block's folio comes first
-        // (a 4 KiB page from UFFDIO_ZEROPAGE would be in its way).
-        let zeropage_faults = !region.backend().kind().uses_hugetlb()
-            && granule == 4096
+        // (a 4 KiB page from UFFDIO_ZEROPAGE or UFFDIO_COPY would be in
+        // its way).
+        let direct_fills = !region.backend().kind().uses_hugetlb()
+            && granule == DIRECT_BYTES
             && !track_writes
             && register_mode.contains(RegisterMode::MISSING)
             && blocks.is_none();
         Core {
             poison_markers: features.contains(Features::POISON),
+            // Write tracking leaves uffd-wp markers where pages are punched.
+            markers_installed: AtomicBool::new(track_writes),
             granules,
             primary: region.primary().as_ptr() as usize,
             region,
@@ -269,7 +293,7 @@ impl Core {
                     _ => 0,
                 },
             ),
-            zeropage_faults,
+            direct_fills,
             promoter,
             blocks,
             live_handlers: AtomicUsize::new(0),
@@ -351,7 +375,7 @@ impl Core {
     /// Resolves a fault on granule `index`, with readahead when it
     /// continues a sequential run. `Ok(false)`: the granule is poisoned.
     pub(crate) fn resolve_fault(&self, index: usize) -> SysResult<bool> {
-        let mapped = self.zero_fill_and_map(index);
+        let mapped = self.fill_and_map(index);
         if !mapped {
             match self.resolve(index, true) {
                 Outcome::Ready => {}
@@ -407,47 +431,74 @@ impl Core {
         Ok(true)
     }
 
-    /// If granule `index` is absent, its source gives zeroes and the
-    /// region allows it: claims it, and has the kernel allocate, zero and
-    /// map its page with one `UFFDIO_ZEROPAGE` (instead of an allocation
-    /// and a `UFFDIO_CONTINUE`), then publishes it. Whether it did. If the
-    /// call fails, the claimed granule is filled the usual way (which
-    /// reports the error) and is left for the caller to resolve again.
-    fn zero_fill_and_map(&self, index: usize) -> bool {
-        if !self.zeropage_faults || !self.source.is_zero(index as u64) {
+    /// If the region allows direct fills and granule `index` is absent:
+    /// claims it and fills and maps it with one call (see
+    /// [`fill_and_map_claimed`](Self::fill_and_map_claimed)). Whether it is
+    /// mapped; if not, the caller resolves it as usual.
+    fn fill_and_map(&self, index: usize) -> bool {
+        if !self.direct_fills {
             return false;
         }
         let Ok(states) = self.region.page_states_for(index, index + 1) else {
             return false;
         };
         let slot = &states[index];
-        if state::claim(slot, self.me()) != Claim::Won {
-            return false;
-        }
+        state::claim(slot, self.me()) == Claim::Won
+            && self.fill_and_map_claimed(index, slot) == Direct::Mapped
+    }
+
+    /// Fills claimed granule `index` and maps it in this process with one
+    /// call, then publishes it: `UFFDIO_ZEROPAGE` where its source gives
+    /// zeroes, else `UFFDIO_COPY` from a stack buffer the source filled.
+    /// The kernel allocates the page itself: no `fallocate` (which takes the
+    /// file's lock) and no write through the alias (whose mapping of the
+    /// page would cost a second TLB flush when the page is discarded). If
+    /// the source or the call fails, the granule is filled the usual way
+    /// (which retries, or reports why and poisons it): `Direct::Filled`
+    /// with its outcome, mapped by nobody yet.
+    fn fill_and_map_claimed(&self, index: usize, slot: &AtomicU64) -> Direct {
+        debug_assert!(self.direct_fills && self.granule == DIRECT_BYTES);
         let started = Instant::now();
-        // SAFETY: the primary is registered for missing faults, and the
-        // claim makes this thread the granule's filler: its content is
-        // zeroes, which is what the kernel maps.
-        match unsafe {
-            self.uffd
-                .zeropage(self.addr(index), self.granule, self.wake_mode)
-        } {
-            Ok(_) => {
-                self.latency.record(started.elapsed());
-                Counters::bump(&self.counters.fills);
-                if state::publish(slot, self.me()) == Ok(true) {
-                    self.wake_waiters(slot);
+        let result = if self.source.is_zero(index as u64) {
+            // SAFETY: the primary is registered for missing faults, and the
+            // claim makes this thread the granule's filler: its content is
+            // zeroes, which is what the kernel maps.
+            unsafe {
+                self.uffd
+                    .zeropage(self.addr(index), DIRECT_BYTES, self.wake_mode)
+            }
+            .is_ok()
+        } else {
+            let mut page = DirectPage([0; DIRECT_BYTES]);
+            let outer = FILLING.replace((self as *const _ as usize, index + 1, index + 2));
+            let filled = call_source(|| self.source.fill(index as u64, &mut page.0));
+            FILLING.set(outer);
+            // SAFETY: as above, with the source's bytes for the content;
+            // the buffer is readable for a whole granule.
+            filled.is_ok()
+                && unsafe {
+                    self.uffd.copy(
+                        self.addr(index),
+                        page.0.as_ptr(),
+                        DIRECT_BYTES,
+                        self.wake_mode,
+                    )
                 }
-                self.mapped(index, index + 1);
-                true
-            }
-            Err(_) => {
-                // The page exists already (EEXIST), or no memory: the usual
-                // path allocates (or reports why not) and publishes.
-                self.fill(index, slot);
-                false
-            }
+                .is_ok()
+        };
+        if !result {
+            // The page exists already (EEXIST), no memory or space, or the
+            // source failed: the usual path allocates (or reports why not)
+            // and publishes.
+            return Direct::Filled(self.fill(index, slot));
         }
+        self.latency.record(started.elapsed());
+        Counters::bump(&self.counters.fills);
+        if state::publish(slot, self.me()) == Ok(true) {
+            self.wake_waiters(slot);
+        }
+        self.mapped(index, index + 1);
+        Direct::Mapped
     }
 
     /// Populates granules `[first, last)`: fills what is absent, waits for
@@ -479,10 +530,20 @@ impl Core {
             // the granules that fail alone are poisoned).
             let end = index + claimed.max(1);
             for (i, slot) in states.iter().enumerate().take(end).skip(index) {
-                let outcome = if i < index + claimed {
+                let outcome = if i >= index + claimed {
+                    self.resolve(i, true)
+                } else if !self.direct_fills {
                     self.fill(i, slot)
                 } else {
-                    self.resolve(i, true)
+                    match self.fill_and_map_claimed(i, slot) {
+                        Direct::Filled(outcome) => outcome,
+                        Direct::Mapped => {
+                            // Mapped already: the run to map ends before it.
+                            self.map(run_start, i)?;
+                            run_start = i + 1;
+                            continue;
+                        }
+                    }
                 };
                 match outcome {
                     Outcome::Ready => continue,
@@ -910,12 +971,18 @@ impl Core {
                 self.region.layout().data_offset() + (first * g) as u64,
                 ((claimed - first) * g) as u64,
             );
-            // SAFETY: the range lies in the primary, which this process
-            // owns; the granules are claimed, so nobody relies on their
-            // bytes. Dropping this process's mappings also drops poison
-            // markers it installed (the punch above leaves those).
-            let zapped =
-                unsafe { mman::madvise(self.addr(first), (claimed - first) * g, Advice::DontNeed) };
+            // The punch unmapped the pages from every process; poison
+            // markers this process installed survive it, so they are
+            // dropped with this process's mappings (another TLB flush,
+            // skipped by a process that never installed one).
+            let zapped = if self.markers_installed.load(Ordering::Relaxed) {
+                // SAFETY: the range lies in the primary, which this process
+                // owns; the granules are claimed, so nobody relies on their
+                // bytes.
+                unsafe { mman::madvise(self.addr(first), (claimed - first) * g, Advice::DontNeed) }
+            } else {
+                Ok(())
+            };
             for slot in &states[first..claimed] {
                 if state::finish_discard(slot, self.me()) == Ok(true) {
                     self.wake_waiters(slot);
@@ -985,6 +1052,7 @@ impl Core {
 
     fn poison_range(&self, from: usize, to: usize) -> SysResult<()> {
         if self.poison_markers {
+            self.markers_installed.store(true, Ordering::Relaxed);
             self.apply(from, to, None, |start, len| {
                 // SAFETY: the range is registered, and its granules are not
                 // present (or their fill failed), so nobody relies on

@@ -77,6 +77,22 @@ pub(crate) struct UffdioZeropage {
     pub zeropage: i64,
 }
 
+/// `struct uffdio_copy`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct UffdioCopy {
+    /// Where to map the page(s), in the registered range.
+    pub dst: u64,
+    /// The bytes to copy into the new page(s).
+    pub src: u64,
+    /// Bytes, a multiple of the page size.
+    pub len: u64,
+    /// `UFFDIO_COPY_MODE_*` bits.
+    pub mode: u64,
+    /// Out: bytes copied and mapped, or a negative errno.
+    pub copy: i64,
+}
+
 /// `struct uffdio_poison`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -125,6 +141,9 @@ pub(crate) mod request {
     /// `UFFDIO_ZEROPAGE`.
     pub(crate) const ZEROPAGE: Request =
         nix::request_code_readwrite!(UFFDIO_TYPE, 0x04, size_of::<UffdioZeropage>());
+    /// `UFFDIO_COPY`.
+    pub(crate) const COPY: Request =
+        nix::request_code_readwrite!(UFFDIO_TYPE, 0x03, size_of::<UffdioCopy>());
     /// `UFFDIO_POISON`.
     pub(crate) const POISON: Request =
         nix::request_code_readwrite!(UFFDIO_TYPE, 0x08, size_of::<UffdioPoison>());
@@ -582,6 +601,34 @@ impl Userfaultfd {
         done(result, arg.zeropage, start, len)
     }
 
+    /// Allocates pages for `[start, start + len)`, copies `len` bytes from
+    /// `src` into them and maps them (`UFFDIO_COPY`): a missing fault's
+    /// fill and map in one call. Returns the bytes mapped.
+    ///
+    /// # Safety
+    ///
+    /// The range must be registered with this descriptor for missing
+    /// faults, `src` must be readable for `len` bytes, and the bytes must
+    /// be the pages' content for whoever reads them (the caller holds the
+    /// fill of each one).
+    pub(crate) unsafe fn copy(
+        &self,
+        start: *mut u8,
+        src: *const u8,
+        len: usize,
+        mode: u64,
+    ) -> Result<usize, RangeError> {
+        let mut arg = UffdioCopy {
+            dst: start as u64,
+            src: src as u64,
+            len: len as u64,
+            mode,
+            copy: 0,
+        };
+        let result = self.ioctl(request::COPY, &mut arg, "UFFDIO_COPY");
+        done(result, arg.copy, start, len)
+    }
+
     /// Marks `[start, start + len)` poisoned (`UFFDIO_POISON`): any access
     /// raises SIGBUS until the range is zapped. Returns the bytes poisoned.
     ///
@@ -707,6 +754,7 @@ mod tests {
         assert_eq!(request::WAKE as u64, kio::UFFDIO_WAKE as u64);
         assert_eq!(request::CONTINUE as u64, kio::UFFDIO_CONTINUE as u64);
         assert_eq!(request::ZEROPAGE as u64, kio::UFFDIO_ZEROPAGE as u64);
+        assert_eq!(request::COPY as u64, kio::UFFDIO_COPY as u64);
         // linux-raw-sys has no precomputed POISON or IOC_NEW: build them from
         // its own numbers and struct sizes.
         assert_eq!(
@@ -726,6 +774,7 @@ mod tests {
         assert_eq!(size_of::<UffdioContinue>(), size_of::<k::uffdio_continue>());
         assert_eq!(size_of::<UffdioPoison>(), size_of::<k::uffdio_poison>());
         assert_eq!(size_of::<UffdioZeropage>(), size_of::<k::uffdio_zeropage>());
+        assert_eq!(size_of::<UffdioCopy>(), size_of::<k::uffdio_copy>());
         assert_eq!(size_of::<UffdMsg>(), size_of::<k::uffd_msg>());
         assert_eq!(size_of::<UffdMsg>(), 32);
     }
