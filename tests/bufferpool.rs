@@ -424,7 +424,7 @@ fn a_process_killed_holding_a_page_lock_is_taken_over_and_its_update_redone() {
     let page = layout.page_of(key);
     let before = t
         .pool
-        .read(page, |v| workload::read(v, key))
+        .read(page, |v| workload::read(v, key, layout.slot_of(key)))
         .unwrap()
         .unwrap();
     let mut env = env_of(&t);
@@ -444,7 +444,7 @@ fn a_process_killed_holding_a_page_lock_is_taken_over_and_its_update_redone() {
     kill9(child);
     let seen = t
         .pool
-        .read(page, |v| workload::read(v, key))
+        .read(page, |v| workload::read(v, key, layout.slot_of(key)))
         .unwrap()
         .unwrap();
     assert_eq!(
@@ -576,7 +576,7 @@ fn child_entry() {
             let key: u64 = env("KEY").parse().unwrap();
             pool.write(layout.page_of(key), 0, |view, log| {
                 // Log the update, write half of it, and wait to be killed.
-                let record = workload::find(view, key).unwrap();
+                let record = workload::find(view, key, layout.slot_of(key)).unwrap();
                 let version = view.get(workload::record_at(record) + 1) + 1;
                 log.log(&pool::Redo {
                     record,

@@ -37,6 +37,10 @@ pub trait Frames: Send + Sync {
     fn sync(&self) -> io::Result<()>;
     /// What the memory is, and why.
     fn describe(&self) -> String;
+    /// What the memory's own counters say, if it has any.
+    fn counters(&self) -> Option<String> {
+        None
+    }
 }
 
 fn other(e: impl std::fmt::Display) -> io::Error {
@@ -52,6 +56,12 @@ fn shmem_thp_dir() -> &'static str {
     } else {
         "/dev/shm"
     }
+}
+
+/// Where the pool's metadata file lives: on 2 MiB folios where the huge
+/// tmpfs can be had.
+pub fn metadata_dir() -> &'static str {
+    shmem_thp_dir()
 }
 
 /// Where a region file of `kind` lives.
@@ -156,6 +166,14 @@ impl Frames for HugearenaFrames {
             region.block_allocation(),
             region.choice().reason
         )
+    }
+
+    fn counters(&self) -> Option<String> {
+        let s = self.populator.stats();
+        Some(format!(
+            "{} fills, {} discards, {} blocks collapsed to huge mappings",
+            s.fills, s.discards, s.collapses
+        ))
     }
 }
 

@@ -284,10 +284,10 @@ fn launch(args: &Args, data: &Path) -> Result<(), String> {
     }
     let frame_len = frames.frame_len();
     let budget = (args.pool as usize / frame_len).max(1);
-    let meta = PathBuf::from(format!(
-        "/dev/shm/hugearena-bufferpool-{}.meta",
-        std::process::id()
-    ));
+    // The page words on huge pages too where the machine allows (the
+    // same for every backend): a lookup touches its page's word first.
+    let meta = Path::new(frames::metadata_dir())
+        .join(format!("hugearena-bufferpool-{}.meta", std::process::id()));
     let _cleanup = Cleanup(
         [Some(meta.clone()), region.clone()]
             .into_iter()
@@ -384,6 +384,9 @@ fn launch(args: &Args, data: &Path) -> Result<(), String> {
             String::new()
         }
     );
+    if let Some(counters) = pool.frames().counters() {
+        println!("this process's populator: {counters}");
+    }
     let resident = after.resident * frame_len as u64;
     let rss = rss_bytes();
     println!(

@@ -359,6 +359,11 @@ impl BufferPool {
         self.meta.pages
     }
 
+    /// The memory behind the pool.
+    pub fn frames(&self) -> &dyn Frames {
+        &*self.frames
+    }
+
     /// Processes attached now.
     pub fn attached(&self) -> usize {
         self.meta

@@ -57,6 +57,11 @@ impl Layout {
         (mul_mod(key, SCRAMBLE, self.keys) / RECORDS as u64) as usize
     }
 
+    /// The home slot of `key` in its bucket page.
+    pub fn slot_of(&self, key: u64) -> usize {
+        (mul_mod(key, SCRAMBLE, self.keys) % RECORDS as u64) as usize
+    }
+
     fn key_at(&self, page: usize, record: usize) -> u64 {
         mul_mod((page * RECORDS + record) as u64, self.inverse, self.keys)
     }
@@ -97,9 +102,8 @@ pub fn build(path: &Path, pages: usize) -> io::Result<()> {
     for p in 0..pages {
         words.fill(0);
         words[1] = p as u64;
-        let mut keys: Vec<u64> = (0..RECORDS).map(|r| layout.key_at(p, r)).collect();
-        keys.sort_unstable();
-        for (r, &key) in keys.iter().enumerate() {
+        for r in 0..RECORDS {
+            let key = layout.key_at(p, r);
             let at = record_at(r);
             words[at] = key;
             for i in 0..VALUE_WORDS {
@@ -127,20 +131,14 @@ pub fn warm_page_cache(path: &Path) -> io::Result<()> {
     }
 }
 
-/// The record of `key` in its bucket page: a binary search, as the
-/// records of a page are sorted by key (and keys never move). Bounded
-/// whatever a racing writer left in the page.
-pub fn find(view: &PageView, key: u64) -> Option<usize> {
-    let (mut lo, mut hi) = (0, RECORDS);
-    while lo < hi {
-        let mid = (lo + hi) / 2;
-        match view.get(record_at(mid)).cmp(&key) {
-            std::cmp::Ordering::Less => lo = mid + 1,
-            std::cmp::Ordering::Greater => hi = mid,
-            std::cmp::Ordering::Equal => return Some(mid),
-        }
+/// The record of `key` in its bucket page: its home slot first (where
+/// the build put it), then the rest of the page. Bounded whatever a racing
+/// writer left in the page.
+pub fn find(view: &PageView, key: u64, home: usize) -> Option<usize> {
+    if view.get(record_at(home)) == key {
+        return Some(home);
     }
-    None
+    (0..RECORDS).find(|&r| view.get(record_at(r)) == key)
 }
 
 /// What a read saw: the record's version and the page's LSN.
@@ -152,9 +150,10 @@ pub struct Seen {
     pub lsn: u64,
 }
 
-/// Reads `key` from its bucket page, checking every value word.
-pub fn read(view: &PageView, key: u64) -> Result<Seen, &'static str> {
-    let r = find(view, key).ok_or("the key is missing from its bucket page")?;
+/// Reads `key` from its bucket page (home slot `home`), checking every
+/// value word.
+pub fn read(view: &PageView, key: u64, home: usize) -> Result<Seen, &'static str> {
+    let r = find(view, key, home).ok_or("the key is missing from its bucket page")?;
     let at = record_at(r);
     let version = view.get(at + 1);
     if (0..VALUE_WORDS).any(|i| view.get(at + 2 + i) != value(key, version, i)) {
@@ -166,9 +165,15 @@ pub fn read(view: &PageView, key: u64) -> Result<Seen, &'static str> {
     })
 }
 
-/// Updates `key` to its next version, logging the redo record first.
-pub fn update(view: &PageView, log: &UpdateLog, key: u64) -> Result<Seen, &'static str> {
-    let record = find(view, key).ok_or("the key is missing from its bucket page")?;
+/// Updates `key` (home slot `home`) to its next version, logging the redo
+/// record first.
+pub fn update(
+    view: &PageView,
+    log: &UpdateLog,
+    key: u64,
+    home: usize,
+) -> Result<Seen, &'static str> {
+    let record = find(view, key, home).ok_or("the key is missing from its bucket page")?;
     let redo = Redo {
         record,
         key,
@@ -228,9 +233,7 @@ pub fn verify_file(
         for r in 0..RECORDS {
             let at = record_at(r);
             let (key, version) = (word(at), word(at + 1));
-            let sorted = r == 0 || word(record_at(r - 1)) < key;
-            if !sorted
-                || layout.page_of(key) != p
+            if key != layout.key_at(p, r)
                 || (0..VALUE_WORDS).any(|i| word(at + 2 + i) != value(key, version, i))
             {
                 return Err(format!("page {p} record {r} is corrupt in the file"));
@@ -418,17 +421,17 @@ pub fn run(
     let percent = mix.update_percent();
     while tally.ops < max_ops && (tally.ops % 256 != 0 || Instant::now() < deadline) {
         let key = keys.next(&mut rng, layout.keys());
-        let page = layout.page_of(key);
+        let (page, home) = (layout.page_of(key), layout.slot_of(key));
         let started = Instant::now();
         if rng.next() % 100 < percent {
-            pool.write(page, thread, |view, log| update(view, log, key))
+            pool.write(page, thread, |view, log| update(view, log, key, home))
                 .map_err(|e| format!("updating key {key}: {e}"))?
                 .map_err(|e| format!("key {key} on page {page}: {e}"))?;
             tally.updates += 1;
         } else {
             let committed = pool.committed(page);
             let seen = pool
-                .read(page, |view| read(view, key))
+                .read(page, |view| read(view, key, home))
                 .map_err(|e| format!("reading key {key}: {e}"))?
                 .map_err(|e| format!("key {key} on page {page}: {e}"))?;
             if seen.lsn < committed {
