@@ -238,3 +238,47 @@ fn where_the_setting_is_advise_the_huge_page_alias_gets_the_folio() {
     );
     assert_eq!(frame % 512, 3);
 }
+
+/// Bytes of memory the region's file holds (`st_blocks`).
+fn file_bytes(path: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(path).unwrap()) * 512
+}
+
+/// A buffer pool evicts single pages of a block allocated whole: filling
+/// one of them again must not bring back the others' memory (allocating
+/// the block whole again would).
+#[test]
+fn refilling_one_discarded_page_of_a_block_leaves_the_other_holes_empty() {
+    let Some((region, remove)) = huge_tmpfs_region("holes") else {
+        return;
+    };
+    let p = Populator::with_options(
+        region.clone(),
+        ZeroSource,
+        PopulateOptions::new().driver(Driver::InThread),
+    )
+    .unwrap();
+    p.populate(0, BLOCK).unwrap();
+    let before = file_bytes(&remove.0);
+    // Every other page of the first half goes.
+    for page in (0..256).step_by(2) {
+        p.discard(page * 4096, 4096).unwrap();
+    }
+    let after_discard = file_bytes(&remove.0);
+    assert!(
+        after_discard <= before - 128 * 4096,
+        "the punched pages' memory went back: {after_discard} bytes held"
+    );
+    p.populate(0, 4096).unwrap();
+    region.write_via_primary(0, &[1; 8]).unwrap();
+    let after_refill = file_bytes(&remove.0);
+    assert_eq!(
+        after_refill,
+        after_discard + 4096,
+        "only the refilled page came back"
+    );
+    let mut buf = [9u8; 8];
+    region.read_via_primary(2 * 4096, &mut buf).unwrap();
+    assert_eq!(buf, [0; 8], "a hole touched later is filled then");
+    assert!(p.errors().is_empty() && p.failures().is_empty());
+}

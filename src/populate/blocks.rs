@@ -5,8 +5,9 @@
 //!
 //! What this process knows is only a hint: another process may punch a
 //! page of an allocated block out (a discard). A fill that trusted the
-//! hint then finds the page gone when it maps it (`EFAULT`), and the block
-//! is forgotten and allocated again (see `Core::refill_vanished`).
+//! hint then finds the page gone when it maps it (`EFAULT`) and fills it
+//! again (see `Core::refill_vanished`). A block that lost some of its pages
+//! is not allocated whole again: that would bring back every hole.
 #![allow(unsafe_code)] // madvise of the region's own alias
 
 use super::bits::AtomicBits;
@@ -23,8 +24,9 @@ pub(crate) struct BlockAllocator {
     /// Blocks whose pages this process allocated (or found allocated) and
     /// has not discarded part of since.
     allocated: AtomicBits,
-    /// Blocks whose allocation failed (no free 2 MiB of memory, say): they
-    /// are filled a run at a time, without trying again on every fill.
+    /// Blocks filled a run at a time, without trying again on every fill:
+    /// their allocation failed (no free 2 MiB of memory, say), or part of
+    /// them was discarded.
     given_up: AtomicBits,
 }
 
@@ -89,13 +91,22 @@ impl BlockAllocator {
         unsafe { mman::madvise(start, self.block_bytes, Advice::PopulateWrite) }.is_ok()
     }
 
-    /// Forgets the blocks holding granules `[from, to)`: their pages were
-    /// punched out here, or one was found missing.
-    pub(crate) fn forget(&self, from: usize, to: usize) {
+    /// Granules `[from, to)` were punched out (here, or found missing).
+    /// A block that lost all its granules is empty again and will be
+    /// allocated whole at its next fill; a block that lost only some is
+    /// filled a run at a time from now on in this process: allocating it
+    /// whole again would bring back every hole, and a buffer pool that
+    /// evicts single pages would get back all the memory it gave up.
+    pub(crate) fn discarded(&self, from: usize, to: usize) {
         let per = self.granules_per_block;
         for block in from / per..to.div_ceil(per) {
             self.allocated.remove(block);
-            self.given_up.remove(block);
+            let whole = from <= block * per && (block + 1) * per <= to;
+            if whole {
+                self.given_up.remove(block);
+            } else {
+                self.given_up.insert_new(block);
+            }
         }
     }
 }

@@ -906,8 +906,8 @@ impl Core {
         };
         let slot = &states[index];
         if let Some(b) = &self.blocks {
-            // Its block lost a page: allocate the block again.
-            b.forget(index, index + 1);
+            // Its block lost a page: fill it page by page from now on.
+            b.discarded(index, index + 1);
         }
         if state::observe(slot) == PageState::Present
             && state::begin_discard(slot, self.me()) == Discard::Claimed
@@ -992,7 +992,7 @@ impl Core {
                 p.forget(first * g, (claimed - first) * g);
             }
             if let Some(b) = &self.blocks {
-                b.forget(first, claimed);
+                b.discarded(first, claimed);
             }
             if let Err(e) = punched.and(zapped) {
                 // The granules are absent and will be filled again from the
