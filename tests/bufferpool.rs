@@ -245,7 +245,7 @@ fn writing_back_needs_a_store_and_stays_inside_it() {
 /// The example's buffer manager over hugearena frames, as a process of a
 /// shared pool.
 fn attach(meta: &Path, region: &Path, data: &Path) -> BufferPool {
-    let frames = HugearenaFrames::open(region, data).unwrap();
+    let frames = HugearenaFrames::open(region, data, false).unwrap();
     BufferPool::open(meta, Box::new(frames)).unwrap()
 }
 
@@ -284,7 +284,7 @@ fn test_pool(kind: BackendKind, pages: usize, budget_frames: usize) -> Option<Te
         .to_str()
         .unwrap()
         .to_string();
-    let (frames, region) = HugearenaFrames::create(Some(kind), &name, &data).unwrap();
+    let (frames, region) = HugearenaFrames::create(Some(kind), &name, &data, false).unwrap();
     let meta = common::unique_path("/dev/shm", "pool-meta");
     let pool = BufferPool::create(&meta, pages, budget_frames, Box::new(frames)).unwrap();
     Some(TestPool {

@@ -37,6 +37,9 @@ pub trait Frames: Send + Sync {
     fn sync(&self) -> io::Result<()>;
     /// What the memory is, and why.
     fn describe(&self) -> String;
+    /// Bytes of memory the pool holds now (for the file-backed kinds, what
+    /// the file system holds for the region's file).
+    fn memory(&self) -> u64;
     /// What the memory's own counters say, if it has any.
     fn counters(&self) -> Option<String> {
         None
@@ -81,11 +84,14 @@ pub struct HugearenaFrames {
 impl HugearenaFrames {
     /// Creates the region at `dir/name` (the directory that suits the
     /// backend; `kind` `None` lets hugearena choose) and populates it from
-    /// `data`.
+    /// `data`. `all_fit`: the pool's budget holds the whole file, so 2 MiB
+    /// blocks may be allocated whole (one folio each, mapped huge without
+    /// a copy once filled); otherwise each fill allocates only its page.
     pub fn create(
         kind: Option<BackendKind>,
         name: &str,
         data: &Path,
+        all_fit: bool,
     ) -> io::Result<(HugearenaFrames, std::path::PathBuf)> {
         let store = FileStore::open(data)?;
         let mut options = RegionOptions::new(store.len());
@@ -100,16 +106,16 @@ impl HugearenaFrames {
         let path = Path::new(region_dir(planned)).join(name);
         let _ = std::fs::remove_file(&path);
         let region = Region::create(options.path(&path)).map_err(other)?;
-        Ok((Self::populate(region, store)?, path))
+        Ok((Self::populate(region, store, all_fit)?, path))
     }
 
     /// Opens the region another process created, populated from `data`.
-    pub fn open(region: &Path, data: &Path) -> io::Result<HugearenaFrames> {
+    pub fn open(region: &Path, data: &Path, all_fit: bool) -> io::Result<HugearenaFrames> {
         let store = FileStore::open(data)?;
-        Self::populate(Region::open(region).map_err(other)?, store)
+        Self::populate(Region::open(region).map_err(other)?, store, all_fit)
     }
 
-    fn populate(region: Region, store: FileStore) -> io::Result<HugearenaFrames> {
+    fn populate(region: Region, store: FileStore, all_fit: bool) -> io::Result<HugearenaFrames> {
         if store.len() != region.len() as u64 {
             return Err(other(format!(
                 "the data file has {} bytes and the region {}: open the pool's own data file",
@@ -117,8 +123,9 @@ impl HugearenaFrames {
                 region.len()
             )));
         }
-        // No readahead: the pool decides what is resident, page by page.
-        let options = PopulateOptions::new().readahead(0);
+        // No readahead, and blocks allocated whole only if every page will
+        // be resident: the pool decides what is resident, page by page.
+        let options = PopulateOptions::new().readahead(0).whole_blocks(all_fit);
         let populator = Populator::with_options(Arc::new(region), store, options).map_err(other)?;
         Ok(HugearenaFrames { populator })
     }
@@ -166,6 +173,12 @@ impl Frames for HugearenaFrames {
             region.block_allocation(),
             region.choice().reason
         )
+    }
+
+    fn memory(&self) -> u64 {
+        let fd = self.populator.region().fd().try_clone_to_owned();
+        fd.and_then(|fd| std::fs::File::from(fd).metadata())
+            .map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
     }
 
     fn counters(&self) -> Option<String> {
@@ -231,6 +244,10 @@ impl Frames for AnonFrames {
         self.file.sync_data()
     }
 
+    fn memory(&self) -> u64 {
+        resident_bytes(self.base(), self.map.len())
+    }
+
     fn describe(&self) -> String {
         "anonymous memory, pread on a miss, MADV_DONTNEED to evict (vmcache without its kernel module)".into()
     }
@@ -285,6 +302,10 @@ impl Frames for MmapFrames {
         self.map.flush()
     }
 
+    fn memory(&self) -> u64 {
+        resident_bytes(self.base(), self.map.len())
+    }
+
     fn describe(&self) -> String {
         "mmap of the data file: page-cache faults, MADV_DONTNEED to evict (LMDB's way)".into()
     }
@@ -299,4 +320,17 @@ fn dont_need(base: *mut u8, at: usize, len: usize) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Bytes of `[base, base + len)` mapped resident in this process
+/// (`mincore(2)`).
+fn resident_bytes(base: *mut u8, len: usize) -> u64 {
+    let pages = len.div_ceil(PAGE);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: the range is one mapping of this process; `vec` has a byte
+    // per page.
+    if unsafe { libc::mincore(base.cast(), len, vec.as_mut_ptr()) } != 0 {
+        return 0;
+    }
+    vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * PAGE as u64
 }

@@ -151,8 +151,8 @@ fn worker_process(
     region: &Path,
     seed: u64,
 ) -> Result<(), String> {
-    let frames =
-        HugearenaFrames::open(region, data).map_err(|e| format!("opening the region: {e}"))?;
+    let frames = HugearenaFrames::open(region, data, args.pool >= args.data)
+        .map_err(|e| format!("opening the region: {e}"))?;
     let pool = BufferPool::open(meta, Box::new(frames))
         .map_err(|e| format!("attaching to the pool: {e}"))?;
     let waited = Instant::now();
@@ -245,7 +245,7 @@ fn open_frames(args: &Args, data: &Path) -> Result<(Box<dyn Frames>, Option<Path
         }
     };
     let name = format!("hugearena-bufferpool-{}", std::process::id());
-    let (frames, path) = HugearenaFrames::create(kind, &name, data)
+    let (frames, path) = HugearenaFrames::create(kind, &name, data, args.pool >= args.data)
         .map_err(|e| format!("creating the region: {e}"))?;
     Ok((Box::new(frames), Some(path)))
 }
@@ -388,12 +388,12 @@ fn launch(args: &Args, data: &Path) -> Result<(), String> {
         println!("this process's populator: {counters}");
     }
     let resident = after.resident * frame_len as u64;
-    let rss = rss_bytes();
+    let memory = pool.frames().memory();
     println!(
-        "resident: pool {} of {}, this process's RSS {}",
+        "resident: {} of frames in a {} pool; memory held: {}",
         human::bytes(resident),
         human::bytes(args.pool),
-        human::bytes(rss)
+        human::bytes(memory)
     );
     if args.verify {
         let flushed = pool
@@ -405,7 +405,7 @@ fn launch(args: &Args, data: &Path) -> Result<(), String> {
         );
     }
     println!(
-        "RESULT backend={} data_mib={} pool_mib={} processes={} threads={} workload={} keys={} ops_per_s={:.0} p50_ns={p50} p99_ns={p99} hit_rate={:.4} misses_per_s={:.0} evictions_per_s={:.0} resident_mib={} rss_mib={}",
+        "RESULT backend={} data_mib={} pool_mib={} processes={} threads={} workload={} keys={} ops_per_s={:.0} p50_ns={p50} p99_ns={p99} hit_rate={:.4} misses_per_s={:.0} evictions_per_s={:.0} resident_mib={} memory_mib={}",
         args.backend,
         args.data >> 20,
         args.pool >> 20,
@@ -418,7 +418,7 @@ fn launch(args: &Args, data: &Path) -> Result<(), String> {
         loads as f64 / elapsed,
         evictions as f64 / elapsed,
         resident >> 20,
-        rss >> 20
+        memory >> 20
     );
     Ok(())
 }
@@ -517,17 +517,4 @@ fn collect_worker(mut child: Child, limit_s: f64) -> Result<Option<Tally>, Strin
         updates,
         latency,
     }))
-}
-
-/// This process's resident set.
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:")
-                    .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-            })
-        })
-        .map_or(0, |kib| kib << 10)
 }

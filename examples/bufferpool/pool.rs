@@ -240,6 +240,18 @@ impl BufferPool {
             .create_new(true)
             .open(meta_path)?;
         file.set_len(len as u64)?;
+        // Allocated now: a sparse file on a full tmpfs would raise SIGBUS
+        // at the first touch of a word instead.
+        // SAFETY: fallocate(2) on a file this call opened; no memory access.
+        if unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, len as i64) } != 0
+        {
+            let e = io::Error::last_os_error();
+            let _ = std::fs::remove_file(meta_path);
+            return Err(io::Error::new(
+                e.kind(),
+                format!("allocating the pool's metadata ({len} bytes): {e}"),
+            ));
+        }
         let meta = map_meta(&file, pages, nframes)?;
         // SAFETY: the file was just created and is mapped only here; the
         // header's plain fields are written before anyone else can open it

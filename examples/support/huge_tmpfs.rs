@@ -18,7 +18,7 @@ pub struct TmpfsMount {
 pub const HUGE_TMPFS: TmpfsMount = TmpfsMount {
     dir: "/tmp/hugearena-huge-tmpfs",
     huge: "always",
-    size: "4G",
+    size: "12G",
 };
 
 /// `huge=advise`: 2 MiB folios only where a mapping asks with

@@ -22,7 +22,7 @@ use super::readahead::Readahead;
 use super::source::{FillError, PageSource, SourceError};
 use super::state::{self, Claim, Discard, Owner, PageState};
 use super::stats::{Counters, LatencyRecorder, RecordLog};
-use crate::region::Region;
+use crate::region::{BlockAllocation, Region};
 use crate::sys::memfd::{self, Fallocate};
 use crate::sys::mman::{self, Advice};
 use crate::sys::uffd::{
@@ -225,6 +225,8 @@ pub(crate) struct Settings {
     pub(crate) fill_timeout: Duration,
     /// How long a handler thread spins before it sleeps.
     pub(crate) handler_spin: Duration,
+    /// Blocks are allocated whole where the region allows it.
+    pub(crate) whole_blocks: bool,
 }
 
 impl Core {
@@ -244,11 +246,16 @@ impl Core {
             readahead_granules,
             fill_timeout,
             handler_spin,
+            whole_blocks,
         } = settings;
         let granule = region.granule().bytes();
         let granules = region.len() / granule;
         let blocks = BlockAllocator::new(
-            region.block_allocation(),
+            if whole_blocks {
+                region.block_allocation()
+            } else {
+                BlockAllocation::ByRun
+            },
             region.alias().as_ptr() as usize,
             region.len(),
             region.backend().mapping_unit().bytes(),

@@ -93,6 +93,7 @@ pub struct PopulateOptions {
     track_writes: bool,
     fill_timeout: Duration,
     handler_spin: Duration,
+    whole_blocks: bool,
 }
 
 /// Default [`PopulateOptions::fill_timeout`].
@@ -107,6 +108,7 @@ impl Default for PopulateOptions {
             track_writes: false,
             fill_timeout: DEFAULT_FILL_TIMEOUT,
             handler_spin: Duration::ZERO,
+            whole_blocks: true,
         }
     }
 }
@@ -141,6 +143,20 @@ impl PopulateOptions {
     /// [`Populator::tracking_unavailable`] says why.
     pub fn track_writes(mut self, on: bool) -> Self {
         self.track_writes = on;
+        self
+    }
+
+    /// Whether the first fill of a 2 MiB block allocates the whole block
+    /// where the region allows it ([`BlockAllocation::PopulateAlias`]:
+    /// one folio, no copy when the block is promoted). On by default. Turn
+    /// it off where only some pages of a block will ever be resident, as
+    /// in a buffer pool whose memory budget is smaller than its data: each
+    /// fill then allocates only its own pages, and a block is promoted
+    /// (with a copy) only once all of them are filled.
+    ///
+    /// [`BlockAllocation::PopulateAlias`]: crate::BlockAllocation::PopulateAlias
+    pub fn whole_blocks(mut self, on: bool) -> Self {
+        self.whole_blocks = on;
         self
     }
 
@@ -387,6 +403,7 @@ impl Populator {
                 readahead_granules: readahead,
                 fill_timeout: options.fill_timeout,
                 handler_spin: options.handler_spin,
+                whole_blocks: options.whole_blocks,
             },
         ));
         let mut populator = Populator {
