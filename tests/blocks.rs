@@ -282,3 +282,31 @@ fn refilling_one_discarded_page_of_a_block_leaves_the_other_holes_empty() {
     assert_eq!(buf, [0; 8], "a hole touched later is filled then");
     assert!(p.errors().is_empty() && p.failures().is_empty());
 }
+
+/// `whole_blocks(false)`: a fill allocates its own page only, and the
+/// default allocates the block's folio.
+#[test]
+fn without_whole_blocks_a_fill_allocates_only_its_page() {
+    let Some((region, remove)) = huge_tmpfs_region("sparse") else {
+        return;
+    };
+    for (whole, grows) in [(false, 4096), (true, BLOCK as u64)] {
+        let p = Populator::with_options(
+            region.clone(),
+            ZeroSource,
+            PopulateOptions::new()
+                .driver(Driver::InThread)
+                .whole_blocks(whole),
+        )
+        .unwrap();
+        let page = if whole { BLOCK } else { 0 } + 7 * 4096;
+        let before = file_bytes(&remove.0);
+        p.populate(page, 4096).unwrap();
+        assert_eq!(
+            file_bytes(&remove.0) - before,
+            grows,
+            "whole_blocks({whole})"
+        );
+        assert_eq!(p.stats().blocks_allocated, u64::from(whole));
+    }
+}
