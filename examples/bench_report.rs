@@ -3,14 +3,15 @@
 //! under `docs/plots/` that the document links.
 //!
 //! ```text
-//! cargo run --release --example bench_report [-- --quick]
+//! cargo run --release --example bench_report [-- --quick] [--only-bufferpool]
 //! ```
 //!
 //! Needs root (userfaultfd, huge page reservation) and, for the Redis
 //! comparison, `redis-server` and `redis-benchmark` (`apt-get install
 //! redis-server redis-tools`); a missing tool skips that section and says
 //! so in the report. `--quick` runs every scenario at a smaller size in a
-//! few minutes. Nothing here passes or fails on speed.
+//! few minutes; `--only-bufferpool` runs section 9 alone and prints it.
+//! Nothing here passes or fails on speed.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -482,6 +483,229 @@ fn scaling(quick: bool, doc: &mut String, plots: &Path) {
     let _ = writeln!(doc);
 }
 
+/// One run of `examples/bufferpool`; its `RESULT` fields.
+fn bufferpool_run(
+    backend: &str,
+    data_mib: u64,
+    pool_mib: u64,
+    processes: u32,
+    threads: u32,
+    keys: &str,
+    seconds: &str,
+) -> Vec<(String, String)> {
+    let out = run(Command::new(example("bufferpool")).args([
+        "--backend",
+        backend,
+        "--data",
+        &format!("{data_mib}M"),
+        "--pool",
+        &format!("{pool_mib}M"),
+        "--processes",
+        &processes.to_string(),
+        "--threads",
+        &threads.to_string(),
+        "--workload",
+        "b",
+        "--keys",
+        keys,
+        "--seconds",
+        seconds,
+        "--no-verify",
+    ]));
+    out.lines()
+        .find(|l| l.starts_with("RESULT"))
+        .map(fields)
+        .unwrap_or_default()
+}
+
+/// Sets the 2 MiB huge page pool to at least `pages`; returns what it was.
+fn reserve_huge_pages(pages: u64) -> String {
+    let path = "/proc/sys/vm/nr_hugepages";
+    let before = read(path);
+    if before.parse::<u64>().unwrap_or(0) < pages {
+        let _ = std::fs::write(path, pages.to_string());
+    }
+    before
+}
+
+fn number(f: &[(String, String)], k: &str) -> f64 {
+    get(f, k).parse().unwrap_or(0.0)
+}
+
+/// Section 9: the buffer pool example against a database's own ways,
+/// at a size where misses dominate and one where everything hits.
+fn buffer_pool(quick: bool, doc: &mut String, plots: &Path, losses: &mut Vec<String>) {
+    let seconds = if quick { "3" } else { "5" };
+    // (what, data MiB, pool MiB)
+    let sizes: [(&str, u64, u64); 2] = if quick {
+        [("misses dominate", 1024, 256), ("all hits", 512, 1024)]
+    } else {
+        [("misses dominate", 4096, 1024), ("all hits", 2048, 4096)]
+    };
+    let backends = ["shmem-thp", "hugetlb", "shmem", "anon", "mmap"];
+    // Hugetlb reserves its whole region: the larger data file, plus room.
+    let before = reserve_huge_pages(sizes[0].1 / 2 + 64);
+    let _ = writeln!(
+        doc,
+        "## 9. Buffer pool: hugearena against anonymous memory + pread and mmap of the file\n\n\
+         ```sh\ncargo run --release --example bufferpool -- --backend B --data D --pool P --processes 1 --threads 2 --workload b --keys uniform --seconds {seconds}\n```\n\n\
+         The example's vmcache-style buffer manager over a data file of 4 KiB pages (a hash index in pages; YCSB B: 95 % reads, \
+         5 % updates; every read checked), the same code over five memories: hugearena `ShmemThp`, `Hugetlb` and `Shmem` \
+         (`populate` on a miss, `write_back` + `discard` to evict), anonymous memory with `pread` on a miss and `MADV_DONTNEED` \
+         to evict (vmcache without its kernel module), and a shared `mmap` of the data file evicted with `MADV_DONTNEED` \
+         (LMDB's way: a miss is a page-cache fault). The data file is read once before each run, so it is in the page cache \
+         for every backend: a miss costs a copy (or a mapping), not a disk read. *Memory held*: the region file's blocks \
+         (hugearena), the resident pages of the mapping (anonymous), the file's page-cache pages (mmap: its pool is the page \
+         cache, which keeps every page read)."
+    );
+    let mut rows: Vec<Vec<(String, String)>> = Vec::new();
+    let mut bars = Vec::new();
+    for (what, data, pool) in sizes {
+        for keys in ["uniform", "zipf"] {
+            if what == "all hits" && keys == "zipf" {
+                continue;
+            }
+            let _ = writeln!(
+                doc,
+                "\n### {what}: {data} MiB of data, a {pool} MiB pool, {keys} keys, 1 process × 2 threads\n\n\
+                 | memory | Mops/s | p50 ns | p99 ns | hit rate | misses/s | evictions/s | memory held MiB | vs anon | vs mmap |\n\
+                 |---|---|---|---|---|---|---|---|---|---|"
+            );
+            let results: Vec<(&str, Vec<(String, String)>)> = backends
+                .iter()
+                .map(|b| (*b, bufferpool_run(b, data, pool, 1, 2, keys, seconds)))
+                .collect();
+            let ops = |name: &str| {
+                results
+                    .iter()
+                    .find(|(b, _)| *b == name)
+                    .map_or(0.0, |(_, f)| number(f, "ops_per_s"))
+            };
+            let (anon, mmap) = (ops("anon").max(1.0), ops("mmap").max(1.0));
+            for (b, f) in &results {
+                let o = number(f, "ops_per_s");
+                let _ = writeln!(
+                    doc,
+                    "| {b} | {:.2} | {} | {} | {:.3} | {:.0} | {:.0} | {} | {:.2}× | {:.2}× |",
+                    o / 1e6,
+                    get(f, "p50_ns"),
+                    get(f, "p99_ns"),
+                    number(f, "hit_rate"),
+                    number(f, "misses_per_s"),
+                    number(f, "evictions_per_s"),
+                    get(f, "memory_mib"),
+                    o / anon,
+                    o / mmap
+                );
+                if keys == "uniform" {
+                    bars.push((format!("{what}: {b}"), o / 1e6));
+                }
+                let mut row = f.clone();
+                row.push(("what".into(), what.into()));
+                row.push(("keys".into(), keys.into()));
+                row.push(("vs_anon".into(), format!("{:.2}", o / anon)));
+                row.push(("vs_mmap".into(), format!("{:.2}", o / mmap)));
+                rows.push(row);
+            }
+        }
+    }
+    // Several processes: 2 × 1 thread against 1 × 2 threads, ShmemThp.
+    let _ = writeln!(
+        doc,
+        "\n### Two processes sharing the pool\n\n`ShmemThp`, uniform keys: 2 processes × 1 thread against 1 process × 2 threads.\n\n\
+         | case | 1 × 2 Mops/s | 2 × 1 Mops/s | ratio |\n|---|---|---|---|"
+    );
+    let mut scaling = Vec::new();
+    for (what, data, pool) in sizes {
+        let one = rows
+            .iter()
+            .find(|r| {
+                get(r, "what") == what
+                    && get(r, "keys") == "uniform"
+                    && get(r, "backend") == "shmem-thp"
+            })
+            .map_or(0.0, |r| number(r, "ops_per_s"));
+        let two = number(
+            &bufferpool_run("shmem-thp", data, pool, 2, 1, "uniform", seconds),
+            "ops_per_s",
+        );
+        let ratio = two / one.max(1.0);
+        let _ = writeln!(
+            doc,
+            "| {what} | {:.2} | {:.2} | {ratio:.2}× |",
+            one / 1e6,
+            two / 1e6
+        );
+        scaling.push((what, ratio));
+    }
+    let _ = std::fs::write("/proc/sys/vm/nr_hugepages", before);
+    bar_chart(
+        &plots.join("bufferpool.svg"),
+        "Buffer pool, YCSB B uniform (Mops/s, higher is better)",
+        "Mops/s",
+        &bars,
+    );
+    let _ = writeln!(
+        doc,
+        "\n![buffer pool](plots/bufferpool.svg)\n\n### Targets\n\n\
+         | target | case | memory | ratio | goal | met |\n|---|---|---|---|---|---|"
+    );
+    let mut target = |name: &str, case: String, memory: &str, ratio: f64, goal: f64| {
+        let met = ratio >= goal;
+        let _ = writeln!(
+            doc,
+            "| {name} | {case} | {memory} | {ratio:.2}× | ≥ {goal}× | {} |",
+            if met { "yes" } else { "**no**" }
+        );
+        if !met {
+            losses.push(format!(
+                "{name}: buffer pool, {case}, {memory}: {ratio:.2}× (goal ≥ {goal}×, missed)."
+            ));
+        }
+    };
+    for r in rows.iter().filter(|r| get(r, "keys") == "uniform") {
+        let (what, b) = (get(r, "what"), get(r, "backend"));
+        let vs_anon: f64 = get(r, "vs_anon").parse().unwrap_or(0.0);
+        let vs_mmap: f64 = get(r, "vs_mmap").parse().unwrap_or(0.0);
+        match (what, b) {
+            ("all hits", "shmem-thp" | "hugetlb") => target(
+                "B1",
+                "all hits, against anonymous memory".into(),
+                b,
+                vs_anon,
+                1.2,
+            ),
+            ("misses dominate", "shmem-thp" | "hugetlb" | "shmem") => {
+                target(
+                    "B2",
+                    "misses dominate, against anonymous memory".into(),
+                    b,
+                    vs_anon,
+                    1.0,
+                );
+                target(
+                    "B2",
+                    "misses dominate, against mmap of the file".into(),
+                    b,
+                    vs_mmap,
+                    1.5,
+                );
+            }
+            _ => {}
+        }
+    }
+    for (what, ratio) in scaling {
+        target(
+            "B3",
+            format!("{what}, 2 processes × 1 thread against 1 × 2"),
+            "shmem-thp",
+            ratio,
+            0.9,
+        );
+    }
+    let _ = writeln!(doc);
+}
+
 fn have(tool: &str) -> bool {
     Command::new(tool)
         .arg("--version")
@@ -691,6 +915,16 @@ fn main() {
     cargo(&["build", "--release", "--benches", "--examples"]);
     let started = Instant::now();
     let mut doc = String::new();
+    if std::env::args().any(|a| a == "--only-bufferpool") {
+        // One section, printed rather than written into the report.
+        let mut losses = Vec::new();
+        buffer_pool(quick, &mut doc, &plots, &mut losses);
+        println!("{doc}");
+        for l in &losses {
+            println!("- {l}");
+        }
+        return;
+    }
     let _ = writeln!(
         doc,
         "# Benchmarks\n\nProduced by `cargo run --release --example bench_report{}` on {}. \
@@ -751,6 +985,8 @@ fn main() {
     targets(quick, &mut doc, &restore, &mut losses);
     eprintln!("8. emulated: HGM");
     emulated_hgm(&mut doc);
+    eprintln!("9. buffer pool");
+    buffer_pool(quick, &mut doc, &plots, &mut losses);
     let _ = writeln!(
         doc,
         "## Where hugearena loses (computed from the tables above)\n"
