@@ -14,9 +14,12 @@
 //!     [--seconds S] [--dir DIR] [--kill-after S] [--no-verify]
 //! ```
 //!
-//! `B` is `auto` (hugearena chooses), `shmem-thp`, `hugetlb`, `shmem`, or a
-//! baseline without hugearena: `anon` (anonymous memory, `pread` on a miss,
-//! `MADV_DONTNEED` to evict) or `mmap` (a shared mapping of the data file).
+//! `B` is `shmem-thp` (the default: 4 KiB frames, 2 MiB mappings where a
+//! block is resident whole), `hugetlb` (2 MiB frames: a miss reads 2 MiB),
+//! `shmem`, `auto` (hugearena's general-purpose choice, which prefers
+//! reserved huge pages), or a baseline without hugearena: `anon`
+//! (anonymous memory, `pread` on a miss, `MADV_DONTNEED` to evict) or
+//! `mmap` (a shared mapping of the data file).
 //! `SIZE` takes K, M and G suffixes. `--kill-after S` kills one worker
 //! process with SIGKILL after S seconds; the others take its page locks
 //! over and go on. The last line of output (`RESULT ...`) is for scripts.
@@ -65,7 +68,7 @@ fn usage(problem: &str) -> ! {
 
 fn parse_args() -> Args {
     let mut a = Args {
-        backend: "auto".into(),
+        backend: "shmem-thp".into(),
         data: 256 << 20,
         pool: 64 << 20,
         processes: 2,

@@ -563,13 +563,15 @@ impl BufferPool {
 
     /// Evicts until a frame is free, if no other thread is evicting; while
     /// one is, goes on unless the pool is `SLACK` frames over budget, and
-    /// then waits for it (bounded: with every frame locked it goes on over
-    /// budget rather than wait forever).
+    /// then waits for it (up to `MAX_ROOM_WAIT`, taking the role from an
+    /// evictor that died; with every frame locked it goes on over budget
+    /// rather than wait forever).
     fn make_room(&self) {
         let h = self.meta.header();
         let me = self.slot as u64 + 1;
         let mut patience = Patience::default();
-        for _ in 0..4096u32 {
+        let give_up = Instant::now() + MAX_ROOM_WAIT;
+        while Instant::now() < give_up {
             let resident = h.resident.load(Ordering::Relaxed);
             if resident < self.budget {
                 return;
@@ -890,6 +892,10 @@ struct Patience {
 }
 
 const LIVENESS_EVERY: Duration = Duration::from_millis(20);
+
+/// The longest a miss waits for another thread's eviction to make room
+/// before it goes on over budget.
+const MAX_ROOM_WAIT: Duration = Duration::from_millis(200);
 
 impl Patience {
     /// One step of waiting; whether to check the holder's liveness now.
