@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use hugearena::populate::{FileStore, PopulateOptions, Populator};
+use hugearena::populate::{FileStore, PopulateOptions, Populator, Promotion};
 use hugearena::{BackendKind, KernelCaps, Region, RegionOptions};
 
 use super::pool::PAGE;
@@ -123,9 +123,19 @@ impl HugearenaFrames {
                 region.len()
             )));
         }
-        // No readahead, and blocks allocated whole only if every page will
-        // be resident: the pool decides what is resident, page by page.
-        let options = PopulateOptions::new().readahead(0).whole_blocks(all_fit);
+        // No readahead, and blocks allocated whole and promoted to huge
+        // mappings only if every page will be resident: otherwise the pool
+        // decides what is resident, page by page, and a collapse would
+        // copy blocks that eviction splits again.
+        let promotion = if all_fit {
+            Promotion::Background
+        } else {
+            Promotion::Off
+        };
+        let options = PopulateOptions::new()
+            .readahead(0)
+            .whole_blocks(all_fit)
+            .promotion(promotion);
         let populator = Populator::with_options(Arc::new(region), store, options).map_err(other)?;
         Ok(HugearenaFrames { populator })
     }

@@ -660,13 +660,11 @@ impl Populator {
             let bytes = unsafe { std::slice::from_raw_parts(primary.add(from), to - from) };
             let mut written = store.write_back(from as u64, bytes);
             if written == Err(FillError::Io(crate::sys::Errno::EFAULT)) {
-                // Filled by another process and not mapped in this one: the
-                // kernel's read of it is a minor fault, which the in-thread
-                // drivers cannot serve in kernel mode. Map it and try again.
-                self.core
-                    .populate_range(index, index + 1)
-                    .map_err(Error::sys("mapping a page to write it back"))?;
-                written = store.write_back(from as u64, bytes);
+                // Not mapped in this process (filled by another, or its
+                // mapping dropped by a collapse): the kernel's read of it is
+                // a minor fault, which the in-thread drivers cannot serve in
+                // kernel mode. Reading it here, in user mode, is served.
+                written = write_back_through_buffer(store, from, bytes);
             }
             written.map_err(|source| Error::WriteBack {
                 offset: from as u64,
@@ -957,4 +955,21 @@ fn check_features(driver: Driver, wanted: Features) -> Result<()> {
         missing: missing.names().join(" | "),
         offered: offered.names().join(" | "),
     })
+}
+
+/// Writes `bytes` (region bytes at `offset`, in the primary) to `store`
+/// through a stack buffer, 64 KiB at a time: the copy into the buffer is
+/// a user-mode read, which the driver resolves like any touch.
+fn write_back_through_buffer(
+    store: &dyn super::PageStore,
+    offset: usize,
+    bytes: &[u8],
+) -> std::result::Result<(), FillError> {
+    let mut buffer = [0u8; 64 << 10];
+    for (i, chunk) in bytes.chunks(buffer.len()).enumerate() {
+        let staged = &mut buffer[..chunk.len()];
+        staged.copy_from_slice(chunk);
+        store.write_back((offset + i * (64 << 10)) as u64, staged)?;
+    }
+    Ok(())
 }
