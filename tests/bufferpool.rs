@@ -242,6 +242,38 @@ fn writing_back_needs_a_store_and_stays_inside_it() {
     assert!(!short.is_present(4 << 20), "past the end is never present");
 }
 
+/// A store's file truncated under a running populator: a fill past the new
+/// end, which the kernel would copy from the file's mapping, fails there
+/// (`EFAULT`, no SIGBUS) and falls back to reading, which names the error;
+/// the page is poisoned and every other page works.
+#[test]
+fn a_store_file_truncated_under_the_populator_poisons_only_what_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_file(dir.path(), 8 << 20, 11);
+    let region =
+        Arc::new(Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap());
+    let pool = Populator::new(region.clone(), FileStore::open(&data).unwrap()).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    pool.populate(6 << 20, KIB4).unwrap();
+    assert_eq!(pool.page_state((6 << 20) / KIB4), Some(PageState::Poisoned));
+    let errors = pool.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    // The short read of a file that shrank: EIO, tried again, then poisoned.
+    assert_eq!(errors[0].error, FillError::Io(hugearena::Errno::EIO));
+    pool.populate(KIB4, KIB4).unwrap();
+    assert_eq!(
+        read_region(&region, KIB4, 16),
+        (0..16)
+            .map(|i| pattern_byte(11, KIB4 + i))
+            .collect::<Vec<_>>()
+    );
+}
+
 /// The example's buffer manager over hugearena frames, as a process of a
 /// shared pool.
 fn attach(meta: &Path, region: &Path, data: &Path) -> BufferPool {

@@ -475,6 +475,14 @@ impl Core {
                     .zeropage(self.addr(index), DIRECT_BYTES, self.wake_mode)
             }
             .is_ok()
+        } else if let Some(src) = self.source.mapped(index as u64, DIRECT_BYTES) {
+            // SAFETY: as above, with the source's bytes for the content; the
+            // kernel reads `src` (a bad address fails the call).
+            unsafe {
+                self.uffd
+                    .copy(self.addr(index), src, DIRECT_BYTES, self.wake_mode)
+            }
+            .is_ok()
         } else {
             let mut page = DirectPage([0; DIRECT_BYTES]);
             let outer = FILLING.replace((self as *const _ as usize, index + 1, index + 2));

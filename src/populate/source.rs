@@ -136,6 +136,18 @@ pub trait PageSource: Send + Sync {
     fn as_store(&self) -> Option<&dyn PageStore> {
         None
     }
+
+    /// Where granule `index`'s `len` bytes already are in this process's
+    /// memory (a mapping of the source file), so that a fill can have the
+    /// kernel copy them straight into the new page with one call instead
+    /// of reading them into a buffer first. The address is only ever handed
+    /// to the kernel, which fails the copy (`EFAULT`) if it cannot read it
+    /// (a file truncated since, say); the fill then falls back to
+    /// [`fill`](Self::fill), which reports the error. `None` (the default):
+    /// always use `fill`. Async-signal-safe in a [`SignalSafeSource`].
+    fn mapped(&self, _index: u64, _len: usize) -> Option<*const u8> {
+        None
+    }
 }
 
 /// A page source that takes pages back: a database's data file under a
@@ -223,6 +235,10 @@ impl<S: PageSource> PageSource for SignalSafe<S> {
     fn as_store(&self) -> Option<&dyn PageStore> {
         self.0.as_store()
     }
+
+    fn mapped(&self, index: u64, len: usize) -> Option<*const u8> {
+        self.0.mapped(index, len)
+    }
 }
 
 // SAFETY: `SignalSafe::new`'s caller vouched for the source.
@@ -260,6 +276,9 @@ enum Reader {
 pub struct FileSource {
     path: PathBuf,
     reader: Reader,
+    /// A read-only shared mapping of the file that only the kernel reads
+    /// (the source of `UFFDIO_COPY`, see `PageSource::mapped`).
+    copy_from: Option<memmap2::Mmap>,
     offset: u64,
     len: u64,
 }
@@ -271,6 +290,7 @@ impl FileSource {
         let file = File::open(&path)?;
         let len = file.metadata()?.len();
         Ok(FileSource {
+            copy_from: copy_mapping(&file),
             path,
             reader: Reader::Pread(file),
             offset: 0,
@@ -292,6 +312,7 @@ impl FileSource {
         // SAFETY: the caller guarantees the file stays as it is while mapped.
         let map = unsafe { memmap2::Mmap::map(&file)? };
         Ok(FileSource {
+            copy_from: copy_mapping(&file),
             path,
             reader: Reader::Mapped(map),
             offset: 0,
@@ -321,6 +342,27 @@ impl PageSource for FileSource {
     fn fill_run(&self, first: u64, dst: &mut [u8], granule: usize) -> Result<(), FillError> {
         self.read_pages(first, dst, granule)
     }
+
+    fn mapped(&self, index: u64, len: usize) -> Option<*const u8> {
+        let map = self.copy_from.as_ref()?;
+        let start = index.checked_mul(len as u64)?.checked_add(self.offset)?;
+        let end = start.checked_add(len as u64)?;
+        // A last, partial page is padded with zeroes by `fill`: not mapped.
+        (end <= self.len.min(map.len() as u64)).then(|| map.as_ptr().wrapping_add(start as usize))
+    }
+}
+
+/// A read-only shared mapping of `file` for the kernel to copy pages from
+/// (`PageSource::mapped`), advised random (no read-around I/O on a miss);
+/// `None` if the file cannot be mapped (empty, or no address space left),
+/// and then pages are read with `pread`.
+fn copy_mapping(file: &File) -> Option<memmap2::Mmap> {
+    // SAFETY: the mapping is never read by Rust code, only handed to the
+    // kernel as the source of a copy, which fails with EFAULT (instead of
+    // raising SIGBUS) where the file was truncated since.
+    let map = unsafe { memmap2::Mmap::map(file) }.ok()?;
+    let _ = map.advise(memmap2::Advice::Random);
+    Some(map)
 }
 
 impl FileSource {
@@ -398,6 +440,7 @@ impl FileStore {
         Ok(FileStore {
             writer: file.try_clone()?,
             file: FileSource {
+                copy_from: copy_mapping(&file),
                 path,
                 reader: Reader::Pread(file),
                 offset: 0,
@@ -439,6 +482,10 @@ impl PageSource for FileStore {
 
     fn as_store(&self) -> Option<&dyn PageStore> {
         Some(self)
+    }
+
+    fn mapped(&self, index: u64, len: usize) -> Option<*const u8> {
+        self.file.mapped(index, len)
     }
 }
 
