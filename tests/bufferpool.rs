@@ -175,6 +175,35 @@ fn written_back_pages_come_back_hugetlb() {
     written_back_pages_come_back(BackendKind::Hugetlb);
 }
 
+/// A buffer pool on `HugetlbHgm` (a kernel with the HGM series) evicts
+/// 4 KiB pieces of huge pages: a discarded piece reads the source's bytes
+/// again (not what was written to it), and its neighbours in the same huge
+/// page keep theirs.
+#[test]
+fn a_discarded_4k_piece_of_an_hgm_huge_page_is_refilled_from_the_source() {
+    if !common::hgm_available() || !common::ensure_huge_pages(PageSize::Huge2M, 4) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_file(dir.path(), 4 << 20, 13);
+    let Some((region, _remove)) = region_for(BackendKind::HugetlbHgm, &data) else {
+        return;
+    };
+    assert_eq!(region.granule().bytes(), KIB4);
+    let pool = store_populator(region.clone(), &data);
+    pool.populate(0, 4 << 20).unwrap();
+    for page in [5, 6, 7] {
+        region.write_via_primary(page * KIB4, &[0xEE; 8]).unwrap();
+    }
+    pool.discard(6 * KIB4, KIB4).unwrap();
+    assert!(!pool.is_present(6 * KIB4));
+    let at = |page: usize| read_region(&region, page * KIB4, 8);
+    let source = |page: usize| (0..8).map(|i| pattern_byte(13, page * KIB4 + i)).collect::<Vec<_>>();
+    assert_eq!(at(6), source(6), "the discarded piece is refilled from the source");
+    assert_eq!(at(5), vec![0xEE; 8], "its neighbours keep their bytes");
+    assert_eq!(at(7), vec![0xEE; 8], "its neighbours keep their bytes");
+}
+
 /// A page another process filled and wrote, never mapped in this one, is
 /// written back from here: the kernel's read of it is a minor fault that
 /// the in-thread driver cannot serve in kernel mode, so the write-back maps
