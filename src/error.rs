@@ -348,6 +348,22 @@ pub enum Error {
         source: crate::populate::FillError,
     },
 
+    /// A discard would drop part of a huge page of a `HugetlbHgm` region.
+    #[error(
+        "discarding bytes {offset}..{offset}+{len} would punch part of a {huge_page} huge page: \
+         on HugetlbHgm the kernel zeroes a punched piece of a huge page without unmapping it from \
+         the processes that map it, so discard whole huge pages (Populator::discard_unit), or use \
+         ShmemThp to evict 4 KiB pages"
+    )]
+    PartialHugePage {
+        /// Start of the range.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The region's huge page size.
+        huge_page: PageSize,
+    },
+
     /// Pages were to be written back to a source that cannot take them.
     #[error(
         "the populator's source cannot take pages back: populate from a PageStore \

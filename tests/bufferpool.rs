@@ -175,12 +175,13 @@ fn written_back_pages_come_back_hugetlb() {
     written_back_pages_come_back(BackendKind::Hugetlb);
 }
 
-/// A buffer pool on `HugetlbHgm` (a kernel with the HGM series) evicts
-/// 4 KiB pieces of huge pages: a discarded piece reads the source's bytes
-/// again (not what was written to it), and its neighbours in the same huge
-/// page keep theirs.
+/// `HugetlbHgm` (a kernel with the HGM series) fills 4 KiB pieces of huge
+/// pages, but a discard of a piece is refused: the kernel would zero it
+/// without unmapping it from other processes, which would read zeroes.
+/// Whole huge pages are discarded and refilled from the source, and the
+/// other huge pages keep their bytes.
 #[test]
-fn a_discarded_4k_piece_of_an_hgm_huge_page_is_refilled_from_the_source() {
+fn on_hgm_a_discard_drops_whole_huge_pages_only() {
     if !common::hgm_available() || !common::ensure_huge_pages(PageSize::Huge2M, 4) {
         return;
     }
@@ -191,17 +192,33 @@ fn a_discarded_4k_piece_of_an_hgm_huge_page_is_refilled_from_the_source() {
     };
     assert_eq!(region.granule().bytes(), KIB4);
     let pool = store_populator(region.clone(), &data);
+    assert_eq!(pool.discard_unit(), 2 << 20);
     pool.populate(0, 4 << 20).unwrap();
-    for page in [5, 6, 7] {
+    for page in [6, 600] {
         region.write_via_primary(page * KIB4, &[0xEE; 8]).unwrap();
     }
-    pool.discard(6 * KIB4, KIB4).unwrap();
-    assert!(!pool.is_present(6 * KIB4));
     let at = |page: usize| read_region(&region, page * KIB4, 8);
-    let source = |page: usize| (0..8).map(|i| pattern_byte(13, page * KIB4 + i)).collect::<Vec<_>>();
-    assert_eq!(at(6), source(6), "the discarded piece is refilled from the source");
-    assert_eq!(at(5), vec![0xEE; 8], "its neighbours keep their bytes");
-    assert_eq!(at(7), vec![0xEE; 8], "its neighbours keep their bytes");
+    let source = |page: usize| {
+        (0..8)
+            .map(|i| pattern_byte(13, page * KIB4 + i))
+            .collect::<Vec<_>>()
+    };
+    let err = pool.discard(6 * KIB4, KIB4).unwrap_err();
+    assert!(matches!(err, Error::PartialHugePage { .. }), "{err}");
+    assert!(err.to_string().contains("discard_unit"), "{err}");
+    assert_eq!(at(6), vec![0xEE; 8], "a refused discard drops nothing");
+    pool.discard(0, 2 << 20).unwrap();
+    assert!(!pool.is_present(6 * KIB4));
+    assert_eq!(
+        at(6),
+        source(6),
+        "the discarded huge page is refilled from the source"
+    );
+    assert_eq!(
+        at(600),
+        vec![0xEE; 8],
+        "the other huge page keeps its bytes"
+    );
 }
 
 /// A page another process filled and wrote, never mapped in this one, is

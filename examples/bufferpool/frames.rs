@@ -147,7 +147,9 @@ impl Frames for HugearenaFrames {
     }
 
     fn frame_len(&self) -> usize {
-        self.populator.region().granule().bytes().max(PAGE)
+        // What a discard drops at once: a granule, or a whole huge page on
+        // HugetlbHgm (which fills 4 KiB pieces but cannot evict them).
+        self.populator.discard_unit().max(PAGE)
     }
 
     fn load(&self, f: usize) -> io::Result<()> {

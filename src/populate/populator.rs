@@ -611,7 +611,22 @@ impl Populator {
     ///
     /// The caller must not need the bytes: a concurrent reader of a
     /// discarded page sees either its old bytes or the source's.
+    ///
+    /// The range must be made of whole [`discard_unit`](Self::discard_unit)s
+    /// (granules, except on `HugetlbHgm`), or it is refused with
+    /// [`Error::PartialHugePage`] and nothing is dropped.
     pub fn discard(&self, offset: usize, len: usize) -> Result<()> {
+        let unit = self.discard_unit();
+        let end = offset.saturating_add(len);
+        if unit > self.core.granule()
+            && (offset % unit != 0 || (end % unit != 0 && end != self.core.region.len()))
+        {
+            return Err(Error::PartialHugePage {
+                offset: offset as u64,
+                len: len as u64,
+                huge_page: PageSize::from_bytes(unit as u64).unwrap_or(PageSize::Huge2M),
+            });
+        }
         let (first, last) = self.granules(offset, len)?;
         self.core
             .discard_range(first, last)
@@ -692,6 +707,19 @@ impl Populator {
     pub fn is_present(&self, offset: usize) -> bool {
         offset < self.core.region.len()
             && self.page_state(offset / self.core.granule()) == Some(PageState::Present)
+    }
+
+    /// The unit [`discard`](Self::discard) drops memory in: a granule, but
+    /// a whole huge page on `HugetlbHgm`, where the kernel can only zero a
+    /// punched 4 KiB piece of a huge page, not unmap it from the processes
+    /// that map it (they would read zeroes).
+    pub fn discard_unit(&self) -> usize {
+        let backend = self.core.region.backend();
+        if backend.kind().uses_hugetlb() {
+            backend.mapping_unit().bytes()
+        } else {
+            self.core.granule()
+        }
     }
 
     /// Lets the poisoned granules overlapping `[offset, offset + len)` be
