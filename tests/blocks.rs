@@ -152,12 +152,7 @@ fn populating_whole_blocks_maps_each_with_one_pmd_and_no_copy() {
     let Some((region, _remove)) = huge_tmpfs_region("populate") else {
         return;
     };
-    let p = Populator::with_options(
-        region.clone(),
-        ZeroSource,
-        PopulateOptions::new().driver(Driver::Proactive),
-    )
-    .unwrap();
+    let p = zero_populator(&region, Driver::Proactive);
     let copies_before = vmstat("thp_collapse_alloc");
     p.populate(0, LEN).unwrap();
     let stats = p.stats();
@@ -180,18 +175,8 @@ fn a_page_punched_out_of_an_allocated_block_elsewhere_is_allocated_again() {
     };
     // Two mappings with their own populators stand for two processes.
     let other = Arc::new(Region::open(&remove.0).unwrap());
-    let mine = Populator::with_options(
-        region.clone(),
-        ZeroSource,
-        PopulateOptions::new().driver(Driver::InThread),
-    )
-    .unwrap();
-    let theirs = Populator::with_options(
-        other.clone(),
-        ZeroSource,
-        PopulateOptions::new().driver(Driver::InThread),
-    )
-    .unwrap();
+    let mine = zero_populator(&region, Driver::InThread);
+    let theirs = zero_populator(&other, Driver::InThread);
     // This one fills block 0, so it knows the block as allocated.
     mine.populate(0, BLOCK).unwrap();
     theirs.populate(4096 * 5, 4096).unwrap();
@@ -219,12 +204,7 @@ fn where_the_setting_is_advise_the_huge_page_alias_gets_the_folio() {
     let Some((region, _remove)) = region_in(&dir, "advise", "advise") else {
         return;
     };
-    let p = Populator::with_options(
-        region.clone(),
-        ZeroSource,
-        PopulateOptions::new().driver(Driver::InThread),
-    )
-    .unwrap();
+    let p = zero_populator(&region, Driver::InThread);
     let mut byte = [1u8; 1];
     region
         .read_via_primary(BLOCK + 4096 * 3, &mut byte)
@@ -237,6 +217,16 @@ fn where_the_setting_is_advise_the_huge_page_alias_gets_the_folio() {
         "page 3 of the block lies in a huge folio"
     );
     assert_eq!(frame % 512, 3);
+}
+
+/// A populator of `region` from zeroes, with `driver`.
+fn zero_populator(region: &Arc<Region>, driver: Driver) -> Populator {
+    Populator::with_options(
+        region.clone(),
+        ZeroSource,
+        PopulateOptions::new().driver(driver),
+    )
+    .unwrap()
 }
 
 /// Bytes of memory the region's file holds (`st_blocks`).
@@ -252,12 +242,7 @@ fn refilling_one_discarded_page_of_a_block_leaves_the_other_holes_empty() {
     let Some((region, remove)) = huge_tmpfs_region("holes") else {
         return;
     };
-    let p = Populator::with_options(
-        region.clone(),
-        ZeroSource,
-        PopulateOptions::new().driver(Driver::InThread),
-    )
-    .unwrap();
+    let p = zero_populator(&region, Driver::InThread);
     p.populate(0, BLOCK).unwrap();
     let before = file_bytes(&remove.0);
     // Every other page of the first half goes.

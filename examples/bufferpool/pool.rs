@@ -487,15 +487,7 @@ impl BufferPool {
             let word = state.load(Ordering::Acquire);
             match state_of(word) {
                 UNLOCKED => {
-                    if state
-                        .compare_exchange(
-                            word,
-                            locked(word, self.slot),
-                            Ordering::Acquire,
-                            Ordering::Relaxed,
-                        )
-                        .is_ok()
-                    {
+                    if self.try_lock(state, word) {
                         self.used(p);
                         return Ok(word);
                     }
@@ -504,6 +496,19 @@ impl BufferPool {
                 _ => self.wait_for_lock(p, word, &mut patience),
             }
         }
+    }
+
+    /// Takes the lock of page word `state`, which was `word` (unlocked,
+    /// evicted, or held by a dead process), with one CAS.
+    fn try_lock(&self, state: &AtomicU64, word: u64) -> bool {
+        state
+            .compare_exchange(
+                word,
+                locked(word, self.slot),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok()
     }
 
     /// Clears the clock's mark on `p`'s frame: it was used.
@@ -523,15 +528,7 @@ impl BufferPool {
     /// others first if the pool is full), and unlocks it.
     fn fault_in(&self, p: usize, word: u64) -> PoolResult<()> {
         let state = &self.meta.states()[p];
-        if state
-            .compare_exchange(
-                word,
-                locked(word, self.slot),
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            )
-            .is_err()
-        {
+        if !self.try_lock(state, word) {
             return Ok(());
         }
         let f = p / self.frame_pages;
@@ -684,16 +681,7 @@ impl BufferPool {
             } else {
                 state_of(word) == EVICTED
             };
-            if !expected
-                || states[p]
-                    .compare_exchange(
-                        word,
-                        locked(word, self.slot),
-                        Ordering::Acquire,
-                        Ordering::Relaxed,
-                    )
-                    .is_err()
-            {
+            if !expected || !self.try_lock(&states[p], word) {
                 self.unlock_pages(pages.start, &run.words[mark..], false);
                 run.words.truncate(mark);
                 return false;
@@ -825,15 +813,7 @@ impl BufferPool {
     /// CAS: only one taker wins), repairs the page and releases it.
     fn take_over(&self, p: usize, word: u64, dead: usize) {
         let state = &self.meta.states()[p];
-        if state
-            .compare_exchange(
-                word,
-                locked(word, self.slot),
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            )
-            .is_err()
-        {
+        if !self.try_lock(state, word) {
             return;
         }
         let h = self.meta.header();
