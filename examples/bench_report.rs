@@ -929,7 +929,7 @@ fn main() {
         doc,
         "# Benchmarks\n\nProduced by `cargo run --release --example bench_report{}` on {}. \
          These guests are noisy (2 vCPUs, host-side memory management threads): compare numbers within one run, and rerun \
-         before trusting a difference under ~30 %. Analysis of individual runs (drivers, arena, restore, the KV demo): \
+         before trusting a difference under ~30 %. Analysis of individual runs (drivers, arena, restore, the KV demo, the buffer pool): \
          [PERFORMANCE-NOTES.md](PERFORMANCE-NOTES.md).\n",
         if quick { " -- --quick" } else { "" },
         machine()
