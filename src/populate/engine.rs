@@ -466,6 +466,10 @@ impl Core {
     fn fill_and_map_claimed(&self, index: usize, slot: &AtomicU64) -> Direct {
         debug_assert!(self.direct_fills && self.granule == DIRECT_BYTES);
         let started = Instant::now();
+        // Counted before the call, which wakes the faulting thread: what it
+        // does next (read `stats`, say) sees the fill counted. Uncounted
+        // again if the call fails.
+        Counters::bump(&self.counters.fills);
         let result = if self.source.is_zero(index as u64) {
             // SAFETY: the primary is registered for missing faults, and the
             // claim makes this thread the granule's filler: its content is
@@ -505,10 +509,10 @@ impl Core {
             // The page exists already (EEXIST), no memory or space, or the
             // source failed: the usual path allocates (or reports why not)
             // and publishes.
+            self.counters.fills.fetch_sub(1, Ordering::Relaxed);
             return Direct::Filled(self.fill(index, slot));
         }
         self.latency.record(started.elapsed());
-        Counters::bump(&self.counters.fills);
         if state::publish(slot, self.me()) == Ok(true) {
             self.wake_waiters(slot);
         }
