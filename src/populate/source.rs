@@ -285,6 +285,13 @@ pub struct FileSource {
 
 impl FileSource {
     /// Reads pages with `pread(2)`: robust if the file changes underneath.
+    ///
+    /// The file is also mapped read-only, for the kernel alone: a page
+    /// filled on its own (a fault, or `populate` of one page, on 4 KiB
+    /// shmem) is copied by the kernel straight from the page cache
+    /// ([`PageSource::mapped`]). The page-cache pages it copied from stay
+    /// mapped in this process (they are counted in its RSS, though they
+    /// are the page cache's either way).
     pub fn open(path: impl AsRef<Path>) -> std::io::Result<FileSource> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path)?;
