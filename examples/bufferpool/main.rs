@@ -22,7 +22,10 @@
 //! `mmap` (a shared mapping of the data file).
 //! `SIZE` takes K, M and G suffixes. `--kill-after S` kills one worker
 //! process with SIGKILL after S seconds; the others take its page locks
-//! over and go on. The last line of output (`RESULT ...`) is for scripts.
+//! over and go on. The data file is built once in `DIR` (default
+//! `/tmp/hugearena-bufferpool`, one file per size) and reused; the pool's
+//! metadata and region files are removed at exit. The last line of output
+//! (`RESULT ...`) is for scripts.
 
 #[allow(dead_code)] // the huge=advise mount is for the tests
 #[path = "../support/huge_tmpfs.rs"]
