@@ -138,7 +138,14 @@ fn run_server(
 ) {
     let store = store::Store::open(&arena, buckets_for(arena.region().len() as u64))
         .unwrap_or_else(|e| fail(e));
-    let listener = listen(addr);
+    // One listening socket per event loop (one loop per CPU), all on the
+    // same port.
+    let first = listen(addr);
+    let bound = first.local_addr().unwrap_or(addr);
+    let loops = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let listeners: Vec<TcpListener> = std::iter::once(first)
+        .chain((1..loops).map(|_| listen(bound)))
+        .collect();
     let shared = Shared {
         arena: &arena,
         store,
@@ -149,7 +156,7 @@ fn run_server(
         commands: AtomicU64::new(0),
         connections: AtomicU64::new(0),
     };
-    server::accept_loop(&shared, &listener);
+    server::accept_loop(&shared, &listeners);
     if parent {
         for w in workers.iter() {
             let _ = nix::sys::signal::kill(

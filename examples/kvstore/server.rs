@@ -302,67 +302,229 @@ fn set(s: &Shared<'_>, args: &[Vec<u8>], r: &mut Reply<'_>) {
     }
 }
 
-/// Serves one connection until it closes, QUITs or breaks the protocol.
-pub fn serve_connection(s: &Shared<'_>, mut stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-    s.connections.fetch_add(1, Ordering::Relaxed);
-    let mut input: Vec<u8> = Vec::with_capacity(16 << 10);
-    let mut output: Vec<u8> = Vec::with_capacity(16 << 10);
-    let mut chunk = vec![0u8; 64 << 10];
-    'conn: loop {
-        match stream.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => input.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                if SHUTDOWN.load(Ordering::Relaxed) {
+/// One client connection of the event loop: non-blocking, with the bytes
+/// read but not yet parsed and the replies not yet sent.
+struct Conn {
+    stream: TcpStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    /// Bytes of `output` already sent.
+    sent: usize,
+    /// What the loop waits for on it now.
+    interest: Interest,
+}
+
+/// What the event loop waits for on a connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Interest {
+    /// Requests.
+    Read,
+    /// Requests, and room for the replies left to send.
+    ReadWrite,
+    /// Room for the replies only: a client that sends requests without
+    /// reading the replies is not read from until they are sent, so its
+    /// unsent replies stay below about `MAX_UNSENT`.
+    Write,
+}
+
+/// Bytes of replies a connection may have unsent before its requests wait.
+const MAX_UNSENT: usize = 4 << 20;
+
+/// What serving a readable or writable connection came to.
+enum Served {
+    /// Keep it, waiting for this.
+    Open(Interest),
+    /// Close it.
+    Closed,
+}
+
+impl Conn {
+    /// Reads what arrived, runs every whole command, and sends what it can.
+    fn serve(&mut self, s: &Shared<'_>, chunk: &mut [u8]) -> Served {
+        let mut open = true;
+        loop {
+            match self.stream.read(chunk) {
+                Ok(0) => {
+                    open = false;
                     break;
                 }
-                continue;
+                Ok(n) => {
+                    self.input.extend_from_slice(&chunk[..n]);
+                    if n < chunk.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return Served::Closed,
             }
-            Err(_) => break,
         }
         let mut at = 0;
-        let mut keep = true;
-        while keep {
-            match resp::parse(&input[at..]) {
+        while open {
+            match resp::parse(&self.input[at..]) {
                 Parsed::Incomplete => break,
                 Parsed::Command(args, used) => {
                     at += used;
-                    keep = execute(s, &args, &mut Reply(&mut output));
+                    open = execute(s, &args, &mut Reply(&mut self.output));
                 }
                 Parsed::Error(e) => {
-                    Reply(&mut output).error(&format!("ERR {e}"));
-                    let _ = stream.write_all(&output);
-                    break 'conn;
+                    Reply(&mut self.output).error(&format!("ERR {e}"));
+                    open = false;
                 }
             }
         }
-        input.drain(..at);
-        if !output.is_empty() {
-            if stream.write_all(&output).is_err() {
-                break;
-            }
-            output.clear();
-        }
-        if !keep {
-            break;
+        self.input.drain(..at);
+        match self.flush() {
+            Err(()) => Served::Closed,
+            // A closing connection gets its last replies, best effort.
+            Ok(_) if !open => Served::Closed,
+            Ok(_) => Served::Open(self.interest_now()),
         }
     }
-    s.connections.fetch_sub(1, Ordering::Relaxed);
+
+    /// What to wait for, from the replies left to send.
+    fn interest_now(&self) -> Interest {
+        match self.output.len() - self.sent {
+            0 => Interest::Read,
+            unsent if unsent < MAX_UNSENT => Interest::ReadWrite,
+            _ => Interest::Write,
+        }
+    }
+
+    /// Sends what the socket takes; whether output is left.
+    fn flush(&mut self) -> Result<bool, ()> {
+        while self.sent < self.output.len() {
+            match self.stream.write(&self.output[self.sent..]) {
+                Ok(0) => return Err(()),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(()),
+            }
+        }
+        self.output.clear();
+        self.sent = 0;
+        Ok(false)
+    }
 }
 
-/// Accepts until shutdown, one scoped thread per connection, plus a
-/// sweeper that removes expired keys.
-pub fn accept_loop(s: &Shared<'_>, listener: &TcpListener) {
-    listener
-        .set_nonblocking(true)
-        .expect("non-blocking listener");
+/// The listener's token in the event loop (connections use their slot).
+const LISTENER: u64 = u64::MAX;
+
+/// Serves every connection of this worker from one thread with epoll:
+/// non-blocking sockets, level-triggered, a buffer pair per connection.
+/// Returns at shutdown (checked at least every 100 ms).
+fn event_loop(s: &Shared<'_>, listener: &TcpListener) -> nix::Result<()> {
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    epoll.add(listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))?;
+    let mut conns: Vec<Option<Conn>> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    let mut events = vec![EpollEvent::empty(); 256];
+    let mut chunk = vec![0u8; 64 << 10];
+    let readable = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
+    while !SHUTDOWN.load(Ordering::Relaxed) {
+        let n = match epoll.wait(&mut events, EpollTimeout::from(100u16)) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        };
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token == LISTENER {
+                loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            if stream.set_nonblocking(true).is_err() {
+                                continue;
+                            }
+                            let _ = stream.set_nodelay(true);
+                            let slot = free.pop().unwrap_or_else(|| {
+                                conns.push(None);
+                                conns.len() - 1
+                            });
+                            if epoll
+                                .add(&stream, EpollEvent::new(readable, slot as u64))
+                                .is_err()
+                            {
+                                free.push(slot);
+                                continue;
+                            }
+                            s.connections.fetch_add(1, Ordering::Relaxed);
+                            conns[slot] = Some(Conn {
+                                stream,
+                                input: Vec::with_capacity(16 << 10),
+                                output: Vec::with_capacity(16 << 10),
+                                sent: 0,
+                                interest: Interest::Read,
+                            });
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            // Out of descriptors, say: serve the others.
+                            eprintln!("accept: {e}");
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
+            let slot = token as usize;
+            let Some(conn) = conns.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            let requests = readable | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR;
+            let served = if conn.interest == Interest::Write || !ev.events().intersects(requests) {
+                match conn.flush() {
+                    Ok(_) => Served::Open(conn.interest_now()),
+                    Err(()) => Served::Closed,
+                }
+            } else {
+                conn.serve(s, &mut chunk)
+            };
+            match served {
+                Served::Open(interest) if interest != conn.interest => {
+                    conn.interest = interest;
+                    let flags = match interest {
+                        Interest::Read => readable,
+                        Interest::ReadWrite => readable | EpollFlags::EPOLLOUT,
+                        Interest::Write => EpollFlags::EPOLLOUT,
+                    };
+                    let mut event = EpollEvent::new(flags, token);
+                    if epoll.modify(&conn.stream, &mut event).is_err() {
+                        close(&epoll, &mut conns, &mut free, slot, s);
+                    }
+                }
+                Served::Open(_) => {}
+                Served::Closed => close(&epoll, &mut conns, &mut free, slot, s),
+            }
+        }
+    }
+    for slot in 0..conns.len() {
+        close(&epoll, &mut conns, &mut free, slot, s);
+    }
+    Ok(())
+}
+
+fn close(
+    epoll: &nix::sys::epoll::Epoll,
+    conns: &mut [Option<Conn>],
+    free: &mut Vec<usize>,
+    slot: usize,
+    s: &Shared<'_>,
+) {
+    if let Some(conn) = conns[slot].take() {
+        let _ = epoll.delete(&conn.stream);
+        free.push(slot);
+        s.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves connections until shutdown with one event loop per listener
+/// (each a socket of its own on the same port, `SO_REUSEPORT`, so the
+/// kernel spreads the connections over the loops), plus a sweeper that
+/// removes expired keys.
+pub fn accept_loop(s: &Shared<'_>, listeners: &[TcpListener]) {
     std::thread::scope(|scope| {
         scope.spawn(|| {
             let mut next = 0;
@@ -371,25 +533,16 @@ pub fn accept_loop(s: &Shared<'_>, listener: &TcpListener) {
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
-        while !SHUTDOWN.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nonblocking(false);
-                    scope.spawn(move || serve_connection(s, stream));
+        for listener in listeners {
+            scope.spawn(move || {
+                listener
+                    .set_nonblocking(true)
+                    .expect("non-blocking listener");
+                if let Err(e) = event_loop(s, listener) {
+                    eprintln!("kvstore: an event loop failed: {e}");
+                    SHUTDOWN.store(true, Ordering::Relaxed);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // Sleep until a connection arrives (or 100 ms pass, to
-                    // notice a shutdown).
-                    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-                    use std::os::fd::AsFd;
-                    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-                    let _ = poll(&mut fds, PollTimeout::from(100u8));
-                }
-                Err(e) => {
-                    eprintln!("accept: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
+            });
         }
     });
 }
