@@ -1,5 +1,6 @@
-//! Connections and commands: one thread per connection, pipelined
-//! requests answered in one write, Redis' replies and error texts.
+//! Connections and commands: an epoll event loop per CPU, each with its
+//! own listening socket on the port; pipelined requests answered in one
+//! write; Redis' replies and error texts.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
