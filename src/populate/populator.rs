@@ -624,7 +624,7 @@ impl Populator {
             return Err(Error::PartialHugePage {
                 offset: offset as u64,
                 len: len as u64,
-                huge_page: PageSize::from_bytes(unit as u64).unwrap_or(PageSize::Huge2M),
+                huge_page: self.core.region.backend().mapping_unit(),
             });
         }
         let (first, last) = self.granules(offset, len)?;
@@ -993,11 +993,12 @@ fn write_back_through_buffer(
     offset: usize,
     bytes: &[u8],
 ) -> std::result::Result<(), FillError> {
-    let mut buffer = [0u8; 64 << 10];
-    for (i, chunk) in bytes.chunks(buffer.len()).enumerate() {
+    const STAGE: usize = 64 << 10;
+    let mut buffer = [0u8; STAGE];
+    for (i, chunk) in bytes.chunks(STAGE).enumerate() {
         let staged = &mut buffer[..chunk.len()];
         staged.copy_from_slice(chunk);
-        store.write_back((offset + i * (64 << 10)) as u64, staged)?;
+        store.write_back((offset + i * STAGE) as u64, staged)?;
     }
     Ok(())
 }

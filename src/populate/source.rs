@@ -276,8 +276,9 @@ enum Reader {
 pub struct FileSource {
     path: PathBuf,
     reader: Reader,
-    /// A read-only shared mapping of the file that only the kernel reads
-    /// (the source of `UFFDIO_COPY`, see `PageSource::mapped`).
+    /// With a `pread` reader, a read-only shared mapping of the file that
+    /// only the kernel reads (the source of `UFFDIO_COPY`, see
+    /// `PageSource::mapped`).
     copy_from: Option<memmap2::Mmap>,
     offset: u64,
     len: u64,
@@ -296,13 +297,7 @@ impl FileSource {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path)?;
         let len = file.metadata()?.len();
-        Ok(FileSource {
-            copy_from: copy_mapping(&file),
-            path,
-            reader: Reader::Pread(file),
-            offset: 0,
-            len,
-        })
+        Ok(FileSource::new(path, Reader::Pread(file), len))
     }
 
     /// Reads pages by copying from a read-only `memmap2` mapping of the
@@ -318,13 +313,24 @@ impl FileSource {
         let len = file.metadata()?.len();
         // SAFETY: the caller guarantees the file stays as it is while mapped.
         let map = unsafe { memmap2::Mmap::map(&file)? };
-        Ok(FileSource {
-            copy_from: copy_mapping(&file),
+        Ok(FileSource::new(path, Reader::Mapped(map), len))
+    }
+
+    /// A source reading `len` bytes of the file at `path` with `reader`. A
+    /// `pread` reader gets a mapping of the file for the kernel to copy
+    /// from; a mapped reader's own mapping serves that too.
+    fn new(path: PathBuf, reader: Reader, len: u64) -> FileSource {
+        let copy_from = match &reader {
+            Reader::Pread(file) => copy_mapping(file),
+            Reader::Mapped(_) => None,
+        };
+        FileSource {
             path,
-            reader: Reader::Mapped(map),
+            reader,
+            copy_from,
             offset: 0,
             len,
-        })
+        }
     }
 
     /// Starts page 0 at byte `offset` of the file (e.g. after a header).
@@ -351,12 +357,22 @@ impl PageSource for FileSource {
     }
 
     fn mapped(&self, index: u64, len: usize) -> Option<*const u8> {
-        let map = self.copy_from.as_ref()?;
+        let map = match &self.reader {
+            Reader::Mapped(map) => map,
+            Reader::Pread(_) => self.copy_from.as_ref()?,
+        };
         let start = index.checked_mul(len as u64)?.checked_add(self.offset)?;
         let end = start.checked_add(len as u64)?;
         // A last, partial page is padded with zeroes by `fill`: not mapped.
         (end <= self.len.min(map.len() as u64)).then(|| map.as_ptr().wrapping_add(start as usize))
     }
+}
+
+/// A file's I/O error as a fill error: an OS error carries its errno
+/// without allocating; one without (a short read: the file shrank under
+/// us) is `EIO`.
+fn io_error(e: &std::io::Error) -> FillError {
+    FillError::Io(e.raw_os_error().map_or(Errno::EIO, Errno::from_raw))
 }
 
 /// A read-only shared mapping of `file` for the kernel to copy pages from
@@ -388,11 +404,7 @@ impl FileSource {
         let available = ((self.len - start) as usize).min(dst.len());
         let (data, padding) = dst.split_at_mut(available);
         match &self.reader {
-            Reader::Pread(file) => file.read_exact_at(data, start).map_err(|e| {
-                // An OS error carries its errno without allocating; a short
-                // read means the file shrank under us.
-                FillError::Io(e.raw_os_error().map_or(Errno::EIO, Errno::from_raw))
-            })?,
+            Reader::Pread(file) => file.read_exact_at(data, start).map_err(|e| io_error(&e))?,
             Reader::Mapped(map) => {
                 data.copy_from_slice(&map[start as usize..start as usize + available])
             }
@@ -409,9 +421,9 @@ unsafe impl SignalSafeSource for FileSource {}
 
 /// A database file that pages are filled from and written back to: byte
 /// `b` of a region populated from it is byte `offset + b` of the file,
-/// read with `pread(2)` and written with `pwrite(2)`. The file keeps its length: it is the whole database, and
-/// the region is as large as it (a buffer pool's address space), with only
-/// the pages in use resident.
+/// read with `pread(2)` and written with `pwrite(2)`. The file keeps its
+/// length: it is the whole database, and the region is as large as it (a
+/// buffer pool's address space), with only the pages in use resident.
 ///
 /// ```no_run
 /// use std::sync::Arc;
@@ -446,13 +458,7 @@ impl FileStore {
         let len = file.metadata()?.len();
         Ok(FileStore {
             writer: file.try_clone()?,
-            file: FileSource {
-                copy_from: copy_mapping(&file),
-                path,
-                reader: Reader::Pread(file),
-                offset: 0,
-                len,
-            },
+            file: FileSource::new(path, Reader::Pread(file), len),
         })
     }
 
@@ -508,13 +514,11 @@ impl PageStore for FileStore {
             .ok_or(FillError::PastEnd { len })?;
         self.writer
             .write_all_at(src, start)
-            .map_err(|e| FillError::Io(e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)))
+            .map_err(|e| io_error(&e))
     }
 
     fn sync(&self) -> Result<(), FillError> {
-        self.writer
-            .sync_data()
-            .map_err(|e| FillError::Io(e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)))
+        self.writer.sync_data().map_err(|e| io_error(&e))
     }
 }
 
