@@ -449,7 +449,7 @@ fn spawn_workers(args: &Args, meta: &Path, region: Option<&Path>) -> Result<Vec<
                     "--seconds",
                     &args.seconds.to_string(),
                 ])
-                .args(["--workload", workload_flag(args.mix), "--keys", &args.keys])
+                .args(["--workload", args.mix.letter(), "--keys", &args.keys])
                 .arg("--dir")
                 .arg(&args.dir)
                 .arg("--child-meta")
@@ -462,14 +462,6 @@ fn spawn_workers(args: &Args, meta: &Path, region: Option<&Path>) -> Result<Vec<
                 .map_err(|e| format!("starting worker process {i}: {e}"))
         })
         .collect()
-}
-
-fn workload_flag(mix: Mix) -> &'static str {
-    match mix {
-        Mix::ReadOnly => "c",
-        Mix::ReadMostly => "b",
-        Mix::Balanced => "a",
-    }
 }
 
 /// A worker's tally; `None` if it was killed by a signal.

@@ -434,17 +434,30 @@ impl BufferPool {
     /// written (its result is then thrown away and it runs again), so it
     /// must only read. Returns its result from a stable page.
     pub fn read<R>(&self, p: usize, read: impl Fn(&PageView) -> R) -> PoolResult<R> {
+        self.when_unlocked(p, |state, word| {
+            self.used(p);
+            let result = read(&self.view(p));
+            fence(Ordering::Acquire);
+            let again = state.load(Ordering::Relaxed);
+            (state_of(again) == UNLOCKED && version_of(again) == version_of(word)).then_some(result)
+        })
+    }
+
+    /// Runs `attempt` on page `p`'s word each time it is seen resident and
+    /// unlocked, until `attempt` succeeds: an evicted page is faulted in,
+    /// a locked one waited for (or taken over from a dead process).
+    fn when_unlocked<R>(
+        &self,
+        p: usize,
+        mut attempt: impl FnMut(&AtomicU64, u64) -> Option<R>,
+    ) -> PoolResult<R> {
         let state = &self.meta.states()[p];
         let mut patience = Patience::default();
         loop {
             let word = state.load(Ordering::Acquire);
             match state_of(word) {
                 UNLOCKED => {
-                    self.used(p);
-                    let result = read(&self.view(p));
-                    fence(Ordering::Acquire);
-                    let again = state.load(Ordering::Relaxed);
-                    if state_of(again) == UNLOCKED && version_of(again) == version_of(word) {
+                    if let Some(result) = attempt(state, word) {
                         return Ok(result);
                     }
                 }
@@ -456,7 +469,8 @@ impl BufferPool {
 
     /// Runs `write` on page `p` under its exclusive lock, and marks the page
     /// dirty. `thread` (below [`MAX_THREADS`]) names the caller's intent
-    /// record, which `write` fills through [`Intent`]-taking helpers.
+    /// record, which `write` fills with [`UpdateLog::log`] before it
+    /// changes the page.
     pub fn write<R>(
         &self,
         p: usize,
@@ -481,21 +495,12 @@ impl BufferPool {
     /// Locks page `p` exclusively, making it resident first; returns the
     /// word it had (resident, unlocked) when taken.
     fn lock(&self, p: usize) -> PoolResult<u64> {
-        let state = &self.meta.states()[p];
-        let mut patience = Patience::default();
-        loop {
-            let word = state.load(Ordering::Acquire);
-            match state_of(word) {
-                UNLOCKED => {
-                    if self.try_lock(state, word) {
-                        self.used(p);
-                        return Ok(word);
-                    }
-                }
-                EVICTED => self.fault_in(p, word)?,
-                _ => self.wait_for_lock(p, word, &mut patience),
-            }
-        }
+        self.when_unlocked(p, |state, word| {
+            self.try_lock(state, word).then(|| {
+                self.used(p);
+                word
+            })
+        })
     }
 
     /// Takes the lock of page word `state`, which was `word` (unlocked,

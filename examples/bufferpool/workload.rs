@@ -273,6 +273,15 @@ impl Mix {
         }
     }
 
+    /// Its YCSB letter, which [`parse`](Self::parse) reads back.
+    pub fn letter(self) -> &'static str {
+        match self {
+            Mix::ReadOnly => "c",
+            Mix::ReadMostly => "b",
+            Mix::Balanced => "a",
+        }
+    }
+
     /// Its name.
     pub fn name(self) -> &'static str {
         match self {

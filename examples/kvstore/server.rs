@@ -378,8 +378,8 @@ impl Conn {
         match self.flush() {
             Err(()) => Served::Closed,
             // A closing connection gets its last replies, best effort.
-            Ok(_) if !open => Served::Closed,
-            Ok(_) => Served::Open(self.interest_now()),
+            Ok(()) if !open => Served::Closed,
+            Ok(()) => Served::Open(self.interest_now()),
         }
     }
 
@@ -392,20 +392,21 @@ impl Conn {
         }
     }
 
-    /// Sends what the socket takes; whether output is left.
-    fn flush(&mut self) -> Result<bool, ()> {
+    /// Sends what the socket takes (the rest waits in `output`); `Err` if
+    /// the connection broke.
+    fn flush(&mut self) -> Result<(), ()> {
         while self.sent < self.output.len() {
             match self.stream.write(&self.output[self.sent..]) {
                 Ok(0) => return Err(()),
                 Ok(n) => self.sent += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => return Err(()),
             }
         }
         self.output.clear();
         self.sent = 0;
-        Ok(false)
+        Ok(())
     }
 }
 
@@ -477,7 +478,7 @@ fn event_loop(s: &Shared<'_>, listener: &TcpListener) -> nix::Result<()> {
             let requests = readable | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR;
             let served = if conn.interest == Interest::Write || !ev.events().intersects(requests) {
                 match conn.flush() {
-                    Ok(_) => Served::Open(conn.interest_now()),
+                    Ok(()) => Served::Open(conn.interest_now()),
                     Err(()) => Served::Closed,
                 }
             } else {
