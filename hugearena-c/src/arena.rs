@@ -369,11 +369,11 @@ pub unsafe extern "C" fn hugearena_roots(arena: *const hugearena_arena, count: *
 ///
 /// `arena` is a valid handle; `out` is valid for a write.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn hugearena_arena_stats(
+pub unsafe extern "C" fn hugearena_arena_get_stats(
     arena: *const hugearena_arena,
     out: *mut hugearena_arena_stats,
 ) -> c_int {
-    guard("hugearena_arena_stats", || {
+    guard("hugearena_arena_get_stats", || {
         // SAFETY: the caller's contract.
         let a = unsafe { arg(arena, "arena") }?;
         // SAFETY: the caller's contract.
@@ -441,11 +441,11 @@ pub unsafe extern "C" fn hugearena_arena_snapshot(
 ///
 /// `arena` is a valid handle; `out` is valid for a write.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn hugearena_arena_populate_stats(
+pub unsafe extern "C" fn hugearena_arena_get_populate_stats(
     arena: *const hugearena_arena,
     out: *mut crate::region::hugearena_populate_stats,
 ) -> c_int {
-    guard("hugearena_arena_populate_stats", || {
+    guard("hugearena_arena_get_populate_stats", || {
         // SAFETY: the caller's contract.
         let a = unsafe { arg(arena, "arena") }?;
         // SAFETY: the caller's contract.

@@ -499,50 +499,68 @@ pub unsafe extern "C" fn hugearena_populator_free(populator: *mut hugearena_popu
     }
 }
 
-macro_rules! range_call {
-    ($(#[$doc:meta])* $name:ident, $method:ident) => {
-        $(#[$doc])*
-        ///
-        /// # Safety
-        ///
-        /// `populator` is a valid handle.
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $name(
-            populator: *const hugearena_populator,
-            offset: u64,
-            len: u64,
-        ) -> c_int {
-            guard(stringify!($name), || {
-                // SAFETY: the caller's contract.
-                let p = unsafe { arg(populator, "populator") }?;
-                let offset = usize::try_from(offset).map_err(|_| Failure::invalid("offset is too large"))?;
-                let len = usize::try_from(len).map_err(|_| Failure::invalid("len is too large"))?;
-                p.populator.$method(offset, len)?;
-                Ok(())
-            })
-        }
-    };
+fn range_call(
+    op: &str,
+    populator: *const hugearena_populator,
+    offset: u64,
+    len: u64,
+    call: impl FnOnce(&Populator, usize, usize) -> hugearena::Result<()>,
+) -> c_int {
+    guard(op, || {
+        // SAFETY: each caller's contract: `populator` is a valid handle.
+        let p = unsafe { arg(populator, "populator") }?;
+        let offset = usize::try_from(offset).map_err(|_| Failure::invalid("offset is too large"))?;
+        let len = usize::try_from(len).map_err(|_| Failure::invalid("len is too large"))?;
+        call(&p.populator, offset, len)?;
+        Ok(())
+    })
 }
 
-range_call!(
-    /// Fills every absent page of `[offset, offset + len)` now, so touching
-    /// it never faults (and system calls can write into it).
-    hugearena_populator_populate,
-    populate
-);
-range_call!(
-    /// Drops the pages of `[offset, offset + len)` from every process and
-    /// from memory; the next touch fills them again from the source. Write
-    /// back what must survive first.
-    hugearena_populator_discard,
-    discard
-);
-range_call!(
-    /// Writes the present pages of `[offset, offset + len)` to a
-    /// `FILE_STORE` source.
-    hugearena_populator_write_back,
-    write_back
-);
+/// Fills every absent page of `[offset, offset + len)` now, so touching it
+/// never faults (and system calls can write into it).
+///
+/// # Safety
+///
+/// `populator` is a valid handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hugearena_populator_populate(
+    populator: *const hugearena_populator,
+    offset: u64,
+    len: u64,
+) -> c_int {
+    range_call("hugearena_populator_populate", populator, offset, len, Populator::populate)
+}
+
+/// Drops the pages of `[offset, offset + len)` from every process and from
+/// memory; the next touch fills them again from the source. Write back
+/// what must survive first.
+///
+/// # Safety
+///
+/// `populator` is a valid handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hugearena_populator_discard(
+    populator: *const hugearena_populator,
+    offset: u64,
+    len: u64,
+) -> c_int {
+    range_call("hugearena_populator_discard", populator, offset, len, Populator::discard)
+}
+
+/// Writes the present pages of `[offset, offset + len)` to a `FILE_STORE`
+/// source.
+///
+/// # Safety
+///
+/// `populator` is a valid handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hugearena_populator_write_back(
+    populator: *const hugearena_populator,
+    offset: u64,
+    len: u64,
+) -> c_int {
+    range_call("hugearena_populator_write_back", populator, offset, len, Populator::write_back)
+}
 
 /// Makes the poisoned pages of `[offset, offset + len)` fillable again
 /// (after a transient source failure). `*retried` (if not NULL) is how many
@@ -607,11 +625,11 @@ pub unsafe extern "C" fn hugearena_populator_is_present(
 ///
 /// `populator` is a valid handle; `out` is valid for a write.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn hugearena_populator_stats(
+pub unsafe extern "C" fn hugearena_populator_get_stats(
     populator: *const hugearena_populator,
     out: *mut hugearena_populate_stats,
 ) -> c_int {
-    guard("hugearena_populator_stats", || {
+    guard("hugearena_populator_get_stats", || {
         // SAFETY: the caller's contract.
         let p = unsafe { arg(populator, "populator") }?;
         // SAFETY: the caller's contract.

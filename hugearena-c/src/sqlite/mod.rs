@@ -18,11 +18,12 @@
 //! flags 0 (look up only), 1 (create unless 90 % of the cache is pinned)
 //! and 2 (create), caches that are not purgeable (in-memory and temporary
 //! databases) never dropping a page, `xTruncate` dropping pinned pages too,
-//! `xShrink` dropping every unpinned page and giving empty memory back.
+//! `xShrink` dropping every unpinned page and giving empty chunks back to
+//! the arena.
 //! Pages are carved from the arena in chunks of about 128 KiB, populated
 //! when carved (no page fault per page); when the arena is full, chunks
 //! come from the heap instead, so SQLite never sees an error the default
-//! cache would not give ([`hugearena_sqlite_stats`] counts both).
+//! cache would not give ([`hugearena_sqlite_get_stats`] counts both).
 
 mod cache;
 
@@ -73,9 +74,10 @@ pub struct hugearena_sqlite_stats {
     pub misses: u64,
     /// Pages whose slot was reused for another page at the size limit.
     pub recycled: u64,
-    /// Chunks of pages held in the arena now.
+    /// Chunks of pages (about 128 KiB each) carved from the arena so far.
     pub arena_chunks: u64,
-    /// Chunks of pages held on the heap now (the arena was full).
+    /// Chunks of pages taken from the heap so far because the arena was
+    /// full.
     pub heap_chunks: u64,
     /// `HUGEARENA_BACKEND_*` of the arena's region (0 before install).
     pub backend: c_int,
@@ -434,8 +436,8 @@ pub unsafe extern "C" fn hugearena_sqlite_pcache_methods(
 ///
 /// `out` is valid for a write.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn hugearena_sqlite_stats(out: *mut hugearena_sqlite_stats) -> c_int {
-    guard("hugearena_sqlite_stats", || {
+pub unsafe extern "C" fn hugearena_sqlite_get_stats(out: *mut hugearena_sqlite_stats) -> c_int {
+    guard("hugearena_sqlite_get_stats", || {
         // SAFETY: the caller's contract.
         unsafe { put(out, stats(), "out") }
     })
