@@ -229,7 +229,9 @@ pub unsafe extern "C" fn hugearena_arena_close(arena: *mut hugearena_arena) {
 ///
 /// `arena` is a valid handle.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn hugearena_arena_region(arena: *const hugearena_arena) -> *const hugearena_region {
+pub unsafe extern "C" fn hugearena_arena_region(
+    arena: *const hugearena_arena,
+) -> *const hugearena_region {
     // SAFETY: the caller's contract.
     match unsafe { opt(arena) } {
         Some(a) => &a.region,
@@ -255,7 +257,9 @@ pub unsafe extern "C" fn hugearena_alloc(
         let a = unsafe { arg(arena, "arena") }?;
         let align = if align == 0 { 16 } else { align };
         let layout = Layout::from_size_align(size, align).map_err(|_| {
-            Failure::invalid(format!("alignment {align} is not a power of two, or {size} bytes overflow it"))
+            Failure::invalid(format!(
+                "alignment {align} is not a power of two, or {size} bytes overflow it"
+            ))
         })?;
         let p = a.arena.alloc(layout)?;
         // SAFETY: the caller's contract.
@@ -271,7 +275,10 @@ pub unsafe extern "C" fn hugearena_alloc(
 ///
 /// `arena` is a valid handle.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn hugearena_free(arena: *const hugearena_arena, ptr: hugearena_ptr) -> c_int {
+pub unsafe extern "C" fn hugearena_free(
+    arena: *const hugearena_arena,
+    ptr: hugearena_ptr,
+) -> c_int {
     guard("hugearena_free", || {
         // SAFETY: the caller's contract.
         let a = unsafe { arg(arena, "arena") }?;
@@ -287,7 +294,10 @@ pub unsafe extern "C" fn hugearena_free(arena: *const hugearena_arena, ptr: huge
 ///
 /// `arena` is a valid handle.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn hugearena_local(arena: *const hugearena_arena, ptr: hugearena_ptr) -> *mut c_void {
+pub unsafe extern "C" fn hugearena_local(
+    arena: *const hugearena_arena,
+    ptr: hugearena_ptr,
+) -> *mut c_void {
     let mut local = std::ptr::null_mut();
     guard("hugearena_local", || {
         // SAFETY: the caller's contract.
@@ -311,7 +321,10 @@ pub unsafe extern "C" fn hugearena_local(arena: *const hugearena_arena, ptr: hug
 ///
 /// `arena` is a valid handle.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn hugearena_ptr_of(arena: *const hugearena_arena, local: *const c_void) -> hugearena_ptr {
+pub unsafe extern "C" fn hugearena_ptr_of(
+    arena: *const hugearena_arena,
+    local: *const c_void,
+) -> hugearena_ptr {
     // SAFETY: the caller's contract.
     match unsafe { opt(arena) } {
         Some(a) => a.arena.shm_ptr(local.cast()).map_or(0, ShmPtr::to_bits),
@@ -350,7 +363,10 @@ pub unsafe extern "C" fn hugearena_usable_size(
 ///
 /// `arena` is a valid handle; `count` is NULL or valid for a write.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn hugearena_roots(arena: *const hugearena_arena, count: *mut usize) -> *mut u64 {
+pub unsafe extern "C" fn hugearena_roots(
+    arena: *const hugearena_arena,
+    count: *mut usize,
+) -> *mut u64 {
     // SAFETY: the caller's contract.
     let Some(a) = (unsafe { opt(arena) }) else {
         return std::ptr::null_mut();
@@ -449,7 +465,13 @@ pub unsafe extern "C" fn hugearena_arena_get_populate_stats(
         // SAFETY: the caller's contract.
         let a = unsafe { arg(arena, "arena") }?;
         // SAFETY: the caller's contract.
-        unsafe { put(out, crate::region::populate_stats(a.arena.populator()), "out") }
+        unsafe {
+            put(
+                out,
+                crate::region::populate_stats(a.arena.populator()),
+                "out",
+            )
+        }
     })
 }
 
@@ -468,7 +490,13 @@ pub unsafe extern "C" fn hugearena_arena_shareable_path(
     // SAFETY: the caller's contract.
     match unsafe { opt(arena) } {
         // SAFETY: the caller's contract.
-        Some(a) => unsafe { copy_out(&a.arena.region().shareable_path().to_string_lossy(), buf, len) },
+        Some(a) => unsafe {
+            copy_out(
+                &a.arena.region().shareable_path().to_string_lossy(),
+                buf,
+                len,
+            )
+        },
         None => 0,
     }
 }

@@ -84,10 +84,10 @@ fn status_of(e: &Error) -> c_int {
         | Error::SizeNotGranuleMultiple { .. }
         | Error::SizeTooLarge { .. }
         | Error::InvalidOption { .. }
-        | Error::ZeroAllocation { .. }
+        | Error::ZeroAllocation
         | Error::Misaligned { .. }
         | Error::AlignmentTooLarge { .. }
-        | Error::ReadOnlySource { .. }
+        | Error::ReadOnlySource
         | Error::PartialHugePage { .. } => HUGEARENA_E_INVALID_ARGUMENT,
         Error::HugePagesShort { .. } | Error::HgmUnavailable { .. } => HUGEARENA_E_HUGE_PAGES,
         Error::FeatureMissing { .. }
@@ -142,7 +142,9 @@ pub(crate) fn guard(op: &str, body: impl FnOnce() -> Result<(), Failure>) -> c_i
                 .unwrap_or_else(|| "a panic".to_string());
             set_last_error(
                 HUGEARENA_E_INTERNAL,
-                &format!("{op}: internal error ({what}); this is a bug in hugearena, please report it"),
+                &format!(
+                    "{op}: internal error ({what}); this is a bug in hugearena, please report it"
+                ),
             );
             HUGEARENA_E_INTERNAL
         }

@@ -54,7 +54,9 @@ pub(crate) unsafe fn path(ptr: *const c_char, what: &str) -> Result<PathBuf, Fai
     if bytes.is_empty() {
         return Err(Failure::invalid(format!("{what} is an empty string")));
     }
-    Ok(PathBuf::from(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(bytes)))
+    Ok(PathBuf::from(
+        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(bytes),
+    ))
 }
 
 /// Copies `text` into the caller's buffer as `snprintf` does: at most

@@ -7,7 +7,9 @@ use hugearena::{HugePages, RegionOptions};
 
 use crate::error::{Failure, guard};
 use crate::ffi::{copy_out, put};
-use crate::region::{HUGEARENA_HUGE_PAGES_OFF, HUGEARENA_HUGE_PAGES_ON, HUGEARENA_HUGE_PAGES_TRY, backend_code};
+use crate::region::{
+    HUGEARENA_HUGE_PAGES_OFF, HUGEARENA_HUGE_PAGES_ON, HUGEARENA_HUGE_PAGES_TRY, backend_code,
+};
 
 /// The kernel probe's report, one capability per entry (what was found,
 /// what it means for hugearena, and the command that enables what is
@@ -69,7 +71,11 @@ pub unsafe extern "C" fn hugearena_probe_plan(
             HUGEARENA_HUGE_PAGES_TRY => HugePages::Try,
             HUGEARENA_HUGE_PAGES_ON => HugePages::On,
             HUGEARENA_HUGE_PAGES_OFF => HugePages::Off,
-            other => return Err(Failure::invalid(format!("huge_pages {other} is not a HUGEARENA_HUGE_PAGES_*"))),
+            other => {
+                return Err(Failure::invalid(format!(
+                    "huge_pages {other} is not a HUGEARENA_HUGE_PAGES_*"
+                )));
+            }
         };
         let choice = RegionOptions::new(size)
             .huge_pages(policy)

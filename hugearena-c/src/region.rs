@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use hugearena::persist::SnapshotSource;
 use hugearena::populate::{
-    Driver, FileSource, FileStore, FillError, FnSource, PopulateOptions, Populator,
-    SignalSafe, ZeroSource,
+    Driver, FileSource, FileStore, FillError, FnSource, PopulateOptions, Populator, SignalSafe,
+    ZeroSource,
 };
 use hugearena::{BackendKind, HugePages, PageSize, Region, RegionOptions};
 
@@ -176,9 +176,13 @@ pub struct hugearena_populate_stats {
     pub present_granules: u64,
 }
 
-pub(crate) fn region_options(o: Option<&hugearena_region_options>) -> Result<RegionOptions, Failure> {
+pub(crate) fn region_options(
+    o: Option<&hugearena_region_options>,
+) -> Result<RegionOptions, Failure> {
     let Some(o) = o else {
-        return Err(Failure::invalid("the region options are NULL: the size is required"));
+        return Err(Failure::invalid(
+            "the region options are NULL: the size is required",
+        ));
     };
     let mut opts = RegionOptions::new(o.size).huge_pages(match o.huge_pages {
         HUGEARENA_HUGE_PAGES_TRY => HugePages::Try,
@@ -194,7 +198,12 @@ pub(crate) fn region_options(o: Option<&hugearena_region_options>) -> Result<Reg
         let kind = u32::try_from(o.backend)
             .ok()
             .and_then(BackendKind::from_code)
-            .ok_or_else(|| Failure::invalid(format!("backend {} is not a HUGEARENA_BACKEND_*", o.backend)))?;
+            .ok_or_else(|| {
+                Failure::invalid(format!(
+                    "backend {} is not a HUGEARENA_BACKEND_*",
+                    o.backend
+                ))
+            })?;
         opts = opts.backend(kind);
     }
     if o.huge_page_size != 0 {
@@ -215,7 +224,9 @@ pub(crate) fn region_options(o: Option<&hugearena_region_options>) -> Result<Reg
     Ok(opts)
 }
 
-pub(crate) fn populate_options(o: Option<&hugearena_populate_options>) -> Result<PopulateOptions, Failure> {
+pub(crate) fn populate_options(
+    o: Option<&hugearena_populate_options>,
+) -> Result<PopulateOptions, Failure> {
     let mut opts = PopulateOptions::new();
     let Some(o) = o else { return Ok(opts) };
     match o.driver {
@@ -225,12 +236,17 @@ pub(crate) fn populate_options(o: Option<&hugearena_populate_options>) -> Result
             opts = opts.driver(Driver::HandlerThreads(o.handler_threads.max(1) as usize))
         }
         HUGEARENA_DRIVER_PROACTIVE => opts = opts.driver(Driver::Proactive),
-        other => return Err(Failure::invalid(format!("driver {other} is not a HUGEARENA_DRIVER_*"))),
+        other => {
+            return Err(Failure::invalid(format!(
+                "driver {other} is not a HUGEARENA_DRIVER_*"
+            )));
+        }
     }
     if o.readahead < 0 {
         opts = opts.readahead(0);
     } else if o.readahead > 0 {
-        let bytes = usize::try_from(o.readahead).map_err(|_| Failure::invalid("readahead is too large"))?;
+        let bytes =
+            usize::try_from(o.readahead).map_err(|_| Failure::invalid("readahead is too large"))?;
         opts = opts.readahead(bytes);
     }
     if o.fill_timeout_ms > 0 {
@@ -258,7 +274,9 @@ impl Callback {
         match unsafe { (self.fill)(self.ctx, index, dst.as_mut_ptr(), dst.len()) } {
             0 => Ok(()),
             errno if errno > 0 => Err(FillError::Io(hugearena::Errno::from_raw(errno))),
-            _ => Err(FillError::Failed("the fill callback returned a negative value")),
+            _ => Err(FillError::Failed(
+                "the fill callback returned a negative value",
+            )),
         }
     }
 }
@@ -274,9 +292,11 @@ fn new_populator(
     let Some(s) = source else {
         return Ok(Populator::with_options(region, ZeroSource, popts)?);
     };
-    // SAFETY (for each `path` below): the header requires `path` to be
-    // NUL-terminated where the kind reads it; NULL is refused.
-    let file = || unsafe { path(s.path, "the source's path") };
+    let file = || {
+        // SAFETY: the header requires `path` to be NUL-terminated where the
+        // kind reads it; NULL is refused.
+        unsafe { path(s.path, "the source's path") }
+    };
     let populator = match s.kind {
         HUGEARENA_SOURCE_ZERO => Populator::with_options(region, ZeroSource, popts)?,
         HUGEARENA_SOURCE_FILE => {
@@ -291,9 +311,9 @@ fn new_populator(
             Populator::with_options(region, SnapshotSource::open(file()?)?, popts)?
         }
         HUGEARENA_SOURCE_CALLBACK => {
-            let fill = s
-                .fill
-                .ok_or_else(|| Failure::invalid("a HUGEARENA_SOURCE_CALLBACK source has no fill callback"))?;
+            let fill = s.fill.ok_or_else(|| {
+                Failure::invalid("a HUGEARENA_SOURCE_CALLBACK source has no fill callback")
+            })?;
             let cb = Callback { fill, ctx: s.ctx };
             let source = FnSource(move |index: u64, dst: &mut [u8]| cb.call(index, dst));
             if s.signal_safe != 0 {
@@ -312,7 +332,11 @@ fn new_populator(
                 Populator::with_handler_threads(region, source, popts)?
             }
         }
-        other => return Err(Failure::invalid(format!("source kind {other} is not a HUGEARENA_SOURCE_*"))),
+        other => {
+            return Err(Failure::invalid(format!(
+                "source kind {other} is not a HUGEARENA_SOURCE_*"
+            )));
+        }
     };
     Ok(populator)
 }
@@ -337,7 +361,13 @@ pub unsafe extern "C" fn hugearena_region_create(
         let ropts = region_options(unsafe { opt(opts) })?;
         let region = Arc::new(Region::create(ropts)?);
         // SAFETY: the caller's contract.
-        unsafe { put(out, Box::into_raw(Box::new(hugearena_region { region })), "out") }
+        unsafe {
+            put(
+                out,
+                Box::into_raw(Box::new(hugearena_region { region })),
+                "out",
+            )
+        }
     })
 }
 
@@ -357,7 +387,13 @@ pub unsafe extern "C" fn hugearena_region_open(
         let p = unsafe { path(region_path, "path") }?;
         let region = Arc::new(Region::open(p)?);
         // SAFETY: the caller's contract.
-        unsafe { put(out, Box::into_raw(Box::new(hugearena_region { region })), "out") }
+        unsafe {
+            put(
+                out,
+                Box::into_raw(Box::new(hugearena_region { region })),
+                "out",
+            )
+        }
     })
 }
 
@@ -478,7 +514,9 @@ pub unsafe extern "C" fn hugearena_populator_new(
         // SAFETY: the caller's contract.
         let r = unsafe { arg(region, "region") }?;
         // SAFETY: the caller's contract.
-        let populator = new_populator(r.region.clone(), unsafe { opt(source) }, unsafe { opt(opts) })?;
+        let populator = new_populator(r.region.clone(), unsafe { opt(source) }, unsafe {
+            opt(opts)
+        })?;
         let handle = Box::into_raw(Box::new(hugearena_populator { populator }));
         // SAFETY: the caller's contract.
         unsafe { put(out, handle, "out") }
@@ -509,7 +547,8 @@ fn range_call(
     guard(op, || {
         // SAFETY: each caller's contract: `populator` is a valid handle.
         let p = unsafe { arg(populator, "populator") }?;
-        let offset = usize::try_from(offset).map_err(|_| Failure::invalid("offset is too large"))?;
+        let offset =
+            usize::try_from(offset).map_err(|_| Failure::invalid("offset is too large"))?;
         let len = usize::try_from(len).map_err(|_| Failure::invalid("len is too large"))?;
         call(&p.populator, offset, len)?;
         Ok(())
@@ -528,7 +567,13 @@ pub unsafe extern "C" fn hugearena_populator_populate(
     offset: u64,
     len: u64,
 ) -> c_int {
-    range_call("hugearena_populator_populate", populator, offset, len, Populator::populate)
+    range_call(
+        "hugearena_populator_populate",
+        populator,
+        offset,
+        len,
+        Populator::populate,
+    )
 }
 
 /// Drops the pages of `[offset, offset + len)` from every process and from
@@ -544,7 +589,13 @@ pub unsafe extern "C" fn hugearena_populator_discard(
     offset: u64,
     len: u64,
 ) -> c_int {
-    range_call("hugearena_populator_discard", populator, offset, len, Populator::discard)
+    range_call(
+        "hugearena_populator_discard",
+        populator,
+        offset,
+        len,
+        Populator::discard,
+    )
 }
 
 /// Writes the present pages of `[offset, offset + len)` to a `FILE_STORE`
@@ -559,7 +610,13 @@ pub unsafe extern "C" fn hugearena_populator_write_back(
     offset: u64,
     len: u64,
 ) -> c_int {
-    range_call("hugearena_populator_write_back", populator, offset, len, Populator::write_back)
+    range_call(
+        "hugearena_populator_write_back",
+        populator,
+        offset,
+        len,
+        Populator::write_back,
+    )
 }
 
 /// Makes the poisoned pages of `[offset, offset + len)` fillable again
@@ -665,8 +722,15 @@ pub unsafe extern "C" fn hugearena_populator_errors(
     len: usize,
 ) -> usize {
     // SAFETY: the caller's contract.
-    let Some(p) = (unsafe { opt(populator) }) else { return 0 };
-    let text: String = p.populator.errors().iter().map(|e| format!("{e}\n")).collect();
+    let Some(p) = (unsafe { opt(populator) }) else {
+        return 0;
+    };
+    let text: String = p
+        .populator
+        .errors()
+        .iter()
+        .map(|e| format!("{e}\n"))
+        .collect();
     // SAFETY: the caller's contract.
     unsafe { copy_out(&text, buf, len) }
 }

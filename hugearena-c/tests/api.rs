@@ -8,7 +8,9 @@ use hugearena_c::*;
 
 fn last_error() -> String {
     // SAFETY: a NUL-terminated string owned by this thread.
-    unsafe { CStr::from_ptr(hugearena_last_error()) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(hugearena_last_error()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn ok(status: c_int) {
@@ -49,12 +51,23 @@ fn allocation_free_and_locations_work_and_a_double_free_is_refused() {
         assert!(usable >= 1000);
         ok(hugearena_free(a, p));
         assert_eq!(hugearena_free(a, p), HUGEARENA_E_INVALID_POINTER);
-        assert!(last_error().starts_with("hugearena_free: invalid free"), "{}", last_error());
+        assert!(
+            last_error().starts_with("hugearena_free: invalid free"),
+            "{}",
+            last_error()
+        );
         assert_eq!(hugearena_last_error_code(), HUGEARENA_E_INVALID_POINTER);
         assert_eq!(hugearena_free(a, 12345), HUGEARENA_E_INVALID_POINTER);
         assert!(hugearena_local(a, 0).is_null());
-        assert_eq!(hugearena_alloc(a, 10, 3, &mut p), HUGEARENA_E_INVALID_ARGUMENT);
-        assert!(last_error().contains("not a power of two"), "{}", last_error());
+        assert_eq!(
+            hugearena_alloc(a, 10, 3, &mut p),
+            HUGEARENA_E_INVALID_ARGUMENT
+        );
+        assert!(
+            last_error().contains("not a power of two"),
+            "{}",
+            last_error()
+        );
         let mut stats = hugearena_arena_stats::default();
         ok(hugearena_arena_audit(a, &mut stats));
         assert_eq!(stats.small_objects, 0);
@@ -67,13 +80,25 @@ fn null_handles_and_out_parameters_are_errors_not_crashes() {
     let mut p = 0;
     // SAFETY: NULL is what is being tested; every other pointer is valid.
     unsafe {
-        assert_eq!(hugearena_alloc(ptr::null(), 8, 0, &mut p), HUGEARENA_E_INVALID_ARGUMENT);
+        assert_eq!(
+            hugearena_alloc(ptr::null(), 8, 0, &mut p),
+            HUGEARENA_E_INVALID_ARGUMENT
+        );
         assert_eq!(last_error(), "hugearena_alloc: arena is NULL");
-        assert_eq!(hugearena_arena_create(ptr::null(), ptr::null(), ptr::null_mut()), HUGEARENA_E_INVALID_ARGUMENT);
+        assert_eq!(
+            hugearena_arena_create(ptr::null(), ptr::null(), ptr::null_mut()),
+            HUGEARENA_E_INVALID_ARGUMENT
+        );
         let a = new_arena(16 << 20);
-        assert_eq!(hugearena_alloc(a, 8, 0, ptr::null_mut()), HUGEARENA_E_INVALID_ARGUMENT);
+        assert_eq!(
+            hugearena_alloc(a, 8, 0, ptr::null_mut()),
+            HUGEARENA_E_INVALID_ARGUMENT
+        );
         assert!(hugearena_roots(ptr::null(), ptr::null_mut()).is_null());
-        assert_eq!(hugearena_arena_open(ptr::null(), ptr::null(), ptr::null_mut()), HUGEARENA_E_INVALID_ARGUMENT);
+        assert_eq!(
+            hugearena_arena_open(ptr::null(), ptr::null(), ptr::null_mut()),
+            HUGEARENA_E_INVALID_ARGUMENT
+        );
         hugearena_arena_close(a);
         hugearena_arena_close(ptr::null_mut());
         hugearena_region_free(ptr::null_mut());
@@ -87,22 +112,45 @@ fn bad_options_name_what_is_wrong() {
     let mut o = region_options(0);
     // SAFETY: valid pointers throughout.
     unsafe {
-        assert_eq!(hugearena_arena_create(&o, ptr::null(), &mut a), HUGEARENA_E_INVALID_ARGUMENT);
-        assert!(last_error().contains("region size is 0"), "{}", last_error());
+        assert_eq!(
+            hugearena_arena_create(&o, ptr::null(), &mut a),
+            HUGEARENA_E_INVALID_ARGUMENT
+        );
+        assert!(
+            last_error().contains("region size is 0"),
+            "{}",
+            last_error()
+        );
         o.size = 1 << 20;
         o.huge_pages = 7;
-        assert_eq!(hugearena_arena_create(&o, ptr::null(), &mut a), HUGEARENA_E_INVALID_ARGUMENT);
+        assert_eq!(
+            hugearena_arena_create(&o, ptr::null(), &mut a),
+            HUGEARENA_E_INVALID_ARGUMENT
+        );
         assert!(last_error().contains("huge_pages 7"), "{}", last_error());
         o.huge_pages = HUGEARENA_HUGE_PAGES_OFF;
         o.backend = 9;
-        assert_eq!(hugearena_arena_create(&o, ptr::null(), &mut a), HUGEARENA_E_INVALID_ARGUMENT);
+        assert_eq!(
+            hugearena_arena_create(&o, ptr::null(), &mut a),
+            HUGEARENA_E_INVALID_ARGUMENT
+        );
         let missing = CString::new("/nonexistent/hugearena-region").unwrap();
-        assert_eq!(hugearena_arena_open(missing.as_ptr(), ptr::null(), &mut a), HUGEARENA_E_NOT_FOUND);
-        assert!(last_error().contains("/nonexistent/hugearena-region"), "{}", last_error());
+        assert_eq!(
+            hugearena_arena_open(missing.as_ptr(), ptr::null(), &mut a),
+            HUGEARENA_E_NOT_FOUND
+        );
+        assert!(
+            last_error().contains("/nonexistent/hugearena-region"),
+            "{}",
+            last_error()
+        );
         let junk = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(junk.path(), vec![0x42u8; 1 << 16]).unwrap();
         let junk_path = CString::new(junk.path().to_str().unwrap()).unwrap();
-        assert_eq!(hugearena_arena_restore(junk_path.as_ptr(), ptr::null(), &mut a), HUGEARENA_E_CORRUPT);
+        assert_eq!(
+            hugearena_arena_restore(junk_path.as_ptr(), ptr::null(), &mut a),
+            HUGEARENA_E_CORRUPT
+        );
         assert!(a.is_null(), "no handle on failure");
     }
     // SAFETY: a static string.
@@ -141,9 +189,11 @@ fn roots_are_shared_with_a_second_mapping_of_the_arena() {
         assert!(count >= 4, "{count} roots");
         let mut p = 0;
         ok(hugearena_alloc(a, 64, 0, &mut p));
-        std::sync::atomic::AtomicU64::from_ptr(roots.add(3)).store(p, std::sync::atomic::Ordering::Release);
-        let seen = std::sync::atomic::AtomicU64::from_ptr(hugearena_roots(b, ptr::null_mut()).add(3))
-            .load(std::sync::atomic::Ordering::Acquire);
+        std::sync::atomic::AtomicU64::from_ptr(roots.add(3))
+            .store(p, std::sync::atomic::Ordering::Release);
+        let seen =
+            std::sync::atomic::AtomicU64::from_ptr(hugearena_roots(b, ptr::null_mut()).add(3))
+                .load(std::sync::atomic::Ordering::Acquire);
         assert_eq!(seen, p);
         // Freed through the other mapping: the same arena.
         ok(hugearena_free(b, seen));
@@ -154,10 +204,16 @@ fn roots_are_shared_with_a_second_mapping_of_the_arena() {
 }
 
 /// Fills granule `index` with its index's low byte; counts calls.
-unsafe extern "C" fn fill_with_index(ctx: *mut c_void, index: u64, dst: *mut u8, len: usize) -> c_int {
+unsafe extern "C" fn fill_with_index(
+    ctx: *mut c_void,
+    index: u64,
+    dst: *mut u8,
+    len: usize,
+) -> c_int {
     // SAFETY: `ctx` is the test's counter; `dst` is valid for `len` bytes.
     unsafe {
-        (*ctx.cast::<std::sync::atomic::AtomicU64>()).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (*ctx.cast::<std::sync::atomic::AtomicU64>())
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if index == 13 {
             return libc::EIO;
         }
@@ -168,7 +224,11 @@ unsafe extern "C" fn fill_with_index(ctx: *mut c_void, index: u64, dst: *mut u8,
 
 #[test]
 fn a_callback_source_fills_pages_once_and_a_failure_names_its_errno() {
-    for (signal_safe, driver) in [(1, HUGEARENA_DRIVER_DEFAULT), (0, HUGEARENA_DRIVER_DEFAULT), (1, HUGEARENA_DRIVER_PROACTIVE)] {
+    for (signal_safe, driver) in [
+        (1, HUGEARENA_DRIVER_DEFAULT),
+        (0, HUGEARENA_DRIVER_DEFAULT),
+        (1, HUGEARENA_DRIVER_PROACTIVE),
+    ] {
         let calls = std::sync::atomic::AtomicU64::new(0);
         let mut region = ptr::null_mut();
         let mut populator = ptr::null_mut();
@@ -189,8 +249,16 @@ fn a_callback_source_fills_pages_once_and_a_failure_names_its_errno() {
         // SAFETY: valid options, source and out-parameters; `calls`
         // outlives the populator.
         unsafe {
-            ok(hugearena_region_create(&region_options(4 << 20), &mut region));
-            ok(hugearena_populator_new(region, &source, &popts, &mut populator));
+            ok(hugearena_region_create(
+                &region_options(4 << 20),
+                &mut region,
+            ));
+            ok(hugearena_populator_new(
+                region,
+                &source,
+                &popts,
+                &mut populator,
+            ));
             ok(hugearena_populator_populate(populator, 0, 8 * 4096));
             let base = hugearena_region_base(region);
             for i in 0..8u64 {
@@ -205,7 +273,10 @@ fn a_callback_source_fills_pages_once_and_a_failure_names_its_errno() {
             let mut text = vec![0 as std::ffi::c_char; 1024];
             hugearena_populator_errors(populator, text.as_mut_ptr(), text.len());
             let errors = CStr::from_ptr(text.as_ptr()).to_string_lossy().into_owned();
-            assert!(errors.contains("Input/output error") || errors.contains("EIO"), "{errors}");
+            assert!(
+                errors.contains("Input/output error") || errors.contains("EIO"),
+                "{errors}"
+            );
             let mut stats = hugearena_populate_stats::default();
             ok(hugearena_populator_get_stats(populator, &mut stats));
             assert_eq!(stats.fills, 8, "each page filled once");
@@ -233,8 +304,14 @@ fn a_callback_source_fills_pages_once_and_a_failure_names_its_errno() {
     };
     // SAFETY: valid pointers.
     unsafe {
-        ok(hugearena_region_create(&region_options(4 << 20), &mut region));
-        assert_eq!(hugearena_populator_new(region, &source, &popts, &mut populator), HUGEARENA_E_INVALID_ARGUMENT);
+        ok(hugearena_region_create(
+            &region_options(4 << 20),
+            &mut region,
+        ));
+        assert_eq!(
+            hugearena_populator_new(region, &source, &popts, &mut populator),
+            HUGEARENA_E_INVALID_ARGUMENT
+        );
         assert!(last_error().contains("signal_safe"), "{}", last_error());
         hugearena_region_free(region);
     }
@@ -259,7 +336,12 @@ fn a_file_store_takes_written_back_pages_and_refills_them_after_a_discard() {
     // SAFETY: valid pointers; the region is 1 MiB.
     unsafe {
         ok(hugearena_region_create(&o, &mut region));
-        ok(hugearena_populator_new(region, &source, ptr::null(), &mut populator));
+        ok(hugearena_populator_new(
+            region,
+            &source,
+            ptr::null(),
+            &mut populator,
+        ));
         ok(hugearena_populator_populate(populator, 0, 4096));
         let base = hugearena_region_base(region);
         assert_eq!(*base, 7);
@@ -286,14 +368,16 @@ fn a_snapshot_restores_into_a_new_arena() {
         let mut p = 0;
         ok(hugearena_alloc(a, 4096, 0, &mut p));
         ptr::write_bytes(hugearena_local(a, p).cast::<u8>(), 0xC3, 4096);
-        std::sync::atomic::AtomicU64::from_ptr(hugearena_roots(a, ptr::null_mut())).store(p, std::sync::atomic::Ordering::Release);
+        std::sync::atomic::AtomicU64::from_ptr(hugearena_roots(a, ptr::null_mut()))
+            .store(p, std::sync::atomic::Ordering::Release);
         let mut info = hugearena_snapshot_info::default();
         ok(hugearena_arena_snapshot(a, snap.as_ptr(), &mut info));
         assert!(info.present > 0 && info.file_len > 0);
         hugearena_arena_close(a);
         let mut b = ptr::null_mut();
         ok(hugearena_arena_restore(snap.as_ptr(), ptr::null(), &mut b));
-        let q = std::sync::atomic::AtomicU64::from_ptr(hugearena_roots(b, ptr::null_mut())).load(std::sync::atomic::Ordering::Acquire);
+        let q = std::sync::atomic::AtomicU64::from_ptr(hugearena_roots(b, ptr::null_mut()))
+            .load(std::sync::atomic::Ordering::Acquire);
         assert_eq!(q, p);
         assert_eq!(*hugearena_local(b, q).cast::<u8>().add(4095), 0xC3);
         ok(hugearena_arena_audit(b, ptr::null_mut()));
@@ -315,9 +399,21 @@ fn the_probe_reports_and_plans() {
         assert_eq!(hugearena_probe_report(small.as_mut_ptr(), small.len()), n);
         assert_eq!(small[7], 0);
         let mut backend = -1;
-        ok(hugearena_probe_plan(64 << 20, HUGEARENA_HUGE_PAGES_OFF, &mut backend, buf.as_mut_ptr(), buf.len()));
-        assert!(backend == HUGEARENA_BACKEND_SHMEM_THP || backend == HUGEARENA_BACKEND_SHMEM, "{backend}");
+        ok(hugearena_probe_plan(
+            64 << 20,
+            HUGEARENA_HUGE_PAGES_OFF,
+            &mut backend,
+            buf.as_mut_ptr(),
+            buf.len(),
+        ));
+        assert!(
+            backend == HUGEARENA_BACKEND_SHMEM_THP || backend == HUGEARENA_BACKEND_SHMEM,
+            "{backend}"
+        );
         assert!(CStr::from_ptr(buf.as_ptr()).to_bytes().len() > 10);
-        assert_eq!(hugearena_probe_plan(64 << 20, 5, &mut backend, ptr::null_mut(), 0), HUGEARENA_E_INVALID_ARGUMENT);
+        assert_eq!(
+            hugearena_probe_plan(64 << 20, 5, &mut backend, ptr::null_mut(), 0),
+            HUGEARENA_E_INVALID_ARGUMENT
+        );
     }
 }

@@ -14,16 +14,24 @@ fn in_ci() -> bool {
 /// Whether `tool` runs; outside CI a missing tool is a reported skip, in
 /// CI a failure.
 fn have(tool: &str) -> bool {
-    let found = Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+    let found = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !found {
         assert!(!in_ci(), "{tool} is required in CI");
-        eprintln!("SKIPPED: {tool} is not installed (apt-get install gcc pkg-config valgrind libsqlite3-dev)");
+        eprintln!(
+            "SKIPPED: {tool} is not installed (apt-get install gcc pkg-config valgrind libsqlite3-dev)"
+        );
     }
     found
 }
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The prefix the library is installed in, once per test run. The build
@@ -38,7 +46,11 @@ fn prefix() -> &'static Path {
             .env("CARGO_TARGET_DIR", repo().join("target/c-abi"))
             .output()
             .unwrap();
-        assert!(out.status.success(), "install.sh failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "install.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         prefix
     })
 }
@@ -50,36 +62,63 @@ fn pkg_config(args: &[&str]) -> Vec<String> {
         .env("PKG_CONFIG_PATH", prefix().join("lib/pkgconfig"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "pkg-config: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().split_whitespace().map(str::to_string).collect()
+    assert!(
+        out.status.success(),
+        "pkg-config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }
 
 /// Compiles `examples/c/NAME.c` (warnings are errors) into `out`.
 fn compile(name: &str, out: &Path, static_link: bool, extra: &[&str]) {
     let mut cc = Command::new("cc");
-    cc.args(["-std=c11", "-D_POSIX_C_SOURCE=200809L", "-Wall", "-Wextra", "-Werror", "-O2", "-g"])
-        .arg(repo().join(format!("examples/c/{name}.c")))
-        .args(pkg_config(&["--cflags"]))
-        .arg("-o")
-        .arg(out);
+    cc.args([
+        "-std=c11",
+        "-D_POSIX_C_SOURCE=200809L",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-O2",
+        "-g",
+    ])
+    .arg(repo().join(format!("examples/c/{name}.c")))
+    .args(pkg_config(&["--cflags"]))
+    .arg("-o")
+    .arg(out);
     if static_link {
         cc.arg(prefix().join("lib/libhugearena.a"));
         cc.args(pkg_config(&["--libs-only-other", "--static"]));
         // The archive's own dependencies (Libs.private) after it.
         let libs = pkg_config(&["--libs", "--static"]);
-        cc.args(libs.iter().filter(|l| *l != "-lhugearena" && !l.starts_with("-L")));
+        cc.args(
+            libs.iter()
+                .filter(|l| *l != "-lhugearena" && !l.starts_with("-L")),
+        );
     } else {
         cc.args(pkg_config(&["--libs"]));
         cc.arg(format!("-Wl,-rpath,{}", prefix().join("lib").display()));
     }
     cc.args(extra);
     let result = cc.output().unwrap();
-    assert!(result.status.success(), "{cc:?}:\n{}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "{cc:?}:\n{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
 }
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{cmd:?} failed:\n{text}");
     text
 }
@@ -116,15 +155,24 @@ fn the_shared_arena_example_is_valgrind_clean() {
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("shared_arena");
     compile("shared_arena", &bin, false, &[]);
-    let out = run(Command::new("valgrind").args([
-        "--error-exitcode=3",
-        "--trace-children=yes",
-        "--leak-check=no",
-        "-q",
-    ])
-    .arg(&bin));
-    assert!(out.contains("restored process: 2000 records checked"), "{out}");
-    assert!(!out.contains("Invalid read") && !out.contains("Invalid write") && !out.contains("uninitialised"), "{out}");
+    let out = run(Command::new("valgrind")
+        .args([
+            "--error-exitcode=3",
+            "--trace-children=yes",
+            "--leak-check=no",
+            "-q",
+        ])
+        .arg(&bin));
+    assert!(
+        out.contains("restored process: 2000 records checked"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("Invalid read")
+            && !out.contains("Invalid write")
+            && !out.contains("uninitialised"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -146,7 +194,9 @@ fn the_checked_in_header_declares_every_exported_function() {
         return;
     }
     let header = std::fs::read_to_string(repo().join("hugearena-c/include/hugearena.h")).unwrap();
-    let out = run(Command::new("nm").args(["-D", "--defined-only"]).arg(prefix().join("lib/libhugearena.so")));
+    let out = run(Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(prefix().join("lib/libhugearena.so")));
     let exported: Vec<&str> = out
         .lines()
         .filter_map(|l| l.split_whitespace().nth(2))
@@ -154,6 +204,9 @@ fn the_checked_in_header_declares_every_exported_function() {
         .collect();
     assert!(exported.len() > 30, "{exported:?}");
     for f in exported {
-        assert!(header.contains(&format!("{f}(")), "{f} is exported but not in hugearena.h: regenerate it with cbindgen");
+        assert!(
+            header.contains(&format!("{f}(")),
+            "{f} is exported but not in hugearena.h: regenerate it with cbindgen"
+        );
     }
 }

@@ -15,9 +15,13 @@ const CHILD: &str = "HUGEARENA_SQLITE_TEST_CHILD";
 /// One run, in a child: `CACHE PERCENT LOG_PATH`.
 #[test]
 fn child() {
-    let Ok(spec) = std::env::var(CHILD) else { return };
+    let Ok(spec) = std::env::var(CHILD) else {
+        return;
+    };
     let parts: Vec<&str> = spec.split(' ').collect();
-    let [cache, percent, log] = parts[..] else { panic!("bad child spec {spec}") };
+    let [cache, percent, log] = parts[..] else {
+        panic!("bad child spec {spec}")
+    };
     if cache == "hugearena" {
         // A small region, so the caches outgrow it and some chunks come
         // from the heap.
@@ -38,7 +42,13 @@ fn child() {
     let stats = hugearena_c::sqlite::stats();
     println!(
         "CHILD-STATS caches={} hits={} misses={} recycled={} arena_chunks={} heap_chunks={} db_pages={}",
-        stats.caches, stats.hits, stats.misses, stats.recycled, stats.arena_chunks, stats.heap_chunks, out.db_pages
+        stats.caches,
+        stats.hits,
+        stats.misses,
+        stats.recycled,
+        stats.arena_chunks,
+        stats.heap_chunks,
+        out.db_pages
     );
 }
 
@@ -61,7 +71,11 @@ fn run(cache: &str, percent: u64, dir: &std::path::Path) -> (Vec<String>, String
         .lines()
         .find_map(|l| l.find("CHILD-STATS").map(|at| l[at..].to_string()))
         .unwrap_or_else(|| panic!("no stats from the {cache} run:\n{stdout}"));
-    let lines = std::fs::read_to_string(log).unwrap().lines().map(str::to_string).collect();
+    let lines = std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
     (lines, stats)
 }
 
@@ -79,17 +93,26 @@ fn compare(percent: u64) {
     eprintln!("cache at {percent} % of the database: {stats}");
     assert!(default.len() > 6_000, "{} results", default.len());
     for (i, (a, b)) in default.iter().zip(&ours).enumerate() {
-        assert_eq!(a, b, "result {i} differs between the default cache and hugearena's");
+        assert_eq!(
+            a, b,
+            "result {i} differs between the default cache and hugearena's"
+        );
     }
     assert_eq!(default.len(), ours.len());
     assert_eq!(ours.last().unwrap(), "integrity ok");
     // The hugearena cache did the work, from the arena (and the heap once
     // the 8 MiB region was full).
-    assert!(stat(&stats, "caches") >= 3, "the main, temp and in-memory databases: {stats}");
+    assert!(
+        stat(&stats, "caches") >= 3,
+        "the main, temp and in-memory databases: {stats}"
+    );
     assert!(stat(&stats, "hits") > 10_000, "{stats}");
     assert!(stat(&stats, "arena_chunks") > 0, "{stats}");
     if percent < 100 {
-        assert!(stat(&stats, "recycled") > 0, "a cache smaller than the database recycles: {stats}");
+        assert!(
+            stat(&stats, "recycled") > 0,
+            "a cache smaller than the database recycles: {stats}"
+        );
     }
 }
 
@@ -118,7 +141,11 @@ fn installing_after_sqlite_started_is_refused_with_the_reason() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("LATE-INSTALL-REFUSED"), "{stdout}");
 }
 

@@ -65,7 +65,11 @@ fn main() {
         out.mix.as_secs_f64(),
         size.operations as f64 / out.mix.as_secs_f64(),
         started.elapsed().as_secs_f64(),
-        out.log.last().map(String::as_str).unwrap_or("").trim_start_matches("integrity "),
+        out.log
+            .last()
+            .map(String::as_str)
+            .unwrap_or("")
+            .trim_start_matches("integrity "),
         stats.caches,
         stats.arena_chunks,
         stats.heap_chunks,

@@ -52,7 +52,10 @@ impl Rng {
 }
 
 fn name(id: u64) -> String {
-    format!("account-{:010}", id.wrapping_mul(0x9E37_79B9) % 10_000_000_000)
+    format!(
+        "account-{:010}",
+        id.wrapping_mul(0x9E37_79B9) % 10_000_000_000
+    )
 }
 
 fn note(id: u64, rng: &mut Rng) -> String {
@@ -83,9 +86,16 @@ pub(crate) fn run(path: &Path, size: Size) -> rusqlite::Result<Outcome> {
     while next_id < size.accounts {
         let tx = db.unchecked_transaction()?;
         {
-            let mut ins = tx.prepare_cached("INSERT INTO accounts(id, name, balance, note) VALUES (?1, ?2, ?3, ?4)")?;
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO accounts(id, name, balance, note) VALUES (?1, ?2, ?3, ?4)",
+            )?;
             for _ in 0..1000.min(size.accounts - next_id) {
-                ins.execute(params![next_id as i64, name(next_id), (rng.below(1_000_000)) as i64, note(next_id, &mut rng)])?;
+                ins.execute(params![
+                    next_id as i64,
+                    name(next_id),
+                    (rng.below(1_000_000)) as i64,
+                    note(next_id, &mut rng)
+                ])?;
                 next_id += 1;
             }
         }
@@ -111,8 +121,16 @@ pub(crate) fn run(path: &Path, size: Size) -> rusqlite::Result<Outcome> {
             // Indexed point read by name.
             0..=34 => {
                 let row = db
-                    .prepare_cached("SELECT id, balance, length(note) FROM accounts WHERE name = ?1")?
-                    .query_row([name(id)], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<i64>>(2)?)));
+                    .prepare_cached(
+                        "SELECT id, balance, length(note) FROM accounts WHERE name = ?1",
+                    )?
+                    .query_row([name(id)], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, Option<i64>>(2)?,
+                        ))
+                    });
                 log.push(format!("get {id}: {row:?}"));
             }
             // Range scan on the balance index.
@@ -128,15 +146,23 @@ pub(crate) fn run(path: &Path, size: Size) -> rusqlite::Result<Outcome> {
                 let dst = rng.below(next_id);
                 let amount = rng.below(1000) as i64;
                 let tx = db.unchecked_transaction()?;
-                let a = tx.prepare_cached("UPDATE accounts SET balance = balance - ?2 WHERE id = ?1")?.execute(params![id as i64, amount])?;
-                let b = tx.prepare_cached("UPDATE accounts SET balance = balance + ?2 WHERE id = ?1")?.execute(params![dst as i64, amount])?;
+                let a = tx
+                    .prepare_cached("UPDATE accounts SET balance = balance - ?2 WHERE id = ?1")?
+                    .execute(params![id as i64, amount])?;
+                let b = tx
+                    .prepare_cached("UPDATE accounts SET balance = balance + ?2 WHERE id = ?1")?
+                    .execute(params![dst as i64, amount])?;
                 seq += 1;
-                tx.prepare_cached("INSERT INTO ledger(seq, src, dst, amount) VALUES (?1, ?2, ?3, ?4)")?
-                    .execute(params![seq, id as i64, dst as i64, amount])?;
+                tx.prepare_cached(
+                    "INSERT INTO ledger(seq, src, dst, amount) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![seq, id as i64, dst as i64, amount])?;
                 if rng.below(8) == 0 {
                     tx.rollback()?;
                     seq -= 1;
-                    log.push(format!("transfer {id}->{dst} {amount}: rolled back ({a} {b})"));
+                    log.push(format!(
+                        "transfer {id}->{dst} {amount}: rolled back ({a} {b})"
+                    ));
                 } else {
                     tx.commit()?;
                     log.push(format!("transfer {id}->{dst} {amount}: {a} {b}"));
@@ -145,8 +171,15 @@ pub(crate) fn run(path: &Path, size: Size) -> rusqlite::Result<Outcome> {
             // New accounts.
             65..=74 => {
                 let n = db
-                    .prepare_cached("INSERT INTO accounts(id, name, balance, note) VALUES (?1, ?2, ?3, ?4)")?
-                    .execute(params![next_id as i64, name(next_id), rng.below(1_000_000) as i64, note(next_id, &mut rng)])?;
+                    .prepare_cached(
+                        "INSERT INTO accounts(id, name, balance, note) VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![
+                        next_id as i64,
+                        name(next_id),
+                        rng.below(1_000_000) as i64,
+                        note(next_id, &mut rng)
+                    ])?;
                 log.push(format!("insert {next_id}: {n}"));
                 next_id += 1;
             }
@@ -161,7 +194,9 @@ pub(crate) fn run(path: &Path, size: Size) -> rusqlite::Result<Outcome> {
             // stretch of the balance index.
             83..=86 => {
                 let (n, total): (i64, Option<i64>) = db
-                    .prepare_cached("SELECT count(*), sum(amount) FROM ledger WHERE seq > ?1 - 100")?
+                    .prepare_cached(
+                        "SELECT count(*), sum(amount) FROM ledger WHERE seq > ?1 - 100",
+                    )?
                     .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 let lo = rng.below(1_000_000) as i64;
                 let groups: Vec<(i64, i64)> = db
@@ -180,7 +215,9 @@ pub(crate) fn run(path: &Path, size: Size) -> rusqlite::Result<Outcome> {
                 db.prepare_cached("INSERT INTO mem.tally(bucket, n) VALUES (?1, 1) ON CONFLICT(bucket) DO UPDATE SET n = n + 1")?
                     .execute([(id % 97) as i64])?;
                 let (r, t): (i64, i64) = db
-                    .prepare_cached("SELECT (SELECT count(*) FROM temp.recent), (SELECT sum(n) FROM mem.tally)")?
+                    .prepare_cached(
+                        "SELECT (SELECT count(*) FROM temp.recent), (SELECT sum(n) FROM mem.tally)",
+                    )?
                     .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 log.push(format!("temp {r} {t}"));
             }
@@ -201,14 +238,22 @@ pub(crate) fn run(path: &Path, size: Size) -> rusqlite::Result<Outcome> {
     out.mix = mix.elapsed();
     // Everything that is left, and SQLite's own check of the file.
     let (n, sum): (i64, Option<i64>) =
-        db.query_row("SELECT count(*), sum(balance) FROM accounts", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        db.query_row("SELECT count(*), sum(balance) FROM accounts", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
     out.log.push(format!("final {n} {sum:?}"));
     db.execute_batch("VACUUM")?;
     let mut digest = 0u64;
     let mut all = db.prepare("SELECT id, name, balance, note FROM accounts ORDER BY id")?;
     let mut rows = all.query([])?;
     while let Some(r) = rows.next()? {
-        let line = format!("{}|{}|{}|{:?}", r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, Option<String>>(3)?);
+        let line = format!(
+            "{}|{}|{}|{:?}",
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, Option<String>>(3)?
+        );
         for b in line.bytes() {
             digest = (digest ^ u64::from(b)).wrapping_mul(0x100_0000_01B3);
         }

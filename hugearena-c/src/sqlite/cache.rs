@@ -144,9 +144,15 @@ impl Cache {
     /// Chunks are about this many bytes.
     const CHUNK_BYTES: usize = 128 << 10;
 
-    pub(crate) fn new(page_size: usize, extra_size: usize, purgeable: bool, arena: Option<Arc<Arena>>) -> Cache {
+    pub(crate) fn new(
+        page_size: usize,
+        extra_size: usize,
+        purgeable: bool,
+        arena: Option<Arc<Arena>>,
+    ) -> Cache {
         let extra_stride = extra_size.div_ceil(8) * 8;
-        let slots_per_chunk = (Self::CHUNK_BYTES / (page_size + extra_stride).max(1)).clamp(4, 1024) as u32;
+        let slots_per_chunk =
+            (Self::CHUNK_BYTES / (page_size + extra_stride).max(1)).clamp(4, 1024) as u32;
         Cache {
             page_size,
             extra_size,
@@ -210,24 +216,27 @@ impl Cache {
         STATS.misses.fetch_add(1, Relaxed);
         match create {
             Create::No => return std::ptr::null_mut(),
-            Create::IfEasy if self.purgeable && self.pinned >= self.max_pinned => return std::ptr::null_mut(),
+            Create::IfEasy if self.purgeable && self.pinned >= self.max_pinned => {
+                return std::ptr::null_mut();
+            }
             _ => {}
         }
-        let slot = if self.purgeable && self.lru_oldest != NIL && self.map.len() + 1 >= self.max_pages {
-            let victim = self.lru_oldest;
-            self.lru_unlink(victim);
-            self.map.remove(&self.meta[victim as usize].key);
-            STATS.recycled.fetch_add(1, Relaxed);
-            victim
-        } else {
-            match self.free.pop().or_else(|| self.add_chunk()) {
-                Some(slot) => {
-                    self.chunk_of(slot).used += 1;
-                    slot
+        let slot =
+            if self.purgeable && self.lru_oldest != NIL && self.map.len() + 1 >= self.max_pages {
+                let victim = self.lru_oldest;
+                self.lru_unlink(victim);
+                self.map.remove(&self.meta[victim as usize].key);
+                STATS.recycled.fetch_add(1, Relaxed);
+                victim
+            } else {
+                match self.free.pop().or_else(|| self.add_chunk()) {
+                    Some(slot) => {
+                        self.chunk_of(slot).used += 1;
+                        slot
+                    }
+                    None => return std::ptr::null_mut(),
                 }
-                None => return std::ptr::null_mut(),
-            }
-        };
+            };
         self.meta[slot as usize] = Meta {
             key,
             state: State::Pinned,
@@ -277,7 +286,12 @@ impl Cache {
 
     /// Drops every page numbered `limit` or more, pinned ones included.
     pub(crate) fn truncate(&mut self, limit: u32) {
-        let doomed: Vec<u32> = self.map.iter().filter(|&(&k, _)| k >= limit).map(|(_, &s)| s).collect();
+        let doomed: Vec<u32> = self
+            .map
+            .iter()
+            .filter(|&(&k, _)| k >= limit)
+            .map(|(_, &s)| s)
+            .collect();
         for slot in doomed {
             self.map.remove(&self.meta[slot as usize].key);
             self.drop_slot(slot);
@@ -366,7 +380,11 @@ impl Cache {
         let spc = self.slots_per_chunk as usize;
         let bytes = spc * (self.page_size + self.extra_stride);
         let (memory, backing) = self.chunk_memory(bytes)?;
-        let position = self.chunks.iter().position(Option::is_none).unwrap_or(self.chunks.len());
+        let position = self
+            .chunks
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(self.chunks.len());
         let first = (position * spc) as u32;
         let extras = spc * self.page_size;
         let handles = (0..spc)
@@ -438,8 +456,16 @@ impl Cache {
     /// Checks the bookkeeping (tests).
     #[cfg(test)]
     fn check(&self) {
-        let unpinned = self.meta.iter().filter(|m| m.state == State::Unpinned).count();
-        let pinned = self.meta.iter().filter(|m| m.state == State::Pinned).count();
+        let unpinned = self
+            .meta
+            .iter()
+            .filter(|m| m.state == State::Unpinned)
+            .count();
+        let pinned = self
+            .meta
+            .iter()
+            .filter(|m| m.state == State::Pinned)
+            .count();
         assert_eq!(pinned, self.pinned);
         assert_eq!(pinned + unpinned, self.map.len());
         let mut n = 0;
@@ -512,7 +538,8 @@ mod tests {
         c.unpin(page(&c, h), false);
         let h = c.fetch(2, Create::Always);
         // SAFETY: a live page's extra bytes.
-        assert!(unsafe { std::slice::from_raw_parts((*h).page.extra, 48) }.iter().all(|&b| b == 0));
+        let extra = unsafe { std::slice::from_raw_parts((*h).page.extra, 48) };
+        assert!(extra.iter().all(|&b| b == 0));
     }
 
     #[test]
@@ -562,7 +589,11 @@ mod tests {
         let pinned = get(&mut c, 0, Create::No);
         c.shrink();
         assert_eq!(c.pages(), 1);
-        assert_eq!(c.chunks.iter().flatten().count(), 1, "only the pinned page's chunk is kept");
+        assert_eq!(
+            c.chunks.iter().flatten().count(),
+            1,
+            "only the pinned page's chunk is kept"
+        );
         c.unpin(pinned, false);
         c.check();
         // Fetching again after the shrink works.

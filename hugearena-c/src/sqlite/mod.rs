@@ -37,7 +37,10 @@ use hugearena::{Arena, BackendKind, HugePages, RegionOptions};
 
 use crate::error::{Failure, HUGEARENA_E_INVALID_ARGUMENT, guard};
 use crate::ffi::{opt, put};
-use crate::region::{HUGEARENA_BACKEND_AUTO, HUGEARENA_HUGE_PAGES_OFF, HUGEARENA_HUGE_PAGES_ON, HUGEARENA_HUGE_PAGES_TRY};
+use crate::region::{
+    HUGEARENA_BACKEND_AUTO, HUGEARENA_HUGE_PAGES_OFF, HUGEARENA_HUGE_PAGES_ON,
+    HUGEARENA_HUGE_PAGES_TRY,
+};
 use cache::{Cache, Create, Handle, PcachePage};
 
 /// The region size when none is given: 256 MiB of address space, filled
@@ -212,8 +215,13 @@ unsafe extern "C" fn x_init(_: *mut c_void) -> c_int {
 
 unsafe extern "C" fn x_shutdown(_: *mut c_void) {}
 
-unsafe extern "C" fn x_create(page_size: c_int, extra_size: c_int, purgeable: c_int) -> *mut c_void {
-    let (Ok(page_size), Ok(extra_size)) = (usize::try_from(page_size), usize::try_from(extra_size)) else {
+unsafe extern "C" fn x_create(
+    page_size: c_int,
+    extra_size: c_int,
+    purgeable: c_int,
+) -> *mut c_void {
+    let (Ok(page_size), Ok(extra_size)) = (usize::try_from(page_size), usize::try_from(extra_size))
+    else {
         return std::ptr::null_mut();
     };
     if page_size == 0 {
@@ -226,7 +234,11 @@ unsafe extern "C" fn x_create(page_size: c_int, extra_size: c_int, purgeable: c_
 
 unsafe extern "C" fn x_cachesize(cache: *mut c_void, pages: c_int) {
     // SAFETY: SQLite passes a live cache.
-    unsafe { with_cache(cache, |c| c.set_max_pages(usize::try_from(pages).unwrap_or(0))) }
+    unsafe {
+        with_cache(cache, |c| {
+            c.set_max_pages(usize::try_from(pages).unwrap_or(0))
+        })
+    }
 }
 
 unsafe extern "C" fn x_pagecount(cache: *mut c_void) -> c_int {
@@ -297,7 +309,10 @@ fn make_arena(o: &PcacheOptions) -> Result<Arena, Failure> {
 pub fn install(options: &PcacheOptions) -> Result<(), InstallError> {
     let config = sqlite3_config()?;
     let arena = Arc::new(make_arena(options)?);
-    let previous = ARENA.lock().unwrap_or_else(PoisonError::into_inner).replace(arena);
+    let previous = ARENA
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .replace(arena);
     let methods = methods();
     // SAFETY: `sqlite3_config(SQLITE_CONFIG_PCACHE2, const
     // sqlite3_pcache_methods2 *)` is SQLite's documented call; it copies the
@@ -329,7 +344,9 @@ pub fn stats() -> hugearena_sqlite_stats {
         recycled: STATS.recycled.load(Relaxed),
         arena_chunks: STATS.arena_chunks.load(Relaxed),
         heap_chunks: STATS.heap_chunks.load(Relaxed),
-        backend: current_arena().map_or(0, |a| crate::region::backend_code(a.region().backend().kind())),
+        backend: current_arena().map_or(0, |a| {
+            crate::region::backend_code(a.region().backend().kind())
+        }),
     }
 }
 
@@ -351,12 +368,18 @@ fn sqlite3_config() -> Result<ConfigFn, Failure> {
 }
 
 fn options_from_c(o: Option<&hugearena_sqlite_options>) -> Result<PcacheOptions, Failure> {
-    let Some(o) = o else { return Ok(PcacheOptions::default()) };
+    let Some(o) = o else {
+        return Ok(PcacheOptions::default());
+    };
     let huge_pages = match o.huge_pages {
         HUGEARENA_HUGE_PAGES_TRY => HugePages::Try,
         HUGEARENA_HUGE_PAGES_ON => HugePages::On,
         HUGEARENA_HUGE_PAGES_OFF => HugePages::Off,
-        other => return Err(Failure::invalid(format!("huge_pages {other} is not a HUGEARENA_HUGE_PAGES_*"))),
+        other => {
+            return Err(Failure::invalid(format!(
+                "huge_pages {other} is not a HUGEARENA_HUGE_PAGES_*"
+            )));
+        }
     };
     let backend = match o.backend {
         HUGEARENA_BACKEND_AUTO => None,
@@ -364,7 +387,9 @@ fn options_from_c(o: Option<&hugearena_sqlite_options>) -> Result<PcacheOptions,
             u32::try_from(code)
                 .ok()
                 .and_then(BackendKind::from_code)
-                .ok_or_else(|| Failure::invalid(format!("backend {code} is not a HUGEARENA_BACKEND_*")))?,
+                .ok_or_else(|| {
+                    Failure::invalid(format!("backend {code} is not a HUGEARENA_BACKEND_*"))
+                })?,
         ),
     };
     let path = if o.path.is_null() {
@@ -392,7 +417,9 @@ fn options_from_c(o: Option<&hugearena_sqlite_options>) -> Result<PcacheOptions,
 ///
 /// `opts` is NULL or valid.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn hugearena_sqlite_pcache_install(opts: *const hugearena_sqlite_options) -> c_int {
+pub unsafe extern "C" fn hugearena_sqlite_pcache_install(
+    opts: *const hugearena_sqlite_options,
+) -> c_int {
     guard("hugearena_sqlite_pcache_install", || {
         // SAFETY: the caller's contract.
         let options = options_from_c(unsafe { opt(opts) })?;
