@@ -7,7 +7,7 @@
 //!     --cache hugearena --cache-percent 25 --accounts 200000 --operations 200000
 //! ```
 //!
-//! Output, one line: `cache=... db_pages=... cache_pages=... load_s=...
+//! Output, one line: `RESULT cache=... db_pages=... cache_pages=... load_s=...
 //! mix_s=... ops_per_s=... digest=... integrity=...`.
 
 mod workload;
@@ -58,7 +58,7 @@ fn main() {
     }
     let stats = hugearena_c::sqlite::stats();
     println!(
-        "cache={cache} db_pages={} cache_pages={} load_s={:.3} mix_s={:.3} ops_per_s={:.0} total_s={:.3} digest={digest:016x} integrity={} caches={} arena_chunks={} heap_chunks={} backend={}",
+        "RESULT cache={cache} db_pages={} cache_pages={} load_s={:.3} mix_s={:.3} ops_per_s={:.0} total_s={:.3} digest={digest:016x} integrity={} caches={} arena_chunks={} heap_chunks={} backend={}",
         out.db_pages,
         out.cache_pages,
         out.load.as_secs_f64(),
