@@ -266,6 +266,12 @@ fn a_callback_source_fills_pages_once_and_a_failure_names_its_errno() {
             }
             assert_eq!(hugearena_populator_is_present(populator, 5 * 4096), 1);
             assert_eq!(hugearena_populator_is_present(populator, 20 * 4096), 0);
+            if driver != HUGEARENA_DRIVER_PROACTIVE {
+                // A first touch fills the page: in the faulting thread's
+                // SIGBUS handler (signal-safe), or by a handler thread.
+                assert_eq!(ptr::read_volatile(base.add(20 * 4096 + 7)), 20);
+                assert_eq!(hugearena_populator_is_present(populator, 20 * 4096), 1);
+            }
             // The failing page is poisoned (touching it raises SIGBUS);
             // the call itself succeeds and the failure is reported.
             ok(hugearena_populator_populate(populator, 13 * 4096, 4096));
@@ -279,7 +285,13 @@ fn a_callback_source_fills_pages_once_and_a_failure_names_its_errno() {
             );
             let mut stats = hugearena_populate_stats::default();
             ok(hugearena_populator_get_stats(populator, &mut stats));
-            assert_eq!(stats.fills, 8, "each page filled once");
+            let touched = u64::from(driver != HUGEARENA_DRIVER_PROACTIVE);
+            assert_eq!(stats.fills, 8 + touched, "each page filled once");
+            if signal_safe == 1 && driver == HUGEARENA_DRIVER_DEFAULT {
+                assert_eq!(stats.faults_in_thread, 1, "resolved in the faulting thread");
+            } else if signal_safe == 0 {
+                assert_eq!(stats.faults_handler, 1, "resolved by a handler thread");
+            }
             assert_eq!(stats.poisoned, 1);
             hugearena_populator_free(populator);
             hugearena_region_free(region);
