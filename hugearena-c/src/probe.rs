@@ -2,14 +2,12 @@
 
 use std::ffi::{c_char, c_int};
 
+use hugearena::RegionOptions;
 use hugearena::probe::{KernelCaps, Support};
-use hugearena::{HugePages, RegionOptions};
 
-use crate::error::{Failure, guard};
+use crate::error::guard;
 use crate::ffi::{copy_out, put};
-use crate::region::{
-    HUGEARENA_HUGE_PAGES_OFF, HUGEARENA_HUGE_PAGES_ON, HUGEARENA_HUGE_PAGES_TRY, backend_code,
-};
+use crate::region::{backend_code, huge_pages_policy};
 
 /// The kernel probe's report, one capability per entry (what was found,
 /// what it means for hugearena, and the command that enables what is
@@ -67,16 +65,7 @@ pub unsafe extern "C" fn hugearena_probe_plan(
     reason_len: usize,
 ) -> c_int {
     guard("hugearena_probe_plan", || {
-        let policy = match huge_pages {
-            HUGEARENA_HUGE_PAGES_TRY => HugePages::Try,
-            HUGEARENA_HUGE_PAGES_ON => HugePages::On,
-            HUGEARENA_HUGE_PAGES_OFF => HugePages::Off,
-            other => {
-                return Err(Failure::invalid(format!(
-                    "huge_pages {other} is not a HUGEARENA_HUGE_PAGES_*"
-                )));
-            }
-        };
+        let policy = huge_pages_policy(huge_pages)?;
         let choice = RegionOptions::new(size)
             .huge_pages(policy)
             .plan(KernelCaps::cached())?;

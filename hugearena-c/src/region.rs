@@ -132,6 +132,13 @@ pub struct hugearena_region {
     pub(crate) region: Arc<Region>,
 }
 
+impl hugearena_region {
+    /// A new handle, owned by C.
+    fn boxed(region: Arc<Region>) -> *mut hugearena_region {
+        Box::into_raw(Box::new(hugearena_region { region }))
+    }
+}
+
 /// A region's population in this process: faults, fills, discards.
 #[derive(Debug)]
 pub struct hugearena_populator {
@@ -176,6 +183,30 @@ pub struct hugearena_populate_stats {
     pub present_granules: u64,
 }
 
+/// The huge page policy named by a `HUGEARENA_HUGE_PAGES_*` code.
+pub(crate) fn huge_pages_policy(code: c_int) -> Result<HugePages, Failure> {
+    match code {
+        HUGEARENA_HUGE_PAGES_TRY => Ok(HugePages::Try),
+        HUGEARENA_HUGE_PAGES_ON => Ok(HugePages::On),
+        HUGEARENA_HUGE_PAGES_OFF => Ok(HugePages::Off),
+        other => Err(Failure::invalid(format!(
+            "huge_pages {other} is not HUGEARENA_HUGE_PAGES_TRY, _ON or _OFF"
+        ))),
+    }
+}
+
+/// The backend named by a `HUGEARENA_BACKEND_*` code (`None` for `AUTO`).
+pub(crate) fn backend_kind(code: c_int) -> Result<Option<BackendKind>, Failure> {
+    if code == HUGEARENA_BACKEND_AUTO {
+        return Ok(None);
+    }
+    u32::try_from(code)
+        .ok()
+        .and_then(BackendKind::from_code)
+        .map(Some)
+        .ok_or_else(|| Failure::invalid(format!("backend {code} is not a HUGEARENA_BACKEND_*")))
+}
+
 pub(crate) fn region_options(
     o: Option<&hugearena_region_options>,
 ) -> Result<RegionOptions, Failure> {
@@ -184,26 +215,8 @@ pub(crate) fn region_options(
             "the region options are NULL: the size is required",
         ));
     };
-    let mut opts = RegionOptions::new(o.size).huge_pages(match o.huge_pages {
-        HUGEARENA_HUGE_PAGES_TRY => HugePages::Try,
-        HUGEARENA_HUGE_PAGES_ON => HugePages::On,
-        HUGEARENA_HUGE_PAGES_OFF => HugePages::Off,
-        other => {
-            return Err(Failure::invalid(format!(
-                "huge_pages {other} is not HUGEARENA_HUGE_PAGES_TRY, _ON or _OFF"
-            )));
-        }
-    });
-    if o.backend != HUGEARENA_BACKEND_AUTO {
-        let kind = u32::try_from(o.backend)
-            .ok()
-            .and_then(BackendKind::from_code)
-            .ok_or_else(|| {
-                Failure::invalid(format!(
-                    "backend {} is not a HUGEARENA_BACKEND_*",
-                    o.backend
-                ))
-            })?;
+    let mut opts = RegionOptions::new(o.size).huge_pages(huge_pages_policy(o.huge_pages)?);
+    if let Some(kind) = backend_kind(o.backend)? {
         opts = opts.backend(kind);
     }
     if o.huge_page_size != 0 {
@@ -361,13 +374,7 @@ pub unsafe extern "C" fn hugearena_region_create(
         let ropts = region_options(unsafe { opt(opts) })?;
         let region = Arc::new(Region::create(ropts)?);
         // SAFETY: the caller's contract.
-        unsafe {
-            put(
-                out,
-                Box::into_raw(Box::new(hugearena_region { region })),
-                "out",
-            )
-        }
+        unsafe { put(out, hugearena_region::boxed(region), "out") }
     })
 }
 
@@ -387,13 +394,7 @@ pub unsafe extern "C" fn hugearena_region_open(
         let p = unsafe { path(region_path, "path") }?;
         let region = Arc::new(Region::open(p)?);
         // SAFETY: the caller's contract.
-        unsafe {
-            put(
-                out,
-                Box::into_raw(Box::new(hugearena_region { region })),
-                "out",
-            )
-        }
+        unsafe { put(out, hugearena_region::boxed(region), "out") }
     })
 }
 

@@ -222,6 +222,17 @@ unsafe extern "C" fn fill_with_index(
     0
 }
 
+fn callback_source(ctx: *mut c_void, signal_safe: c_int) -> hugearena_source {
+    hugearena_source {
+        kind: HUGEARENA_SOURCE_CALLBACK,
+        path: ptr::null(),
+        offset: 0,
+        fill: Some(fill_with_index),
+        ctx,
+        signal_safe,
+    }
+}
+
 #[test]
 fn a_callback_source_fills_pages_once_and_a_failure_names_its_errno() {
     for (signal_safe, driver) in [
@@ -232,14 +243,7 @@ fn a_callback_source_fills_pages_once_and_a_failure_names_its_errno() {
         let calls = std::sync::atomic::AtomicU64::new(0);
         let mut region = ptr::null_mut();
         let mut populator = ptr::null_mut();
-        let source = hugearena_source {
-            kind: HUGEARENA_SOURCE_CALLBACK,
-            path: ptr::null(),
-            offset: 0,
-            fill: Some(fill_with_index),
-            ctx: (&raw const calls).cast_mut().cast(),
-            signal_safe,
-        };
+        let source = callback_source((&raw const calls).cast_mut().cast(), signal_safe);
         let popts = hugearena_populate_options {
             driver,
             handler_threads: 0,
@@ -300,14 +304,7 @@ fn a_callback_source_fills_pages_once_and_a_failure_names_its_errno() {
     // The in-thread driver refuses a callback not declared signal-safe.
     let mut region = ptr::null_mut();
     let mut populator = ptr::null_mut();
-    let source = hugearena_source {
-        kind: HUGEARENA_SOURCE_CALLBACK,
-        path: ptr::null(),
-        offset: 0,
-        fill: Some(fill_with_index),
-        ctx: ptr::null_mut(),
-        signal_safe: 0,
-    };
+    let source = callback_source(ptr::null_mut(), 0);
     let popts = hugearena_populate_options {
         driver: HUGEARENA_DRIVER_IN_THREAD,
         handler_threads: 0,

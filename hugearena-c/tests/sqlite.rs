@@ -170,12 +170,21 @@ fn a_program_can_pass_the_methods_to_sqlite3_config_itself() {
         return;
     }
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "methods_by_hand", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "methods_by_hand",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD, "methods")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("METHODS-USED"), "{stdout}");
 }
 
@@ -187,15 +196,25 @@ fn methods_by_hand() {
     // Room for a `sqlite3_pcache_methods2` (13 pointer-sized fields).
     let mut methods = [0usize; 16];
     // SAFETY: NULL options; `methods` is large enough and aligned.
-    let rc = unsafe { hugearena_c::sqlite::hugearena_sqlite_pcache_methods(std::ptr::null(), methods.as_mut_ptr().cast()) };
+    let rc = unsafe {
+        hugearena_c::sqlite::hugearena_sqlite_pcache_methods(
+            std::ptr::null(),
+            methods.as_mut_ptr().cast(),
+        )
+    };
     assert_eq!(rc, hugearena_c::HUGEARENA_OK);
     // SAFETY: SQLite's documented call, before it initializes, with the
     // methods the library filled in.
-    let rc = unsafe { rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_PCACHE2, methods.as_ptr()) };
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_PCACHE2, methods.as_ptr())
+    };
     assert_eq!(rc, rusqlite::ffi::SQLITE_OK);
     let db = rusqlite::Connection::open_in_memory().unwrap();
-    db.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1), (2), (3);").unwrap();
-    let n: i64 = db.query_row("SELECT sum(x) FROM t", [], |r| r.get(0)).unwrap();
+    db.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1), (2), (3);")
+        .unwrap();
+    let n: i64 = db
+        .query_row("SELECT sum(x) FROM t", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(n, 6);
     let stats = hugearena_c::sqlite::stats();
     assert!(stats.caches > 0 && stats.hits > 0, "{stats:?}");

@@ -37,10 +37,7 @@ use hugearena::{Arena, BackendKind, HugePages, RegionOptions};
 
 use crate::error::{Failure, HUGEARENA_E_INVALID_ARGUMENT, guard};
 use crate::ffi::{opt, put};
-use crate::region::{
-    HUGEARENA_BACKEND_AUTO, HUGEARENA_HUGE_PAGES_OFF, HUGEARENA_HUGE_PAGES_ON,
-    HUGEARENA_HUGE_PAGES_TRY,
-};
+use crate::region::{backend_kind, huge_pages_policy};
 use cache::{Cache, Create, Handle, PcachePage};
 
 /// The region size when none is given: 256 MiB of address space, filled
@@ -371,27 +368,8 @@ fn options_from_c(o: Option<&hugearena_sqlite_options>) -> Result<PcacheOptions,
     let Some(o) = o else {
         return Ok(PcacheOptions::default());
     };
-    let huge_pages = match o.huge_pages {
-        HUGEARENA_HUGE_PAGES_TRY => HugePages::Try,
-        HUGEARENA_HUGE_PAGES_ON => HugePages::On,
-        HUGEARENA_HUGE_PAGES_OFF => HugePages::Off,
-        other => {
-            return Err(Failure::invalid(format!(
-                "huge_pages {other} is not a HUGEARENA_HUGE_PAGES_*"
-            )));
-        }
-    };
-    let backend = match o.backend {
-        HUGEARENA_BACKEND_AUTO => None,
-        code => Some(
-            u32::try_from(code)
-                .ok()
-                .and_then(BackendKind::from_code)
-                .ok_or_else(|| {
-                    Failure::invalid(format!("backend {code} is not a HUGEARENA_BACKEND_*"))
-                })?,
-        ),
-    };
+    let huge_pages = huge_pages_policy(o.huge_pages)?;
+    let backend = backend_kind(o.backend)?;
     let path = if o.path.is_null() {
         None
     } else {
