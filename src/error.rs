@@ -277,7 +277,8 @@ pub enum Error {
     ArenaExhausted {
         /// The requested size.
         size: usize,
-        /// Bytes allocated when it failed.
+        /// Bytes of pages and blocks allocated when it failed (a small
+        /// object's whole span counts).
         in_use: u64,
         /// Bytes the arena can hand out.
         capacity: u64,

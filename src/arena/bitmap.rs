@@ -149,16 +149,42 @@ pub(crate) fn find_clear_run(
         *s = w.load(Ordering::Relaxed);
     }
     let len = len.min(used * BITS);
-    let clear = |i: usize| snapshot[i / BITS] & (1 << (i % BITS)) == 0;
+    let snapshot = &snapshot[..used];
     let mut start = 0;
-    while start + n <= len {
-        match (start..start + n).rfind(|&i| !clear(i)) {
-            None => return Some(start),
-            // Restart after the set bit, at the next aligned position.
-            Some(taken) => start = (taken + 1).next_multiple_of(align),
+    loop {
+        // The next clear bit at an aligned position, then the first set
+        // bit after it: a word at a time, not a bit at a time.
+        start = next_bit(snapshot, start, len, false)?.next_multiple_of(align);
+        if start + n > len {
+            return None;
+        }
+        match next_bit(snapshot, start, len, true) {
+            Some(taken) if taken < start + n => start = taken + 1,
+            _ => return Some(start),
         }
     }
-    None
+}
+
+/// The first bit at or after `from` (and below `len`) that is set (`set`)
+/// or clear.
+fn next_bit(words: &[u64], from: usize, len: usize, set: bool) -> Option<usize> {
+    if from >= len {
+        return None;
+    }
+    let flip = if set { 0 } else { u64::MAX };
+    let mut w = from / BITS;
+    let mut word = (words[w] ^ flip) & (u64::MAX << (from % BITS));
+    loop {
+        if word != 0 {
+            let bit = w * BITS + word.trailing_zeros() as usize;
+            return (bit < len).then_some(bit);
+        }
+        w += 1;
+        if w * BITS >= len {
+            return None;
+        }
+        word = words[w] ^ flip;
+    }
 }
 
 /// Counts the set bits among the first `len`.
@@ -214,5 +240,45 @@ mod tests {
             assert_eq!(claim_one(&small, 100), Some(i));
         }
         assert_eq!(claim_one(&small, 100), None, "bits past len stay unused");
+    }
+
+    #[test]
+    fn the_run_search_finds_the_first_fitting_run_a_bit_search_finds() {
+        // The first aligned run of `n` clear bits, one bit at a time.
+        fn by_bits(words: &[u64], len: usize, n: usize, align: usize) -> Option<usize> {
+            let clear = |i: usize| words[i / 64] & (1 << (i % 64)) == 0;
+            (0..len)
+                .step_by(align)
+                .find(|&s| s + n <= len && (s..s + n).all(clear))
+        }
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for round in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let words: Vec<u64> = (0..8)
+                .map(|i| {
+                    let r = x.rotate_left(i * 8);
+                    // Mostly-full, mostly-empty and mixed words.
+                    match (r >> 60) % 3 {
+                        0 => r & r.rotate_left(17),
+                        1 => r | r.rotate_left(29),
+                        _ => r,
+                    }
+                })
+                .collect();
+            let b = bitmap(8);
+            for (w, &v) in b.iter().zip(&words) {
+                w.store(v, Ordering::Relaxed);
+            }
+            let len = [512, 500, 100, 64][round % 4];
+            let n = 1 + (x % 70) as usize;
+            let align = [1, 2, 4, 16][(x >> 8) as usize % 4];
+            assert_eq!(
+                find_clear_run(&b, len, n, align),
+                by_bits(&words, len, n, align),
+                "{words:x?} len {len} n {n} align {align}"
+            );
+        }
     }
 }

@@ -52,16 +52,60 @@ pub(crate) fn class_for(size: usize, align: usize) -> Option<u32> {
     if size > SMALL_MAX {
         return None;
     }
-    CLASSES
-        .iter()
-        .position(|&c| c as usize >= size)
-        .map(|i| i as u32)
+    Some(u32::from(CLASS_OF_SIXTEENTHS[size.div_ceil(16)]))
 }
+
+/// The class of a size, by the size in 16-byte units rounded up (every
+/// class is a multiple of 16): one load instead of a search.
+static CLASS_OF_SIXTEENTHS: [u8; SMALL_MAX / 16 + 1] = {
+    let mut table = [0u8; SMALL_MAX / 16 + 1];
+    let (mut units, mut class) = (0, 0);
+    while units < table.len() {
+        while (CLASSES[class] as usize) < units * 16 {
+            class += 1;
+        }
+        table[units] = class as u8;
+        units += 1;
+    }
+    table
+};
+
+/// `offset` (a byte offset inside a span, below 64 KiB) divided by the
+/// size of `class`: quotient and remainder, by a multiply instead of a
+/// division (exact: with offsets below 2^16 and sizes below 2^14, a 32-bit
+/// reciprocal leaves no rounding error).
+pub(crate) fn divide_by_class(offset: u64, class: u32) -> (u64, u64) {
+    debug_assert!(offset < SPAN);
+    let size = u64::from(CLASSES[class as usize]);
+    let quotient = (offset * RECIPROCALS[class as usize]) >> 32;
+    (quotient, offset - quotient * size)
+}
+
+/// `ceil(2^32 / size)` of each class.
+static RECIPROCALS: [u64; CLASSES.len()] = {
+    let mut r = [0u64; CLASSES.len()];
+    let mut i = 0;
+    while i < CLASSES.len() {
+        r[i] = (1u64 << 32).div_ceil(CLASSES[i] as u64);
+        i += 1;
+    }
+    r
+};
 
 /// Objects of class `class` per span.
 pub(crate) fn capacity(class: u32) -> u64 {
-    SPAN / u64::from(CLASSES[class as usize])
+    CAPACITIES[class as usize]
 }
+
+static CAPACITIES: [u64; CLASSES.len()] = {
+    let mut c = [0u64; CLASSES.len()];
+    let mut i = 0;
+    while i < CLASSES.len() {
+        c[i] = SPAN / CLASSES[i] as u64;
+        i += 1;
+    }
+    c
+};
 
 /// Byte offsets of the tables for a data area of `data_len` bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +173,29 @@ mod tests {
             assert!(w[1] > w[0] && (w[1] - w[0]) * 4 <= w[0].max(64), "{w:?}");
         }
         assert!(capacity(0) as usize <= SPAN_BITMAP_WORDS * 64);
+    }
+
+    #[test]
+    fn division_by_a_class_is_exact_for_every_offset_in_a_span() {
+        for class in 0..CLASSES.len() as u32 {
+            let size = u64::from(CLASSES[class as usize]);
+            for offset in 0..SPAN {
+                assert_eq!(
+                    divide_by_class(offset, class),
+                    (offset / size, offset % size),
+                    "{offset} / {size}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_class_table_gives_the_smallest_class_that_fits() {
+        for size in 1..=SMALL_MAX {
+            let class = class_for(size, 1).unwrap() as usize;
+            assert!(CLASSES[class] as usize >= size, "{size}");
+            assert!(class == 0 || (CLASSES[class - 1] as usize) < size, "{size}");
+        }
     }
 
     #[test]

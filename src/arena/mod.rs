@@ -6,8 +6,8 @@
 //!   spans; each span has an object bitmap and a state word; spans with
 //!   room wait on a per-class lock-free stack;
 //! - **page runs** (8 KiB – 2 MiB − 4 KiB): whole 4 KiB pages from a
-//!   block's page bitmap, first fit by address so that high blocks empty
-//!   out;
+//!   block's page bitmap, first fit by address from a process-local hint
+//!   so that high blocks empty out;
 //! - **large** (from 2 MiB): whole 2 MiB blocks.
 //!
 //! Allocation never writes into the memory it hands out: only the tables
@@ -23,6 +23,7 @@ pub(crate) mod layout;
 mod loom_model;
 pub(crate) mod span;
 pub(crate) mod stack;
+mod tables;
 
 use std::alloc::Layout as AllocLayout;
 use std::path::Path;
@@ -282,7 +283,7 @@ fn fresh_tag() -> u16 {
 ///
 /// Three size ranges: **small** (1 B – 8 KiB, 32 size classes carved from
 /// 64 KiB spans), **page runs** (8 KiB – 2 MiB − 4 KiB, whole 4 KiB pages,
-/// first fit by address so high blocks empty out) and **large** (whole
+/// first fit by address from a hint, so high blocks empty out) and **large** (whole
 /// 2 MiB blocks). Allocation never writes into the memory it hands out:
 /// only the tables change, and the populator fills a page on its first
 /// touch. A free is checked against the tables: a second free, an interior
@@ -311,6 +312,13 @@ fn fresh_tag() -> u16 {
 pub struct Arena {
     populator: Populator,
     layout: ArenaLayout,
+    /// The tables in `populator`'s region, resolved once.
+    tables: tables::Tables,
+    /// Where this process's page-run searches start: the lowest block
+    /// where it last found or freed room. Process-local and only a hint
+    /// (any value is correct; a search that finds nothing from it scans
+    /// the blocks below it too before opening a new block).
+    run_hint: AtomicU64,
     base: SharedBase,
     release: ReleasePolicy,
     caches: cache::Caches,
@@ -373,9 +381,12 @@ impl Arena {
             });
         }
         let base = populator.region().primary_base();
+        let tables = tables::Tables::new(populator.region(), &layout, hdr::WORDS)?;
         Ok(Arena {
             populator,
             layout,
+            tables,
+            run_hint: AtomicU64::new(0),
             base,
             release: ReleasePolicy::default(),
             caches: cache::Caches::new(true),
@@ -655,18 +666,12 @@ impl Arena {
         unsafe { local.cast::<T>().as_ref() }
     }
 
-    fn words<T: crate::region::SharedAtomic>(&self, offset: u64, count: u64) -> &[T] {
-        self.region()
-            .shared_atomics(offset as usize, count as usize)
-            .expect("arena tables lie inside the region")
-    }
-
     fn header(&self) -> &[AtomicU64] {
-        self.words(0, hdr::WORDS as u64)
+        self.tables.header.get()
     }
 
     fn blocks(&self) -> &[AtomicU64] {
-        self.words(self.layout.blocks_offset, self.layout.blocks)
+        self.tables.blocks.get()
     }
 
     fn block(&self, b: u64) -> &AtomicU64 {
@@ -674,11 +679,12 @@ impl Arena {
     }
 
     fn page_bitmap(&self, b: u64) -> &[AtomicU64] {
-        self.words(self.layout.bitmaps_offset + b * 64, 8)
+        let at = b as usize * 8;
+        &self.tables.bitmaps.get()[at..at + 8]
     }
 
     fn run_len(&self, page: u64) -> &AtomicU32 {
-        &self.words::<AtomicU32>(self.layout.runs_offset + page * 4, 1)[0]
+        &self.tables.runs.get()[page as usize]
     }
 
     /// Whether `slot` names a span slot of the arena (words read from the
@@ -687,8 +693,15 @@ impl Arena {
         slot < self.layout.data_len / SPAN
     }
 
+    /// Span slot `slot`'s descriptor: state, link, object bitmap.
+    fn span_desc(&self, slot: u64) -> &[AtomicU64] {
+        const WORDS: usize = (SPAN_DESC / 8) as usize;
+        let at = slot as usize * WORDS;
+        &self.tables.spans.get()[at..at + WORDS]
+    }
+
     fn span_state(&self, slot: u64) -> &AtomicU64 {
-        &self.words(self.layout.spans_offset + slot * SPAN_DESC, 1)[0]
+        &self.span_desc(slot)[0]
     }
 
     fn span_links(&self) -> SpanLinks<'_> {
@@ -696,10 +709,7 @@ impl Arena {
     }
 
     fn span_bitmap(&self, slot: u64) -> &[AtomicU64] {
-        self.words(
-            self.layout.spans_offset + slot * SPAN_DESC + 16,
-            SPAN_BITMAP_WORDS as u64,
-        )
+        &self.span_desc(slot)[2..2 + SPAN_BITMAP_WORDS]
     }
 
     fn current(&self, class: u32) -> &AtomicU64 {
@@ -710,11 +720,23 @@ impl Arena {
         &self.header()[hdr::PARTIAL + class as usize]
     }
 
+    /// The error of a failed allocation. One pass over the block words
+    /// (not `stats()`, which scans every bitmap and span): a buffer pool
+    /// that evicts when the arena is full gets this in a loop.
     fn exhausted(&self, size: usize) -> Error {
-        let stats = self.stats();
+        let in_use = (self.layout.meta_blocks()..self.layout.blocks)
+            .map(|b| {
+                let st = block::observe(self.block(b));
+                match st.kind {
+                    Kind::Pages => (PAGES_PER_BLOCK - st.free_pages.min(PAGES_PER_BLOCK)) * PAGE,
+                    Kind::LargeHead | Kind::LargeTail => BLOCK,
+                    _ => 0,
+                }
+            })
+            .sum();
         Error::ArenaExhausted {
             size,
-            in_use: stats.in_use_bytes(),
+            in_use,
             capacity: self.layout.data_len - self.layout.meta_len,
         }
     }
@@ -783,43 +805,63 @@ impl Arena {
     }
 
     /// Claims `n` pages (`n` < 512) aligned to `align` pages, first fit by
-    /// address; returns the first page's index.
+    /// address from this process's hint (the lowest block where it last
+    /// found or freed room), then below it; a new block is opened only when
+    /// no page block has a fitting run. Returns the first page's index.
     fn alloc_pages(&self, n: u64, align: u64) -> Option<u64> {
+        let first = self.layout.meta_blocks();
         loop {
-            let mut saw_free_block = None;
-            for b in self.layout.meta_blocks()..self.layout.blocks {
+            let hint = self
+                .run_hint
+                .load(Ordering::Relaxed)
+                .clamp(first, self.layout.blocks);
+            let mut lowest_free = None;
+            for b in (hint..self.layout.blocks).chain(first..hint) {
                 let slot = self.block(b);
                 let state = block::observe(slot);
-                if state.kind == Kind::Free && saw_free_block.is_none() {
-                    saw_free_block = Some(b);
+                if state.kind == Kind::Free {
+                    lowest_free = Some(lowest_free.map_or(b, |f: u64| f.min(b)));
                 }
-                if state.kind != Kind::Pages
-                    || state.free_pages < n
-                    || !block::reserve_pages(slot, n)
-                {
+                if state.kind != Kind::Pages || state.free_pages < n {
                     continue;
                 }
-                let bits = self.page_bitmap(b);
-                // A few tries: a concurrent claim may take the run we found.
-                for _ in 0..4 {
-                    let Some(start) = bitmap::find_clear_run(
-                        bits,
-                        PAGES_PER_BLOCK as usize,
-                        n as usize,
-                        align as usize,
-                    ) else {
-                        break;
-                    };
-                    if bitmap::claim_range(bits, start, n as usize) {
-                        return Some(b * PAGES_PER_BLOCK + start as u64);
+                if let Some(page) = self.claim_run_in(b, n, align) {
+                    if b != hint {
+                        self.run_hint.store(b, Ordering::Relaxed);
                     }
+                    return Some(page);
                 }
-                block::unreserve_pages(slot, n);
             }
             // No page block fits: open a new one (first free by address).
-            let b = saw_free_block?;
+            let b = lowest_free?;
             block::to_pages(self.block(b));
         }
+    }
+
+    /// Claims a run of `n` pages aligned to `align` in page block `b`.
+    fn claim_run_in(&self, b: u64, n: u64, align: u64) -> Option<u64> {
+        let slot = self.block(b);
+        let bits = self.page_bitmap(b);
+        let find =
+            || bitmap::find_clear_run(bits, PAGES_PER_BLOCK as usize, n as usize, align as usize);
+        // Look before reserving: a block with enough free pages but no run
+        // that fits costs no read-modify-write.
+        let mut start = find()?;
+        if !block::reserve_pages(slot, n) {
+            return None;
+        }
+        // A few tries: a concurrent claim may take the run we found.
+        for _ in 0..4 {
+            if bitmap::claim_range(bits, start, n as usize) {
+                return Some(b * PAGES_PER_BLOCK + start as u64);
+            }
+            match find() {
+                Some(next) => start = next,
+                None => break,
+            }
+        }
+        block::unreserve_pages(slot, n);
+        None
     }
 
     fn free_pages(&self, page: u64, n: u64) {
@@ -834,6 +876,7 @@ impl Arena {
             return;
         }
         let free = block::unreserve_pages(self.block(b), n);
+        self.run_hint.fetch_min(b, Ordering::Relaxed);
         if free == PAGES_PER_BLOCK && self.release == ReleasePolicy::Eager {
             self.release_block(b);
         }
@@ -986,10 +1029,8 @@ impl Arena {
     /// The index in its span of the object of `class` at `offset`, if
     /// `offset` is an object boundary.
     fn object_index(slot: u64, class: u32, offset: u64) -> Option<usize> {
-        let size = u64::from(CLASSES[class as usize]);
-        let within = offset - slot * SPAN;
-        (within % size == 0 && within / size < layout::capacity(class))
-            .then_some((within / size) as usize)
+        let (index, rest) = layout::divide_by_class(offset - slot * SPAN, class);
+        (rest == 0 && index < layout::capacity(class)).then_some(index as usize)
     }
 
     /// Frees a small object. Its bit in the span's object bitmap is
@@ -1214,12 +1255,9 @@ struct SpanLinks<'a>(&'a Arena);
 impl stack::Links for SpanLinks<'_> {
     type Slot = AtomicU64;
     fn link(&self, slot: u32) -> Option<&AtomicU64> {
-        self.0.is_slot(u64::from(slot)).then(|| {
-            &self.0.words(
-                self.0.layout.spans_offset + u64::from(slot) * SPAN_DESC + 8,
-                1,
-            )[0]
-        })
+        self.0
+            .is_slot(u64::from(slot))
+            .then(|| &self.0.span_desc(u64::from(slot))[1])
     }
 }
 
