@@ -3,11 +3,12 @@
 //! and neither touches a shared word. Objects in a cache stay reserved in
 //! the shared tables (they count as in use) until the cache is flushed.
 //!
-//! Each thread has one cache per arena, behind a mutex that only its
-//! thread takes on the hot path (`try_lock`, uncontended) and that a
-//! flush (`Arena::flush_thread_caches`, a snapshot, `audit`, the arena's
-//! drop) takes to empty it. The arena keeps every cache it handed out, so
-//! a thread that exits leaves its cache to the next flush.
+//! Each thread has one cache per arena, behind a [`Gate`]: its thread
+//! enters it with plain stores and a compiler fence (no atomic
+//! read-modify-write on the hot path), and a flush
+//! (`Arena::flush_thread_caches`, a snapshot, `audit`, the arena's drop)
+//! waits at the gate to empty it. The arena keeps every cache it handed
+//! out, so a thread that exits leaves its cache to the next flush.
 //!
 //! A cached object is marked free in the shared object bitmap when it is
 //! freed (so a second free of it fails in any thread or process); what
@@ -21,6 +22,7 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use super::gate::{self, Flushing, Gate};
 use super::layout::CLASSES;
 use crate::populate::fork;
 
@@ -43,7 +45,7 @@ impl ThreadCache {
     }
 }
 
-type Cell = Arc<Mutex<ThreadCache>>;
+type Cell = Arc<Gate<ThreadCache>>;
 
 /// The caches of one arena.
 #[derive(Debug)]
@@ -55,6 +57,9 @@ pub(crate) struct Caches {
     /// allocates and frees without caches.
     generation: u64,
     enabled: AtomicBool,
+    /// Flushes in progress (the gates' protocol).
+    flushing: Flushing,
+    /// Every cache handed out; its lock also serializes flushes.
     cells: Mutex<Vec<Cell>>,
 }
 
@@ -73,6 +78,10 @@ impl Caches {
                 fork::generation()
             },
             enabled: AtomicBool::new(enabled),
+            flushing: {
+                gate::init();
+                Flushing::default()
+            },
             cells: Mutex::new(Vec::new()),
         }
     }
@@ -85,8 +94,9 @@ impl Caches {
         self.enabled.load(Ordering::Relaxed) && self.generation == fork::generation()
     }
 
-    /// Runs `f` on this thread's cache, if caching is on and the cache is
-    /// not being flushed right now.
+    /// Runs `f` on this thread's cache, if caching is on and no flush is
+    /// in progress.
+    #[allow(unsafe_code)] // entering the thread's own gate
     fn with_local<R>(&self, f: impl FnOnce(&mut ThreadCache) -> R) -> Option<R> {
         if !self.enabled() {
             return None;
@@ -100,7 +110,7 @@ impl Caches {
                         // Forget caches of arenas that are gone (only this
                         // thread still holds them).
                         local.retain(|(_, c)| Arc::strong_count(c) > 1);
-                        let cell = Arc::new(Mutex::new(ThreadCache::new()));
+                        let cell = Arc::new(Gate::new(ThreadCache::new()));
                         self.cells
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
@@ -110,8 +120,9 @@ impl Caches {
                     }
                 };
                 // `f` never touches `LOCAL`, so the borrow can stay held.
-                let mut guard = local[at].1.try_lock().ok()?;
-                Some(f(&mut guard))
+                // SAFETY: the gate is this thread's own (made for it and
+                // kept in its `LOCAL`): it has one owner.
+                unsafe { local[at].1.enter(&self.flushing, f) }
             })
             .ok()
             .flatten()
@@ -143,12 +154,16 @@ impl Caches {
         }
         let cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out = Vec::new();
-        for cell in cells.iter() {
-            let mut cache = cell.lock().unwrap_or_else(PoisonError::into_inner);
-            for (class, bin) in cache.bins.iter_mut().enumerate() {
-                out.extend(bin.drain(..).map(|off| (class as u32, off)));
+        if self.flushing.begin() {
+            for cell in cells.iter() {
+                cell.take(|cache| {
+                    for (class, bin) in cache.bins.iter_mut().enumerate() {
+                        out.extend(bin.drain(..).map(|off| (class as u32, off)));
+                    }
+                });
             }
         }
+        self.flushing.end();
         out
     }
 }

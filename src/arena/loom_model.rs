@@ -3,10 +3,12 @@
 //!
 //! Memory handed out is a loom `UnsafeCell`, so loom reports any two
 //! owners touching it without the protocol ordering them.
-//! `--cfg hugearena_mutation` weakens the bitmap claim to `Relaxed`; these
-//! tests must then fail.
+//! `--cfg hugearena_mutation` weakens the bitmap claim to `Relaxed`, and
+//! `--cfg hugearena_mutation_cache` drops the owner's fence at a thread
+//! cache's gate; these tests must then fail.
 #![allow(unsafe_code)] // the modelled bytes are loom `UnsafeCell`s
 
+use super::gate::{Flushing, Gate};
 use super::{bitmap, span, stack};
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
@@ -154,5 +156,43 @@ fn the_span_stack_loses_and_duplicates_nothing() {
         left.extend(taken);
         left.sort_unstable();
         assert_eq!(left, vec![0, 1, 2]);
+    });
+}
+
+/// A thread cache's owner puts objects in it while another thread flushes
+/// it: the two never touch the cache at once (loom's `UnsafeCell` would
+/// report it), and every object ends up either flushed or still cached,
+/// exactly once.
+#[test]
+fn a_flush_and_the_caches_owner_never_meet_inside_the_cache() {
+    loom::model(|| {
+        let gate = Arc::new(Gate::new(Vec::<u64>::new()));
+        let flushing = Arc::new(Flushing::default());
+        let owner = {
+            let (gate, flushing) = (gate.clone(), flushing.clone());
+            thread::spawn(move || {
+                let mut kept = 0;
+                for object in [1u64, 2] {
+                    // SAFETY: this thread is the gate's only owner.
+                    if unsafe { gate.enter(&flushing, |c| c.push(object)) }.is_some() {
+                        kept += 1;
+                    }
+                }
+                kept
+            })
+        };
+        let flushed = if flushing.begin() {
+            gate.take(std::mem::take)
+        } else {
+            Vec::new()
+        };
+        flushing.end();
+        let kept = owner.join().unwrap();
+        let left = gate.take(std::mem::take);
+        assert_eq!(
+            flushed.len() + left.len(),
+            kept,
+            "objects lost or duplicated"
+        );
     });
 }

@@ -18,6 +18,7 @@
 pub(crate) mod bitmap;
 pub(crate) mod block;
 mod cache;
+mod gate;
 pub(crate) mod layout;
 #[cfg(all(test, loom))]
 mod loom_model;

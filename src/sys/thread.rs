@@ -1,5 +1,5 @@
 //! Per-thread scheduling.
-#![allow(unsafe_code)] // `setpriority`, `tgkill`
+#![allow(unsafe_code)] // `setpriority`, `tgkill`, `membarrier`
 
 use super::error::{SysError, SysResult};
 
@@ -33,6 +33,45 @@ pub(crate) fn sigbus_thread(tid: u32) -> SysResult<()> {
     };
     if ret == -1 {
         return Err(SysError::last("tgkill(SIGBUS)").arg("tid", u64::from(tid)));
+    }
+    Ok(())
+}
+
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
+
+/// Registers this process for [`membarrier_all_threads`] (Linux 4.14+).
+pub(crate) fn membarrier_register() -> SysResult<()> {
+    // SAFETY: plain syscall with integer arguments.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+            0 as libc::c_long,
+            0 as libc::c_long,
+        )
+    };
+    if ret == -1 {
+        return Err(SysError::last("membarrier(REGISTER_PRIVATE_EXPEDITED)"));
+    }
+    Ok(())
+}
+
+/// Makes every running thread of this process execute a full memory
+/// barrier before this returns (`membarrier(PRIVATE_EXPEDITED)`): what lets
+/// the other side of a Dekker-style handshake use a compiler fence only.
+pub(crate) fn membarrier_all_threads() -> SysResult<()> {
+    // SAFETY: plain syscall with integer arguments.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            MEMBARRIER_CMD_PRIVATE_EXPEDITED,
+            0 as libc::c_long,
+            0 as libc::c_long,
+        )
+    };
+    if ret == -1 {
+        return Err(SysError::last("membarrier(PRIVATE_EXPEDITED)"));
     }
     Ok(())
 }

@@ -1,0 +1,228 @@
+//! The gate between a per-thread cache and the threads that flush it: the
+//! owner enters and leaves with plain stores and a compiler fence (no
+//! read-modify-write, which costs more than the cache saves), a flusher
+//! pays instead, with `membarrier`.
+//!
+//! # Protocol
+//!
+//! Words: each cache's `busy` (written by its owner only) and the arena's
+//! `flushing` count (flushers in progress).
+//!
+//! - **Owner enters**: `busy = true` (relaxed); *light fence*; load
+//!   `flushing` (acquire). Non-zero: `busy = false` and go without the
+//!   cache. Zero: use the cache, then **leave**: `busy = false` (release).
+//! - **Flusher**: `flushing += 1`; *heavy fence*; then per cache: wait
+//!   until `busy` is false (acquire), take what the cache holds; at the
+//!   end `flushing -= 1` (release).
+//!
+//! Either the flusher sees the owner's `busy = true` (and waits for the
+//! release of its leave, after which the cache's contents happen-before
+//! the take), or the owner sees `flushing` non-zero and keeps out: a
+//! Dekker handshake, which needs a full fence on both sides between the
+//! store and the load. The heavy fence is `membarrier(PRIVATE_EXPEDITED)`,
+//! which runs a full barrier on every thread of the process, so the
+//! owner's light fence is a compiler fence; where `membarrier` is
+//! unavailable both are `fence(SeqCst)`.
+//!
+//! Under loom, which treats `SeqCst` as `AcqRel` and so cannot show a
+//! Dekker handshake through fences, the owner's fence is stood in for by
+//! a read-modify-write of `flushing` at the same point (`fetch_add(0)`,
+//! acquire-release): either it comes after the flusher's increment and
+//! reads it, or the flusher's increment reads from it and so sees the
+//! owner's `busy = true` — the same either-or `membarrier` guarantees.
+//! `--cfg hugearena_mutation_cache` drops the owner's fence, and
+//! `arena::loom_model` must then find two threads in one cache.
+//!
+//! A flusher's wait is short: the owner holds the gate for a few
+//! instructions and never blocks inside it.
+
+#![allow(unsafe_code)] // the cache's contents behind the gate
+
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+#[cfg(not(loom))]
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// Contents only the gate's protocol lets two threads reach.
+#[cfg(not(loom))]
+#[derive(Debug)]
+struct Contents<T>(std::cell::UnsafeCell<T>);
+#[cfg(loom)]
+#[derive(Debug)]
+struct Contents<T>(loom::cell::UnsafeCell<T>);
+
+impl<T> Contents<T> {
+    fn new(value: T) -> Self {
+        #[cfg(not(loom))]
+        return Contents(std::cell::UnsafeCell::new(value));
+        #[cfg(loom)]
+        return Contents(loom::cell::UnsafeCell::new(value));
+    }
+
+    /// # Safety
+    ///
+    /// No other thread reaches the contents until `f` returns.
+    unsafe fn with_mut<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        #[cfg(not(loom))]
+        // SAFETY: the caller's contract.
+        return f(unsafe { &mut *self.0.get() });
+        #[cfg(loom)]
+        // SAFETY: the caller's contract (loom checks it).
+        return self.0.with_mut(|p| f(unsafe { &mut *p }));
+    }
+}
+
+/// One thread's cache behind its gate.
+#[derive(Debug)]
+pub(crate) struct Gate<T> {
+    /// The owner is inside. See the module's protocol.
+    busy: AtomicBool,
+    contents: Contents<T>,
+}
+
+// SAFETY: the contents are reached by one thread at a time, as the
+// protocol orders them; `T: Send` moves between those threads.
+unsafe impl<T: Send> Sync for Gate<T> {}
+
+/// The arena-wide count of flushes in progress.
+#[derive(Debug, Default)]
+pub(crate) struct Flushing(AtomicUsize);
+
+impl<T> Gate<T> {
+    pub(crate) fn new(value: T) -> Self {
+        Gate {
+            busy: AtomicBool::new(false),
+            contents: Contents::new(value),
+        }
+    }
+
+    /// Runs `f` on the cache unless a flush is in progress (`None`).
+    ///
+    /// # Safety
+    ///
+    /// Only the gate's owner thread calls it (and not from inside `f`).
+    pub(crate) unsafe fn enter<R>(
+        &self,
+        flushing: &Flushing,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> Option<R> {
+        self.busy.store(true, Ordering::Relaxed);
+        light_fence(flushing);
+        // Acquire: a flush that ended before this load happens-before what
+        // follows (its `end` is a release).
+        if flushing.0.load(Ordering::Acquire) != 0 {
+            self.busy.store(false, Ordering::Release);
+            return None;
+        }
+        // SAFETY: a flusher waits for `busy` to clear (the protocol), and
+        // the caller is the only owner.
+        let r = unsafe { self.contents.with_mut(f) };
+        self.busy.store(false, Ordering::Release);
+        Some(r)
+    }
+
+    /// Runs `f` on the cache once its owner is out; call it between
+    /// [`Flushing::begin`] and [`Flushing::end`].
+    pub(crate) fn take<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        let mut spins = 0u32;
+        while self.busy.load(Ordering::Acquire) {
+            spins += 1;
+            #[cfg(loom)]
+            loom::thread::yield_now();
+            #[cfg(not(loom))]
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                // The owner was preempted inside: let it run.
+                std::thread::yield_now();
+            }
+        }
+        // SAFETY: the owner is out and, seeing `flushing`, stays out until
+        // `end`; flushers are serialized by the caller.
+        unsafe { self.contents.with_mut(f) }
+    }
+}
+
+impl Flushing {
+    /// Starts a flush: owners keep out of their caches until
+    /// [`end`](Self::end). `false` if the heavy fence failed (it cannot
+    /// once `membarrier` is registered): then the caches must not be taken
+    /// (their objects stay cached, nothing is lost); call `end` still.
+    #[must_use]
+    pub(crate) fn begin(&self) -> bool {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        heavy_fence()
+    }
+
+    pub(crate) fn end(&self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
+}
+
+#[cfg(not(loom))]
+mod fences {
+    use std::sync::atomic::{AtomicU8, Ordering, compiler_fence, fence};
+
+    /// 0: not tried yet; 1: `membarrier` works (light fences are compiler
+    /// fences); 2: it does not (both are `fence(SeqCst)`).
+    static MODE: AtomicU8 = AtomicU8::new(0);
+    /// The process that registered (a forked child registers again).
+    static REGISTERED_BY: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+    /// Registers for `membarrier` (once per process; before any cache is
+    /// used, so owners never see the mode change under them).
+    pub(crate) fn init() {
+        let pid = std::process::id();
+        if REGISTERED_BY.load(Ordering::Acquire) == pid {
+            return;
+        }
+        let mode = if crate::sys::thread::membarrier_register().is_ok() {
+            1
+        } else {
+            2
+        };
+        MODE.store(mode, Ordering::SeqCst);
+        REGISTERED_BY.store(pid, Ordering::Release);
+    }
+
+    pub(crate) fn light() {
+        if MODE.load(Ordering::Relaxed) == 1 {
+            compiler_fence(Ordering::SeqCst);
+        } else {
+            fence(Ordering::SeqCst);
+        }
+    }
+
+    pub(crate) fn heavy() -> bool {
+        if MODE.load(Ordering::Relaxed) == 1 {
+            // Owners use compiler fences: only the syscall orders them.
+            crate::sys::thread::membarrier_all_threads().is_ok()
+        } else {
+            fence(Ordering::SeqCst);
+            true
+        }
+    }
+}
+
+/// Prepares the fences (registers for `membarrier`).
+pub(crate) fn init() {
+    #[cfg(not(loom))]
+    fences::init();
+}
+
+fn light_fence(_flushing: &Flushing) {
+    #[cfg(all(not(loom), not(hugearena_mutation_cache)))]
+    fences::light();
+    #[cfg(all(loom, not(hugearena_mutation_cache)))]
+    _flushing.0.fetch_add(0, Ordering::AcqRel);
+}
+
+fn heavy_fence() -> bool {
+    #[cfg(not(loom))]
+    return fences::heavy();
+    #[cfg(loom)]
+    {
+        fence(Ordering::SeqCst);
+        true
+    }
+}
