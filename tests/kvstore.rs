@@ -371,29 +371,32 @@ fn sigterm_saves_and_a_restart_has_the_keys() {
 
 #[test]
 fn the_resp_parser_handles_pipelines_inline_commands_and_bad_lengths() {
-    use resp::{Parsed, parse};
+    use resp::Parsed;
+    // A command's arguments, copied, and the bytes it took.
+    fn parse(buf: &[u8]) -> Result<(Vec<Vec<u8>>, usize), Parsed> {
+        let mut ranges = Vec::new();
+        match resp::parse(buf, &mut ranges) {
+            Parsed::Command(n) => Ok((resp::owned(buf, &ranges), n)),
+            other => Err(other),
+        }
+    }
     let buf = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r\nPING\r\n";
-    let Parsed::Command(args, n) = parse(buf) else {
-        panic!("a whole command")
-    };
+    let (args, n) = parse(buf).expect("a whole command");
     assert_eq!(args, vec![b"GET".to_vec(), b"k".to_vec()]);
-    assert_eq!(
-        parse(&buf[n..]),
-        Parsed::Command(vec![b"PING".to_vec()], 14)
-    );
-    assert_eq!(parse(&buf[..10]), Parsed::Incomplete);
+    assert_eq!(parse(&buf[n..]), Ok((vec![b"PING".to_vec()], 14)));
+    assert_eq!(parse(&buf[..10]), Err(Parsed::Incomplete));
     assert_eq!(
         parse(b"PING  hello\r\n"),
-        Parsed::Command(vec![b"PING".to_vec(), b"hello".to_vec()], 13)
+        Ok((vec![b"PING".to_vec(), b"hello".to_vec()], 13))
     );
     assert!(
-        matches!(parse(b"*1\r\n$99999999999\r\n"), Parsed::Error(e) if e.contains("invalid bulk length"))
+        matches!(parse(b"*1\r\n$99999999999\r\n"), Err(Parsed::Error(e)) if e.contains("invalid bulk length"))
     );
-    assert!(matches!(parse(b"*x\r\n"), Parsed::Error(e) if e.contains("multibulk length")));
-    assert!(matches!(parse(b"*1\r\n:5\r\n"), Parsed::Error(e) if e.contains("expected '$'")));
+    assert!(matches!(parse(b"*x\r\n"), Err(Parsed::Error(e)) if e.contains("multibulk length")));
+    assert!(matches!(parse(b"*1\r\n:5\r\n"), Err(Parsed::Error(e)) if e.contains("expected '$'")));
     let binary = b"*1\r\n$4\r\n\0\r\n\xff\r\n";
     assert_eq!(
         parse(binary),
-        Parsed::Command(vec![b"\0\r\n\xff".to_vec()], binary.len())
+        Ok((vec![b"\0\r\n\xff".to_vec()], binary.len()))
     );
 }

@@ -9,11 +9,15 @@ pub const MAX_ARGS: usize = 1024 * 1024;
 /// Longest inline command.
 const MAX_INLINE: usize = 64 << 10;
 
+use std::io::Write as _;
+use std::ops::Range;
+
 /// The outcome of parsing the front of a buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
-    /// A whole command and the bytes it took.
-    Command(Vec<Vec<u8>>, usize),
+    /// A whole command, the bytes it took; its arguments are in the ranges
+    /// `parse` was given.
+    Command(usize),
     /// More bytes are needed.
     Incomplete,
     /// The client broke the protocol: reply this error and close.
@@ -29,13 +33,16 @@ fn number(digits: &[u8]) -> Option<i64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
-/// Parses one command from the front of `buf`.
-pub fn parse(buf: &[u8]) -> Parsed {
+/// Parses one command from the front of `buf`; its arguments' byte ranges
+/// in `buf` replace what `args` held (a vector reused from command to
+/// command: parsing allocates nothing once it is large enough).
+pub fn parse(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
+    args.clear();
     let Some(&first) = buf.first() else {
         return Parsed::Incomplete;
     };
     if first != b'*' {
-        return parse_inline(buf);
+        return parse_inline(buf, args);
     }
     let Some((head, mut at)) = line(buf) else {
         return if buf.len() > MAX_INLINE {
@@ -49,9 +56,8 @@ pub fn parse(buf: &[u8]) -> Parsed {
         _ => return Parsed::Error("Protocol error: invalid multibulk length".into()),
     };
     if count <= 0 {
-        return Parsed::Command(Vec::new(), at);
+        return Parsed::Command(at);
     }
-    let mut args = Vec::with_capacity(count.min(1024) as usize);
     for _ in 0..count {
         let rest = &buf[at..];
         let Some(&kind) = rest.first() else {
@@ -77,13 +83,14 @@ pub fn parse(buf: &[u8]) -> Parsed {
         if &body[len..len + 2] != b"\r\n" {
             return Parsed::Error("Protocol error: bulk string not terminated by CRLF".into());
         }
-        args.push(body[..len].to_vec());
+        let start = at + taken;
+        args.push(start..start + len);
         at += taken + len + 2;
     }
-    Parsed::Command(args, at)
+    Parsed::Command(at)
 }
 
-fn parse_inline(buf: &[u8]) -> Parsed {
+fn parse_inline(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
     let Some(end) = buf.iter().position(|&b| b == b'\n') else {
         return if buf.len() > MAX_INLINE {
             Parsed::Error("Protocol error: too big inline request".into())
@@ -92,39 +99,65 @@ fn parse_inline(buf: &[u8]) -> Parsed {
         };
     };
     let text = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
-    let args = text
-        .split(|b| b.is_ascii_whitespace())
-        .filter(|w| !w.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect();
-    Parsed::Command(args, end + 1)
+    let mut i = 0;
+    while i < text.len() {
+        if text[i].is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < text.len() && !text[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        args.push(start..i);
+    }
+    Parsed::Command(end + 1)
+}
+
+/// The arguments of a parsed command, copied (tests and the fuzzer).
+#[allow(dead_code)] // the server borrows them instead
+pub fn owned(buf: &[u8], args: &[Range<usize>]) -> Vec<Vec<u8>> {
+    args.iter().map(|r| buf[r.clone()].to_vec()).collect()
 }
 
 /// Appends replies to an output buffer.
 pub struct Reply<'a>(pub &'a mut Vec<u8>);
 
 impl Reply<'_> {
+    // Replies are written straight into the buffer (`write!` into a
+    // `Vec<u8>` formats without allocating).
+
     /// `+OK`-style status.
     pub fn simple(&mut self, s: &str) {
-        self.0.extend_from_slice(format!("+{s}\r\n").as_bytes());
+        self.line(b'+', s);
     }
 
     /// `-ERR ...`-style error (the text includes its prefix word).
     pub fn error(&mut self, s: &str) {
-        self.0.extend_from_slice(format!("-{s}\r\n").as_bytes());
+        self.line(b'-', s);
+    }
+
+    fn line(&mut self, kind: u8, s: &str) {
+        self.0.push(kind);
+        self.0.extend_from_slice(s.as_bytes());
+        self.0.extend_from_slice(b"\r\n");
     }
 
     /// `:n`.
     pub fn int(&mut self, n: i64) {
-        self.0.extend_from_slice(format!(":{n}\r\n").as_bytes());
+        let _ = write!(self.0, ":{n}\r\n");
     }
 
     /// `$len` + bytes.
     pub fn bulk(&mut self, b: &[u8]) {
-        self.0
-            .extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
+        self.bulk_header(b.len());
         self.0.extend_from_slice(b);
         self.0.extend_from_slice(b"\r\n");
+    }
+
+    /// `$len`, for a caller that appends the `len` bytes and `\r\n`.
+    pub fn bulk_header(&mut self, len: usize) {
+        let _ = write!(self.0, "${len}\r\n");
     }
 
     /// `$-1`.
@@ -134,6 +167,6 @@ impl Reply<'_> {
 
     /// `*n`; the caller writes n elements.
     pub fn array(&mut self, n: usize) {
-        self.0.extend_from_slice(format!("*{n}\r\n").as_bytes());
+        let _ = write!(self.0, "*{n}\r\n");
     }
 }

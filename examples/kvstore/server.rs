@@ -136,27 +136,29 @@ fn incr_by(s: &Shared<'_>, r: &mut Reply<'_>, key: &[u8], by: i64) {
 }
 
 /// Executes one command; `false` means close the connection (QUIT).
-pub fn execute(s: &Shared<'_>, args: &[Vec<u8>], r: &mut Reply<'_>) -> bool {
-    let Some(name) = args.first() else {
+pub fn execute(s: &Shared<'_>, args: &[&[u8]], r: &mut Reply<'_>) -> bool {
+    let Some(&name) = args.first() else {
         return true;
     };
     s.commands.fetch_add(1, Ordering::Relaxed);
-    let cmd = name.to_ascii_uppercase();
+    let mut upper = [0u8; 16];
+    let cmd = upper_case(name, &mut upper);
     let n = args.len();
-    match cmd.as_slice() {
+    match cmd {
         b"PING" if n <= 2 => match args.get(1) {
             Some(m) => r.bulk(m),
             None => r.simple("PONG"),
         },
-        b"ECHO" if n == 2 => r.bulk(&args[1]),
+        b"ECHO" if n == 2 => r.bulk(args[1]),
         b"QUIT" => {
             r.simple("OK");
             return false;
         }
-        b"GET" if n == 2 => match s.store.get(&args[1]) {
-            Some(v) => r.bulk(&v),
-            None => r.null(),
-        },
+        b"GET" if n == 2 => {
+            if !s.store.get_append(args[1], r.0, bulk_header) {
+                r.null();
+            }
+        }
         b"SET" if n >= 3 => set(s, args, r),
         b"DEL" if n >= 2 => r.int(args[1..].iter().filter(|k| s.store.del(k)).count() as i64),
         b"EXISTS" if n >= 2 => r.int(
@@ -165,12 +167,12 @@ pub fn execute(s: &Shared<'_>, args: &[Vec<u8>], r: &mut Reply<'_>) -> bool {
                 .filter(|k| s.store.get(k).is_some())
                 .count() as i64,
         ),
-        b"INCR" if n == 2 => incr_by(s, r, &args[1], 1),
-        b"DECR" if n == 2 => incr_by(s, r, &args[1], -1),
-        b"INCRBY" | b"DECRBY" if n == 3 => match parse_int(&args[2]) {
-            Some(by) if cmd == b"INCRBY" => incr_by(s, r, &args[1], by),
+        b"INCR" if n == 2 => incr_by(s, r, args[1], 1),
+        b"DECR" if n == 2 => incr_by(s, r, args[1], -1),
+        b"INCRBY" | b"DECRBY" if n == 3 => match parse_int(args[2]) {
+            Some(by) if cmd == b"INCRBY" => incr_by(s, r, args[1], by),
             Some(by) => match by.checked_neg() {
-                Some(neg) => incr_by(s, r, &args[1], neg),
+                Some(neg) => incr_by(s, r, args[1], neg),
                 None => r.error("ERR decrement would overflow"),
             },
             None => r.error("ERR value is not an integer or out of range"),
@@ -178,15 +180,14 @@ pub fn execute(s: &Shared<'_>, args: &[Vec<u8>], r: &mut Reply<'_>) -> bool {
         b"MGET" if n >= 2 => {
             r.array(n - 1);
             for k in &args[1..] {
-                match s.store.get(k) {
-                    Some(v) => r.bulk(&v),
-                    None => r.null(),
+                if !s.store.get_append(k, r.0, bulk_header) {
+                    r.null();
                 }
             }
         }
         b"MSET" if n >= 3 && n % 2 == 1 => {
             for kv in args[1..].chunks(2) {
-                if let Err(e) = s.store.set(&kv[0], &kv[1], 0, SetMode::Always) {
+                if let Err(e) = s.store.set(kv[0], kv[1], 0, SetMode::Always) {
                     store_error(r, e);
                     return true;
                 }
@@ -194,9 +195,9 @@ pub fn execute(s: &Shared<'_>, args: &[Vec<u8>], r: &mut Reply<'_>) -> bool {
             r.simple("OK");
         }
         b"APPEND" if n == 3 => {
-            let result = s.store.update(&args[1], |old| {
+            let result = s.store.update(args[1], |old| {
                 let mut v = old.map(<[u8]>::to_vec).unwrap_or_default();
-                v.extend_from_slice(&args[2]);
+                v.extend_from_slice(args[2]);
                 let len = v.len() as i64;
                 Ok((v, len))
             });
@@ -205,7 +206,7 @@ pub fn execute(s: &Shared<'_>, args: &[Vec<u8>], r: &mut Reply<'_>) -> bool {
                 Err(e) => store_error(r, e),
             }
         }
-        b"STRLEN" if n == 2 => r.int(s.store.get(&args[1]).map_or(0, |v| v.len() as i64)),
+        b"STRLEN" if n == 2 => r.int(s.store.get(args[1]).map_or(0, |v| v.len() as i64)),
         b"DBSIZE" if n == 1 => r.int(s.store.len() as i64),
         b"FLUSHDB" | b"FLUSHALL" => {
             s.store.clear();
@@ -218,9 +219,8 @@ pub fn execute(s: &Shared<'_>, args: &[Vec<u8>], r: &mut Reply<'_>) -> bool {
         b"INFO" => r.bulk(s.info().as_bytes()),
         b"CONFIG" if n >= 2 => {
             // redis-benchmark asks for "save" and "appendonly".
-            let sub = args[1].to_ascii_uppercase();
-            if sub == b"GET" && n == 3 {
-                let key = String::from_utf8_lossy(&args[2]).to_lowercase();
+            if args[1].eq_ignore_ascii_case(b"GET") && n == 3 {
+                let key = String::from_utf8_lossy(args[2]).to_lowercase();
                 let value = match key.as_str() {
                     "save" => Some(""),
                     "appendonly" => Some("no"),
@@ -267,17 +267,36 @@ pub fn execute(s: &Shared<'_>, args: &[Vec<u8>], r: &mut Reply<'_>) -> bool {
     true
 }
 
-fn set(s: &Shared<'_>, args: &[Vec<u8>], r: &mut Reply<'_>) {
+/// `name` upper-cased into `buf`; a name too long for it is no command
+/// (an empty slice), so it costs no allocation either way.
+fn upper_case<'b>(name: &[u8], buf: &'b mut [u8; 16]) -> &'b [u8] {
+    if name.len() > buf.len() {
+        return &[];
+    }
+    let out = &mut buf[..name.len()];
+    out.copy_from_slice(name);
+    out.make_ascii_uppercase();
+    out
+}
+
+/// The RESP header of a bulk reply of `len` bytes, written before the
+/// store appends the value.
+fn bulk_header(out: &mut Vec<u8>, len: usize) {
+    Reply(out).bulk_header(len);
+}
+
+fn set(s: &Shared<'_>, args: &[&[u8]], r: &mut Reply<'_>) {
     let mut expires = 0;
     let mut mode = SetMode::Always;
     let mut i = 3;
     while i < args.len() {
-        let opt = args[i].to_ascii_uppercase();
-        match opt.as_slice() {
+        let mut upper = [0u8; 16];
+        let opt = upper_case(args[i], &mut upper);
+        match opt {
             b"NX" if mode == SetMode::Always => mode = SetMode::IfAbsent,
             b"XX" if mode == SetMode::Always => mode = SetMode::IfPresent,
             b"EX" | b"PX" if i + 1 < args.len() && expires == 0 => {
-                let Some(v) = parse_int(&args[i + 1]).filter(|&v| v > 0) else {
+                let Some(v) = parse_int(args[i + 1]).filter(|&v| v > 0) else {
                     r.error("ERR invalid expire time in 'set' command");
                     return;
                 };
@@ -296,7 +315,7 @@ fn set(s: &Shared<'_>, args: &[Vec<u8>], r: &mut Reply<'_>) {
         }
         i += 1;
     }
-    match s.store.set(&args[1], &args[2], expires, mode) {
+    match s.store.set(args[1], args[2], expires, mode) {
         Ok(true) => r.simple("OK"),
         Ok(false) => r.null(),
         Err(e) => store_error(r, e),
@@ -309,6 +328,9 @@ struct Conn {
     stream: TcpStream,
     input: Vec<u8>,
     output: Vec<u8>,
+    /// The arguments of the command being run, as ranges of `input`
+    /// (reused: parsing allocates nothing per request).
+    args: Vec<std::ops::Range<usize>>,
     /// Bytes of `output` already sent.
     sent: usize,
     /// What the loop waits for on it now.
@@ -362,11 +384,27 @@ impl Conn {
         }
         let mut at = 0;
         while open {
-            match resp::parse(&self.input[at..]) {
+            let input = &self.input[at..];
+            match resp::parse(input, &mut self.args) {
                 Parsed::Incomplete => break,
-                Parsed::Command(args, used) => {
+                Parsed::Command(used) => {
                     at += used;
-                    open = execute(s, &args, &mut Reply(&mut self.output));
+                    let reply = &mut Reply(&mut self.output);
+                    open = match self.args.len() {
+                        // Most commands: the argument slices on the stack.
+                        n if n <= 8 => {
+                            let mut args: [&[u8]; 8] = [&[]; 8];
+                            for (a, r) in args.iter_mut().zip(&self.args) {
+                                *a = &input[r.clone()];
+                            }
+                            execute(s, &args[..n], reply)
+                        }
+                        _ => {
+                            let args: Vec<&[u8]> =
+                                self.args.iter().map(|r| &input[r.clone()]).collect();
+                            execute(s, &args, reply)
+                        }
+                    };
                 }
                 Parsed::Error(e) => {
                     Reply(&mut self.output).error(&format!("ERR {e}"));
@@ -457,6 +495,7 @@ fn event_loop(s: &Shared<'_>, listener: &TcpListener) -> nix::Result<()> {
                                 stream,
                                 input: Vec::with_capacity(16 << 10),
                                 output: Vec::with_capacity(16 << 10),
+                                args: Vec::with_capacity(16),
                                 sent: 0,
                                 interest: Interest::Read,
                             });

@@ -185,12 +185,26 @@ impl<'a> Store<'a> {
             .expect("links hold live entries")
     }
 
-    fn key_of(&self, e: u64, klen: usize) -> Vec<u8> {
-        let mut k = vec![0u8; klen];
-        self.arena
-            .read_bytes(ShmPtr::from_bits(e), (ENTRY_WORDS * 8) as usize, &mut k)
-            .expect("the key lies in its entry");
-        k
+    /// Whether entry `e`'s key is `key` (of the same length), compared a
+    /// stack buffer at a time: a probe allocates nothing.
+    fn key_is(&self, e: u64, key: &[u8]) -> bool {
+        let mut chunk = [0u8; 64];
+        let mut at = 0;
+        while at < key.len() {
+            let n = (key.len() - at).min(chunk.len());
+            self.arena
+                .read_bytes(
+                    ShmPtr::from_bits(e),
+                    (ENTRY_WORDS * 8) as usize + at,
+                    &mut chunk[..n],
+                )
+                .expect("the key lies in its entry");
+            if chunk[..n] != key[at..at + n] {
+                return false;
+            }
+            at += n;
+        }
+        true
     }
 
     /// Finds `key` in its bucket (lock held): (link word pointing at the
@@ -204,8 +218,7 @@ impl<'a> Store<'a> {
             }
             let w = self.entry(e);
             let klen = (w[3].load(Ordering::Relaxed) >> 32) as usize;
-            if w[1].load(Ordering::Relaxed) == h && klen == key.len() && self.key_of(e, klen) == key
-            {
+            if w[1].load(Ordering::Relaxed) == h && klen == key.len() && self.key_is(e, key) {
                 return Some((link, e));
             }
             link = &w[0];
@@ -264,6 +277,42 @@ impl<'a> Store<'a> {
     fn locate(&self, key: &[u8]) -> (u64, u64) {
         let h = hash(key);
         (h, h & (self.buckets - 1))
+    }
+
+    /// GET into a reply: calls `header(out, len)`, then appends the
+    /// value's bytes and `\r\n` to `out`, under the bucket's lock; false
+    /// (nothing written) if the key is absent or expired. Nothing is
+    /// allocated while `out` has room.
+    pub fn get_append(
+        &self,
+        key: &[u8],
+        out: &mut Vec<u8>,
+        header: impl FnOnce(&mut Vec<u8>, usize),
+    ) -> bool {
+        let (h, b) = self.locate(key);
+        let _g = self.lock(b % STRIPES);
+        let Some((link, e)) = self.find(b, h, key) else {
+            return false;
+        };
+        if self.expired(e, now_ms()) {
+            self.unlink(link, e);
+            return false;
+        }
+        let w = self.entry(e);
+        let klen = w[3].load(Ordering::Relaxed) >> 32;
+        let vlen = w[4].load(Ordering::Relaxed) as usize;
+        header(out, vlen);
+        let start = out.len();
+        out.resize(start + vlen, 0);
+        self.arena
+            .read_bytes(
+                ShmPtr::from_bits(e),
+                (ENTRY_WORDS * 8 + klen) as usize,
+                &mut out[start..],
+            )
+            .expect("the value lies in its entry");
+        out.extend_from_slice(b"\r\n");
+        true
     }
 
     /// GET.
