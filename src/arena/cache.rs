@@ -86,6 +86,11 @@ impl Caches {
         }
     }
 
+    /// The arena's process-local id (keys thread-local state).
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
     pub(crate) fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::Relaxed);
     }

@@ -72,8 +72,11 @@ impl<T> Contents<T> {
     }
 }
 
-/// One thread's cache behind its gate.
+/// One thread's cache behind its gate. Aligned so that two threads'
+/// gates never share a cache line (each owner writes `busy` twice per
+/// operation).
 #[derive(Debug)]
+#[repr(align(128))]
 pub(crate) struct Gate<T> {
     /// The owner is inside. See the module's protocol.
     busy: AtomicBool,

@@ -315,10 +315,11 @@ pub struct Arena {
     layout: ArenaLayout,
     /// The tables in `populator`'s region, resolved once.
     tables: tables::Tables,
-    /// Where this process's page-run searches start: the lowest block
-    /// where it last found or freed room. Process-local and only a hint
-    /// (any value is correct; a search that finds nothing from it scans
-    /// the blocks below it too before opening a new block).
+    /// Where page-run searches of a thread new to the arena start: the
+    /// lowest block where this process freed room (0 at first).
+    /// Process-local and only a hint (any value is correct; a search that
+    /// finds nothing from it scans the blocks below it too before opening
+    /// a new block). Threads keep their own in `RUN_HINT`.
     run_hint: AtomicU64,
     base: SharedBase,
     release: ReleasePolicy,
@@ -806,15 +807,26 @@ impl Arena {
     }
 
     /// Claims `n` pages (`n` < 512) aligned to `align` pages, first fit by
-    /// address from this process's hint (the lowest block where it last
-    /// found or freed room), then below it; a new block is opened only when
+    /// address from a hint, then below it; a new block is opened only when
     /// no page block has a fitting run. Returns the first page's index.
+    ///
+    /// The hint is this thread's (the block where it last found or freed
+    /// room, moved past a block where it lost a race to another thread, so
+    /// that threads drift apart instead of fighting over one bitmap), or,
+    /// for a thread new to the arena, the process's (lowered by frees).
     fn alloc_pages(&self, n: u64, align: u64) -> Option<u64> {
         let first = self.layout.meta_blocks();
+        let id = self.caches.id();
         loop {
-            let hint = self
-                .run_hint
-                .load(Ordering::Relaxed)
+            // `try_with`: a thread-local destructor may allocate.
+            let hint = RUN_HINT
+                .try_with(|h| {
+                    let (arena, block) = h.get();
+                    (arena == id).then_some(block)
+                })
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| self.run_hint.load(Ordering::Relaxed))
                 .clamp(first, self.layout.blocks);
             let mut lowest_free = None;
             for b in (hint..self.layout.blocks).chain(first..hint) {
@@ -826,11 +838,15 @@ impl Arena {
                 if state.kind != Kind::Pages || state.free_pages < n {
                     continue;
                 }
-                if let Some(page) = self.claim_run_in(b, n, align) {
-                    if b != hint {
-                        self.run_hint.store(b, Ordering::Relaxed);
+                match self.claim_run_in(b, n, align) {
+                    Claim::Won(page) => {
+                        let _ = RUN_HINT.try_with(|h| h.set((id, b)));
+                        return Some(page);
                     }
-                    return Some(page);
+                    Claim::Lost => {
+                        let _ = RUN_HINT.try_with(|h| h.set((id, b + 1)));
+                    }
+                    Claim::NoRoom => {}
                 }
             }
             // No page block fits: open a new one (first free by address).
@@ -840,21 +856,23 @@ impl Arena {
     }
 
     /// Claims a run of `n` pages aligned to `align` in page block `b`.
-    fn claim_run_in(&self, b: u64, n: u64, align: u64) -> Option<u64> {
+    fn claim_run_in(&self, b: u64, n: u64, align: u64) -> Claim {
         let slot = self.block(b);
         let bits = self.page_bitmap(b);
         let find =
             || bitmap::find_clear_run(bits, PAGES_PER_BLOCK as usize, n as usize, align as usize);
         // Look before reserving: a block with enough free pages but no run
         // that fits costs no read-modify-write.
-        let mut start = find()?;
+        let Some(mut start) = find() else {
+            return Claim::NoRoom;
+        };
         if !block::reserve_pages(slot, n) {
-            return None;
+            return Claim::Lost;
         }
         // A few tries: a concurrent claim may take the run we found.
         for _ in 0..4 {
             if bitmap::claim_range(bits, start, n as usize) {
-                return Some(b * PAGES_PER_BLOCK + start as u64);
+                return Claim::Won(b * PAGES_PER_BLOCK + start as u64);
             }
             match find() {
                 Some(next) => start = next,
@@ -862,7 +880,7 @@ impl Arena {
             }
         }
         block::unreserve_pages(slot, n);
-        None
+        Claim::Lost
     }
 
     fn free_pages(&self, page: u64, n: u64) {
@@ -877,7 +895,16 @@ impl Arena {
             return;
         }
         let free = block::unreserve_pages(self.block(b), n);
-        self.run_hint.fetch_min(b, Ordering::Relaxed);
+        // Written only when it moves: threads share its cache line.
+        if b < self.run_hint.load(Ordering::Relaxed) {
+            self.run_hint.fetch_min(b, Ordering::Relaxed);
+        }
+        let id = self.caches.id();
+        let _ = RUN_HINT.try_with(|h| {
+            if h.get().0 == id && h.get().1 > b {
+                h.set((id, b));
+            }
+        });
         if free == PAGES_PER_BLOCK && self.release == ReleasePolicy::Eager {
             self.release_block(b);
         }
@@ -1263,6 +1290,23 @@ impl stack::Links for SpanLinks<'_> {
 }
 
 const _: () = assert!(HEADER as usize >= hdr::WORDS * 8);
+
+/// What a page-run search found in one block.
+enum Claim {
+    /// The run starting at this page is the caller's.
+    Won(u64),
+    /// A run fit, but another thread took it or the block's pages first.
+    Lost,
+    /// No run fits.
+    NoRoom,
+}
+
+thread_local! {
+    /// This thread's page-run hint: (arena id, block). One arena's at a
+    /// time (a thread using several starts from the process's hint in the
+    /// others).
+    static RUN_HINT: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+}
 
 /// Scans of a span's bitmap for the clear bit a reservation guarantees
 /// before the tables are taken to be damaged.
