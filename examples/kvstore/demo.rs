@@ -141,7 +141,7 @@ fn progress(label: &str, done: u64, total: u64, started: Instant) {
 }
 
 /// GETs of random keys from 4 connections, 16 in flight each, for `secs`.
-fn throughput(addr: SocketAddr, keys: u64, value_len: usize, secs: f64) -> f64 {
+pub fn throughput(addr: SocketAddr, keys: u64, value_len: usize, secs: f64) -> f64 {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let handles: Vec<_> = (0..4u64)
         .map(|t| {

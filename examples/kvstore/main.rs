@@ -302,6 +302,17 @@ fn main() {
                 flags.has("--save"),
             );
         }
+        "gets" => {
+            // GETs of random loaded keys (checked), 4 connections with 16
+            // in flight each: what the demo measures after a restart.
+            let rate = demo::throughput(
+                flags.addr("gets"),
+                flags.parsed("--keys", 100_000),
+                flags.parsed("--value", 1000),
+                flags.parsed("--secs", 3.0),
+            );
+            println!("RESULT gets_per_s={rate:.0}");
+        }
         "wait-get" => {
             let waited = demo::wait_get(
                 flags.addr("wait-get"),
