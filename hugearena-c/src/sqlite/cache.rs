@@ -122,6 +122,10 @@ pub(crate) struct Cache {
     lru_newest: u32,
     pinned: usize,
     arena: Option<Arc<Arena>>,
+    /// Hits and misses not yet added to the process's counters (added in
+    /// batches: an atomic add per fetch costs more than the fetch).
+    hits: u64,
+    misses: u64,
 }
 
 // SAFETY: the raw pointers are to chunk memory this cache owns (the arena's
@@ -169,6 +173,8 @@ impl Cache {
             lru_newest: NIL,
             pinned: 0,
             arena,
+            hits: 0,
+            misses: 0,
         }
     }
 
@@ -210,10 +216,10 @@ impl Cache {
                 self.meta[slot as usize].state = State::Pinned;
                 self.pinned += 1;
             }
-            STATS.hits.fetch_add(1, Relaxed);
+            self.count(true);
             return self.handle(slot);
         }
-        STATS.misses.fetch_add(1, Relaxed);
+        self.count(false);
         match create {
             Create::No => return std::ptr::null_mut(),
             Create::IfEasy if self.purgeable && self.pinned >= self.max_pinned => {
@@ -250,6 +256,26 @@ impl Cache {
         // new page's extra bytes as its header, which must start zeroed.
         unsafe { std::ptr::write_bytes((*handle).page.extra, 0, self.extra_size) };
         handle
+    }
+
+    fn count(&mut self, hit: bool) {
+        if hit {
+            self.hits += 1;
+        } else {
+            self.misses += 1;
+        }
+        if self.hits + self.misses >= 1024 {
+            self.flush_counts();
+        }
+    }
+
+    fn flush_counts(&mut self) {
+        STATS
+            .hits
+            .fetch_add(std::mem::take(&mut self.hits), Relaxed);
+        STATS
+            .misses
+            .fetch_add(std::mem::take(&mut self.misses), Relaxed);
     }
 
     /// SQLite is done with the page: keep it (unpinned, most recently
@@ -484,6 +510,7 @@ impl Cache {
 
 impl Drop for Cache {
     fn drop(&mut self) {
+        self.flush_counts();
         for chunk in std::mem::take(&mut self.chunks).into_iter().flatten() {
             self.free_chunk(chunk);
         }

@@ -27,9 +27,12 @@
 
 mod cache;
 
+use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use hugearena::populate::PopulateOptions;
@@ -68,9 +71,10 @@ pub struct hugearena_sqlite_options {
 pub struct hugearena_sqlite_stats {
     /// Caches created (one per open database file, roughly).
     pub caches: u64,
-    /// Fetches that found their page.
+    /// Fetches that found their page (a live cache adds its count every
+    /// 1024 fetches, and the rest when SQLite destroys it).
     pub hits: u64,
-    /// Fetches that did not.
+    /// Fetches that did not (counted as `hits` are).
     pub misses: u64,
     /// Pages whose slot was reused for another page at the size limit.
     pub recycled: u64,
@@ -187,8 +191,19 @@ fn methods() -> PcacheMethods2 {
     }
 }
 
-/// A cache as SQLite holds it.
-type CacheBox = Mutex<Cache>;
+/// A cache as SQLite holds it. SQLite makes the calls on one cache one at
+/// a time (its default cache takes no lock for them); the flag makes a
+/// program that breaks that wait rather than corrupt the cache, for one
+/// read-modify-write per call where a mutex costs two.
+struct CacheBox {
+    /// A call is inside: set (acquire) on entry, cleared (release) on exit.
+    busy: AtomicBool,
+    cache: UnsafeCell<Cache>,
+}
+
+// SAFETY: `cache` is reached only by the thread that set `busy`; `Cache`
+// is `Send`.
+unsafe impl Sync for CacheBox {}
 
 /// Runs `f` on the cache behind SQLite's handle. A panic (a bug) must not
 /// unwind into SQLite: it aborts.
@@ -199,8 +214,21 @@ type CacheBox = Mutex<Cache>;
 unsafe fn with_cache<R>(cache: *mut c_void, f: impl FnOnce(&mut Cache) -> R) -> R {
     // SAFETY: the caller's contract.
     let cache = unsafe { &*cache.cast::<CacheBox>() };
-    let mut guard = cache.lock().unwrap_or_else(PoisonError::into_inner);
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut guard))) {
+    let mut spins = 0u32;
+    while cache.busy.swap(true, Acquire) {
+        spins += 1;
+        if spins < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: this thread set `busy`: no other reaches the cache.
+        f(unsafe { &mut *cache.cache.get() })
+    }));
+    cache.busy.store(false, Release);
+    match result {
         Ok(r) => r,
         Err(_) => std::process::abort(),
     }
@@ -226,7 +254,11 @@ unsafe extern "C" fn x_create(
     }
     STATS.caches.fetch_add(1, Relaxed);
     let cache = Cache::new(page_size, extra_size, purgeable != 0, current_arena());
-    Box::into_raw(Box::new(CacheBox::new(cache))).cast()
+    let cache = CacheBox {
+        busy: AtomicBool::new(false),
+        cache: UnsafeCell::new(cache),
+    };
+    Box::into_raw(Box::new(cache)).cast()
 }
 
 unsafe extern "C" fn x_cachesize(cache: *mut c_void, pages: c_int) {
