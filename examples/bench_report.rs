@@ -1033,28 +1033,19 @@ fn main() {
     cargo(&["build", "--release", "--benches", "--examples"]);
     let started = Instant::now();
     let mut doc = String::new();
-    if std::env::args().any(|a| a == "--only-kv") {
+    // One section alone, printed rather than written into the report.
+    type Section = fn(bool, &mut String, &Path, &mut Vec<String>);
+    let alone: [(&str, Section); 3] = [
+        ("--only-kv", kv_vs_redis),
+        ("--only-bufferpool", buffer_pool),
+        ("--only-sqlite", sqlite_pcache),
+    ];
+    if let Some((_, section)) = alone
+        .iter()
+        .find(|(flag, _)| std::env::args().any(|a| a == *flag))
+    {
         let mut losses = Vec::new();
-        kv_vs_redis(quick, &mut doc, &plots, &mut losses);
-        println!("{doc}");
-        for l in &losses {
-            println!("- {l}");
-        }
-        return;
-    }
-    if std::env::args().any(|a| a == "--only-sqlite") {
-        let mut losses = Vec::new();
-        sqlite_pcache(quick, &mut doc, &plots, &mut losses);
-        println!("{doc}");
-        for l in &losses {
-            println!("- {l}");
-        }
-        return;
-    }
-    if std::env::args().any(|a| a == "--only-bufferpool") {
-        // One section, printed rather than written into the report.
-        let mut losses = Vec::new();
-        buffer_pool(quick, &mut doc, &plots, &mut losses);
+        section(quick, &mut doc, &plots, &mut losses);
         println!("{doc}");
         for l in &losses {
             println!("- {l}");

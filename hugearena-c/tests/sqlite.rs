@@ -52,20 +52,27 @@ fn child() {
     );
 }
 
-/// Runs `child` with `cache` and `percent`; returns its log and stats line.
-fn run(cache: &str, percent: u64, dir: &std::path::Path) -> (Vec<String>, String) {
-    let log = dir.join(format!("{cache}-{percent}.log"));
+/// Runs this binary's test `test` alone in a child process with the child
+/// variable set to `spec`; returns what it printed, failing if it failed.
+fn run_child(test: &str, spec: &str) -> String {
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child", "--nocapture", "--test-threads=1"])
-        .env(CHILD, format!("{cache} {percent} {}", log.display()))
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CHILD, spec)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "the {cache} run failed:\n{stdout}\n{}",
+        "{test} ({spec}) failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+/// Runs `child` with `cache` and `percent`; returns its log and stats line.
+fn run(cache: &str, percent: u64, dir: &std::path::Path) -> (Vec<String>, String) {
+    let log = dir.join(format!("{cache}-{percent}.log"));
+    let stdout = run_child("child", &format!("{cache} {percent} {}", log.display()));
     // The harness may print "test child ... " on the same line first.
     let stats = stdout
         .lines()
@@ -135,17 +142,7 @@ fn installing_after_sqlite_started_is_refused_with_the_reason() {
     if std::env::var_os(CHILD).is_some() {
         return;
     }
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "late_install", "--nocapture", "--test-threads=1"])
-        .env(CHILD, "late")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_child("late_install", "late");
     assert!(stdout.contains("LATE-INSTALL-REFUSED"), "{stdout}");
 }
 
@@ -169,22 +166,7 @@ fn a_program_can_pass_the_methods_to_sqlite3_config_itself() {
     if std::env::var_os(CHILD).is_some() {
         return;
     }
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "methods_by_hand",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD, "methods")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_child("methods_by_hand", "methods");
     assert!(stdout.contains("METHODS-USED"), "{stdout}");
 }
 

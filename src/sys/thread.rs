@@ -42,36 +42,34 @@ const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
 
 /// Registers this process for [`membarrier_all_threads`] (Linux 4.14+).
 pub(crate) fn membarrier_register() -> SysResult<()> {
-    // SAFETY: plain syscall with integer arguments.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_membarrier,
-            MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
-            0 as libc::c_long,
-            0 as libc::c_long,
-        )
-    };
-    if ret == -1 {
-        return Err(SysError::last("membarrier(REGISTER_PRIVATE_EXPEDITED)"));
-    }
-    Ok(())
+    membarrier(
+        MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+        "membarrier(REGISTER_PRIVATE_EXPEDITED)",
+    )
 }
 
 /// Makes every running thread of this process execute a full memory
 /// barrier before this returns (`membarrier(PRIVATE_EXPEDITED)`): what lets
 /// the other side of a Dekker-style handshake use a compiler fence only.
 pub(crate) fn membarrier_all_threads() -> SysResult<()> {
+    membarrier(
+        MEMBARRIER_CMD_PRIVATE_EXPEDITED,
+        "membarrier(PRIVATE_EXPEDITED)",
+    )
+}
+
+fn membarrier(cmd: libc::c_long, op: &'static str) -> SysResult<()> {
     // SAFETY: plain syscall with integer arguments.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_membarrier,
-            MEMBARRIER_CMD_PRIVATE_EXPEDITED,
+            cmd,
             0 as libc::c_long,
             0 as libc::c_long,
         )
     };
     if ret == -1 {
-        return Err(SysError::last("membarrier(PRIVATE_EXPEDITED)"));
+        return Err(SysError::last(op));
     }
     Ok(())
 }
