@@ -282,9 +282,10 @@ typedef struct hugearena_sqlite_options {
 typedef struct hugearena_sqlite_stats {
   // Caches created (one per open database file, roughly).
   uint64_t caches;
-  // Fetches that found their page.
+  // Fetches that found their page (a live cache adds its count every
+  // 1024 fetches, and the rest when SQLite destroys it).
   uint64_t hits;
-  // Fetches that did not.
+  // Fetches that did not (counted as `hits` are).
   uint64_t misses;
   // Pages whose slot was reused for another page at the size limit.
   uint64_t recycled;
