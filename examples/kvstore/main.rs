@@ -8,10 +8,13 @@
 //!     [--workers N] [--size SIZE] [--eager]
 //! cargo run --release --example kvstore -- load --addr ADDR [--keys N] [--value BYTES] [--save]
 //! cargo run --release --example kvstore -- wait-get --addr ADDR [--key N] [--value BYTES]
+//! cargo run --release --example kvstore -- gets --addr ADDR [--keys N] [--value BYTES] [--secs S]
 //! ```
 //!
-//! `SIZE` takes K, M and G suffixes (binary). `--eager` reads the whole
-//! snapshot before accepting connections (for comparison).
+//! `SIZE` takes K, M and G suffixes (binary). A restart restores the
+//! snapshot lazily: it answers at once, pages load on first touch, and a
+//! background drain at the lowest priority reads the rest. `--eager` reads
+//! the whole snapshot before accepting connections (for comparison).
 
 #[path = "../support/human.rs"]
 mod human;
@@ -30,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use hugearena::persist::{self, SnapshotSource};
-use hugearena::populate::{PopulateOptions, Populator, ZeroSource};
+use hugearena::populate::{Drain, PopulateOptions, Populator, ZeroSource};
 use hugearena::{Arena, HugePages, Region, RegionOptions};
 
 use server::{SHUTDOWN, Shared, dump_path};
@@ -135,6 +138,7 @@ fn run_server(
     restored_from: Option<PathBuf>,
     workers: &mut [Child],
     parent: bool,
+    drain: Option<Drain>,
 ) {
     let store = store::Store::open(&arena, buckets_for(arena.region().len() as u64))
         .unwrap_or_else(|e| fail(e));
@@ -157,6 +161,8 @@ fn run_server(
         connections: AtomicU64::new(0),
     };
     server::accept_loop(&shared, &listeners);
+    // Stopped before the shutdown save and before the arena goes.
+    drop(drain);
     if parent {
         for w in workers.iter() {
             let _ = nix::sys::signal::kill(
@@ -251,6 +257,16 @@ fn serve(flags: &Flags) {
         );
         (arena, None)
     };
+    // After a lazy restore, the pages nobody has touched yet are read in
+    // the background at the lowest priority, 8 MiB at a time, so that
+    // requests soon stop waiting for fills; requests keep filling what
+    // they touch first. Stops when the server does.
+    let drain = (restored_from.is_some() && !flags.has("--eager")).then(|| {
+        arena
+            .populator()
+            .start_drain(8 << 20)
+            .unwrap_or_else(|e| fail(e))
+    });
     let mut children = spawn_workers(
         workers,
         arena.region(),
@@ -258,7 +274,7 @@ fn serve(flags: &Flags) {
         &dir,
         restored_from.as_deref(),
     );
-    run_server(arena, addr, dir, restored_from, &mut children, true);
+    run_server(arena, addr, dir, restored_from, &mut children, true, drain);
 }
 
 fn worker(flags: &Flags) {
@@ -279,7 +295,7 @@ fn worker(flags: &Flags) {
     .unwrap_or_else(|e| fail(e));
     let arena = Arena::attach(populator).unwrap_or_else(|e| fail(e));
     let restored_from = flags.value("--snapshot").map(PathBuf::from);
-    run_server(arena, addr, dir, restored_from, &mut none, false);
+    run_server(arena, addr, dir, restored_from, &mut none, false, None);
 }
 
 fn main() {
