@@ -572,13 +572,11 @@ fn sqlite_pcache(quick: bool, doc: &mut String, plots: &Path, losses: &mut Vec<S
         };
         let (d, h) = (median(&mut default), median(&mut ours));
         let ratio = h / d;
-        let backend = match get(&last, "backend") {
-            "1" => "HugetlbHgm",
-            "2" => "Hugetlb",
-            "3" => "ShmemThp",
-            "4" => "Shmem",
-            other => other,
-        };
+        let backend = get(&last, "backend")
+            .parse()
+            .ok()
+            .and_then(hugearena::BackendKind::from_code)
+            .map_or_else(|| get(&last, "backend").to_string(), |k| k.to_string());
         let _ = writeln!(
             doc,
             "| {percent} % | {} | {} | {d:.0} | {h:.0} | {ratio:.2}× | {backend} |",

@@ -236,19 +236,43 @@ impl<'a> Store<'a> {
         let _ = self.arena.free(ShmPtr::from_bits(e));
     }
 
-    fn value_of(&self, e: u64) -> Vec<u8> {
-        let w = self.entry(e);
-        let klen = w[3].load(Ordering::Relaxed) >> 32;
-        let vlen = w[4].load(Ordering::Relaxed) as usize;
-        let mut v = vec![0u8; vlen];
+    /// Entry `e`'s value length.
+    fn value_len(&self, e: u64) -> usize {
+        self.entry(e)[4].load(Ordering::Relaxed) as usize
+    }
+
+    /// Copies entry `e`'s value into `dst` (`value_len` bytes).
+    fn read_value(&self, e: u64, dst: &mut [u8]) {
+        let klen = self.entry(e)[3].load(Ordering::Relaxed) >> 32;
         self.arena
-            .read_bytes(
-                ShmPtr::from_bits(e),
-                (ENTRY_WORDS * 8 + klen) as usize,
-                &mut v,
-            )
+            .read_bytes(ShmPtr::from_bits(e), (ENTRY_WORDS * 8 + klen) as usize, dst)
             .expect("the value lies in its entry");
+    }
+
+    /// Entry `e`'s value, copied.
+    fn value_of(&self, e: u64) -> Vec<u8> {
+        let mut v = vec![0u8; self.value_len(e)];
+        self.read_value(e, &mut v);
         v
+    }
+
+    /// Runs `f` on `key`'s live entry under its bucket's lock; an expired
+    /// entry is unlinked and counts as absent.
+    fn with_live<R>(&self, key: &[u8], f: impl FnOnce(u64) -> R) -> Option<R> {
+        let (h, b) = self.locate(key);
+        let _g = self.lock(b % STRIPES);
+        self.find_live(b, h, key).map(|(_, e)| f(e))
+    }
+
+    /// [`find`](Self::find) (lock held), unlinking an expired entry and
+    /// reporting it absent.
+    fn find_live(&self, bucket: u64, h: u64, key: &[u8]) -> Option<(&AtomicU64, u64)> {
+        let (link, e) = self.find(bucket, h, key)?;
+        if self.expired(e, now_ms()) {
+            self.unlink(link, e);
+            return None;
+        }
+        Some((link, e))
     }
 
     fn new_entry(&self, h: u64, key: &[u8], value: &[u8], expires: u64) -> Result<u64, StoreError> {
@@ -289,42 +313,20 @@ impl<'a> Store<'a> {
         out: &mut Vec<u8>,
         header: impl FnOnce(&mut Vec<u8>, usize),
     ) -> bool {
-        let (h, b) = self.locate(key);
-        let _g = self.lock(b % STRIPES);
-        let Some((link, e)) = self.find(b, h, key) else {
-            return false;
-        };
-        if self.expired(e, now_ms()) {
-            self.unlink(link, e);
-            return false;
-        }
-        let w = self.entry(e);
-        let klen = w[3].load(Ordering::Relaxed) >> 32;
-        let vlen = w[4].load(Ordering::Relaxed) as usize;
-        header(out, vlen);
-        let start = out.len();
-        out.resize(start + vlen, 0);
-        self.arena
-            .read_bytes(
-                ShmPtr::from_bits(e),
-                (ENTRY_WORDS * 8 + klen) as usize,
-                &mut out[start..],
-            )
-            .expect("the value lies in its entry");
-        out.extend_from_slice(b"\r\n");
-        true
+        self.with_live(key, |e| {
+            let len = self.value_len(e);
+            header(out, len);
+            let start = out.len();
+            out.resize(start + len, 0);
+            self.read_value(e, &mut out[start..]);
+            out.extend_from_slice(b"\r\n");
+        })
+        .is_some()
     }
 
     /// GET.
     pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        let (h, b) = self.locate(key);
-        let _g = self.lock(b % STRIPES);
-        let (link, e) = self.find(b, h, key)?;
-        if self.expired(e, now_ms()) {
-            self.unlink(link, e);
-            return None;
-        }
-        Some(self.value_of(e))
+        self.with_live(key, |e| self.value_of(e))
     }
 
     /// SET with an absolute expiry (0: none). Returns whether it was set.
@@ -339,14 +341,7 @@ impl<'a> Store<'a> {
         // Allocate and write outside the lock.
         let new = self.new_entry(h, key, value, expires)?;
         let _g = self.lock(b % STRIPES);
-        let existing = self.find(b, h, key).filter(|&(link, e)| {
-            if self.expired(e, now_ms()) {
-                self.unlink(link, e);
-                false
-            } else {
-                true
-            }
-        });
+        let existing = self.find_live(b, h, key);
         let allowed = match mode {
             SetMode::Always => true,
             SetMode::IfAbsent => existing.is_none(),
@@ -404,15 +399,7 @@ impl<'a> Store<'a> {
     ) -> Result<T, StoreError> {
         let (h, b) = self.locate(key);
         let _g = self.lock(b % STRIPES);
-        let now = now_ms();
-        let existing = self.find(b, h, key).filter(|&(link, e)| {
-            if self.expired(e, now) {
-                self.unlink(link, e);
-                false
-            } else {
-                true
-            }
-        });
+        let existing = self.find_live(b, h, key);
         let old =
             existing.map(|(_, e)| (self.value_of(e), self.entry(e)[2].load(Ordering::Relaxed)));
         let (value, out) = f(old.as_ref().map(|(v, _)| v.as_slice()))?;
