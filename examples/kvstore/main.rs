@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release --example kvstore -- demo [--size SIZE] [--data SIZE]
 //! cargo run --release --example kvstore -- serve --addr 127.0.0.1:6380 --dir DIR
-//!     [--workers N] [--size SIZE] [--eager]
+//!     [--workers N] [--size SIZE] [--eager | --no-drain]
 //! cargo run --release --example kvstore -- load --addr ADDR [--keys N] [--value BYTES] [--save]
 //! cargo run --release --example kvstore -- wait-get --addr ADDR [--key N] [--value BYTES]
 //! cargo run --release --example kvstore -- gets --addr ADDR [--keys N] [--value BYTES] [--secs S]
@@ -13,8 +13,9 @@
 //!
 //! `SIZE` takes K, M and G suffixes (binary). A restart restores the
 //! snapshot lazily: it answers at once, pages load on first touch, and a
-//! background drain at the lowest priority reads the rest. `--eager` reads
-//! the whole snapshot before accepting connections (for comparison).
+//! background drain at the lowest priority reads the rest (`--no-drain`
+//! leaves untouched pages unread). `--eager` reads the whole snapshot
+//! before accepting connections (for comparison).
 
 #[path = "../support/human.rs"]
 mod human;
@@ -261,7 +262,8 @@ fn serve(flags: &Flags) {
     // the background at the lowest priority, 8 MiB at a time, so that
     // requests soon stop waiting for fills; requests keep filling what
     // they touch first. Stops when the server does.
-    let drain = (restored_from.is_some() && !flags.has("--eager")).then(|| {
+    let lazy = !flags.has("--eager") && !flags.has("--no-drain");
+    let drain = (restored_from.is_some() && lazy).then(|| {
         arena
             .populator()
             .start_drain(8 << 20)
