@@ -1,7 +1,8 @@
 //! The arena on the real kernel: every size range, bad input, a reference
 //! model under random operation sequences, `hashbrown` in the arena, three
-//! processes × two threads allocating and freeing at once, and release of
-//! empty blocks back to the kernel.
+//! processes × two threads allocating and freeing at once, a process
+//! killed with objects in its thread caches, and release of empty blocks
+//! back to the kernel.
 
 mod common;
 
@@ -316,7 +317,12 @@ fn child_entry() {
     let Ok(role) = std::env::var(CHILD_ROLE) else {
         return;
     };
-    assert_eq!(role, "stress");
+    match role.as_str() {
+        "stress" => {}
+        "cache-then-wait" => return cache_then_wait(),
+        "audit" => return audit_child(),
+        other => panic!("unknown role {other}"),
+    }
     let a = Arena::open(
         std::env::var("REGION_PATH").unwrap(),
         PopulateOptions::new(),
@@ -466,5 +472,142 @@ fn thread_caches_keep_small_frees_local_until_flushed() {
     });
     a.flush_thread_caches();
     assert_eq!(a.stats().small_objects, 0);
+    assert_eq!(a.audit().unwrap().in_use_bytes(), 0);
+}
+
+/// Child: two threads allocate small objects of every class and free them
+/// all, so that their caches hold some; then it reports and waits to be
+/// killed.
+fn cache_then_wait() {
+    let a = Arena::open(
+        std::env::var("REGION_PATH").unwrap(),
+        PopulateOptions::new(),
+    )
+    .unwrap();
+    std::thread::scope(|s| {
+        for t in 0..2 {
+            let a = &a;
+            s.spawn(move || {
+                let live: Vec<ShmPtr> = (0..3000)
+                    .map(|i| a.alloc(layout(1 + (i * 37 + t * 11) % 8192, 8)).unwrap())
+                    .collect();
+                for p in live {
+                    a.free(p).unwrap();
+                }
+                // Keep the thread's cache in use (a thread that exits
+                // leaves its cache to the process).
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            });
+        }
+    });
+    let stats = a.stats();
+    // Written whole, then renamed: the parent never reads half a line.
+    let report = std::env::var("REPORT_PATH").unwrap();
+    std::fs::write(
+        format!("{report}.tmp"),
+        format!("CACHED {}\n", stats.cached_objects),
+    )
+    .unwrap();
+    std::fs::rename(format!("{report}.tmp"), report).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(120));
+}
+
+/// Child: a fresh process's audit, as numbers.
+fn audit_child() {
+    let a = Arena::open(
+        std::env::var("REGION_PATH").unwrap(),
+        PopulateOptions::new(),
+    )
+    .unwrap();
+    a.set_thread_caches(false);
+    let stats = a.audit().unwrap();
+    println!(
+        "AUDIT {} {} {} {}",
+        stats.small_objects,
+        stats.cached_objects,
+        stats.runs,
+        stats.in_use_bytes()
+    );
+}
+
+fn field(stdout: &str, key: &str) -> Vec<u64> {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split(key).nth(1))
+        .unwrap_or_else(|| panic!("no {key} in {stdout}"));
+    line.split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_process_killed_with_objects_in_its_caches_leaves_nothing_reserved() {
+    use std::process::{Command, Stdio};
+
+    let a = arena(64 << 20, BackendKind::Shmem);
+    let path = a.region().shareable_path().display().to_string();
+    // What the living process allocated (kept) and cached (freed).
+    let kept: Vec<ShmPtr> = (0..100).map(|_| a.alloc(layout(64, 8)).unwrap()).collect();
+    for _ in 0..5 {
+        let p = a.alloc(layout(200, 8)).unwrap();
+        a.free(p).unwrap();
+    }
+    let ours = a.stats().cached_objects;
+    assert_eq!(ours, 1, "one object of the 200-byte class in our cache");
+
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ROLE, "cache-then-wait")
+        .env("REGION_PATH", &path)
+        .env("REPORT_PATH", &report)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The child reports through a file (bounded wait).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let cached: u64 = loop {
+        if let Ok(text) = std::fs::read_to_string(&report)
+            && let Some(n) = text
+                .strip_prefix("CACHED ")
+                .and_then(|t| t.strip_suffix('\n'))
+        {
+            // Its count includes ours: the tables are shared.
+            break n.parse::<u64>().unwrap() - ours;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child did not report"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    // Two threads, 32 classes, up to 32 objects per class each.
+    assert!(cached > 1000, "the child cached {cached}");
+    assert_eq!(a.stats().cached_objects, ours + cached);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // The dead process's objects are still reserved in the tables...
+    assert_eq!(a.stats().cached_objects, ours + cached);
+    // ...until a process that attaches notices it is gone.
+    let out = run_child("audit", &[("REGION_PATH", path.clone())]);
+    let audit = field(&String::from_utf8_lossy(&out.stdout), "AUDIT ");
+    assert_eq!(
+        audit,
+        vec![
+            kept.len() as u64 + ours,
+            ours,
+            0,
+            kept.len() as u64 * 64 + ours * 224
+        ],
+        "small objects, cached, runs, bytes in use after the kill"
+    );
+    let stats = a.audit().unwrap();
+    assert_eq!(stats.small_objects, kept.len() as u64);
+    assert_eq!(stats.cached_objects, 0, "audit flushed ours");
+    for p in kept {
+        a.free(p).unwrap();
+    }
     assert_eq!(a.audit().unwrap().in_use_bytes(), 0);
 }

@@ -1,14 +1,21 @@
-//! Process-local per-thread caches of free small objects: a free pushes
-//! the object on the thread's bin for its class, an allocation pops it,
-//! and neither touches a shared word. Objects in a cache stay reserved in
-//! the shared tables (they count as in use) until the cache is flushed.
+//! Per-thread caches of free small objects: a free records the object in
+//! the thread's bin for its class, an allocation takes it back, and
+//! neither touches a word another thread writes. Objects in a cache stay
+//! reserved in the shared tables (they count as in use) until the cache is
+//! flushed.
+//!
+//! The bins live in the arena's shared tables, in a slot of the cache
+//! ledger (`ledger`) that the thread's process holds: what a process held
+//! when it was killed is found there and given back by the next process
+//! that notices it is gone (`Arena::reclaim_dead_caches`).
 //!
 //! Each thread has one cache per arena, behind a [`Gate`]: its thread
 //! enters it with plain stores and a compiler fence (no atomic
 //! read-modify-write on the hot path), and a flush
 //! (`Arena::flush_thread_caches`, a snapshot, `audit`, the arena's drop)
 //! waits at the gate to empty it. The arena keeps every cache it handed
-//! out, so a thread that exits leaves its cache to the next flush.
+//! out; the cache of a thread that exited goes, objects and all, to the
+//! next thread that needs one.
 //!
 //! A cached object is marked free in the shared object bitmap when it is
 //! freed (so a second free of it fails in any thread or process); what
@@ -23,26 +30,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::gate::{self, Flushing, Gate};
-use super::layout::CLASSES;
+use super::ledger;
 use crate::populate::fork;
+use crate::populate::owner::Liveness;
+use crate::populate::state::Owner;
 
-/// Objects kept per class and thread.
-pub(super) const PER_CLASS: usize = 32;
-
-/// One thread's free objects for one arena, per class.
+/// One thread's cache for one arena: the ledger slot its bins are in.
 #[derive(Debug)]
 pub(crate) struct ThreadCache {
-    bins: Vec<Vec<u64>>,
-}
-
-impl ThreadCache {
-    fn new() -> ThreadCache {
-        ThreadCache {
-            bins: (0..CLASSES.len())
-                .map(|_| Vec::with_capacity(PER_CLASS))
-                .collect(),
-        }
-    }
+    slot: usize,
 }
 
 type Cell = Arc<Gate<ThreadCache>>;
@@ -57,6 +53,9 @@ pub(crate) struct Caches {
     /// allocates and frees without caches.
     generation: u64,
     enabled: AtomicBool,
+    /// This process as a ledger holder; `None` (no caches) if its start
+    /// time could not be read.
+    me: Option<Owner>,
     /// Flushes in progress (the gates' protocol).
     flushing: Flushing,
     /// Every cache handed out; its lock also serializes flushes.
@@ -64,8 +63,8 @@ pub(crate) struct Caches {
 }
 
 thread_local! {
-    /// This thread's caches, by arena id.
-    static LOCAL: RefCell<Vec<(u64, Cell)>> = const { RefCell::new(Vec::new()) };
+    /// This thread's caches, by arena id (`None`: the ledger had no slot).
+    static LOCAL: RefCell<Vec<(u64, Option<Cell>)>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Caches {
@@ -78,6 +77,7 @@ impl Caches {
                 fork::generation()
             },
             enabled: AtomicBool::new(enabled),
+            me: Owner::current().ok(),
             flushing: {
                 gate::init();
                 Flushing::default()
@@ -91,18 +91,25 @@ impl Caches {
         self.id
     }
 
+    /// This process as a ledger holder.
+    pub(crate) fn me(&self) -> Option<Owner> {
+        self.me
+    }
+
     pub(crate) fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::Relaxed);
     }
 
     pub(crate) fn enabled(&self) -> bool {
-        self.enabled.load(Ordering::Relaxed) && self.generation == fork::generation()
+        self.enabled.load(Ordering::Relaxed)
+            && self.me.is_some()
+            && self.generation == fork::generation()
     }
 
-    /// Runs `f` on this thread's cache, if caching is on and no flush is
-    /// in progress.
+    /// Runs `f` on this thread's ledger slot, if caching is on, the
+    /// thread has a slot and no flush is in progress.
     #[allow(unsafe_code)] // entering the thread's own gate
-    fn with_local<R>(&self, f: impl FnOnce(&mut ThreadCache) -> R) -> Option<R> {
+    fn with_local<R>(&self, ledger: &[AtomicU64], f: impl FnOnce(&[AtomicU64]) -> R) -> Option<R> {
         if !self.enabled() {
             return None;
         }
@@ -114,46 +121,64 @@ impl Caches {
                     None => {
                         // Forget caches of arenas that are gone (only this
                         // thread still holds them).
-                        local.retain(|(_, c)| Arc::strong_count(c) > 1);
-                        let cell = Arc::new(Gate::new(ThreadCache::new()));
-                        self.cells
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push(Arc::clone(&cell));
-                        local.push((self.id, cell));
+                        local.retain(|(_, c)| c.as_ref().is_some_and(|c| Arc::strong_count(c) > 1));
+                        local.push((self.id, self.acquire(ledger)));
                         local.len() - 1
                     }
                 };
+                let cell = local[at].1.as_ref()?;
                 // `f` never touches `LOCAL`, so the borrow can stay held.
-                // SAFETY: the gate is this thread's own (made for it and
-                // kept in its `LOCAL`): it has one owner.
-                unsafe { local[at].1.enter(&self.flushing, f) }
+                // SAFETY: the gate is this thread's own (handed to it by
+                // `acquire` and kept in its `LOCAL`): it has one owner.
+                unsafe { cell.enter(&self.flushing, |c| ledger::slot(ledger, c.slot).map(f)) }
+                    .flatten()
             })
             .ok()
             .flatten()
     }
 
-    /// Pops a cached object of `class`.
-    pub(crate) fn pop(&self, class: u32) -> Option<u64> {
-        self.with_local(|c| c.bins[class as usize].pop()).flatten()
+    /// A cache for a thread new to the arena: one a thread that exited
+    /// left (with its objects), a free ledger slot, or the slot of a
+    /// process proven dead (its objects become this thread's: each is a
+    /// reservation any thread may use). `None` when all are taken.
+    fn acquire(&self, ledger: &[AtomicU64]) -> Option<Cell> {
+        let me = self.me?;
+        let mut cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(orphan) = cells.iter().find(|c| Arc::strong_count(c) == 1) {
+            // Pairs with the release of the exited thread's `Arc` drop:
+            // what it did in the cache happens-before what we do.
+            std::sync::atomic::fence(Ordering::Acquire);
+            return Some(Arc::clone(orphan));
+        }
+        let slots = || (0..ledger::SLOTS).filter_map(|i| Some((i, ledger::slot(ledger, i)?)));
+        let found = slots()
+            .find(|(_, s)| ledger::holder(s).is_none() && ledger::claim(s, me))
+            .or_else(|| {
+                slots().find(|(_, s)| {
+                    ledger::holder(s).is_some_and(|h| {
+                        h != me && h.liveness() == Liveness::Dead && ledger::take_over(s, h, me)
+                    })
+                })
+            })?;
+        let cell = Arc::new(Gate::new(ThreadCache { slot: found.0 }));
+        cells.push(Arc::clone(&cell));
+        Some(cell)
+    }
+
+    /// Takes a cached object of `class`.
+    pub(crate) fn pop(&self, ledger: &[AtomicU64], class: u32) -> Option<u64> {
+        self.with_local(ledger, |s| ledger::pop(s, class)).flatten()
     }
 
     /// Offers a freed object of `class` to the cache; `false` if the bin
-    /// is full (or the cache is busy): free it to the arena.
-    pub(crate) fn push(&self, class: u32, offset: u64) -> bool {
-        self.with_local(|c| {
-            let bin = &mut c.bins[class as usize];
-            let room = bin.len() < PER_CLASS;
-            if room {
-                bin.push(offset);
-            }
-            room
-        })
-        .unwrap_or(false)
+    /// is full (or there is no cache): free it to the arena.
+    pub(crate) fn push(&self, ledger: &[AtomicU64], class: u32, offset: u64) -> bool {
+        self.with_local(ledger, |s| ledger::push(s, class, offset))
+            .unwrap_or(false)
     }
 
     /// Takes every cached object of every thread: `(class, offset)`.
-    pub(crate) fn drain(&self) -> Vec<(u32, u64)> {
+    pub(crate) fn drain(&self, ledger: &[AtomicU64]) -> Vec<(u32, u64)> {
         if self.generation != fork::generation() {
             return Vec::new();
         }
@@ -162,13 +187,30 @@ impl Caches {
         if self.flushing.begin() {
             for cell in cells.iter() {
                 cell.take(|cache| {
-                    for (class, bin) in cache.bins.iter_mut().enumerate() {
-                        out.extend(bin.drain(..).map(|off| (class as u32, off)));
+                    if let Some(s) = ledger::slot(ledger, cache.slot) {
+                        ledger::drain(s, |class, offset| out.push((class, offset)));
                     }
                 });
             }
         }
         self.flushing.end();
         out
+    }
+
+    /// Gives up this process's ledger slots (when the arena goes, after a
+    /// flush emptied them). Nothing in a forked child: they are the
+    /// parent's.
+    pub(crate) fn give_up_slots(&self, ledger: &[AtomicU64]) {
+        if self.generation != fork::generation() {
+            return;
+        }
+        let mut cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
+        for cell in cells.drain(..) {
+            cell.take(|cache| {
+                if let Some(s) = ledger::slot(ledger, cache.slot) {
+                    ledger::give_up(s);
+                }
+            });
+        }
     }
 }

@@ -29,6 +29,8 @@ pub(crate) const SPAN_PAGES: u64 = SPAN / PAGE;
 pub(crate) const SPAN_BITMAP_WORDS: usize = 64;
 /// Bytes of one span slot's descriptor.
 pub(crate) const SPAN_DESC: u64 = 16 + SPAN_BITMAP_WORDS as u64 * 8;
+/// Bytes of the thread caches' ledger.
+pub(crate) const LEDGER_BYTES: u64 = (super::ledger::SLOTS * super::ledger::SLOT_WORDS * 8) as u64;
 /// Bytes of the header.
 pub(crate) const HEADER: u64 = 4096;
 /// The largest small object.
@@ -122,6 +124,8 @@ pub(crate) struct ArenaLayout {
     pub runs_offset: u64,
     /// Span slots.
     pub spans_offset: u64,
+    /// The thread caches' ledger (`ledger`).
+    pub ledger_offset: u64,
     /// Bytes of metadata, a whole number of blocks.
     pub meta_len: u64,
 }
@@ -136,7 +140,8 @@ impl ArenaLayout {
         let bitmaps_offset = blocks_offset + blocks * 8;
         let runs_offset = bitmaps_offset + blocks * 64;
         let spans_offset = (runs_offset + pages * 4).next_multiple_of(64);
-        let end = spans_offset + slots * SPAN_DESC;
+        let ledger_offset = (spans_offset + slots * SPAN_DESC).next_multiple_of(64);
+        let end = ledger_offset + LEDGER_BYTES;
         ArenaLayout {
             data_len,
             blocks,
@@ -144,6 +149,7 @@ impl ArenaLayout {
             bitmaps_offset,
             runs_offset,
             spans_offset,
+            ledger_offset,
             meta_len: end.next_multiple_of(BLOCK),
         }
     }

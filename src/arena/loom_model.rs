@@ -5,7 +5,8 @@
 //! owners touching it without the protocol ordering them.
 //! `--cfg hugearena_mutation` weakens the bitmap claim to `Relaxed`, and
 //! `--cfg hugearena_mutation_cache` drops the owner's fence at a thread
-//! cache's gate; these tests must then fail.
+//! cache's gate, and `--cfg hugearena_mutation_ledger` takes a cache
+//! ledger slot over without a CAS; these tests must then fail.
 #![allow(unsafe_code)] // the modelled bytes are loom `UnsafeCell`s
 
 use super::gate::{Flushing, Gate};
@@ -194,5 +195,44 @@ fn a_flush_and_the_caches_owner_never_meet_inside_the_cache() {
             kept,
             "objects lost or duplicated"
         );
+    });
+}
+
+/// Two processes notice at once that a ledger slot's holder died: one
+/// takes the slot over and gives back its entries, each exactly once, and
+/// the slot ends free. `--cfg hugearena_mutation_ledger` (take over by a
+/// check and a store) must fail here.
+#[test]
+fn a_dead_processs_cache_slot_is_reclaimed_once() {
+    use super::ledger;
+    use crate::populate::state::Owner;
+
+    loom::model(|| {
+        let words: Arc<Vec<AtomicU64>> =
+            Arc::new((0..ledger::SLOT_WORDS).map(|_| AtomicU64::new(0)).collect());
+        let dead = Owner::new(100, 1);
+        assert!(ledger::claim(&words[..], dead));
+        assert!(ledger::push(&words[..], 3, 4096));
+        assert!(ledger::push(&words[..], 3, 8192));
+        let returned = Arc::new(AtomicUsize::new(0));
+        let reclaim = |me: Owner, words: Arc<Vec<AtomicU64>>, returned: Arc<AtomicUsize>| {
+            move || {
+                if ledger::take_over(&words[..], dead, me) {
+                    ledger::drain(&words[..], |_, _| {
+                        returned.fetch_add(1, Ordering::Relaxed);
+                    });
+                    ledger::give_up(&words[..]);
+                }
+            }
+        };
+        let other = thread::spawn(reclaim(Owner::new(200, 2), words.clone(), returned.clone()));
+        reclaim(Owner::new(300, 3), words.clone(), returned.clone())();
+        other.join().unwrap();
+        assert_eq!(
+            returned.load(Ordering::Relaxed),
+            2,
+            "entries given back twice"
+        );
+        assert_eq!(ledger::holder(&words[..]), None);
     });
 }

@@ -20,6 +20,7 @@ pub(crate) mod block;
 mod cache;
 mod gate;
 pub(crate) mod layout;
+pub(crate) mod ledger;
 #[cfg(all(test, loom))]
 mod loom_model;
 pub(crate) mod span;
@@ -38,6 +39,7 @@ use self::layout::{
 };
 use self::span::AfterFree;
 use crate::error::{Error, Result};
+use crate::populate::owner::Liveness;
 use crate::populate::{PopulateOptions, Populator, ZeroSource};
 use crate::region::SharedBase;
 use crate::region::{Region, RegionOptions};
@@ -138,9 +140,12 @@ pub struct ArenaStats {
     pub large_bytes: u64,
     /// Free small objects that thread caches keep reserved (counted in
     /// `small_objects`): this process's until it flushes, another
-    /// process's until that one flushes or exits cleanly. A process
-    /// killed with objects in its caches leaves them reserved for good (a
-    /// bounded leak: at most 32 per size class per thread).
+    /// process's until that one flushes or exits. The caches keep them in
+    /// the arena's shared ledger, so those of a process killed with
+    /// objects in its caches go back when another process notices it is
+    /// gone: when it attaches the arena, runs [`Arena::audit`], or starts
+    /// a thread that needs a ledger slot (a killed thread cut short inside
+    /// a cache operation can leak one).
     pub cached_objects: u64,
     /// Pages that allocations cut short by a killed process left reserved
     /// in a block's free count but not marked, or marked but recorded by
@@ -173,7 +178,7 @@ impl ArenaStats {
 const MAGIC: u64 = u64::from_le_bytes(*b"HAARENA\0");
 /// Application root words in the header (see [`Arena::roots`]).
 pub(crate) const ROOTS: usize = 4;
-const VERSION: u64 = 1;
+const VERSION: u64 = 2;
 const READY: u64 = 1;
 
 /// Header word indices (u64 words at offset 0 of the data).
@@ -358,8 +363,14 @@ impl Arena {
     /// Restores an arena from a snapshot: returns at once, pages fill from
     /// the snapshot on first touch, and allocation continues where the
     /// snapshot left off.
+    ///
+    /// Objects the snapshotted processes' thread caches held go back to
+    /// the arena here. (Attaching to a restored populator yourself gives
+    /// back only those of processes that are gone.)
     pub fn restore(path: impl AsRef<Path>, populate: PopulateOptions) -> Result<Self> {
-        Arena::attach(crate::persist::restore(path, populate)?)
+        let arena = Arena::attach(crate::persist::restore(path, populate)?)?;
+        arena.reclaim_dead_caches(true);
+        Ok(arena)
     }
 }
 
@@ -453,6 +464,7 @@ impl Arena {
         arena.tag = u16::try_from(tag).map_err(|_| Error::NotAnArena {
             defect: ArenaDefect::Tag(tag),
         })?;
+        arena.reclaim_dead_caches(false);
         Ok(arena)
     }
 
@@ -477,11 +489,56 @@ impl Arena {
     /// the shared tables. Snapshots, `audit` and dropping the arena do it
     /// too; objects cached by other processes stay theirs.
     pub fn flush_thread_caches(&self) {
-        for (class, offset) in self.caches.drain() {
-            // A cached object's bit is already clear; what the cache held
-            // is the span reservation, given back here.
-            self.return_reservation(offset / SPAN, class);
+        for (class, offset) in self.caches.drain(self.ledger()) {
+            self.return_cached(class, offset);
         }
+    }
+
+    /// Gives back what the thread caches of processes proven dead (killed,
+    /// say) left in the arena's cache ledger; with `all`, what any process
+    /// left (a restored arena: the processes that cached in it ran in
+    /// another region). Attaching an arena and [`audit`](Self::audit) do
+    /// it; so does a thread that finds no free ledger slot, which adopts a
+    /// dead process's slot. Returns the objects given back.
+    fn reclaim_dead_caches(&self, all: bool) -> u64 {
+        let Some(me) = self.caches.me() else {
+            return 0;
+        };
+        let mut returned = 0;
+        for i in 0..ledger::SLOTS {
+            let Some(slot) = ledger::slot(self.ledger(), i) else {
+                break;
+            };
+            let Some(holder) = ledger::holder(slot) else {
+                continue;
+            };
+            let dead = all || (holder != me && holder.liveness() == Liveness::Dead);
+            if dead && ledger::take_over(slot, holder, me) {
+                ledger::drain(slot, |class, offset| {
+                    self.return_cached(class, offset);
+                    returned += 1;
+                });
+                ledger::give_up(slot);
+            }
+        }
+        returned
+    }
+
+    /// Gives back the span reservation a cache entry stands for (the
+    /// object's bit is already clear). An entry read from the shared
+    /// ledger is checked first: one that names no span of its class is
+    /// dropped (its reservation, if any, stays leaked).
+    fn return_cached(&self, class: u32, offset: u64) {
+        let slot = offset / SPAN;
+        if self.is_slot(slot)
+            && span::describe(self.span_state(slot)).is_some_and(|(c, _)| c == class)
+        {
+            self.return_reservation(slot, class);
+        }
+    }
+
+    fn ledger(&self) -> &[AtomicU64] {
+        self.tables.ledger.get()
     }
 
     /// Sets when empty blocks go back to the kernel (this process).
@@ -911,17 +968,23 @@ impl Arena {
     }
 
     fn alloc_small(&self, class: u32) -> Option<ShmPtr> {
-        if let Some(hint) = self.caches.pop(class) {
+        if let Some(hint) = self.caches.pop(self.ledger(), class) {
             // The cache holds a reservation in the hint's span: take the
             // hint's bit back, or, if another thread's reservation took
-            // it meanwhile, another clear bit of that span.
+            // it meanwhile, another clear bit of that span. The hint comes
+            // from shared memory: one that names no span of this class is
+            // dropped.
             let slot = hint / SPAN;
-            if let Some(index) = Self::object_index(slot, class, hint)
-                && bitmap::claim_range(self.span_bitmap(slot), index, 1)
+            if self.is_slot(slot)
+                && span::describe(self.span_state(slot)).is_some_and(|(c, _)| c == class)
             {
-                return Some(ShmPtr(hint));
+                if let Some(index) = Self::object_index(slot, class, hint)
+                    && bitmap::claim_range(self.span_bitmap(slot), index, 1)
+                {
+                    return Some(ShmPtr(hint));
+                }
+                return self.claim_object(slot, class);
             }
-            return self.claim_object(slot, class);
         }
         let cap = layout::capacity(class);
         loop {
@@ -1071,7 +1134,7 @@ impl Arena {
         if !bitmap::release_range(self.span_bitmap(slot), index, 1) {
             return Err("object not allocated (or already freed)");
         }
-        if self.caches.enabled() && self.caches.push(class, offset) {
+        if self.caches.enabled() && self.caches.push(self.ledger(), class, offset) {
             return Ok(());
         }
         self.return_reservation(slot, class);
@@ -1154,6 +1217,7 @@ impl Arena {
     /// an allocation leaves them. Returns the first disagreement.
     pub fn audit(&self) -> std::result::Result<ArenaStats, AuditError> {
         self.flush_thread_caches();
+        self.reclaim_dead_caches(false);
         let mut leaked = 0;
         for b in self.layout.meta_blocks()..self.layout.blocks {
             let st = block::observe(self.block(b));
@@ -1274,6 +1338,7 @@ impl Arena {
 impl Drop for Arena {
     fn drop(&mut self) {
         self.flush_thread_caches();
+        self.caches.give_up_slots(self.ledger());
     }
 }
 
@@ -1346,5 +1411,69 @@ unsafe impl allocator_api2::alloc::Allocator for Arena {
         if let Err(e) = self.free(shm) {
             panic!("deallocate: {e}");
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::BackendKind;
+    use crate::populate::state::Owner;
+    use std::sync::Barrier;
+
+    /// An alloc and a free of a small object in a new thread, while
+    /// `busy` other new threads hold their caches; the cached objects
+    /// after it.
+    fn round_trip(a: &Arena, busy: usize) -> u64 {
+        a.flush_thread_caches();
+        let (held, done) = (Barrier::new(busy + 1), Barrier::new(busy + 1));
+        std::thread::scope(|s| {
+            for _ in 0..busy {
+                s.spawn(|| {
+                    a.free(a.alloc_bytes(40).unwrap()).unwrap();
+                    held.wait();
+                    done.wait();
+                });
+            }
+            held.wait();
+            let cached = s
+                .spawn(|| {
+                    a.free(a.alloc_bytes(4000).unwrap()).unwrap();
+                    a.stats().cached_objects - busy as u64
+                })
+                .join()
+                .unwrap();
+            done.wait();
+            cached
+        })
+    }
+
+    #[test]
+    fn a_thread_without_a_free_ledger_slot_adopts_a_dead_processs_or_goes_uncached() {
+        let a = Arena::create(
+            RegionOptions::new(8 << 20).backend(BackendKind::Shmem),
+            PopulateOptions::new(),
+        )
+        .unwrap();
+        assert_eq!(round_trip(&a, 0), 1, "a free slot: cached");
+        // Every other slot held by a live process (this one, as another
+        // arena handle would hold it).
+        let me = Owner::current().unwrap();
+        for i in 0..ledger::SLOTS {
+            ledger::claim(ledger::slot(a.ledger(), i).unwrap(), me);
+        }
+        assert_eq!(round_trip(&a, 0), 1, "the exited thread's cache is reused");
+        assert_eq!(round_trip(&a, 1), 0, "no slot: uncached");
+        // One slot held by a process proven dead: adopted.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        let slot = ledger::slot(a.ledger(), 7).unwrap();
+        ledger::give_up(slot);
+        assert!(ledger::claim(slot, Owner::new(pid, 1)));
+        assert_eq!(round_trip(&a, 1), 1, "the dead process's slot adopted");
+        assert_eq!(ledger::holder(slot), Some(me));
+        a.flush_thread_caches();
+        assert_eq!(a.stats().cached_objects, 0);
     }
 }

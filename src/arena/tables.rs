@@ -6,7 +6,7 @@
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
-use super::layout::{ArenaLayout, SPAN, SPAN_DESC};
+use super::layout::{ArenaLayout, LEDGER_BYTES, SPAN, SPAN_DESC};
 use crate::error::Result;
 use crate::region::{Region, SharedAtomic};
 
@@ -48,6 +48,8 @@ pub(super) struct Tables {
     pub(super) runs: SharedSlice<AtomicU32>,
     /// `SPAN_DESC / 8` words per 64 KiB span slot.
     pub(super) spans: SharedSlice<AtomicU64>,
+    /// The thread caches' ledger (`ledger`).
+    pub(super) ledger: SharedSlice<AtomicU64>,
 }
 
 impl Tables {
@@ -70,6 +72,7 @@ impl Tables {
                 region.shared_atomics::<AtomicU32>(layout.runs_offset as usize, pages as usize)?,
             ),
             spans: SharedSlice::new(words(layout.spans_offset, slots * SPAN_DESC / 8)?),
+            ledger: SharedSlice::new(words(layout.ledger_offset, LEDGER_BYTES / 8)?),
         })
     }
 }
