@@ -23,6 +23,10 @@ pub(crate) trait AtomicSlot {
     fn store(&self, value: u64, order: Ordering);
     /// Subtracts from the word (wrapping); returns the previous value.
     fn fetch_sub(&self, value: u64, order: Ordering) -> u64;
+    /// Sets bits; returns the previous value.
+    fn fetch_or(&self, value: u64, order: Ordering) -> u64;
+    /// Keeps only the bits of `value`; returns the previous value.
+    fn fetch_and(&self, value: u64, order: Ordering) -> u64;
 }
 
 /// Forwards every `AtomicSlot` method to the inherent method of `$t`.
@@ -49,6 +53,14 @@ macro_rules! atomic_slot_for {
 
             fn fetch_sub(&self, value: u64, order: Ordering) -> u64 {
                 <$t>::fetch_sub(self, value, order)
+            }
+
+            fn fetch_or(&self, value: u64, order: Ordering) -> u64 {
+                <$t>::fetch_or(self, value, order)
+            }
+
+            fn fetch_and(&self, value: u64, order: Ordering) -> u64 {
+                <$t>::fetch_and(self, value, order)
             }
         }
     };

@@ -13,6 +13,11 @@
 //!   claimant's); finding one clear is reported (a double free, or a
 //!   pointer that was never allocated), after putting back what was cleared.
 //!
+//! A single bit (a small object) is claimed and released the same way with
+//! one `fetch_or` / `fetch_and` (a `lock bts` / `lock btr`): setting a set
+//! bit or clearing a clear one changes nothing, so the previous value alone
+//! says whether the call won, and there is nothing to put back.
+//!
 //! Scans (`find_clear_run`) read with `Relaxed`: they only propose a range
 //! for a claim, which checks again.
 
@@ -103,6 +108,18 @@ pub(crate) fn release_range(words: &[impl AtomicSlot], start: usize, n: usize) -
         }
     }
     true
+}
+
+/// Claims bit `i` if it is clear (one read-modify-write).
+pub(crate) fn claim_bit(words: &[impl AtomicSlot], i: usize) -> bool {
+    let bit = 1u64 << (i % BITS);
+    words[i / BITS].fetch_or(bit, CLAIM) & bit == 0
+}
+
+/// Releases bit `i`; `false` (and nothing changed) if it was clear.
+pub(crate) fn release_bit(words: &[impl AtomicSlot], i: usize) -> bool {
+    let bit = 1u64 << (i % BITS);
+    words[i / BITS].fetch_and(!bit, Ordering::AcqRel) & bit != 0
 }
 
 /// Claims one clear bit among the first `len` bits, lowest first.

@@ -25,7 +25,7 @@
 //! another reservation took that one (a reservation always has a clear
 //! bit to claim).
 
-use std::cell::RefCell;
+use std::cell::{Cell as CopyCell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -62,9 +62,27 @@ pub(crate) struct Caches {
     cells: Mutex<Vec<Cell>>,
 }
 
+/// This thread's caches, by arena id (`None`: the ledger had no slot).
+struct Local(Vec<(u64, Option<Cell>)>);
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        // Before the gates go: `LAST` must never point at a dropped one.
+        LAST.with(|last| last.set(NO_LAST));
+    }
+}
+
+const NO_LAST: (u64, *const Gate<ThreadCache>) = (0, std::ptr::null());
+
 thread_local! {
-    /// This thread's caches, by arena id (`None`: the ledger had no slot).
-    static LOCAL: RefCell<Vec<(u64, Option<Cell>)>> = const { RefCell::new(Vec::new()) };
+    static LOCAL: RefCell<Local> = const { RefCell::new(Local(Vec::new())) };
+    /// The entry of `LOCAL` this thread used last, as (arena id, gate):
+    /// one thread-local load on the hot path instead of a lookup. `LOCAL`
+    /// keeps the gate alive and clears this before dropping its gates;
+    /// arena ids are never reused, so the entry of an arena that is gone
+    /// is never looked up. No destructor: usable from other thread-local
+    /// destructors, after `LOCAL` is gone.
+    static LAST: CopyCell<(u64, *const Gate<ThreadCache>)> = const { CopyCell::new(NO_LAST) };
 }
 
 impl Caches {
@@ -113,9 +131,28 @@ impl Caches {
         if !self.enabled() {
             return None;
         }
+        let (id, last) = LAST.with(CopyCell::get);
+        let gate = if id == self.id && !last.is_null() {
+            last
+        } else {
+            self.look_up(ledger)?
+        };
+        // SAFETY: `gate` comes from this thread's `LAST` or `LOCAL`, whose
+        // `Arc` keeps it alive (`LAST` is cleared before `LOCAL` drops
+        // it), and `f` touches neither.
+        let gate = unsafe { &*gate };
+        // SAFETY: the gate is this thread's own (handed to it by `acquire`
+        // and kept in its `LOCAL`): it has one owner.
+        unsafe { gate.enter(&self.flushing, |c| ledger::slot(ledger, c.slot).map(f)) }.flatten()
+    }
+
+    /// This thread's gate for the arena, from `LOCAL` (acquiring one for a
+    /// thread new to the arena), remembered in `LAST`.
+    fn look_up(&self, ledger: &[AtomicU64]) -> Option<*const Gate<ThreadCache>> {
         LOCAL
             .try_with(|local| {
                 let mut local = local.borrow_mut();
+                let local = &mut local.0;
                 let at = match local.iter().position(|(id, _)| *id == self.id) {
                     Some(at) => at,
                     None => {
@@ -126,12 +163,9 @@ impl Caches {
                         local.len() - 1
                     }
                 };
-                let cell = local[at].1.as_ref()?;
-                // `f` never touches `LOCAL`, so the borrow can stay held.
-                // SAFETY: the gate is this thread's own (handed to it by
-                // `acquire` and kept in its `LOCAL`): it has one owner.
-                unsafe { cell.enter(&self.flushing, |c| ledger::slot(ledger, c.slot).map(f)) }
-                    .flatten()
+                let gate = Arc::as_ptr(local[at].1.as_ref()?);
+                LAST.with(|last| last.set((self.id, gate)));
+                Some(gate)
             })
             .ok()
             .flatten()

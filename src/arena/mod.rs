@@ -979,7 +979,7 @@ impl Arena {
                 && span::describe(self.span_state(slot)).is_some_and(|(c, _)| c == class)
             {
                 if let Some(index) = Self::object_index(slot, class, hint)
-                    && bitmap::claim_range(self.span_bitmap(slot), index, 1)
+                    && bitmap::claim_bit(self.span_bitmap(slot), index)
                 {
                     return Some(ShmPtr(hint));
                 }
@@ -1131,10 +1131,10 @@ impl Arena {
     /// reservation, with the object as a hint for the next allocation.
     fn free_small(&self, slot: u64, class: u32, offset: u64) -> Result<(), &'static str> {
         let index = Self::object_index(slot, class, offset).ok_or("not the start of an object")?;
-        if !bitmap::release_range(self.span_bitmap(slot), index, 1) {
+        if !bitmap::release_bit(self.span_bitmap(slot), index) {
             return Err("object not allocated (or already freed)");
         }
-        if self.caches.enabled() && self.caches.push(self.ledger(), class, offset) {
+        if self.caches.push(self.ledger(), class, offset) {
             return Ok(());
         }
         self.return_reservation(slot, class);
