@@ -3,12 +3,14 @@
 //!
 //! ```text
 //! offset 0          header (4 KiB): magic, version, state, geometry,
-//!                   per-class current span and partial-stack heads
+//!                   per-class current spans (four shards) and
+//!                   partial-stack heads
 //! blocks_offset     block words, one u64 per 2 MiB block
 //! bitmaps_offset    page bitmaps, 512 bits per block
 //! runs_offset       run lengths, one u32 per 4 KiB page (pages of a run start)
 //! spans_offset      span slots, one per 64 KiB: state u64, link u64,
 //!                   object bitmap of 4096 bits
+//! ledger_offset     the thread caches' ledger: 64 slots of bins
 //! meta_len          (rounded up to whole blocks, marked META)
 //! ... data blocks ...
 //! ```

@@ -188,12 +188,14 @@ mod hdr {
     pub(super) const STATE: usize = 2;
     pub(super) const DATA_LEN: usize = 3;
     pub(super) const ROOTS: usize = 4;
+    /// The current span of each class in each shard (`SHARDS` words per
+    /// class).
     pub(super) const CURRENT: usize = 8;
-    pub(super) const PARTIAL: usize = 8 + 32;
+    pub(super) const PARTIAL: usize = CURRENT + 32 * super::SHARDS;
     /// The tag in every `ShmPtr` the arena hands out (0 in arenas made
     /// before tags: their pointers are untagged).
-    pub(super) const TAG: usize = 8 + 64;
-    pub(super) const WORDS: usize = 8 + 64 + 1;
+    pub(super) const TAG: usize = PARTIAL + 32;
+    pub(super) const WORDS: usize = TAG + 1;
 }
 
 /// Why a region does not hold a usable arena.
@@ -771,8 +773,17 @@ impl Arena {
         &self.span_desc(slot)[2..2 + SPAN_BITMAP_WORDS]
     }
 
-    fn current(&self, class: u32) -> &AtomicU64 {
-        &self.header()[hdr::CURRENT + class as usize]
+    /// The current span (slot + 1) of `class` for threads of `shard`.
+    fn current(&self, class: u32, shard: usize) -> &AtomicU64 {
+        &self.header()[hdr::CURRENT + class as usize * SHARDS + shard]
+    }
+
+    /// Whether span `slot` is a current span of `class` (in any shard).
+    fn is_current(&self, class: u32, slot: u64) -> bool {
+        let at = hdr::CURRENT + class as usize * SHARDS;
+        self.header()[at..at + SHARDS]
+            .iter()
+            .any(|c| c.load(Ordering::Acquire) == slot + 1)
     }
 
     fn partial(&self, class: u32) -> &AtomicU64 {
@@ -987,8 +998,9 @@ impl Arena {
             }
         }
         let cap = layout::capacity(class);
+        let current_word = self.current(class, shard());
         loop {
-            let current = self.current(class).load(Ordering::Acquire);
+            let current = current_word.load(Ordering::Acquire);
             if current != 0
                 && self.is_slot(current - 1)
                 && span::reserve(self.span_state(current - 1), class, cap)
@@ -1005,7 +1017,7 @@ impl Arena {
                     continue;
                 }
                 if span::reserve(state, class, cap) {
-                    let _ = self.current(class).compare_exchange(
+                    let _ = current_word.compare_exchange(
                         current,
                         slot + 1,
                         Ordering::AcqRel,
@@ -1014,9 +1026,7 @@ impl Arena {
                     return self.claim_object(slot, class);
                 }
                 // Full again, or empty and abandoned: retire if empty.
-                if self.current(class).load(Ordering::Acquire) != slot + 1
-                    && span::try_retire(state)
-                {
+                if !self.is_current(class, slot) && span::try_retire(state) {
                     self.free_pages(slot * SPAN_PAGES, SPAN_PAGES);
                 }
                 continue;
@@ -1031,8 +1041,7 @@ impl Arena {
                 return None;
             }
             span::activate(self.span_state(slot), class);
-            if self
-                .current(class)
+            if current_word
                 .compare_exchange(current, slot + 1, Ordering::AcqRel, Ordering::Relaxed)
                 .is_err()
             {
@@ -1144,7 +1153,7 @@ impl Arena {
     /// Gives back one reservation of a span whose object bit was cleared:
     /// lists the span if it has room again, retires it if it is empty.
     fn return_reservation(&self, slot: u64, class: u32) {
-        let is_current = self.current(class).load(Ordering::Acquire) == slot + 1;
+        let is_current = self.is_current(class, slot);
         match span::unreserve(self.span_state(slot), is_current) {
             AfterFree::Keep => {}
             AfterFree::List => stack::push(self.partial(class), &self.span_links(), slot as u32),
@@ -1355,6 +1364,30 @@ impl stack::Links for SpanLinks<'_> {
 }
 
 const _: () = assert!(HEADER as usize >= hdr::WORDS * 8);
+
+/// Shards of the current spans: threads of different shards carve their
+/// small objects from different spans, so they do not write the same
+/// bitmap words (a cache line bouncing between cores on every free).
+const SHARDS: usize = 4;
+
+/// This thread's shard: threads are dealt round-robin, starting from a
+/// point that depends on the process, so that the first threads of two
+/// processes tend to differ.
+fn shard() -> usize {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    thread_local! {
+        static SHARD: std::cell::Cell<u8> = const { std::cell::Cell::new(u8::MAX) };
+    }
+    SHARD
+        .try_with(|s| {
+            if s.get() == u8::MAX {
+                let n = NEXT.fetch_add(1, Ordering::Relaxed) as usize + std::process::id() as usize;
+                s.set((n % SHARDS) as u8);
+            }
+            s.get() as usize
+        })
+        .unwrap_or(0)
+}
 
 /// What a page-run search found in one block.
 enum Claim {
