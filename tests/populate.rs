@@ -673,6 +673,53 @@ fn sequential_faults_read_ahead_and_random_ones_do_not() {
 }
 
 #[test]
+fn fault_around_fills_the_rest_of_a_random_faults_cluster() {
+    for driver in [Driver::InThread, Driver::HandlerThreads(1)] {
+        let region = Arc::new(
+            Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap(),
+        );
+        let options = PopulateOptions::new()
+            .driver(driver)
+            .readahead(0)
+            .fault_around(64 << 10);
+        let source = safe_fn(|index: u64, buf: &mut [u8]| {
+            fill_pattern(3, index as usize * 4096, buf);
+            Ok(())
+        });
+        let p = Populator::with_options(region.clone(), source, options).unwrap();
+        let mut byte = [0u8; 1];
+        // Page 37 of 2048: the rest of 32..48 comes with it, not 32..37.
+        region.read_via_primary(37 * 4096, &mut byte).unwrap();
+        // A handler thread wakes the faulting thread first and fills the
+        // cluster's rest after: wait for it (bounded).
+        let expect: Vec<bool> = (30..50).map(|i| (37..48).contains(&i)).collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let present: Vec<bool> = (30..50).map(|i| p.is_present(i * 4096)).collect();
+            if present == expect || std::time::Instant::now() > deadline {
+                assert_eq!(present, expect, "{driver:?}: pages 30..50");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Every page of a random order: one fault per 16-page cluster
+        // reached at its first page in the order, the rest filled with it.
+        for off in shuffled(2048, 4096, 7) {
+            region.read_via_primary(off, &mut byte).unwrap();
+            std::hint::black_box(&mut byte);
+        }
+        let s = p.stats();
+        assert_eq!(s.fills, 2048, "{driver:?}: {s}");
+        let faults = s.faults_in_thread + s.faults_handler;
+        assert!(
+            faults < 2048 / 3,
+            "{driver:?}: {faults} faults for 2048 pages: {s}"
+        );
+        verify(&region, |off| pattern_byte(3, off));
+    }
+}
+
+#[test]
 fn shmem_thp_blocks_are_pmd_mapped_once_full() {
     for promotion in [Promotion::Inline, Promotion::Background] {
         let region = Arc::new(

@@ -204,6 +204,17 @@ fn spawn_workers(
         .collect()
 }
 
+/// How a restored arena populates: GETs touch scattered pages of the
+/// index and the values, so a fault also reads the rest of its 64 KiB
+/// (`KVSTORE_FAULT_AROUND` overrides it, for measurements).
+fn restore_options() -> PopulateOptions {
+    let around = std::env::var("KVSTORE_FAULT_AROUND")
+        .ok()
+        .and_then(|v| human::parse_size(&v).ok())
+        .unwrap_or(64 << 10);
+    PopulateOptions::new().fault_around(around as usize)
+}
+
 fn serve(flags: &Flags) {
     let addr: SocketAddr = flags
         .value("--addr")
@@ -227,8 +238,8 @@ fn serve(flags: &Flags) {
     let (arena, restored_from) = if dump.exists() {
         let source = SnapshotSource::open(&dump).unwrap_or_else(|e| fail(e));
         let options = source.region_options().unwrap_or_else(|e| fail(e));
-        let populator = persist::restore_with(options, source, PopulateOptions::new())
-            .unwrap_or_else(|e| fail(e));
+        let populator =
+            persist::restore_with(options, source, restore_options()).unwrap_or_else(|e| fail(e));
         if flags.has("--eager") {
             populator
                 .populate(0, populator.region().len())
@@ -290,7 +301,7 @@ fn worker(flags: &Flags) {
     let populator = match flags.value("--snapshot") {
         Some(snap) => {
             let source = SnapshotSource::open(snap).unwrap_or_else(|e| fail(e));
-            Populator::with_options(region, source, PopulateOptions::new())
+            Populator::with_options(region, source, restore_options())
         }
         None => Populator::with_options(region, ZeroSource, PopulateOptions::new()),
     }

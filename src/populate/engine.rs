@@ -221,6 +221,8 @@ pub(crate) struct Settings {
     pub(crate) track_writes: bool,
     /// Readahead cap in granules (0: off).
     pub(crate) readahead_granules: u64,
+    /// Fault-around cluster in granules (0: off).
+    pub(crate) fault_around_granules: u64,
     /// How long to wait for another filler.
     pub(crate) fill_timeout: Duration,
     /// How long a handler thread spins before it sleeps.
@@ -244,6 +246,7 @@ impl Core {
             wakes,
             track_writes,
             readahead_granules,
+            fault_around_granules,
             fill_timeout,
             handler_spin,
             whole_blocks,
@@ -299,7 +302,8 @@ impl Core {
                     (Some(_), Some(p)) => p.granules_per_block() as u64,
                     _ => 0,
                 },
-            ),
+            )
+            .with_fault_around(fault_around_granules),
             direct_fills,
             promoter,
             blocks,

@@ -94,6 +94,7 @@ pub struct PopulateOptions {
     fill_timeout: Duration,
     handler_spin: Duration,
     whole_blocks: bool,
+    fault_around: usize,
 }
 
 /// Default [`PopulateOptions::fill_timeout`].
@@ -109,6 +110,7 @@ impl Default for PopulateOptions {
             fill_timeout: DEFAULT_FILL_TIMEOUT,
             handler_spin: Duration::ZERO,
             whole_blocks: true,
+            fault_around: 0,
         }
     }
 }
@@ -130,6 +132,18 @@ impl PopulateOptions {
     /// 0; 0 turns it off).
     pub fn readahead(mut self, bytes: usize) -> Self {
         self.readahead = bytes;
+        self
+    }
+
+    /// On any fault, also populates the rest of the aligned `bytes`
+    /// cluster it falls in (rounded down to whole granules; 0, the
+    /// default, turns it off). For random access to a region whose pages
+    /// will all be wanted, such as a hash table restored lazily: one trap
+    /// per cluster reached instead of one per page, at the price of a
+    /// longer first touch (the cluster's pages are read with it).
+    /// Sequential readahead still applies where it reaches further.
+    pub fn fault_around(mut self, bytes: usize) -> Self {
+        self.fault_around = bytes;
         self
     }
 
@@ -401,6 +415,10 @@ impl Populator {
                 wakes: handlers,
                 track_writes,
                 readahead_granules: readahead,
+                fault_around_granules: match driver {
+                    Driver::Proactive => 0,
+                    _ => (options.fault_around / granule) as u64,
+                },
                 fill_timeout: options.fill_timeout,
                 handler_spin: options.handler_spin,
                 whole_blocks: options.whole_blocks,

@@ -9,6 +9,11 @@
 //! are populated with it. Any other fault starts a new stream in a slot
 //! picked by its index. Races between threads only make a hint more or
 //! less eager: correctness rests on the page-state claims, not on this.
+//!
+//! Fault-around (off by default) serves random access instead: any fault
+//! also populates the rest of its aligned cluster, so a process that
+//! touches scattered pages of a restored region (a hash index, say) pays
+//! one trap per cluster it reaches instead of one per page.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -33,6 +38,8 @@ pub(crate) struct Readahead {
     /// Granules per block when a hit's window stretches to the end of the
     /// block the fault is in (0: it does not).
     block: u64,
+    /// Granules of a fault-around cluster (0 or 1: off).
+    around: u64,
 }
 
 impl Readahead {
@@ -46,13 +53,32 @@ impl Readahead {
             streams: std::array::from_fn(|_| AtomicU64::new(0)),
             cap: cap.min(WINDOW_MASK),
             block,
+            around: 0,
         }
+    }
+
+    /// Also populates, after any fault, the rest of its aligned cluster of
+    /// `granules` (0 or 1: off).
+    pub(crate) fn with_fault_around(mut self, granules: u64) -> Readahead {
+        self.around = granules;
+        self
+    }
+
+    /// Records a fault at granule `index` and returns how many granules
+    /// after it to populate as well: the sequential window, or the rest of
+    /// its fault-around cluster, whichever reaches further.
+    pub(crate) fn on_fault(&self, index: u64) -> u64 {
+        let around = match self.around {
+            0 | 1 => 0,
+            n => n - 1 - index % n,
+        };
+        self.sequential(index).max(around)
     }
 
     /// Records a fault at granule `index` and returns how many granules
     /// after it to populate as well (0 if the fault is not sequential).
     /// The caller clips the window to the region.
-    pub(crate) fn on_fault(&self, index: u64) -> u64 {
+    fn sequential(&self, index: u64) -> u64 {
         if self.cap == 0 {
             return 0;
         }
@@ -121,6 +147,21 @@ mod tests {
         assert_eq!(ra.on_fault(1536), 511);
         let ra = Readahead::new(0, 512);
         assert_eq!((ra.on_fault(1), ra.on_fault(2)), (0, 0), "off means off");
+    }
+
+    #[test]
+    fn fault_around_fills_the_rest_of_the_cluster() {
+        let ra = Readahead::new(16, 0).with_fault_around(16);
+        assert_eq!(ra.on_fault(37), 10, "37 → the end of 32..48");
+        assert_eq!(ra.on_fault(48), 15);
+        assert_eq!(ra.on_fault(63), 0);
+        // A sequential run still grows past the cluster.
+        let ra = Readahead::new(64, 0).with_fault_around(4);
+        ra.on_fault(100);
+        assert_eq!(ra.on_fault(101), 4);
+        assert_eq!(ra.on_fault(106), 8);
+        let off = Readahead::new(16, 0).with_fault_around(1);
+        assert_eq!(off.on_fault(5), 0);
     }
 
     #[test]
