@@ -154,9 +154,9 @@ pub(crate) fn unreserve_pages(slot: &impl AtomicSlot, n: u64) -> u64 {
 
 /// Claims blocks `[0, n)` of `slots` (a contiguous range) for a large
 /// allocation; rolls back and fails if any is not free.
-pub(crate) fn claim_large(slots: &[impl AtomicSlot]) -> bool {
-    let n = slots.len() as u64;
-    for (i, slot) in slots.iter().enumerate() {
+pub(crate) fn claim_large(slots: &[impl AtomicSlot], stride: usize) -> bool {
+    let n = slots.len().div_ceil(stride) as u64;
+    for (i, slot) in slots.iter().step_by(stride).enumerate() {
         let w = slot.load(Ordering::Acquire);
         let new = if i == 0 {
             Kind::LargeHead.code() | DIRTY | (n << COUNT_SHIFT)
@@ -168,7 +168,7 @@ pub(crate) fn claim_large(slots: &[impl AtomicSlot]) -> bool {
                 .compare_exchange(w, new, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok();
         if !taken {
-            for s in &slots[..i] {
+            for s in slots.iter().step_by(stride).take(i) {
                 // Ours until now: give them back, dirty to be safe.
                 s.store(Kind::Free.code() | DIRTY, Ordering::Release);
             }
@@ -247,10 +247,10 @@ mod tests {
     fn large_claims_roll_back_and_free_once() {
         let blocks: Vec<AtomicU64> = (0..4).map(|_| AtomicU64::new(0)).collect();
         assert!(to_pages(&blocks[2]));
-        assert!(!claim_large(&blocks[0..3]));
+        assert!(!claim_large(&blocks[0..3], 1));
         assert!(blocks.iter().all(|b| observe(b).kind != Kind::LargeHead));
         assert_eq!(observe(&blocks[0]).kind, Kind::Free);
-        assert!(claim_large(&blocks[0..2]));
+        assert!(claim_large(&blocks[0..2], 1));
         assert_eq!(observe(&blocks[0]).blocks, 2);
         assert_eq!(begin_free_large(&blocks[1]), None, "a tail is not a head");
         assert_eq!(begin_free_large(&blocks[0]), Some(2));

@@ -5,7 +5,7 @@
 //! offset 0          header (4 KiB): magic, version, state, geometry,
 //!                   per-class current spans (four shards) and
 //!                   partial-stack heads
-//! blocks_offset     block words, one u64 per 2 MiB block
+//! blocks_offset     block words, one u64 per 2 MiB block, 64 bytes apart
 //! bitmaps_offset    page bitmaps, 512 bits per block
 //! runs_offset       run lengths, one u32 per 4 KiB page (pages of a run start)
 //! spans_offset      span slots, one per 64 KiB: state u64, link u64,
@@ -31,6 +31,10 @@ pub(crate) const SPAN_PAGES: u64 = SPAN / PAGE;
 pub(crate) const SPAN_BITMAP_WORDS: usize = 64;
 /// Bytes of one span slot's descriptor.
 pub(crate) const SPAN_DESC: u64 = 16 + SPAN_BITMAP_WORDS as u64 * 8;
+/// Words from one block word to the next: each has a cache line of its
+/// own, so threads working in neighbouring blocks (page runs) do not
+/// bounce one line between their cores.
+pub(crate) const BLOCK_WORD_STRIDE: usize = 8;
 /// Bytes of the thread caches' ledger.
 pub(crate) const LEDGER_BYTES: u64 = (super::ledger::SLOTS * super::ledger::SLOT_WORDS * 8) as u64;
 /// Bytes of the header.
@@ -139,7 +143,7 @@ impl ArenaLayout {
         let pages = data_len / PAGE;
         let slots = data_len / SPAN;
         let blocks_offset = HEADER;
-        let bitmaps_offset = blocks_offset + blocks * 8;
+        let bitmaps_offset = blocks_offset + blocks * BLOCK_WORD_STRIDE as u64 * 8;
         let runs_offset = bitmaps_offset + blocks * 64;
         let spans_offset = (runs_offset + pages * 4).next_multiple_of(64);
         let ledger_offset = (spans_offset + slots * SPAN_DESC).next_multiple_of(64);

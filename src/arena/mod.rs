@@ -35,7 +35,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use self::block::{Kind, PAGES_PER_BLOCK};
 use self::layout::{
-    ArenaLayout, BLOCK, CLASSES, HEADER, PAGE, SPAN, SPAN_BITMAP_WORDS, SPAN_DESC, SPAN_PAGES,
+    ArenaLayout, BLOCK, BLOCK_WORD_STRIDE, CLASSES, HEADER, PAGE, SPAN, SPAN_BITMAP_WORDS,
+    SPAN_DESC, SPAN_PAGES,
 };
 use self::span::AfterFree;
 use crate::error::{Error, Result};
@@ -736,7 +737,7 @@ impl Arena {
     }
 
     fn block(&self, b: u64) -> &AtomicU64 {
-        &self.blocks()[b as usize]
+        &self.blocks()[b as usize * BLOCK_WORD_STRIDE]
     }
 
     fn page_bitmap(&self, b: u64) -> &[AtomicU64] {
@@ -861,13 +862,17 @@ impl Arena {
         let first = self.layout.meta_blocks();
         let mut b = first;
         while b + n <= self.layout.blocks {
-            let range = &blocks[b as usize..(b + n) as usize];
+            let range =
+                &blocks[b as usize * BLOCK_WORD_STRIDE..(b + n) as usize * BLOCK_WORD_STRIDE];
             match range
                 .iter()
+                .step_by(BLOCK_WORD_STRIDE)
                 .rposition(|w| block::observe(w).kind != Kind::Free)
             {
                 Some(taken) => b += taken as u64 + 1,
-                None if block::claim_large(range) => return Some(ShmPtr(b * BLOCK)),
+                None if block::claim_large(range, BLOCK_WORD_STRIDE) => {
+                    return Some(ShmPtr(b * BLOCK));
+                }
                 None => b += 1,
             }
         }

@@ -6,7 +6,7 @@
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
-use super::layout::{ArenaLayout, LEDGER_BYTES, SPAN, SPAN_DESC};
+use super::layout::{ArenaLayout, BLOCK_WORD_STRIDE, LEDGER_BYTES, SPAN, SPAN_DESC};
 use crate::error::Result;
 use crate::region::{Region, SharedAtomic};
 
@@ -40,7 +40,8 @@ impl<T: SharedAtomic> SharedSlice<T> {
 #[derive(Debug)]
 pub(super) struct Tables {
     pub(super) header: SharedSlice<AtomicU64>,
-    /// One word per 2 MiB block.
+    /// One word per 2 MiB block, each in its own cache line
+    /// (`BLOCK_WORD_STRIDE` words apart).
     pub(super) blocks: SharedSlice<AtomicU64>,
     /// Eight words (512 bits) per block.
     pub(super) bitmaps: SharedSlice<AtomicU64>,
@@ -66,7 +67,10 @@ impl Tables {
         };
         Ok(Tables {
             header: SharedSlice::new(words(0, header_words as u64)?),
-            blocks: SharedSlice::new(words(layout.blocks_offset, layout.blocks)?),
+            blocks: SharedSlice::new(words(
+                layout.blocks_offset,
+                layout.blocks * BLOCK_WORD_STRIDE as u64,
+            )?),
             bitmaps: SharedSlice::new(words(layout.bitmaps_offset, layout.blocks * 8)?),
             runs: SharedSlice::new(
                 region.shared_atomics::<AtomicU32>(layout.runs_offset as usize, pages as usize)?,
