@@ -720,6 +720,31 @@ fn fault_around_fills_the_rest_of_a_random_faults_cluster() {
 }
 
 #[test]
+fn a_page_is_published_before_its_faulting_thread_runs_on() {
+    // A handler thread fills a lone page with one UFFDIO_COPY; the thread
+    // it wakes may write the page at once, so the page must already read
+    // as present: a write-back or snapshot skips pages that do not.
+    let region =
+        Arc::new(Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap());
+    let options = PopulateOptions::new()
+        .driver(Driver::HandlerThreads(1))
+        .readahead(0);
+    let source = hugearena::populate::FnSource(|index: u64, dst: &mut [u8]| {
+        dst.fill(index as u8 | 1);
+        Ok(())
+    });
+    let p = Populator::with_handler_threads(region.clone(), source, options).unwrap();
+    let mut byte = [0u8; 1];
+    let mut late = 0;
+    for off in shuffled(2048, 4096, 11) {
+        region.read_via_primary(off, &mut byte).unwrap();
+        assert_eq!(byte[0], (off / 4096) as u8 | 1);
+        late += usize::from(!p.is_present(off));
+    }
+    assert_eq!(late, 0, "pages read before they were published");
+}
+
+#[test]
 fn shmem_thp_blocks_are_pmd_mapped_once_full() {
     for promotion in [Promotion::Inline, Promotion::Background] {
         let region = Arc::new(

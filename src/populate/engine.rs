@@ -470,9 +470,6 @@ impl Core {
     fn fill_and_map_claimed(&self, index: usize, slot: &AtomicU64) -> Direct {
         debug_assert!(self.direct_fills && self.granule == DIRECT_BYTES);
         let started = Instant::now();
-        // Counted before the call, which wakes the faulting thread: what it
-        // does next (read `stats`, say) sees the fill counted. Uncounted
-        // again if the call fails.
         Counters::bump(&self.counters.fills);
         let result = if self.source.is_zero(index as u64) {
             // SAFETY: the primary is registered for missing faults, and the
@@ -480,7 +477,7 @@ impl Core {
             // zeroes, which is what the kernel maps.
             unsafe {
                 self.uffd
-                    .zeropage(self.addr(index), DIRECT_BYTES, self.wake_mode)
+                    .zeropage(self.addr(index), DIRECT_BYTES, MODE_DONTWAKE)
             }
             .is_ok()
         } else if let Some(src) = self.source.mapped(index as u64, DIRECT_BYTES) {
@@ -488,7 +485,7 @@ impl Core {
             // kernel reads `src` (a bad address fails the call).
             unsafe {
                 self.uffd
-                    .copy(self.addr(index), src, DIRECT_BYTES, self.wake_mode)
+                    .copy(self.addr(index), src, DIRECT_BYTES, MODE_DONTWAKE)
             }
             .is_ok()
         } else {
@@ -504,7 +501,7 @@ impl Core {
                         self.addr(index),
                         page.0.as_ptr(),
                         DIRECT_BYTES,
-                        self.wake_mode,
+                        MODE_DONTWAKE,
                     )
                 }
                 .is_ok()
@@ -519,6 +516,15 @@ impl Core {
         self.latency.record(started.elapsed());
         if state::publish(slot, self.me()) == Ok(true) {
             self.wake_waiters(slot);
+        }
+        // The faulting thread is woken only now, after the publish: woken
+        // by the copy, it could write the page while it still reads as
+        // being filled, and a write-back or snapshot that skips pages not
+        // present would miss what it wrote.
+        if self.wake_mode == 0
+            && let Err(e) = self.uffd.wake(self.addr(index), DIRECT_BYTES)
+        {
+            self.failures.push(e);
         }
         self.mapped(index, index + 1);
         Direct::Mapped
