@@ -312,6 +312,15 @@ fn stress_thread(a: &Arena, seed: u64) -> u64 {
     ops
 }
 
+/// Child: the parent's arena, by the path in `REGION_PATH`.
+fn open_shared() -> Arena {
+    Arena::open(
+        std::env::var("REGION_PATH").unwrap(),
+        PopulateOptions::new(),
+    )
+    .unwrap()
+}
+
 #[test]
 fn child_entry() {
     let Ok(role) = std::env::var(CHILD_ROLE) else {
@@ -323,11 +332,7 @@ fn child_entry() {
         "audit" => return audit_child(),
         other => panic!("unknown role {other}"),
     }
-    let a = Arena::open(
-        std::env::var("REGION_PATH").unwrap(),
-        PopulateOptions::new(),
-    )
-    .unwrap();
+    let a = open_shared();
     let seed: u64 = std::env::var("SEED").unwrap().parse().unwrap();
     let ops: u64 = std::thread::scope(|s| {
         let t1 = s.spawn(|| stress_thread(&a, seed));
@@ -479,11 +484,7 @@ fn thread_caches_keep_small_frees_local_until_flushed() {
 /// all, so that their caches hold some; then it reports and waits to be
 /// killed.
 fn cache_then_wait() {
-    let a = Arena::open(
-        std::env::var("REGION_PATH").unwrap(),
-        PopulateOptions::new(),
-    )
-    .unwrap();
+    let a = open_shared();
     std::thread::scope(|s| {
         for t in 0..2 {
             let a = &a;
@@ -514,11 +515,7 @@ fn cache_then_wait() {
 
 /// Child: a fresh process's audit, as numbers.
 fn audit_child() {
-    let a = Arena::open(
-        std::env::var("REGION_PATH").unwrap(),
-        PopulateOptions::new(),
-    )
-    .unwrap();
+    let a = open_shared();
     a.set_thread_caches(false);
     let stats = a.audit().unwrap();
     println!(

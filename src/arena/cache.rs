@@ -32,7 +32,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use super::gate::{self, Flushing, Gate};
 use super::ledger;
 use crate::populate::fork;
-use crate::populate::owner::Liveness;
 use crate::populate::state::Owner;
 
 /// One thread's cache for one arena: the ledger slot its bins are in.
@@ -184,15 +183,10 @@ impl Caches {
             std::sync::atomic::fence(Ordering::Acquire);
             return Some(Arc::clone(orphan));
         }
-        let slots = || (0..ledger::SLOTS).filter_map(|i| Some((i, ledger::slot(ledger, i)?)));
-        let found = slots()
+        let found = ledger::slots(ledger)
             .find(|(_, s)| ledger::holder(s).is_none() && ledger::claim(s, me))
             .or_else(|| {
-                slots().find(|(_, s)| {
-                    ledger::holder(s).is_some_and(|h| {
-                        h != me && h.liveness() == Liveness::Dead && ledger::take_over(s, h, me)
-                    })
-                })
+                ledger::slots(ledger).find(|(_, s)| ledger::take_over_from_dead(s, me, false))
             })?;
         let cell = Arc::new(Gate::new(ThreadCache { slot: found.0 }));
         cells.push(Arc::clone(&cell));

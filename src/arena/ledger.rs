@@ -35,6 +35,7 @@
 //! caller: a count past [`PER_CLASS`] empties the bin (its entries are
 //! leaked, not trusted).
 
+use crate::populate::owner::Liveness;
 use crate::populate::state::Owner;
 use crate::sync::{AtomicSlot, Ordering};
 
@@ -53,6 +54,11 @@ pub(crate) const SLOT_WORDS: usize = ENTRIES + CLASSES.len() * PER_CLASS;
 /// The words of slot `slot` in the ledger `words` (`None` past the end).
 pub(crate) fn slot<S>(words: &[S], slot: usize) -> Option<&[S]> {
     words.get(slot * SLOT_WORDS..(slot + 1) * SLOT_WORDS)
+}
+
+/// Every slot of the ledger `words`, with its index.
+pub(crate) fn slots<S>(words: &[S]) -> impl Iterator<Item = (usize, &[S])> {
+    words.chunks_exact(SLOT_WORDS).take(SLOTS).enumerate()
 }
 
 /// The holder of a slot, if any.
@@ -92,6 +98,15 @@ pub(crate) fn take_over(slot: &[impl AtomicSlot], dead: Owner, me: Owner) -> boo
         slot[0].store(me.to_bits(), Ordering::Relaxed);
         true
     }
+}
+
+/// Takes a slot over for `me` if its holder is another process proven
+/// dead (with `any`: whoever holds it); `false` if it is free, its holder
+/// lives, or another process took it first.
+pub(crate) fn take_over_from_dead(slot: &[impl AtomicSlot], me: Owner, any: bool) -> bool {
+    holder(slot).is_some_and(|h| {
+        (any || (h != me && h.liveness() == Liveness::Dead)) && take_over(slot, h, me)
+    })
 }
 
 /// Gives a slot up (its holder, after emptying it).

@@ -40,7 +40,6 @@ use self::layout::{
 };
 use self::span::AfterFree;
 use crate::error::{Error, Result};
-use crate::populate::owner::Liveness;
 use crate::populate::{PopulateOptions, Populator, ZeroSource};
 use crate::region::SharedBase;
 use crate::region::{Region, RegionOptions};
@@ -508,15 +507,8 @@ impl Arena {
             return 0;
         };
         let mut returned = 0;
-        for i in 0..ledger::SLOTS {
-            let Some(slot) = ledger::slot(self.ledger(), i) else {
-                break;
-            };
-            let Some(holder) = ledger::holder(slot) else {
-                continue;
-            };
-            let dead = all || (holder != me && holder.liveness() == Liveness::Dead);
-            if dead && ledger::take_over(slot, holder, me) {
+        for (_, slot) in ledger::slots(self.ledger()) {
+            if ledger::take_over_from_dead(slot, me, all) {
                 ledger::drain(slot, |class, offset| {
                     self.return_cached(class, offset);
                     returned += 1;
@@ -533,11 +525,15 @@ impl Arena {
     /// dropped (its reservation, if any, stays leaked).
     fn return_cached(&self, class: u32, offset: u64) {
         let slot = offset / SPAN;
-        if self.is_slot(slot)
-            && span::describe(self.span_state(slot)).is_some_and(|(c, _)| c == class)
-        {
+        if self.is_span_of(slot, class) {
             self.return_reservation(slot, class);
         }
+    }
+
+    /// Whether `slot`, a number read from shared memory, is an active
+    /// span of `class`.
+    fn is_span_of(&self, slot: u64, class: u32) -> bool {
+        self.is_slot(slot) && span::describe(self.span_state(slot)).is_some_and(|(c, _)| c == class)
     }
 
     fn ledger(&self) -> &[AtomicU64] {
@@ -991,9 +987,7 @@ impl Arena {
             // from shared memory: one that names no span of this class is
             // dropped.
             let slot = hint / SPAN;
-            if self.is_slot(slot)
-                && span::describe(self.span_state(slot)).is_some_and(|(c, _)| c == class)
-            {
+            if self.is_span_of(slot, class) {
                 if let Some(index) = Self::object_index(slot, class, hint)
                     && bitmap::claim_bit(self.span_bitmap(slot), index)
                 {
