@@ -372,6 +372,40 @@ fn a_killed_server_restarts_lazily_with_every_saved_key() {
     server.kill9();
 }
 
+/// SAVE snapshots the table with every stripe lock held by the saving
+/// server. A copy of the snapshot restored elsewhere while that server
+/// still runs must not wait for it: the restored table's locks belong to
+/// no process that maps it.
+#[test]
+fn a_copy_of_a_snapshot_serves_while_the_server_that_saved_it_runs() {
+    if !have("redis-cli") {
+        return;
+    }
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (port, copy_port) = (free_port(), free_port());
+    let _saver = Server::start(first.path(), port, &[]);
+    let keys: Vec<String> = (0..64).map(|i| format!("copied-{i}")).collect();
+    for k in &keys {
+        assert_eq!(cli(port, &["SET", k, k]).trim(), "OK");
+    }
+    assert_eq!(cli(port, &["SAVE"]).trim(), "OK");
+    std::fs::copy(
+        first.path().join("dump.hasnap"),
+        second.path().join("dump.hasnap"),
+    )
+    .unwrap();
+    let _copy = Server::start(second.path(), copy_port, &["--no-drain"]);
+    for k in &keys {
+        // A GET that waited for the saver's lock would time out (500 ms).
+        let request = format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len());
+        assert_eq!(
+            raw(copy_port, request.as_bytes()),
+            format!("${}\r\n{k}\r\n", k.len()),
+            "GET {k} from the copy"
+        );
+    }
+}
+
 #[test]
 fn sigterm_saves_and_a_restart_has_the_keys() {
     if !have("redis-cli") {

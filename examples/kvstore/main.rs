@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release --example kvstore -- demo [--size SIZE] [--data SIZE]
 //! cargo run --release --example kvstore -- serve --addr 127.0.0.1:6380 --dir DIR
-//!     [--workers N] [--size SIZE] [--eager | --no-drain]
+//!     [--workers N] [--loops N] [--poll-us N] [--size SIZE] [--eager | --no-drain]
 //! cargo run --release --example kvstore -- load --addr ADDR [--keys N] [--value BYTES] [--save]
 //! cargo run --release --example kvstore -- wait-get --addr ADDR [--key N] [--value BYTES]
 //! cargo run --release --example kvstore -- gets --addr ADDR [--keys N] [--value BYTES] [--secs S]
@@ -16,6 +16,14 @@
 //! background drain at the lowest priority reads the rest (`--no-drain`
 //! leaves untouched pages unread). `--eager` reads the whole snapshot
 //! before accepting connections (for comparison).
+//!
+//! Each worker process runs `--loops` event loops (default 1; more cores
+//! are used through `--workers`, processes that share the arena). A loop
+//! that runs out of work polls for `--poll-us` microseconds before it
+//! sleeps in the kernel: waking a sleeping thread (on a virtual machine,
+//! an idle virtual CPU) costs more than a request. By default it polls
+//! 50 µs when the loops leave a CPU free, and never when they would take
+//! every CPU from the clients.
 
 #[path = "../support/human.rs"]
 mod human;
@@ -37,7 +45,7 @@ use hugearena::persist::{self, SnapshotSource};
 use hugearena::populate::{Drain, PopulateOptions, Populator, ZeroSource};
 use hugearena::{Arena, HugePages, Region, RegionOptions};
 
-use server::{SHUTDOWN, Shared, dump_path};
+use server::{LoopOptions, SHUTDOWN, Shared, dump_path};
 
 /// Command-line flags: `--name value` pairs and bare `--flags`.
 struct Flags(Vec<String>);
@@ -69,6 +77,24 @@ impl Flags {
         self.value(name)
             .map_or(Ok(default), str::parse)
             .unwrap_or_else(|e| fail(format!("{name}: {e}")))
+    }
+
+    /// `--loops` and `--poll-us`, for `workers` worker processes.
+    fn loop_options(&self, workers: usize) -> LoopOptions {
+        let loops: usize = self.parsed("--loops", 1);
+        if loops == 0 {
+            fail("--loops must be at least 1");
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let default_poll = if workers.saturating_mul(loops) < cpus {
+            50
+        } else {
+            0
+        };
+        LoopOptions {
+            loops,
+            poll: std::time::Duration::from_micros(self.parsed("--poll-us", default_poll)),
+        }
     }
 
     /// `--addr` of `cmd`, parsed.
@@ -132,9 +158,11 @@ fn buckets_for(size: u64) -> u64 {
     (size >> 10).clamp(1 << 12, 1 << 24)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_server(
     arena: Arena,
     addr: SocketAddr,
+    loops: LoopOptions,
     dir: PathBuf,
     restored_from: Option<PathBuf>,
     workers: &mut [Child],
@@ -143,13 +171,11 @@ fn run_server(
 ) {
     let store = store::Store::open(&arena, buckets_for(arena.region().len() as u64))
         .unwrap_or_else(|e| fail(e));
-    // One listening socket per event loop (one loop per CPU), all on the
-    // same port.
+    // One listening socket per event loop, all on the same port.
     let first = listen(addr);
     let bound = first.local_addr().unwrap_or(addr);
-    let loops = std::thread::available_parallelism().map_or(1, |n| n.get());
     let listeners: Vec<TcpListener> = std::iter::once(first)
-        .chain((1..loops).map(|_| listen(bound)))
+        .chain((1..loops.loops).map(|_| listen(bound)))
         .collect();
     let shared = Shared {
         arena: &arena,
@@ -161,7 +187,7 @@ fn run_server(
         commands: AtomicU64::new(0),
         connections: AtomicU64::new(0),
     };
-    server::accept_loop(&shared, &listeners);
+    server::accept_loop(&shared, &listeners, loops.poll);
     // Stopped before the shutdown save and before the arena goes.
     drop(drain);
     if parent {
@@ -185,6 +211,7 @@ fn spawn_workers(
     n: usize,
     region: &Region,
     addr: SocketAddr,
+    loops: LoopOptions,
     dir: &Path,
     snapshot: Option<&Path>,
 ) -> Vec<Child> {
@@ -194,6 +221,8 @@ fn spawn_workers(
             cmd.arg("worker")
                 .args(["--region", &region.shareable_path().display().to_string()])
                 .args(["--addr", &addr.to_string()])
+                .args(["--loops", &loops.loops.to_string()])
+                .args(["--poll-us", &loops.poll.as_micros().to_string()])
                 .args(["--dir", &dir.display().to_string()]);
             if let Some(s) = snapshot {
                 cmd.args(["--snapshot", &s.display().to_string()]);
@@ -227,6 +256,7 @@ fn serve(flags: &Flags) {
     if workers == 0 {
         fail("--workers must be at least 1");
     }
+    let loops = flags.loop_options(workers);
     let size = flags
         .value("--size")
         .map_or(Ok(1 << 30), human::parse_size)
@@ -273,6 +303,11 @@ fn serve(flags: &Flags) {
     // the background at the lowest priority, 8 MiB at a time, so that
     // requests soon stop waiting for fills; requests keep filling what
     // they touch first. Stops when the server does.
+    if restored_from.is_some() {
+        store::Store::open(&arena, buckets_for(arena.region().len() as u64))
+            .unwrap_or_else(|e| fail(e))
+            .release_restored_locks();
+    }
     let lazy = !flags.has("--eager") && !flags.has("--no-drain");
     let drain = (restored_from.is_some() && lazy).then(|| {
         arena
@@ -284,10 +319,20 @@ fn serve(flags: &Flags) {
         workers,
         arena.region(),
         addr,
+        loops,
         &dir,
         restored_from.as_deref(),
     );
-    run_server(arena, addr, dir, restored_from, &mut children, true, drain);
+    run_server(
+        arena,
+        addr,
+        loops,
+        dir,
+        restored_from,
+        &mut children,
+        true,
+        drain,
+    );
 }
 
 fn worker(flags: &Flags) {
@@ -308,14 +353,24 @@ fn worker(flags: &Flags) {
     .unwrap_or_else(|e| fail(e));
     let arena = Arena::attach(populator).unwrap_or_else(|e| fail(e));
     let restored_from = flags.value("--snapshot").map(PathBuf::from);
-    run_server(arena, addr, dir, restored_from, &mut none, false, None);
+    let loops = flags.loop_options(1);
+    run_server(
+        arena,
+        addr,
+        loops,
+        dir,
+        restored_from,
+        &mut none,
+        false,
+        None,
+    );
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
         fail(
-            "usage: kvstore demo | serve --addr ADDR --dir DIR [--workers N] [--size SIZE] [--eager]",
+            "usage: kvstore demo | serve --addr ADDR --dir DIR [--workers N] [--loops N] [--poll-us N] [--size SIZE] [--eager]",
         );
     };
     let flags = Flags(args[1..].to_vec());

@@ -18,6 +18,7 @@
 
 use std::alloc::Layout;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use hugearena::{Arena, ShmPtr};
 
@@ -51,6 +52,21 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Keys one [`Store::prefetch`] call looks at.
+pub const PREFETCH_MAX: usize = 32;
+
+/// Asks the CPU to bring the cache line at `at` in; never faults.
+fn prefetch(at: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86_64, and a prefetch reads nothing the
+    // program sees: any address, mapped or not, is fine.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
 }
 
 fn hash(key: &[u8]) -> u64 {
@@ -146,7 +162,7 @@ impl<'a> Store<'a> {
                 }
                 Err(holder) => {
                     spins += 1;
-                    if spins % 1024 == 0 && !alive(holder) {
+                    if spins % 64 == 0 && !alive(holder) {
                         // The holder died mid-operation: take the lock over.
                         if word
                             .compare_exchange(
@@ -163,13 +179,26 @@ impl<'a> Store<'a> {
                             };
                         }
                     }
-                    if spins % 64 == 0 {
-                        std::thread::yield_now();
-                    } else {
+                    if spins < 64 {
                         std::hint::spin_loop();
+                    } else {
+                        // The holder may be waiting for a page fill (a
+                        // lazily restored arena): sleep rather than take
+                        // the CPU the fill needs.
+                        std::thread::sleep(Duration::from_micros(20));
                     }
                 }
             }
+        }
+    }
+
+    /// Releases every stripe lock, whoever holds it. Only for a table just
+    /// restored from a snapshot, before any other process maps it: SAVE
+    /// snapshots the table with every stripe held by the saving process,
+    /// which does not map the restored arena and never releases them.
+    pub fn release_restored_locks(&self) {
+        for stripe in 0..STRIPES {
+            self.lock_word(stripe).store(0, Ordering::Release);
         }
     }
 
@@ -236,6 +265,14 @@ impl<'a> Store<'a> {
         let _ = self.arena.free(ShmPtr::from_bits(e));
     }
 
+    /// Whether entry `e`'s header words are in memory (reading them takes
+    /// no fill).
+    fn is_present(&self, e: u64) -> bool {
+        let populator = self.arena.populator();
+        let at = ShmPtr::from_bits(e).offset() as usize;
+        populator.is_present(at) && populator.is_present(at + ENTRY_WORDS as usize * 8 - 1)
+    }
+
     /// Entry `e`'s value length.
     fn value_len(&self, e: u64) -> usize {
         self.entry(e)[4].load(Ordering::Relaxed) as usize
@@ -296,6 +333,28 @@ impl<'a> Store<'a> {
             .write_bytes(p, at + key.len(), value)
             .expect("allocated for it");
         Ok(e)
+    }
+
+    /// Starts loading what lookups of `keys` will read first: their
+    /// buckets, then the first entry of each bucket's chain. A pipeline of
+    /// requests then waits for memory about once, not twice per request
+    /// (the bucket array of a large arena is far larger than the caches).
+    /// Reads no lock: what it loads is only a hint to the caches.
+    pub fn prefetch(&self, keys: &[&[u8]]) {
+        let mut buckets = [0u64; PREFETCH_MAX];
+        let n = keys.len().min(PREFETCH_MAX);
+        for (key, bucket) in keys.iter().zip(&mut buckets[..n]) {
+            *bucket = self.locate(key).1;
+            prefetch(std::ptr::from_ref(self.head(*bucket)).cast());
+        }
+        for &bucket in &buckets[..n] {
+            let e = self.head(bucket).load(Ordering::Relaxed);
+            if let Ok(at) = self.arena.local(ShmPtr::from_bits(e))
+                && e != 0
+            {
+                prefetch(at.as_ptr());
+            }
+        }
     }
 
     fn locate(&self, key: &[u8]) -> (u64, u64) {
@@ -427,6 +486,11 @@ impl<'a> Store<'a> {
 
     /// Removes expired keys from `count` buckets starting at `from`;
     /// returns the next bucket to look at.
+    ///
+    /// It reads only entries whose pages are present: with a lazily
+    /// restored arena, a sweep that faulted while holding a stripe lock
+    /// would stall every request on that stripe behind the page's fill.
+    /// Chains it stops in are swept on a later pass.
     pub fn sweep(&self, from: u64, count: u64) -> u64 {
         let now = now_ms();
         for b in (from..from + count).map(|b| b & (self.buckets - 1)) {
@@ -437,7 +501,7 @@ impl<'a> Store<'a> {
             let mut link = self.head(b);
             loop {
                 let e = link.load(Ordering::Acquire);
-                if e == 0 {
+                if e == 0 || !self.is_present(e) {
                     break;
                 }
                 if self.expired(e, now) {
