@@ -158,46 +158,57 @@ fn buckets_for(size: u64) -> u64 {
     (size >> 10).clamp(1 << 12, 1 << 24)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_server(
-    arena: Arena,
+/// What a server process serves, and how.
+struct Serving {
     addr: SocketAddr,
     loops: LoopOptions,
     dir: PathBuf,
+    /// The snapshot the arena was restored from, if any.
     restored_from: Option<PathBuf>,
-    workers: &mut [Child],
-    parent: bool,
-    drain: Option<Drain>,
-) {
+}
+
+/// A server process's part.
+enum Role {
+    /// The first process: at shutdown it stops its workers (they stop
+    /// their loops), then its drain, and saves.
+    Parent {
+        workers: Vec<Child>,
+        drain: Option<Drain>,
+    },
+    /// A worker: serves until SIGTERM.
+    Worker,
+}
+
+fn run_server(arena: Arena, serving: Serving, role: Role) {
     let store = store::Store::open(&arena, buckets_for(arena.region().len() as u64))
         .unwrap_or_else(|e| fail(e));
     // One listening socket per event loop, all on the same port.
-    let first = listen(addr);
-    let bound = first.local_addr().unwrap_or(addr);
+    let first = listen(serving.addr);
+    let bound = first.local_addr().unwrap_or(serving.addr);
     let listeners: Vec<TcpListener> = std::iter::once(first)
-        .chain((1..loops.loops).map(|_| listen(bound)))
+        .chain((1..serving.loops.loops).map(|_| listen(bound)))
         .collect();
     let shared = Shared {
         arena: &arena,
         store,
-        dir,
-        port: addr.port(),
+        dir: serving.dir,
+        port: serving.addr.port(),
         started: Instant::now(),
-        restored_from,
+        restored_from: serving.restored_from,
         commands: AtomicU64::new(0),
         connections: AtomicU64::new(0),
     };
-    server::accept_loop(&shared, &listeners, loops.poll);
-    // Stopped before the shutdown save and before the arena goes.
-    drop(drain);
-    if parent {
-        for w in workers.iter() {
+    server::accept_loop(&shared, &listeners, serving.loops.poll);
+    if let Role::Parent { mut workers, drain } = role {
+        // Stopped before the shutdown save and before the arena goes.
+        drop(drain);
+        for w in &workers {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(w.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
-        for w in workers.iter_mut() {
+        for w in &mut workers {
             let _ = w.wait();
         }
         match shared.save() {
@@ -315,7 +326,7 @@ fn serve(flags: &Flags) {
             .start_drain(8 << 20)
             .unwrap_or_else(|e| fail(e))
     });
-    let mut children = spawn_workers(
+    let workers = spawn_workers(
         workers,
         arena.region(),
         addr,
@@ -323,16 +334,13 @@ fn serve(flags: &Flags) {
         &dir,
         restored_from.as_deref(),
     );
-    run_server(
-        arena,
+    let serving = Serving {
         addr,
         loops,
         dir,
         restored_from,
-        &mut children,
-        true,
-        drain,
-    );
+    };
+    run_server(arena, serving, Role::Parent { workers, drain });
 }
 
 fn worker(flags: &Flags) {
@@ -341,7 +349,6 @@ fn worker(flags: &Flags) {
         Arc::new(Region::open(flags.required("--region", "worker")).unwrap_or_else(|e| fail(e)));
     let addr = flags.addr("worker");
     let dir = PathBuf::from(flags.value("--dir").unwrap_or("."));
-    let mut none: Vec<Child> = Vec::new();
     // A fresh arena and a restored one are the same type: one path.
     let populator = match flags.value("--snapshot") {
         Some(snap) => {
@@ -353,17 +360,13 @@ fn worker(flags: &Flags) {
     .unwrap_or_else(|e| fail(e));
     let arena = Arena::attach(populator).unwrap_or_else(|e| fail(e));
     let restored_from = flags.value("--snapshot").map(PathBuf::from);
-    let loops = flags.loop_options(1);
-    run_server(
-        arena,
+    let serving = Serving {
         addr,
-        loops,
+        loops: flags.loop_options(1),
         dir,
         restored_from,
-        &mut none,
-        false,
-        None,
-    );
+    };
+    run_server(arena, serving, Role::Worker);
 }
 
 fn main() {

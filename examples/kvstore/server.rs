@@ -1,6 +1,7 @@
-//! Connections and commands: an epoll event loop per CPU, each with its
-//! own listening socket on the port; pipelined requests answered in one
-//! write; Redis' replies and error texts.
+//! Connections and commands: epoll event loops (one per worker process
+//! by default), each with its own listening socket on the port; pipelined
+//! requests answered in one write, their index entries prefetched first;
+//! Redis' replies and error texts.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
