@@ -158,6 +158,11 @@ fn buckets_for(size: u64) -> u64 {
     (size >> 10).clamp(1 << 12, 1 << 24)
 }
 
+/// The arena's key-value table (created if it has none), or exits.
+fn open_store(arena: &Arena) -> store::Store<'_> {
+    store::Store::open(arena, buckets_for(arena.region().len() as u64)).unwrap_or_else(|e| fail(e))
+}
+
 /// What a server process serves, and how.
 struct Serving {
     addr: SocketAddr,
@@ -180,8 +185,7 @@ enum Role {
 }
 
 fn run_server(arena: Arena, serving: Serving, role: Role) {
-    let store = store::Store::open(&arena, buckets_for(arena.region().len() as u64))
-        .unwrap_or_else(|e| fail(e));
+    let store = open_store(&arena);
     // One listening socket per event loop, all on the same port.
     let first = listen(serving.addr);
     let bound = first.local_addr().unwrap_or(serving.addr);
@@ -310,15 +314,14 @@ fn serve(flags: &Flags) {
         );
         (arena, None)
     };
+    // Before any worker maps the restored arena.
+    if restored_from.is_some() {
+        open_store(&arena).release_restored_locks();
+    }
     // After a lazy restore, the pages nobody has touched yet are read in
     // the background at the lowest priority, 8 MiB at a time, so that
     // requests soon stop waiting for fills; requests keep filling what
     // they touch first. Stops when the server does.
-    if restored_from.is_some() {
-        store::Store::open(&arena, buckets_for(arena.region().len() as u64))
-            .unwrap_or_else(|e| fail(e))
-            .release_restored_locks();
-    }
     let lazy = !flags.has("--eager") && !flags.has("--no-drain");
     let drain = (restored_from.is_some() && lazy).then(|| {
         arena

@@ -428,17 +428,16 @@ impl Conn {
     /// cache misses overlap instead of coming one after another.
     fn prefetch_keys(&mut self, s: &Shared<'_>) {
         let mut keys: [&[u8]; PREFETCH_MAX] = [&[]; PREFETCH_MAX];
-        let (mut n, mut at, mut commands) = (0, 0, 0);
+        let (mut n, mut at) = (0, 0);
         while n < PREFETCH_MAX {
             let input = &self.input[at..];
             let Parsed::Command(used) = resp::parse(input, &mut self.args) else {
                 break;
             };
-            if used == input.len() && commands == 0 {
+            if at == 0 && used == input.len() {
                 // A lone request: nothing to overlap.
                 return;
             }
-            commands += 1;
             if let [name, key, ..] = self.args.as_slice()
                 && (input[name.clone()].eq_ignore_ascii_case(b"GET")
                     || input[name.clone()].eq_ignore_ascii_case(b"SET"))

@@ -349,8 +349,8 @@ impl<'a> Store<'a> {
         }
         for &bucket in &buckets[..n] {
             let e = self.head(bucket).load(Ordering::Relaxed);
-            if let Ok(at) = self.arena.local(ShmPtr::from_bits(e))
-                && e != 0
+            if e != 0
+                && let Ok(at) = self.arena.local(ShmPtr::from_bits(e))
             {
                 prefetch(at.as_ptr());
             }
