@@ -445,7 +445,7 @@ fn eager_release_returns_huge_pages_to_the_pool() {
 }
 
 #[test]
-fn thread_caches_keep_small_frees_local_until_flushed() {
+fn a_threads_span_takes_its_frees_back_first_and_a_flush_gives_it_up() {
     let a = arena(16 << 20, BackendKind::Shmem);
     a.set_thread_caches(true);
     let objects: Vec<ShmPtr> = (0..10).map(|_| a.alloc(layout(64, 8)).unwrap()).collect();
@@ -454,10 +454,15 @@ fn thread_caches_keep_small_frees_local_until_flushed() {
     }
     assert!(
         matches!(a.free(objects[3]), Err(Error::InvalidFree { .. })),
-        "double free into the cache"
+        "double free by the owner"
     );
-    // Cached objects are still reserved in the shared tables...
-    assert_eq!(a.stats().small_objects, 10);
+    // The span stays this thread's: its free objects count as cached...
+    let stats = a.stats();
+    assert_eq!((stats.small_objects, stats.spans), (0, 1));
+    assert_eq!(
+        stats.cached_objects, 1024,
+        "a 64 KiB span of 64-byte objects"
+    );
     // ...and come back first, without touching them.
     let again: Vec<ShmPtr> = (0..10).map(|_| a.alloc(layout(50, 8)).unwrap()).collect();
     let mut sorted = again.clone();
@@ -465,48 +470,70 @@ fn thread_caches_keep_small_frees_local_until_flushed() {
     let mut expected = objects.clone();
     expected.sort();
     assert_eq!(sorted, expected);
-    for p in again {
+    // Frees from another thread: remote, refused twice in any order.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            a.free(again[0]).unwrap();
+            assert!(a.free(again[0]).is_err(), "double free by another thread");
+        });
+    });
+    assert!(
+        a.free(again[0]).is_err(),
+        "freed by another thread, then by the owner"
+    );
+    assert_eq!(a.stats().small_objects, 9);
+    for &p in &again[1..] {
         a.free(p).unwrap();
     }
-    // Another thread's cache is its own; a flush returns everything.
+    // Another thread's span is its own; a flush gives every span of the
+    // process up (the exited thread's too), and empty ones retire.
     std::thread::scope(|s| {
         s.spawn(|| {
             let p = a.alloc(layout(64, 8)).unwrap();
             a.free(p).unwrap();
         });
     });
+    assert_eq!(a.stats().spans, 2);
     a.flush_thread_caches();
-    assert_eq!(a.stats().small_objects, 0);
-    assert_eq!(a.audit().unwrap().in_use_bytes(), 0);
+    let stats = a.audit().unwrap();
+    assert_eq!((stats.small_objects, stats.cached_objects), (0, 0));
+    assert_eq!((stats.spans, stats.in_use_bytes()), (0, 0));
 }
 
 /// Child: two threads allocate small objects of every class and free them
-/// all, so that their caches hold some; then it reports and waits to be
+/// all but 50 per thread, which it hands to the parent to free, so that
+/// its threads own spans of every class; then it reports and waits to be
 /// killed.
 fn cache_then_wait() {
     let a = open_shared();
-    std::thread::scope(|s| {
-        for t in 0..2 {
-            let a = &a;
-            s.spawn(move || {
-                let live: Vec<ShmPtr> = (0..3000)
-                    .map(|i| a.alloc(layout(1 + (i * 37 + t * 11) % 8192, 8)).unwrap())
-                    .collect();
-                for p in live {
-                    a.free(p).unwrap();
-                }
-                // Keep the thread's cache in use (a thread that exits
-                // leaves its cache to the process).
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            });
-        }
+    let handed: Vec<ShmPtr> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..2)
+            .map(|t| {
+                let a = &a;
+                s.spawn(move || {
+                    let mut live: Vec<ShmPtr> = (0..3000)
+                        .map(|i| a.alloc(layout(1 + (i * 37 + t * 11) % 8192, 8)).unwrap())
+                        .collect();
+                    let handed = live.split_off(live.len() - 50);
+                    for p in live {
+                        a.free(p).unwrap();
+                    }
+                    handed
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
     });
     let stats = a.stats();
+    let handed: Vec<String> = handed.iter().map(|p| p.to_bits().to_string()).collect();
     // Written whole, then renamed: the parent never reads half a line.
     let report = std::env::var("REPORT_PATH").unwrap();
     std::fs::write(
         format!("{report}.tmp"),
-        format!("CACHED {}\n", stats.cached_objects),
+        format!("CACHED {} {}\n", stats.cached_objects, handed.join(" ")),
     )
     .unwrap();
     std::fs::rename(format!("{report}.tmp"), report).unwrap();
@@ -519,9 +546,10 @@ fn audit_child() {
     a.set_thread_caches(false);
     let stats = a.audit().unwrap();
     println!(
-        "AUDIT {} {} {} {}",
+        "AUDIT {} {} {} {} {}",
         stats.small_objects,
         stats.cached_objects,
+        stats.spans,
         stats.runs,
         stats.in_use_bytes()
     );
@@ -538,19 +566,21 @@ fn field(stdout: &str, key: &str) -> Vec<u64> {
 }
 
 #[test]
-fn a_process_killed_with_objects_in_its_caches_leaves_nothing_reserved() {
+fn a_process_killed_while_owning_spans_leaves_nothing_reserved() {
     use std::process::{Command, Stdio};
 
     let a = arena(64 << 20, BackendKind::Shmem);
     let path = a.region().shareable_path().display().to_string();
-    // What the living process allocated (kept) and cached (freed).
+    // What the living process allocated (kept) and freed into its own
+    // spans (one of 64-byte objects, one of 224).
     let kept: Vec<ShmPtr> = (0..100).map(|_| a.alloc(layout(64, 8)).unwrap()).collect();
     for _ in 0..5 {
         let p = a.alloc(layout(200, 8)).unwrap();
         a.free(p).unwrap();
     }
-    let ours = a.stats().cached_objects;
-    assert_eq!(ours, 1, "one object of the 200-byte class in our cache");
+    let ours = a.stats();
+    assert_eq!(ours.spans, 2);
+    assert_eq!(ours.cached_objects, (1024 - 100) + 65536 / 224);
 
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("report");
@@ -564,14 +594,16 @@ fn a_process_killed_with_objects_in_its_caches_leaves_nothing_reserved() {
         .unwrap();
     // The child reports through a file (bounded wait).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let cached: u64 = loop {
+    let (cached, handed): (u64, Vec<ShmPtr>) = loop {
         if let Ok(text) = std::fs::read_to_string(&report)
-            && let Some(n) = text
+            && let Some(line) = text
                 .strip_prefix("CACHED ")
                 .and_then(|t| t.strip_suffix('\n'))
         {
+            let mut words = line.split(' ').map(|w| w.parse::<u64>().unwrap());
             // Its count includes ours: the tables are shared.
-            break n.parse::<u64>().unwrap() - ours;
+            let cached = words.next().unwrap() - ours.cached_objects;
+            break (cached, words.map(ShmPtr::from_bits).collect());
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -579,26 +611,39 @@ fn a_process_killed_with_objects_in_its_caches_leaves_nothing_reserved() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
-    // Two threads, 32 classes, up to 32 objects per class each.
-    assert!(cached > 1000, "the child cached {cached}");
-    assert_eq!(a.stats().cached_objects, ours + cached);
+    // Two threads, each owning a span of every class.
+    assert!(
+        cached > 10_000,
+        "the child's spans hold {cached} free objects"
+    );
+    assert_eq!(handed.len(), 100);
+    assert!(a.stats().spans > 40, "the child owns spans");
     child.kill().unwrap();
     child.wait().unwrap();
 
-    // The dead process's objects are still reserved in the tables...
-    assert_eq!(a.stats().cached_objects, ours + cached);
+    // Objects the dead process allocated, freed here: into spans it owned.
+    for &p in &handed {
+        a.free(p).unwrap();
+    }
+    for &p in &handed {
+        assert!(a.free(p).is_err(), "double free into a dead owner's span");
+    }
+    // The dead process's spans are still its own in the tables...
+    assert_eq!(a.stats().small_objects, kept.len() as u64);
+    assert!(a.stats().cached_objects >= ours.cached_objects + cached);
     // ...until a process that attaches notices it is gone.
     let out = run_child("audit", &[("REGION_PATH", path.clone())]);
     let audit = field(&String::from_utf8_lossy(&out.stdout), "AUDIT ");
     assert_eq!(
         audit,
         vec![
-            kept.len() as u64 + ours,
-            ours,
+            kept.len() as u64,
+            ours.cached_objects,
+            ours.spans,
             0,
-            kept.len() as u64 * 64 + ours * 224
+            kept.len() as u64 * 64
         ],
-        "small objects, cached, runs, bytes in use after the kill"
+        "small objects, cached, spans, runs, bytes in use after the kill"
     );
     let stats = a.audit().unwrap();
     assert_eq!(stats.small_objects, kept.len() as u64);
@@ -606,5 +651,6 @@ fn a_process_killed_with_objects_in_its_caches_leaves_nothing_reserved() {
     for p in kept {
         a.free(p).unwrap();
     }
-    assert_eq!(a.audit().unwrap().in_use_bytes(), 0);
+    let stats = a.audit().unwrap();
+    assert_eq!((stats.in_use_bytes(), stats.spans), (0, 0));
 }

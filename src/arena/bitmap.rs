@@ -1,5 +1,5 @@
-//! Bitmaps in shared memory: one bit per page of a block (or per object of
-//! a span), set = in use.
+//! Page bitmaps in shared memory: one bit per page of a block, set = in
+//! use. (A span's object bitmaps follow their own protocol: `objects`.)
 //!
 //! # Protocol
 //!
@@ -12,11 +12,6 @@
 //!   (`AcqRel`: the releaser's writes to the memory happen before the next
 //!   claimant's); finding one clear is reported (a double free, or a
 //!   pointer that was never allocated), after putting back what was cleared.
-//!
-//! A single bit (a small object) is claimed and released the same way with
-//! one `fetch_or` / `fetch_and` (a `lock bts` / `lock btr`): setting a set
-//! bit or clearing a clear one changes nothing, so the previous value alone
-//! says whether the call won, and there is nothing to put back.
 //!
 //! Scans (`find_clear_run`) read with `Relaxed`: they only propose a range
 //! for a claim, which checks again.
@@ -108,42 +103,6 @@ pub(crate) fn release_range(words: &[impl AtomicSlot], start: usize, n: usize) -
         }
     }
     true
-}
-
-/// Claims bit `i` if it is clear (one read-modify-write).
-pub(crate) fn claim_bit(words: &[impl AtomicSlot], i: usize) -> bool {
-    let bit = 1u64 << (i % BITS);
-    words[i / BITS].fetch_or(bit, CLAIM) & bit == 0
-}
-
-/// Releases bit `i`; `false` (and nothing changed) if it was clear.
-pub(crate) fn release_bit(words: &[impl AtomicSlot], i: usize) -> bool {
-    let bit = 1u64 << (i % BITS);
-    words[i / BITS].fetch_and(!bit, Ordering::AcqRel) & bit != 0
-}
-
-/// Claims one clear bit among the first `len` bits, lowest first.
-pub(crate) fn claim_one(words: &[impl AtomicSlot], len: usize) -> Option<usize> {
-    for (w, word) in words.iter().enumerate().take(len.div_ceil(BITS)) {
-        let valid = if (w + 1) * BITS <= len {
-            u64::MAX
-        } else {
-            (1u64 << (len - w * BITS)) - 1
-        };
-        let mut cur = word.load(Ordering::Relaxed);
-        loop {
-            let free = !cur & valid;
-            if free == 0 {
-                break;
-            }
-            let bit = free & free.wrapping_neg();
-            match word.compare_exchange(cur, cur | bit, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return Some(w * BITS + bit.trailing_zeros() as usize),
-                Err(found) => cur = found,
-            }
-        }
-    }
-    None
 }
 
 /// Whether bit `i` is set.
@@ -244,7 +203,7 @@ mod tests {
     }
 
     #[test]
-    fn runs_respect_alignment_and_one_bit_claims_fill_up() {
+    fn runs_respect_alignment() {
         let b = bitmap(8);
         assert!(claim_range(&b, 0, 3));
         assert_eq!(find_clear_run(&b, 512, 16, 16), Some(16));
@@ -252,11 +211,6 @@ mod tests {
         assert!(claim_range(&b, 16, 496));
         assert_eq!(find_clear_run(&b, 512, 14, 1), None);
         assert_eq!(find_clear_run(&b, 512, 13, 1), Some(3));
-        let small = bitmap(2);
-        for i in 0..100 {
-            assert_eq!(claim_one(&small, 100), Some(i));
-        }
-        assert_eq!(claim_one(&small, 100), None, "bits past len stay unused");
     }
 
     #[test]

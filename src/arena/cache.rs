@@ -1,46 +1,62 @@
-//! Per-thread caches of free small objects: a free records the object in
-//! the thread's bin for its class, an allocation takes it back, and
-//! neither touches a word another thread writes. Objects in a cache stay
-//! reserved in the shared tables (they count as in use) until the cache is
-//! flushed.
-//!
-//! The bins live in the arena's shared tables, in a slot of the cache
-//! ledger (`ledger`) that the thread's process holds: what a process held
-//! when it was killed is found there and given back by the next process
-//! that notices it is gone (`Arena::reclaim_dead_caches`).
+//! Per-thread caches: each thread that allocates small objects holds a
+//! slot of the arena's cache ledger (`ledger`) and, through it, owns up to
+//! one span per size class (`span`). It allocates from those spans and
+//! frees into them with plain stores (`objects`): no word another thread
+//! writes, no read-modify-write. What it owned when its process was
+//! killed is recorded in the ledger and goes back to the arena when
+//! another process notices the process is gone
+//! (`Arena::reclaim_dead_caches`).
 //!
 //! Each thread has one cache per arena, behind a [`Gate`]: its thread
-//! enters it with plain stores and a compiler fence (no atomic
-//! read-modify-write on the hot path), and a flush
+//! enters it with plain stores and a compiler fence, and a flush
 //! (`Arena::flush_thread_caches`, a snapshot, `audit`, the arena's drop)
-//! waits at the gate to empty it. The arena keeps every cache it handed
-//! out; the cache of a thread that exited goes, objects and all, to the
-//! next thread that needs one.
-//!
-//! A cached object is marked free in the shared object bitmap when it is
-//! freed (so a second free of it fails in any thread or process); what
-//! the cache keeps is the span reservation, which stops the span from
-//! being retired, and the object's offset as a hint. An allocation from
-//! the cache reclaims the hint's bit, or any clear bit of the same span if
-//! another reservation took that one (a reservation always has a clear
-//! bit to claim).
+//! waits at the gate to give the cache's spans up. The arena keeps every
+//! cache it handed out; the cache of a thread that exited goes, spans and
+//! all, to the next thread that needs one.
 
 use std::cell::{Cell as CopyCell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::gate::{self, Flushing, Gate};
+use super::layout::CLASSES;
 use super::ledger;
 use crate::populate::fork;
 use crate::populate::state::Owner;
 
-/// One thread's cache for one arena: the ledger slot its bins are in.
+/// One thread's cache for one arena.
 #[derive(Debug)]
 pub(crate) struct ThreadCache {
-    slot: usize,
+    /// Its ledger slot; its spans' owner is `slot + 1`.
+    pub(crate) slot: usize,
+    /// The span it owns in each class plus one (0: none), as recorded in
+    /// the ledger (a process-local copy, read without validation).
+    pub(crate) spans: [u32; CLASSES.len()],
+    /// Per class, the bitmap word where its next allocation looks first
+    /// (everything below it is taken).
+    pub(crate) cursor: [u8; CLASSES.len()],
+}
+
+impl ThreadCache {
+    fn new(slot: usize) -> ThreadCache {
+        ThreadCache {
+            slot,
+            spans: [0; CLASSES.len()],
+            cursor: [0; CLASSES.len()],
+        }
+    }
+
+    /// The owner value of its spans.
+    pub(crate) fn owner(&self) -> u32 {
+        self.slot as u32 + 1
+    }
 }
 
 type Cell = Arc<Gate<ThreadCache>>;
+
+/// Gives up what a dead process's ledger slot (index, words) recorded,
+/// before a new thread takes the slot over.
+pub(crate) type ReleaseDead<'a> = &'a mut dyn FnMut(usize, &[AtomicU64]);
 
 /// The caches of one arena.
 #[derive(Debug)]
@@ -123,10 +139,15 @@ impl Caches {
             && self.generation == fork::generation()
     }
 
-    /// Runs `f` on this thread's ledger slot, if caching is on, the
-    /// thread has a slot and no flush is in progress.
+    /// Runs `f` on this thread's cache and its ledger slot, if caching is
+    /// on, the thread has a slot and no flush is in progress.
     #[allow(unsafe_code)] // entering the thread's own gate
-    fn with_local<R>(&self, ledger: &[AtomicU64], f: impl FnOnce(&[AtomicU64]) -> R) -> Option<R> {
+    #[inline]
+    pub(crate) fn with_local<R>(
+        &self,
+        ledger: &[AtomicU64],
+        f: impl FnOnce(&mut ThreadCache, &[AtomicU64]) -> R,
+    ) -> Option<R> {
         if !self.enabled() {
             return None;
         }
@@ -134,7 +155,7 @@ impl Caches {
         let gate = if id == self.id && !last.is_null() {
             last
         } else {
-            self.look_up(ledger)?
+            self.look_up(ledger, None)?
         };
         // SAFETY: `gate` comes from this thread's `LAST` or `LOCAL`, whose
         // `Arc` keeps it alive (`LAST` is cleared before `LOCAL` drops
@@ -142,12 +163,24 @@ impl Caches {
         let gate = unsafe { &*gate };
         // SAFETY: the gate is this thread's own (handed to it by `acquire`
         // and kept in its `LOCAL`): it has one owner.
-        unsafe { gate.enter(&self.flushing, |c| ledger::slot(ledger, c.slot).map(f)) }.flatten()
+        unsafe {
+            gate.enter(&self.flushing, |c| {
+                let slot = ledger::slot(ledger, c.slot)?;
+                Some(f(c, slot))
+            })
+        }
+        .flatten()
     }
 
-    /// This thread's gate for the arena, from `LOCAL` (acquiring one for a
-    /// thread new to the arena), remembered in `LAST`.
-    fn look_up(&self, ledger: &[AtomicU64]) -> Option<*const Gate<ThreadCache>> {
+    /// This thread's gate for the arena, from `LOCAL`, remembered in
+    /// `LAST`. With `acquire` (which gives up what a dead process's slot
+    /// recorded before a new thread takes the slot), a thread new to the
+    /// arena gets a cache; without, it gets `None`.
+    fn look_up(
+        &self,
+        ledger: &[AtomicU64],
+        acquire: Option<ReleaseDead<'_>>,
+    ) -> Option<*const Gate<ThreadCache>> {
         LOCAL
             .try_with(|local| {
                 let mut local = local.borrow_mut();
@@ -155,10 +188,11 @@ impl Caches {
                 let at = match local.iter().position(|(id, _)| *id == self.id) {
                     Some(at) => at,
                     None => {
+                        let release_dead = acquire?;
                         // Forget caches of arenas that are gone (only this
                         // thread still holds them).
                         local.retain(|(_, c)| c.as_ref().is_some_and(|c| Arc::strong_count(c) > 1));
-                        local.push((self.id, self.acquire(ledger)));
+                        local.push((self.id, self.acquire(ledger, release_dead)));
                         local.len() - 1
                     }
                 };
@@ -171,10 +205,14 @@ impl Caches {
     }
 
     /// A cache for a thread new to the arena: one a thread that exited
-    /// left (with its objects), a free ledger slot, or the slot of a
-    /// process proven dead (its objects become this thread's: each is a
-    /// reservation any thread may use). `None` when all are taken.
-    fn acquire(&self, ledger: &[AtomicU64]) -> Option<Cell> {
+    /// left (with its spans), a free ledger slot, or the slot of a process
+    /// proven dead (after `release_dead` gave up what it recorded). `None`
+    /// when all are taken.
+    fn acquire(
+        &self,
+        ledger: &[AtomicU64],
+        release_dead: ReleaseDead<'_>,
+    ) -> Option<Cell> {
         let me = self.me?;
         let mut cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(orphan) = cells.iter().find(|c| Arc::strong_count(c) == 1) {
@@ -186,43 +224,50 @@ impl Caches {
         let found = ledger::slots(ledger)
             .find(|(_, s)| ledger::holder(s).is_none() && ledger::claim(s, me))
             .or_else(|| {
-                ledger::slots(ledger).find(|(_, s)| ledger::take_over_from_dead(s, me, false))
+                let dead =
+                    ledger::slots(ledger).find(|(_, s)| ledger::take_over_from_dead(s, me, false));
+                if let Some((i, s)) = dead {
+                    release_dead(i, s);
+                }
+                dead
             })?;
-        let cell = Arc::new(Gate::new(ThreadCache { slot: found.0 }));
+        let cell = Arc::new(Gate::new(ThreadCache::new(found.0)));
         cells.push(Arc::clone(&cell));
         Some(cell)
     }
 
-    /// Takes a cached object of `class`.
-    pub(crate) fn pop(&self, ledger: &[AtomicU64], class: u32) -> Option<u64> {
-        self.with_local(ledger, |s| ledger::pop(s, class)).flatten()
+    /// This thread's cache, acquiring one for a thread new to the arena
+    /// (`release_dead` gives up what a dead process's slot it takes over
+    /// recorded). Whether the thread has one.
+    pub(crate) fn prepare(
+        &self,
+        ledger: &[AtomicU64],
+        release_dead: ReleaseDead<'_>,
+    ) -> bool {
+        self.enabled() && self.look_up(ledger, Some(release_dead)).is_some()
     }
 
-    /// Offers a freed object of `class` to the cache; `false` if the bin
-    /// is full (or there is no cache): free it to the arena.
-    pub(crate) fn push(&self, ledger: &[AtomicU64], class: u32, offset: u64) -> bool {
-        self.with_local(ledger, |s| ledger::push(s, class, offset))
-            .unwrap_or(false)
-    }
-
-    /// Takes every cached object of every thread: `(class, offset)`.
-    pub(crate) fn drain(&self, ledger: &[AtomicU64]) -> Vec<(u32, u64)> {
+    /// Runs `f` on every cache of this process, each while its thread is
+    /// kept out (a flush).
+    pub(crate) fn for_each(
+        &self,
+        ledger: &[AtomicU64],
+        mut f: impl FnMut(&mut ThreadCache, &[AtomicU64]),
+    ) {
         if self.generation != fork::generation() {
-            return Vec::new();
+            return;
         }
         let cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut out = Vec::new();
         if self.flushing.begin() {
             for cell in cells.iter() {
                 cell.take(|cache| {
                     if let Some(s) = ledger::slot(ledger, cache.slot) {
-                        ledger::drain(s, |class, offset| out.push((class, offset)));
+                        f(cache, s);
                     }
                 });
             }
         }
         self.flushing.end();
-        out
     }
 
     /// Gives up this process's ledger slots (when the arena goes, after a

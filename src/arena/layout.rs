@@ -3,14 +3,15 @@
 //!
 //! ```text
 //! offset 0          header (4 KiB): magic, version, state, geometry,
-//!                   per-class current spans (four shards) and
-//!                   partial-stack heads
+//!                   application roots, partial-stack heads, tag
 //! blocks_offset     block words, one u64 per 2 MiB block, 64 bytes apart
 //! bitmaps_offset    page bitmaps, 512 bits per block
 //! runs_offset       run lengths, one u32 per 4 KiB page (pages of a run start)
-//! spans_offset      span slots, one per 64 KiB: state u64, link u64,
-//!                   object bitmap of 4096 bits
-//! ledger_offset     the thread caches' ledger: 64 slots of bins
+//! spans_offset      span slots, one per 64 KiB: state u64, link u64 (in
+//!                   a cache line of their own), owner bitmap and
+//!                   remote-free bitmap of 4096 bits each
+//! ledger_offset     the thread caches' ledger: 64 slots, each the holder
+//!                   and its span per class
 //! meta_len          (rounded up to whole blocks, marked META)
 //! ... data blocks ...
 //! ```
@@ -29,8 +30,12 @@ pub(crate) const SPAN: u64 = 64 << 10;
 pub(crate) const SPAN_PAGES: u64 = SPAN / PAGE;
 /// Words of a span's object bitmap (room for 4096 objects of 16 bytes).
 pub(crate) const SPAN_BITMAP_WORDS: usize = 64;
+/// Words before a span descriptor's bitmaps: the state and link words, in
+/// a cache line of their own (remote frees write the state; the owner
+/// writes its bitmap).
+pub(crate) const SPAN_HEAD_WORDS: usize = 8;
 /// Bytes of one span slot's descriptor.
-pub(crate) const SPAN_DESC: u64 = 16 + SPAN_BITMAP_WORDS as u64 * 8;
+pub(crate) const SPAN_DESC: u64 = (SPAN_HEAD_WORDS + 2 * SPAN_BITMAP_WORDS) as u64 * 8;
 /// Words from one block word to the next: each has a cache line of its
 /// own, so threads working in neighbouring blocks (page runs) do not
 /// bounce one line between their cores.

@@ -1,39 +1,34 @@
-//! The cache ledger: the slots in the arena's shared tables where the
-//! per-thread caches keep their free objects, so that what a process held
-//! when it was killed goes back to the arena when another process notices
-//! it is gone.
+//! The cache ledger: one slot per thread cache in the arena's shared
+//! tables, naming the process that holds it and the span it owns in each
+//! size class, so that what a process owned when it was killed goes back
+//! to the arena when another process notices it is gone.
 //!
 //! # Layout
 //!
-//! [`SLOTS`] slots of [`SLOT_WORDS`] words: the holder word, a count per
-//! size class, then [`PER_CLASS`] entries per class. An entry is the
-//! offset of a freed object: its bit in the span's object bitmap is clear,
-//! and the entry stands for one reservation of that span (the offset is a
-//! hint for the next allocation, see `cache`).
+//! [`SLOTS`] slots of [`SLOT_WORDS`] words: the holder word, then one word
+//! per size class: the slot's span of that class plus one (0: none). A
+//! span owned by slot `i` says so in its state word (owner `i + 1`,
+//! `span`); the ledger is how a reclaimer finds those spans.
 //!
 //! # Protocol
 //!
 //! - **Holder word** (`Owner::to_bits` of a process, 0 when free):
-//!   - *claim*: CAS 0 → me (acquire: the counts a previous holder left
+//!   - *claim*: CAS 0 → me (acquire: the words a previous holder left
 //!     are seen);
 //!   - *take over*: CAS dead → me, only after proving the holder dead
 //!     (`Owner::liveness`); of two processes that race, one wins;
-//!   - *give up*: store 0 (release), after emptying the slot.
-//! - **Counts and entries** are written by the holder only, with plain
-//!   (relaxed) loads and stores; inside the holding process, the cache's
-//!   gate keeps its thread and a flusher apart.
-//!   - *push*: write the entry, then the count;
-//!   - *pop*: read the entry, then write the count.
-//!
-//!   A holder killed between the two steps leaves one reservation that no
-//!   entry records (a bounded leak), never an entry whose reservation was
-//!   already given back: a reclaimer pops an entry before returning its
-//!   reservation, so an entry is returned at most once, even when the
-//!   reclaimer is killed too and another takes over.
+//!   - *give up*: store 0 (release), after giving its spans up.
+//! - **Span words** are written by the holder only, with plain (relaxed)
+//!   stores; inside the holding process, the cache's gate keeps its thread
+//!   and a flusher apart. The holder records a span *before* it takes the
+//!   span (carve or adopt) and forgets it *after* giving it up, so a
+//!   holder killed at any point leaves every span it owns recorded. A
+//!   recorded span that the slot does not own (killed between the two
+//!   steps) is skipped: a reclaimer gives up only spans whose state names
+//!   the slot.
 //!
 //! Everything read here comes from shared memory and is validated by the
-//! caller: a count past [`PER_CLASS`] empties the bin (its entries are
-//! leaked, not trusted).
+//! caller.
 
 use crate::populate::owner::Liveness;
 use crate::populate::state::Owner;
@@ -44,12 +39,9 @@ use super::layout::CLASSES;
 /// Ledger slots in an arena: threads (of all processes together) that
 /// cache at once; a thread beyond them allocates without a cache.
 pub(crate) const SLOTS: usize = 64;
-/// Objects kept per class and thread.
-pub(crate) const PER_CLASS: usize = 32;
-const COUNTS: usize = 1;
-const ENTRIES: usize = COUNTS + CLASSES.len();
+const SPANS: usize = 1;
 /// Words per slot.
-pub(crate) const SLOT_WORDS: usize = ENTRIES + CLASSES.len() * PER_CLASS;
+pub(crate) const SLOT_WORDS: usize = SPANS + CLASSES.len();
 
 /// The words of slot `slot` in the ledger `words` (`None` past the end).
 pub(crate) fn slot<S>(words: &[S], slot: usize) -> Option<&[S]> {
@@ -114,45 +106,16 @@ pub(crate) fn give_up(slot: &[impl AtomicSlot]) {
     slot[0].store(0, Ordering::Release);
 }
 
-/// The count of `class`'s bin, validated (a damaged count empties the bin).
-fn count(slot: &[impl AtomicSlot], class: usize) -> usize {
-    let n = slot[COUNTS + class].load(Ordering::Relaxed);
-    if n > PER_CLASS as u64 {
-        slot[COUNTS + class].store(0, Ordering::Relaxed);
-        return 0;
-    }
-    n as usize
+/// The span of `class` that the slot records, if any (unvalidated).
+pub(crate) fn span(slot: &[impl AtomicSlot], class: u32) -> Option<u64> {
+    slot[SPANS + class as usize]
+        .load(Ordering::Relaxed)
+        .checked_sub(1)
 }
 
-/// Records a freed object of `class`; `false` if the bin is full.
-pub(crate) fn push(slot: &[impl AtomicSlot], class: u32, offset: u64) -> bool {
-    let class = class as usize;
-    let n = count(slot, class);
-    if n == PER_CLASS {
-        return false;
-    }
-    slot[ENTRIES + class * PER_CLASS + n].store(offset, Ordering::Relaxed);
-    slot[COUNTS + class].store(n as u64 + 1, Ordering::Release);
-    true
-}
-
-/// Takes the last recorded object of `class`.
-pub(crate) fn pop(slot: &[impl AtomicSlot], class: u32) -> Option<u64> {
-    let class = class as usize;
-    let n = count(slot, class).checked_sub(1)?;
-    let offset = slot[ENTRIES + class * PER_CLASS + n].load(Ordering::Relaxed);
-    slot[COUNTS + class].store(n as u64, Ordering::Release);
-    Some(offset)
-}
-
-/// Takes every recorded object, one at a time (`f(class, offset)` after
-/// each pop).
-pub(crate) fn drain(slot: &[impl AtomicSlot], mut f: impl FnMut(u32, u64)) {
-    for class in 0..CLASSES.len() as u32 {
-        while let Some(offset) = pop(slot, class) {
-            f(class, offset);
-        }
-    }
+/// Records the slot's span of `class` (`None`: forgets it).
+pub(crate) fn record(slot: &[impl AtomicSlot], class: u32, span: Option<u64>) {
+    slot[SPANS + class as usize].store(span.map_or(0, |s| s + 1), Ordering::Release);
 }
 
 #[cfg(all(test, not(loom)))]
@@ -165,37 +128,25 @@ mod tests {
     }
 
     #[test]
-    fn bins_fill_to_their_size_and_pop_last_in_first_out() {
+    fn spans_are_recorded_per_class() {
         let w = words(2);
         let s = slot(&w, 1).unwrap();
         assert!(slot(&w, 2).is_none());
-        for i in 0..PER_CLASS as u64 {
-            assert!(push(s, 3, 100 + i));
-        }
-        assert!(!push(s, 3, 1), "full");
-        assert!(push(s, 4, 7), "bins are per class");
-        assert_eq!(pop(s, 3), Some(100 + PER_CLASS as u64 - 1));
-        let mut all = Vec::new();
-        drain(s, |c, o| all.push((c, o)));
-        assert_eq!(all.len(), PER_CLASS);
-        assert_eq!(all.last(), Some(&(4, 7)));
-        assert_eq!(pop(s, 3), None);
+        assert_eq!(span(s, 3), None);
+        record(s, 3, Some(0));
+        record(s, 31, Some(77));
+        assert_eq!(
+            (span(s, 3), span(s, 31), span(s, 4)),
+            (Some(0), Some(77), None)
+        );
+        record(s, 3, None);
+        assert_eq!(span(s, 3), None);
         assert!(
             slot(&w, 0)
                 .unwrap()
                 .iter()
                 .all(|x| x.load(Ordering::Relaxed) == 0)
         );
-    }
-
-    #[test]
-    fn a_damaged_count_empties_the_bin() {
-        let w = words(1);
-        let s = slot(&w, 0).unwrap();
-        s[COUNTS + 2].store(u64::MAX, Ordering::Relaxed);
-        assert_eq!(pop(s, 2), None);
-        assert!(push(s, 2, 5));
-        assert_eq!(pop(s, 2), Some(5));
     }
 
     #[test]

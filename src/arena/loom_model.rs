@@ -3,14 +3,17 @@
 //!
 //! Memory handed out is a loom `UnsafeCell`, so loom reports any two
 //! owners touching it without the protocol ordering them.
-//! `--cfg hugearena_mutation` weakens the bitmap claim to `Relaxed`, and
+//! `--cfg hugearena_mutation` weakens the bitmap claim to `Relaxed`,
 //! `--cfg hugearena_mutation_cache` drops the owner's fence at a thread
-//! cache's gate, and `--cfg hugearena_mutation_ledger` takes a cache
-//! ledger slot over without a CAS; these tests must then fail.
+//! cache's gate, `--cfg hugearena_mutation_ledger` takes a cache ledger
+//! slot over without a CAS, `--cfg hugearena_mutation_objects` lets the
+//! owner allocate an object without dropping a stray remote bit, and
+//! `--cfg hugearena_mutation_span` gives a span up with a load and a store
+//! instead of a CAS; these tests must then fail.
 #![allow(unsafe_code)] // the modelled bytes are loom `UnsafeCell`s
 
 use super::gate::{Flushing, Gate};
-use super::{bitmap, span, stack};
+use super::{bitmap, objects, span, stack};
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -84,42 +87,78 @@ fn a_cross_word_run_and_a_single_claim_never_share_a_page() {
     });
 }
 
-/// Span objects: a reservation always finds a bit; a span is retired only
-/// when empty, by exactly one thread, after every object was given back.
+/// A double free that races: the owner frees its object while another
+/// thread frees it too, then the owner allocates, collects remote frees
+/// and allocates again. If the other free returned before the first of
+/// those allocations began, no linearization can put it after that
+/// allocation, so the two allocations must differ; if it overlapped, it
+/// may count as a free of the new allocation (as a double free after a
+/// reuse does in any allocator). `--cfg hugearena_mutation_objects` (no
+/// stray check on allocation) must fail here.
 #[test]
-fn span_reservations_and_retirement() {
+fn a_racing_double_free_never_hands_an_object_out_twice() {
     loom::model(|| {
-        let state = Arc::new(AtomicU64::new(0));
-        let bits = Arc::new([AtomicU64::new(0)]);
-        // Carve: one object (bit 0) held by the carver, capacity 2.
-        assert!(bitmap::claim_range(&*bits, 0, 1));
-        span::activate(&*state, 5);
-        let retired = Arc::new(AtomicUsize::new(0));
+        let owned = Arc::new([AtomicU64::new(0)]);
+        let remote = Arc::new([AtomicU64::new(0)]);
+        let done = Arc::new(AtomicUsize::new(0));
+        // The owner allocated object 0 and handed it out.
+        assert_eq!(objects::take(&owned[..], &remote[..], 2, 0), Some((0, 0)));
         let other = {
-            let (state, bits, retired) = (state.clone(), bits.clone(), retired.clone());
+            let (owned, remote, done) = (owned.clone(), remote.clone(), done.clone());
             thread::spawn(move || {
-                if span::reserve(&*state, 5, 2) {
-                    let i = bitmap::claim_one(&*bits, 2).expect("a reservation has a bit");
-                    assert!(bitmap::release_range(&*bits, i, 1));
-                    if span::unreserve(&*state, false) == span::AfterFree::Retire {
-                        retired.fetch_add(1, Ordering::Relaxed);
-                    }
+                let _ = objects::free_remote(&owned[..], &remote[..], 0);
+                done.store(1, Ordering::SeqCst);
+            })
+        };
+        let _ = objects::free_owned(&owned[..], &remote[..], 0);
+        let finished_before = done.load(Ordering::SeqCst) == 1;
+        let (a, _) = objects::take(&owned[..], &remote[..], 2, 0).expect("room");
+        objects::collect(&owned[..], &remote[..], 2);
+        let b = objects::take(&owned[..], &remote[..], 2, 0).map(|(i, _)| i);
+        if finished_before {
+            assert_ne!(Some(a), b, "object {a} handed out twice");
+        }
+        other.join().unwrap();
+    });
+}
+
+/// The owner gives up a full span while another thread frees one of its
+/// objects: the span ends unowned, listed and pushed exactly once, so the
+/// room the free made is found. `--cfg hugearena_mutation_span` (give up
+/// by a load and a store) must fail here.
+#[test]
+fn a_span_given_up_while_an_object_is_freed_is_listed_once() {
+    loom::model(|| {
+        const OWNER: u32 = 3;
+        let state = Arc::new(AtomicU64::new(0));
+        let owned = Arc::new([AtomicU64::new(0)]);
+        let remote = Arc::new([AtomicU64::new(0)]);
+        // Capacity 2, both objects allocated: full.
+        span::carve(&*state, 5, OWNER);
+        objects::take(&owned[..], &remote[..], 2, 0);
+        objects::take(&owned[..], &remote[..], 2, 0);
+        let pushes = Arc::new(AtomicUsize::new(0));
+        let other = {
+            let (state, owned, remote, pushes) =
+                (state.clone(), owned.clone(), remote.clone(), pushes.clone());
+            thread::spawn(move || {
+                objects::free_remote(&owned[..], &remote[..], 1).expect("allocated");
+                if span::note_remote_free(&*state, 5) == span::Remote::List {
+                    pushes.fetch_add(1, Ordering::Relaxed);
                 }
             })
         };
-        assert!(bitmap::release_range(&*bits, 0, 1));
-        if span::unreserve(&*state, false) == span::AfterFree::Retire {
-            retired.fetch_add(1, Ordering::Relaxed);
+        if span::take_pending(&*state) {
+            objects::collect(&owned[..], &remote[..], 2);
+        }
+        let (room, empty) = objects::room_and_empty(&owned[..], 2);
+        if span::give_up(&*state, OWNER, room, empty) == span::GaveUp::List {
+            pushes.fetch_add(1, Ordering::Relaxed);
         }
         other.join().unwrap();
-        // Retired at most once; if the span survived it is listed (the
-        // first unreserve of a non-current span lists it) and empty.
-        match retired.load(Ordering::Relaxed) {
-            0 => assert_eq!(span::describe(&*state), Some((5, 0))),
-            1 => assert_eq!(span::describe(&*state), None),
-            n => panic!("retired {n} times"),
-        }
-        assert_eq!(bitmap::count_set(&*bits, 2), 0);
+        assert_eq!(pushes.load(Ordering::Relaxed), 1, "pushed 0 or 2 times");
+        let st = span::describe(&*state).expect("active");
+        assert!(st.listed && st.owner == 0, "{st:?}");
     });
 }
 
@@ -199,9 +238,9 @@ fn a_flush_and_the_caches_owner_never_meet_inside_the_cache() {
 }
 
 /// Two processes notice at once that a ledger slot's holder died: one
-/// takes the slot over and gives back its entries, each exactly once, and
-/// the slot ends free. `--cfg hugearena_mutation_ledger` (take over by a
-/// check and a store) must fail here.
+/// takes the slot over and gives up the span it recorded, exactly once,
+/// and the slot ends free. `--cfg hugearena_mutation_ledger` (take over by
+/// a check and a store) must fail here.
 #[test]
 fn a_dead_processs_cache_slot_is_reclaimed_once() {
     use super::ledger;
@@ -212,15 +251,15 @@ fn a_dead_processs_cache_slot_is_reclaimed_once() {
             Arc::new((0..ledger::SLOT_WORDS).map(|_| AtomicU64::new(0)).collect());
         let dead = Owner::new(100, 1);
         assert!(ledger::claim(&words[..], dead));
-        assert!(ledger::push(&words[..], 3, 4096));
-        assert!(ledger::push(&words[..], 3, 8192));
+        ledger::record(&words[..], 3, Some(7));
         let returned = Arc::new(AtomicUsize::new(0));
         let reclaim = |me: Owner, words: Arc<Vec<AtomicU64>>, returned: Arc<AtomicUsize>| {
             move || {
                 if ledger::take_over(&words[..], dead, me) {
-                    ledger::drain(&words[..], |_, _| {
+                    if ledger::span(&words[..], 3).is_some() {
                         returned.fetch_add(1, Ordering::Relaxed);
-                    });
+                    }
+                    ledger::record(&words[..], 3, None);
                     ledger::give_up(&words[..]);
                 }
             }
@@ -230,7 +269,7 @@ fn a_dead_processs_cache_slot_is_reclaimed_once() {
         other.join().unwrap();
         assert_eq!(
             returned.load(Ordering::Relaxed),
-            2,
+            1,
             "entries given back twice"
         );
         assert_eq!(ledger::holder(&words[..]), None);

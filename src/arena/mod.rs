@@ -3,8 +3,10 @@
 //!
 //! Three size ranges:
 //! - **small** (1 B – 8 KiB): 32 size classes, objects carved from 64 KiB
-//!   spans; each span has an object bitmap and a state word; spans with
-//!   room wait on a per-class lock-free stack;
+//!   spans; each thread owns up to one span per class and allocates and
+//!   frees its objects with plain stores, other threads and processes free
+//!   into it through a remote bitmap; unowned spans with room wait on a
+//!   per-class lock-free stack;
 //! - **page runs** (8 KiB – 2 MiB − 4 KiB): whole 4 KiB pages from a
 //!   block's page bitmap, first fit by address from a process-local hint
 //!   so that high blocks empty out;
@@ -13,7 +15,8 @@
 //! Allocation never writes into the memory it hands out: only the tables
 //! (in the first blocks of the region) change, and the population engine
 //! fills a page on its first touch. Every shared word follows a protocol
-//! documented where it is declared (`block`, `bitmap`, `span`, `stack`).
+//! documented where it is declared (`block`, `bitmap`, `span`, `objects`,
+//! `stack`, `ledger`).
 
 pub(crate) mod bitmap;
 pub(crate) mod block;
@@ -23,6 +26,7 @@ pub(crate) mod layout;
 pub(crate) mod ledger;
 #[cfg(all(test, loom))]
 mod loom_model;
+pub(crate) mod objects;
 pub(crate) mod span;
 pub(crate) mod stack;
 mod tables;
@@ -36,9 +40,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use self::block::{Kind, PAGES_PER_BLOCK};
 use self::layout::{
     ArenaLayout, BLOCK, BLOCK_WORD_STRIDE, CLASSES, HEADER, PAGE, SPAN, SPAN_BITMAP_WORDS,
-    SPAN_DESC, SPAN_PAGES,
+    SPAN_DESC, SPAN_HEAD_WORDS, SPAN_PAGES,
 };
-use self::span::AfterFree;
+use self::span::{BORROWED, GaveUp, Remote};
 use crate::error::{Error, Result};
 use crate::populate::{PopulateOptions, Populator, ZeroSource};
 use crate::region::SharedBase;
@@ -124,7 +128,7 @@ pub struct ArenaStats {
     pub free_dirty_blocks: u64,
     /// Free blocks with no resident pages.
     pub free_clean_blocks: u64,
-    /// Live small objects.
+    /// Live small objects (allocated and not freed).
     pub small_objects: u64,
     /// Bytes of live small objects (class sizes).
     pub small_bytes: u64,
@@ -138,14 +142,14 @@ pub struct ArenaStats {
     pub large_allocs: u64,
     /// Bytes of live large allocations.
     pub large_bytes: u64,
-    /// Free small objects that thread caches keep reserved (counted in
-    /// `small_objects`): this process's until it flushes, another
-    /// process's until that one flushes or exits. The caches keep them in
-    /// the arena's shared ledger, so those of a process killed with
-    /// objects in its caches go back when another process notices it is
-    /// gone: when it attaches the arena, runs [`Arena::audit`], or starts
-    /// a thread that needs a ledger slot (a killed thread cut short inside
-    /// a cache operation can leak one).
+    /// Free small objects in spans that a thread cache owns (not counted
+    /// in `small_objects`): only that thread allocates them, this
+    /// process's until it flushes, another process's until that one
+    /// flushes or exits. The arena's shared ledger records which spans
+    /// each cache owns, so those of a process killed while owning spans go
+    /// back when another process notices it is gone: when it attaches the
+    /// arena, runs [`Arena::audit`], or starts a thread that needs a
+    /// ledger slot.
     pub cached_objects: u64,
     /// Pages that allocations cut short by a killed process left reserved
     /// in a block's free count but not marked, or marked but recorded by
@@ -178,7 +182,7 @@ impl ArenaStats {
 const MAGIC: u64 = u64::from_le_bytes(*b"HAARENA\0");
 /// Application root words in the header (see [`Arena::roots`]).
 pub(crate) const ROOTS: usize = 4;
-const VERSION: u64 = 2;
+const VERSION: u64 = 3;
 const READY: u64 = 1;
 
 /// Header word indices (u64 words at offset 0 of the data).
@@ -188,10 +192,8 @@ mod hdr {
     pub(super) const STATE: usize = 2;
     pub(super) const DATA_LEN: usize = 3;
     pub(super) const ROOTS: usize = 4;
-    /// The current span of each class in each shard (`SHARDS` words per
-    /// class).
-    pub(super) const CURRENT: usize = 8;
-    pub(super) const PARTIAL: usize = CURRENT + 32 * super::SHARDS;
+    /// The head of each class's stack of unowned spans with room.
+    pub(super) const PARTIAL: usize = 8;
     /// The tag in every `ShmPtr` the arena hands out (0 in arenas made
     /// before tags: their pointers are untagged).
     pub(super) const TAG: usize = PARTIAL + 32;
@@ -260,16 +262,6 @@ pub enum AuditError {
         page: u64,
         /// What claims it.
         owner: PageOwner,
-    },
-    /// A span holds more live objects than reservations.
-    #[error("span {slot}: {reserved} reserved, {live} objects in its bitmap")]
-    SpanCount {
-        /// The span slot.
-        slot: u64,
-        /// Its reservation count.
-        reserved: u64,
-        /// Objects its bitmap marks live.
-        live: u64,
     },
 }
 
@@ -366,9 +358,9 @@ impl Arena {
     /// the snapshot on first touch, and allocation continues where the
     /// snapshot left off.
     ///
-    /// Objects the snapshotted processes' thread caches held go back to
-    /// the arena here. (Attaching to a restored populator yourself gives
-    /// back only those of processes that are gone.)
+    /// Spans the snapshotted processes' thread caches owned go back to the
+    /// arena here. (Attaching to a restored populator yourself gives back
+    /// only those of processes that are gone.)
     pub fn restore(path: impl AsRef<Path>, populate: PopulateOptions) -> Result<Self> {
         let arena = Arena::attach(crate::persist::restore(path, populate)?)?;
         arena.reclaim_dead_caches(true);
@@ -477,9 +469,10 @@ impl Arena {
         &self.header()[hdr::ROOTS..hdr::ROOTS + ROOTS]
     }
 
-    /// Turns this process's per-thread caches of free small objects on or
-    /// off (on by default; double frees are detected either way). Turning
-    /// them off flushes them.
+    /// Turns this process's per-thread caches on or off (on by default;
+    /// double frees are detected either way). A thread without a cache
+    /// takes a span for each small allocation and gives it back at once,
+    /// several atomic operations each. Turning them off flushes them.
     pub fn set_thread_caches(&self, on: bool) {
         self.caches.set_enabled(on);
         if !on {
@@ -487,53 +480,83 @@ impl Arena {
         }
     }
 
-    /// Returns every object held in this process's per-thread caches to
-    /// the shared tables. Snapshots, `audit` and dropping the arena do it
-    /// too; objects cached by other processes stay theirs.
+    /// Gives up the spans this process's thread caches own, so that their
+    /// free objects are anyone's again, and retires spans that became
+    /// empty. Snapshots, `audit` and dropping the arena do it too; spans
+    /// owned by other processes stay theirs.
     pub fn flush_thread_caches(&self) {
-        for (class, offset) in self.caches.drain(self.ledger()) {
-            self.return_cached(class, offset);
-        }
+        self.caches.for_each(self.ledger(), |cache, slot| {
+            let owner = cache.owner();
+            for class in 0..CLASSES.len() as u32 {
+                let c = class as usize;
+                if let Some(span) = cache.spans[c].checked_sub(1) {
+                    self.give_up_span(owner, Some(slot), class, u64::from(span));
+                }
+                cache.spans[c] = 0;
+                cache.cursor[c] = 0;
+            }
+        });
+        self.retire_empty_spans();
     }
 
     /// Gives back what the thread caches of processes proven dead (killed,
-    /// say) left in the arena's cache ledger; with `all`, what any process
-    /// left (a restored arena: the processes that cached in it ran in
-    /// another region). Attaching an arena and [`audit`](Self::audit) do
-    /// it; so does a thread that finds no free ledger slot, which adopts a
-    /// dead process's slot. Returns the objects given back.
+    /// say) owned, as the arena's cache ledger records it; with `all`,
+    /// what any process owned (a restored arena: the processes that
+    /// allocated in it ran in another region) and spans that threads
+    /// without a cache held. Attaching an arena and
+    /// [`audit`](Self::audit) do it; so does a thread that finds no free
+    /// ledger slot, which adopts a dead process's slot. Returns the spans
+    /// given back.
     fn reclaim_dead_caches(&self, all: bool) -> u64 {
         let Some(me) = self.caches.me() else {
             return 0;
         };
         let mut returned = 0;
-        for (_, slot) in ledger::slots(self.ledger()) {
+        for (i, slot) in ledger::slots(self.ledger()) {
             if ledger::take_over_from_dead(slot, me, all) {
-                ledger::drain(slot, |class, offset| {
-                    self.return_cached(class, offset);
-                    returned += 1;
-                });
+                returned += self.release_recorded_spans(i, slot);
                 ledger::give_up(slot);
             }
         }
         returned
     }
 
-    /// Gives back the span reservation a cache entry stands for (the
-    /// object's bit is already clear). An entry read from the shared
-    /// ledger is checked first: one that names no span of its class is
-    /// dropped (its reservation, if any, stays leaked).
-    fn return_cached(&self, class: u32, offset: u64) {
-        let slot = offset / SPAN;
-        if self.is_span_of(slot, class) {
-            self.return_reservation(slot, class);
+    /// Gives up the spans ledger slot `i` (whose words are `slot`, held by
+    /// the caller) records. A record read from the shared ledger is
+    /// checked first: a span whose state does not name the slot as its
+    /// owner is skipped.
+    fn release_recorded_spans(&self, i: usize, slot: &[AtomicU64]) -> u64 {
+        let owner = i as u32 + 1;
+        let mut returned = 0;
+        for class in 0..CLASSES.len() as u32 {
+            if let Some(span) = ledger::span(slot, class)
+                && self.is_slot(span)
+                && span::describe(self.span_state(span))
+                    .is_some_and(|st| st.class == class && st.owner == owner)
+            {
+                self.give_up_span(owner, Some(slot), class, span);
+                returned += 1;
+            }
+            ledger::record(slot, class, None);
         }
+        returned
     }
 
-    /// Whether `slot`, a number read from shared memory, is an active
-    /// span of `class`.
-    fn is_span_of(&self, slot: u64, class: u32) -> bool {
-        self.is_slot(slot) && span::describe(self.span_state(slot)).is_some_and(|(c, _)| c == class)
+    /// Spans held by threads without a cache of processes that are gone
+    /// (only while nobody allocates: a restore, `audit`) go back to their
+    /// stacks.
+    fn reclaim_borrowed_spans(&self) {
+        for span in 0..self.layout.data_len / SPAN {
+            if span * SPAN < self.layout.meta_len {
+                continue;
+            }
+            let state = self.span_state(span);
+            if let Some(st) = span::describe(state)
+                && span::unborrow(state)
+            {
+                stack::push(self.partial(st.class), &self.span_links(), span as u32);
+            }
+        }
     }
 
     fn ledger(&self) -> &[AtomicU64] {
@@ -608,10 +631,12 @@ impl Arena {
             }
             Kind::Pages => {
                 let slot = offset / SPAN;
-                if let Some((class, _)) = span::describe(self.span_state(slot)) {
+                if let Some(st) = span::describe(self.span_state(slot)) {
+                    let class = st.class;
                     let index = Self::object_index(slot, class, offset)
                         .ok_or(invalid("not the start of an object"))?;
-                    if !bitmap::is_set(self.span_bitmap(slot), index) {
+                    let (owned, remote) = self.span_objects(slot);
+                    if !objects::is_live(owned, remote, index) {
                         return Err(invalid("object not allocated"));
                     }
                     return Ok(CLASSES[class as usize] as usize);
@@ -751,7 +776,8 @@ impl Arena {
         slot < self.layout.data_len / SPAN
     }
 
-    /// Span slot `slot`'s descriptor: state, link, object bitmap.
+    /// Span slot `slot`'s descriptor: state, link, owner and remote
+    /// bitmaps.
     fn span_desc(&self, slot: u64) -> &[AtomicU64] {
         const WORDS: usize = (SPAN_DESC / 8) as usize;
         let at = slot as usize * WORDS;
@@ -766,21 +792,11 @@ impl Arena {
         SpanLinks(self)
     }
 
-    fn span_bitmap(&self, slot: u64) -> &[AtomicU64] {
-        &self.span_desc(slot)[2..2 + SPAN_BITMAP_WORDS]
-    }
-
-    /// The current span (slot + 1) of `class` for threads of `shard`.
-    fn current(&self, class: u32, shard: usize) -> &AtomicU64 {
-        &self.header()[hdr::CURRENT + class as usize * SHARDS + shard]
-    }
-
-    /// Whether span `slot` is a current span of `class` (in any shard).
-    fn is_current(&self, class: u32, slot: u64) -> bool {
-        let at = hdr::CURRENT + class as usize * SHARDS;
-        self.header()[at..at + SHARDS]
-            .iter()
-            .any(|c| c.load(Ordering::Acquire) == slot + 1)
+    /// Span `slot`'s owner bitmap and remote-free bitmap (`objects`).
+    fn span_objects(&self, slot: u64) -> (&[AtomicU64], &[AtomicU64]) {
+        let d = self.span_desc(slot);
+        let (owned, remote) = d[SPAN_HEAD_WORDS..].split_at(SPAN_BITMAP_WORDS);
+        (owned, remote)
     }
 
     fn partial(&self, class: u32) -> &AtomicU64 {
@@ -980,109 +996,169 @@ impl Arena {
     }
 
     fn alloc_small(&self, class: u32) -> Option<ShmPtr> {
-        if let Some(hint) = self.caches.pop(self.ledger(), class) {
-            // The cache holds a reservation in the hint's span: take the
-            // hint's bit back, or, if another thread's reservation took
-            // it meanwhile, another clear bit of that span. The hint comes
-            // from shared memory: one that names no span of this class is
-            // dropped.
-            let slot = hint / SPAN;
-            if self.is_span_of(slot, class) {
-                if let Some(index) = Self::object_index(slot, class, hint)
-                    && bitmap::claim_bit(self.span_bitmap(slot), index)
-                {
-                    return Some(ShmPtr(hint));
-                }
-                return self.claim_object(slot, class);
-            }
+        let ledger = self.ledger();
+        if let Some(found) = self
+            .caches
+            .with_local(ledger, |cache, slot| self.alloc_owned(cache, slot, class))
+        {
+            return found;
         }
-        let cap = layout::capacity(class);
-        let current_word = self.current(class, shard());
+        // A thread new to the arena gets a cache here (taking over a dead
+        // process's ledger slot gives up the spans it recorded).
+        let mut release = |i, slot: &[AtomicU64]| {
+            self.release_recorded_spans(i, slot);
+        };
+        if self.caches.prepare(ledger, &mut release)
+            && let Some(found) = self
+                .caches
+                .with_local(ledger, |cache, slot| self.alloc_owned(cache, slot, class))
+        {
+            return found;
+        }
+        self.alloc_borrowed(class)
+    }
+
+    /// Allocates from the cache's span of `class` (the hot path: plain
+    /// loads and stores in the span's owner bitmap), collecting remote
+    /// frees or taking another span when it is full.
+    #[inline]
+    fn alloc_owned(
+        &self,
+        cache: &mut cache::ThreadCache,
+        slot: &[AtomicU64],
+        class: u32,
+    ) -> Option<ShmPtr> {
+        let c = class as usize;
+        let capacity = layout::capacity(class) as usize;
+        let size = u64::from(CLASSES[c]);
         loop {
-            let current = current_word.load(Ordering::Acquire);
-            if current != 0
-                && self.is_slot(current - 1)
-                && span::reserve(self.span_state(current - 1), class, cap)
-            {
-                return self.claim_object(current - 1, class);
-            }
-            if let Some(slot) = stack::pop(self.partial(class), &self.span_links()) {
-                let slot = u64::from(slot);
-                if !self.is_slot(slot) {
-                    return None;
+            if let Some(span) = cache.spans[c].checked_sub(1) {
+                let span = u64::from(span);
+                let (owned, remote) = self.span_objects(span);
+                let mut found = objects::take(owned, remote, capacity, cache.cursor[c] as usize);
+                if found.is_none() && span::take_pending(self.span_state(span)) {
+                    objects::collect(owned, remote, capacity);
+                    found = objects::take(owned, remote, capacity, 0);
                 }
-                let state = self.span_state(slot);
-                if !span::unlist(state, class) {
-                    continue;
+                if let Some((i, _)) = found {
+                    cache.cursor[c] = (i / 64) as u8;
+                    return Some(ShmPtr(span * SPAN + i as u64 * size));
                 }
-                if span::reserve(state, class, cap) {
-                    let _ = current_word.compare_exchange(
-                        current,
-                        slot + 1,
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    );
-                    return self.claim_object(slot, class);
-                }
-                // Full again, or empty and abandoned: retire if empty.
-                if !self.is_current(class, slot) && span::try_retire(state) {
-                    self.free_pages(slot * SPAN_PAGES, SPAN_PAGES);
-                }
-                continue;
+                // Full: a remote free lists it again.
+                self.give_up_span(cache.owner(), Some(slot), class, span);
+                cache.spans[c] = 0;
             }
-            // Carve a new span; its object bitmap is clear (retired spans
-            // leave it so).
-            let page = self.alloc_pages(SPAN_PAGES, SPAN_PAGES)?;
-            let slot = page / SPAN_PAGES;
-            if !bitmap::claim_range(self.span_bitmap(slot), 0, 1) {
-                // A fresh span's bitmap is clear unless the tables are
-                // damaged: give up rather than hand out a live object.
-                return None;
-            }
-            span::activate(self.span_state(slot), class);
-            if current_word
-                .compare_exchange(current, slot + 1, Ordering::AcqRel, Ordering::Relaxed)
-                .is_err()
-            {
-                // Another thread installed its own span: list ours so its
-                // room is found. Freeing our object first would retire it.
-                self.list_if_unlisted(slot, class);
-            }
-            return Some(ShmPtr(slot * SPAN));
+            let span = self.adopt_or_carve(class, cache.owner(), Some(slot))?;
+            cache.spans[c] = span as u32 + 1;
+            cache.cursor[c] = 0;
         }
     }
 
-    fn list_if_unlisted(&self, slot: u64, class: u32) {
-        // Reserve and unreserve: unreserve lists a non-current span.
-        let state = self.span_state(slot);
-        if span::reserve(state, class, layout::capacity(class)) {
-            match span::unreserve(state, false) {
-                AfterFree::List => {
-                    stack::push(self.partial(class), &self.span_links(), slot as u32)
-                }
-                AfterFree::Keep => {}
-                // The span holds the caller's object, so it cannot be empty
-                // unless the tables are damaged.
-                AfterFree::Retire => {}
-            }
-        }
-    }
-
-    /// Claims a bit in a span where this thread holds a reservation.
-    /// `None` only if the tables are damaged (no clear bit ever shows up).
-    fn claim_object(&self, slot: u64, class: u32) -> Option<ShmPtr> {
-        let cap = layout::capacity(class) as usize;
-        for _ in 0..CLAIM_SCANS {
-            if let Some(i) = bitmap::claim_one(self.span_bitmap(slot), cap) {
+    /// A small allocation by a thread without a cache: it owns a span for
+    /// this one allocation.
+    fn alloc_borrowed(&self, class: u32) -> Option<ShmPtr> {
+        let capacity = layout::capacity(class) as usize;
+        loop {
+            let span = self.adopt_or_carve(class, BORROWED, None)?;
+            let (owned, remote) = self.span_objects(span);
+            let found = objects::take(owned, remote, capacity, 0);
+            self.give_up_span(BORROWED, None, class, span);
+            if let Some((i, _)) = found {
                 return Some(ShmPtr(
-                    slot * SPAN + i as u64 * u64::from(CLASSES[class as usize]),
+                    span * SPAN + i as u64 * u64::from(CLASSES[class as usize]),
                 ));
             }
-            // Every reservation has a clear bit; a racing claimer took the
-            // one this scan saw. Scan again.
-            std::hint::spin_loop();
         }
-        None
+    }
+
+    /// A span of `class` for `owner` (recorded in its ledger `slot`, if it
+    /// has one) with a free object: an unowned one from the class's stack
+    /// (its remote frees collected), or a freshly carved one.
+    fn adopt_or_carve(&self, class: u32, owner: u32, slot: Option<&[AtomicU64]>) -> Option<u64> {
+        let capacity = layout::capacity(class) as usize;
+        let record = |span| {
+            if let Some(slot) = slot {
+                ledger::record(slot, class, span);
+            }
+        };
+        while let Some(span) = stack::pop(self.partial(class), &self.span_links()) {
+            let span = u64::from(span);
+            if !self.is_slot(span) {
+                // A damaged stack head: carve instead.
+                break;
+            }
+            // Recorded before it is ours, forgotten after it is not: a
+            // reclaimer finds every span the slot owns.
+            record(Some(span));
+            let state = self.span_state(span);
+            if !span::adopt(state, class, owner) {
+                record(None);
+                continue;
+            }
+            let (owned, remote) = self.span_objects(span);
+            if span::take_pending(state) {
+                objects::collect(owned, remote, capacity);
+            }
+            if objects::room_and_empty(owned, capacity).0 {
+                return Some(span);
+            }
+            // Listed, but full: unlisted until a remote free makes room.
+            self.give_up_span(owner, slot, class, span);
+        }
+        // Carve a new span. Its pages are ours; its bitmaps may hold
+        // what the last span there left.
+        let page = self.alloc_pages(SPAN_PAGES, SPAN_PAGES)?;
+        let span = page / SPAN_PAGES;
+        let (owned, remote) = self.span_objects(span);
+        objects::clear(owned, remote);
+        record(Some(span));
+        span::carve(self.span_state(span), class, owner);
+        Some(span)
+    }
+
+    /// `owner` gives span `span` up (and forgets it in its ledger `slot`):
+    /// listed if it has room, retired if it is empty, left unlisted if it
+    /// is full.
+    fn give_up_span(&self, owner: u32, slot: Option<&[AtomicU64]>, class: u32, span: u64) {
+        let capacity = layout::capacity(class) as usize;
+        let state = self.span_state(span);
+        let (owned, remote) = self.span_objects(span);
+        if span::take_pending(state) {
+            objects::collect(owned, remote, capacity);
+        }
+        let (room, empty) = objects::room_and_empty(owned, capacity);
+        match span::give_up(state, owner, room, empty) {
+            GaveUp::List => stack::push(self.partial(class), &self.span_links(), span as u32),
+            GaveUp::Retire => self.free_pages(span * SPAN_PAGES, SPAN_PAGES),
+            GaveUp::Unowned | GaveUp::NotOwner => {}
+        }
+        if let Some(slot) = slot {
+            ledger::record(slot, class, None);
+        }
+    }
+
+    /// Retires the unowned spans on the stacks that are empty (a flush,
+    /// after giving this process's spans up): spans whose objects other
+    /// threads freed stay listed until a thread adopts them, and memory
+    /// freed that way would otherwise stay in spans.
+    fn retire_empty_spans(&self) {
+        for class in 0..CLASSES.len() as u32 {
+            let mut keep = Vec::new();
+            while let Some(span) = stack::pop(self.partial(class), &self.span_links()) {
+                let span = u64::from(span);
+                if !self.is_slot(span) {
+                    break;
+                }
+                if span::adopt(self.span_state(span), class, BORROWED) {
+                    keep.push(span);
+                }
+            }
+            // Given up after the pops: a span pushed back is not popped
+            // again by this loop.
+            for span in keep {
+                self.give_up_span(BORROWED, None, class, span);
+            }
+        }
     }
 
     /// Frees an allocation. Pointers that are not live allocations (never
@@ -1101,8 +1177,8 @@ impl Arena {
             }
             Kind::Pages => {
                 let slot = offset / SPAN;
-                if let Some((class, _)) = span::describe(self.span_state(slot)) {
-                    return self.free_small(slot, class, offset).map_err(invalid);
+                if let Some(st) = span::describe(self.span_state(slot)) {
+                    return self.free_small(slot, st.class, offset).map_err(invalid);
                 }
                 if offset % PAGE != 0 {
                     return Err(invalid("not the start of an allocation"));
@@ -1132,31 +1208,44 @@ impl Arena {
         (rest == 0 && index < layout::capacity(class)).then_some(index as usize)
     }
 
-    /// Frees a small object. Its bit in the span's object bitmap is
-    /// cleared by one atomic read-modify-write in every case, so a second
-    /// free of it (from any thread or process) finds the bit clear and is
-    /// rejected, caches or not. A thread cache then keeps only the span
-    /// reservation, with the object as a hint for the next allocation.
-    fn free_small(&self, slot: u64, class: u32, offset: u64) -> Result<(), &'static str> {
-        let index = Self::object_index(slot, class, offset).ok_or("not the start of an object")?;
-        if !bitmap::release_bit(self.span_bitmap(slot), index) {
-            return Err("object not allocated (or already freed)");
+    /// Frees a small object: with plain stores in the span's owner bitmap
+    /// if this thread's cache owns the span, else by setting its bit in
+    /// the remote bitmap (`objects`, which also says which double frees
+    /// are refused).
+    #[inline]
+    fn free_small(&self, span: u64, class: u32, offset: u64) -> Result<(), &'static str> {
+        let index = Self::object_index(span, class, offset).ok_or("not the start of an object")?;
+        let (owned, remote) = self.span_objects(span);
+        let c = class as usize;
+        let by_owner = self
+            .caches
+            .with_local(self.ledger(), |cache, _| {
+                // The cache's own record, not the shared state word: a
+                // flush may have given the span up since it was read.
+                (cache.spans[c] == span as u32 + 1).then(|| {
+                    let freed = objects::free_owned(owned, remote, index);
+                    let word = (index / 64) as u8;
+                    if freed.is_ok() && word < cache.cursor[c] {
+                        cache.cursor[c] = word;
+                    }
+                    freed
+                })
+            })
+            .flatten();
+        if let Some(freed) = by_owner {
+            return freed;
         }
-        if self.caches.push(self.ledger(), class, offset) {
-            return Ok(());
-        }
-        self.return_reservation(slot, class);
-        Ok(())
-    }
-
-    /// Gives back one reservation of a span whose object bit was cleared:
-    /// lists the span if it has room again, retires it if it is empty.
-    fn return_reservation(&self, slot: u64, class: u32) {
-        let is_current = self.is_current(class, slot);
-        match span::unreserve(self.span_state(slot), is_current) {
-            AfterFree::Keep => {}
-            AfterFree::List => stack::push(self.partial(class), &self.span_links(), slot as u32),
-            AfterFree::Retire => self.free_pages(slot * SPAN_PAGES, SPAN_PAGES),
+        objects::free_remote(owned, remote, index)?;
+        match span::note_remote_free(self.span_state(span), class) {
+            Remote::Noted => Ok(()),
+            Remote::List => {
+                stack::push(self.partial(class), &self.span_links(), span as u32);
+                Ok(())
+            }
+            Remote::Gone => {
+                objects::unfree_remote(remote, index);
+                Err("object not allocated (its span was freed)")
+            }
         }
     }
 
@@ -1216,16 +1305,17 @@ impl Arena {
     /// Checks that the tables agree with each other, for tests and
     /// debugging; call it while nobody allocates or frees. Every page of a
     /// page block must be free, in exactly one live run, or in one span;
-    /// each block's free count must not exceed its bitmap's free pages;
-    /// each span's reservation count must cover its object bitmap (it may
-    /// exceed it by objects in other processes' thread caches: see
-    /// [`ArenaStats::cached_objects`]). Pages reserved but not marked, or
+    /// each block's free count must not exceed its bitmap's free pages.
+    /// Spans that dead processes owned go back first (see
+    /// [`ArenaStats::cached_objects`]), and so do spans that threads
+    /// without a cache were killed holding. Pages reserved but not marked, or
     /// marked but recorded by no run or span, are counted as
     /// [`ArenaStats::leaked_pages`], not an error: a process killed inside
     /// an allocation leaves them. Returns the first disagreement.
     pub fn audit(&self) -> std::result::Result<ArenaStats, AuditError> {
-        self.flush_thread_caches();
         self.reclaim_dead_caches(false);
+        self.reclaim_borrowed_spans();
+        self.flush_thread_caches();
         let mut leaked = 0;
         for b in self.layout.meta_blocks()..self.layout.blocks {
             let st = block::observe(self.block(b));
@@ -1258,21 +1348,8 @@ impl Arena {
                 Ok(())
             };
             for slot in first / SPAN_PAGES..(first + PAGES_PER_BLOCK) / SPAN_PAGES {
-                if let Some((class, used)) = span::describe(self.span_state(slot)) {
+                if span::describe(self.span_state(slot)).is_some() {
                     cover(slot * SPAN_PAGES, SPAN_PAGES, PageOwner::Span)?;
-                    let objects =
-                        bitmap::count_set(self.span_bitmap(slot), layout::capacity(class) as usize)
-                            as u64;
-                    // More reserved than live: objects in other processes'
-                    // caches (or dead ones'). Fewer: live objects that
-                    // nothing reserved, which could be handed out twice.
-                    if objects > used {
-                        return Err(AuditError::SpanCount {
-                            slot,
-                            reserved: used,
-                            live: objects,
-                        });
-                    }
                 }
             }
             for p in first..first + PAGES_PER_BLOCK {
@@ -1309,15 +1386,16 @@ impl Arena {
                     let first_slot = b * BLOCK / SPAN;
                     let mut span_pages = 0;
                     for slot in first_slot..first_slot + BLOCK / SPAN {
-                        if let Some((class, used)) = span::describe(self.span_state(slot)) {
+                        if let Some(st) = span::describe(self.span_state(slot)) {
+                            let capacity = layout::capacity(st.class);
+                            let (owned, remote) = self.span_objects(slot);
+                            let live = objects::live(owned, remote, capacity as usize);
                             s.spans += 1;
-                            s.small_objects += used;
-                            s.small_bytes += used * u64::from(CLASSES[class as usize]);
-                            let live = bitmap::count_set(
-                                self.span_bitmap(slot),
-                                layout::capacity(class) as usize,
-                            ) as u64;
-                            s.cached_objects += used.saturating_sub(live);
+                            s.small_objects += live;
+                            s.small_bytes += live * u64::from(CLASSES[st.class as usize]);
+                            if st.owner != 0 {
+                                s.cached_objects += capacity - live;
+                            }
                             span_pages += SPAN_PAGES;
                         }
                     }
@@ -1364,30 +1442,6 @@ impl stack::Links for SpanLinks<'_> {
 
 const _: () = assert!(HEADER as usize >= hdr::WORDS * 8);
 
-/// Shards of the current spans: threads of different shards carve their
-/// small objects from different spans, so they do not write the same
-/// bitmap words (a cache line bouncing between cores on every free).
-const SHARDS: usize = 4;
-
-/// This thread's shard: threads are dealt round-robin, starting from a
-/// point that depends on the process, so that the first threads of two
-/// processes tend to differ.
-fn shard() -> usize {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    thread_local! {
-        static SHARD: std::cell::Cell<u8> = const { std::cell::Cell::new(u8::MAX) };
-    }
-    SHARD
-        .try_with(|s| {
-            if s.get() == u8::MAX {
-                let n = NEXT.fetch_add(1, Ordering::Relaxed) as usize + std::process::id() as usize;
-                s.set((n % SHARDS) as u8);
-            }
-            s.get() as usize
-        })
-        .unwrap_or(0)
-}
-
 /// What a page-run search found in one block.
 enum Claim {
     /// The run starting at this page is the caller's.
@@ -1404,10 +1458,6 @@ thread_local! {
     /// others).
     static RUN_HINT: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
 }
-
-/// Scans of a span's bitmap for the clear bit a reservation guarantees
-/// before the tables are taken to be damaged.
-const CLAIM_SCANS: u32 = 1 << 16;
 
 #[allow(unsafe_code)] // the allocator trait is unsafe to implement
 // SAFETY: `allocate` returns memory of at least `layout.size()` bytes with
@@ -1454,8 +1504,8 @@ mod tests {
     use std::sync::Barrier;
 
     /// An alloc and a free of a small object in a new thread, while
-    /// `busy` other new threads hold their caches; the cached objects
-    /// after it.
+    /// `busy` other new threads hold their caches: 1 if a cache owns the
+    /// object's span afterwards, 0 if not.
     fn round_trip(a: &Arena, busy: usize) -> u64 {
         a.flush_thread_caches();
         let (held, done) = (Barrier::new(busy + 1), Barrier::new(busy + 1));
@@ -1468,15 +1518,17 @@ mod tests {
                 });
             }
             held.wait();
-            let cached = s
+            let owned = s
                 .spawn(|| {
-                    a.free(a.alloc_bytes(4000).unwrap()).unwrap();
-                    a.stats().cached_objects - busy as u64
+                    let p = a.alloc_bytes(4000).unwrap();
+                    a.free(p).unwrap();
+                    let st = span::describe(a.span_state(p.offset() / SPAN));
+                    u64::from(st.is_some_and(|st| st.owner != 0))
                 })
                 .join()
                 .unwrap();
             done.wait();
-            cached
+            owned
         })
     }
 
@@ -1506,5 +1558,6 @@ mod tests {
         assert_eq!(ledger::holder(slot), Some(me));
         a.flush_thread_caches();
         assert_eq!(a.stats().cached_objects, 0);
+        assert_eq!(a.audit().unwrap().spans, 0, "every span empty and retired");
     }
 }

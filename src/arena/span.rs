@@ -1,140 +1,227 @@
 //! The span state word: one per 64 KiB span slot, for small objects.
 //!
+//! A span belongs to at most one **owner** at a time: a thread cache's
+//! ledger slot (`ledger`), or, for one allocation, a thread without one
+//! ([`BORROWED`]). Only the owner allocates from the span and clears bits
+//! of its object bitmap, with plain stores (`objects`); anyone else frees
+//! by setting a bit in the span's remote-free bitmap and then marking the
+//! span PENDING here, so the owner knows to collect.
+//!
 //! # Protocol
 //!
 //! ```text
 //!  bit 63 ACTIVE · bit 62 LISTED (on the class's partial stack) ·
-//!  bits 16–21 size class · bits 0–15 objects reserved (`used`)
+//!  bit 61 PENDING (remote frees not collected yet) ·
+//!  bits 16–21 size class · bits 0–6 owner (0: none)
 //!
-//!   FREE (0) ──activate (store, Release; by the thread that claimed the
-//!     ▲        slot's pages, with used = 1 for its own object)──▶ ACTIVE
-//!     │
-//!     └── retire (CAS used 1→0 and ACTIVE→FREE, only when not LISTED and
-//!         not the class's current span; the retiring thread then frees
-//!         the slot's pages)
+//!   FREE (0) ──carve (store, Release; by the thread that claimed the
+//!     ▲        slot's pages, owned by it)──▶ ACTIVE, owned
+//!     │                                       │   ▲
+//!     │                  give up (CAS by the  │   │ adopt (CAS, Acquire:
+//!     │                  owner, Release; sets │   │ unowned and LISTED →
+//!     │                  LISTED if there is   ▼   │ owned, after a pop)
+//!     └── retire (CAS by the owner: empty) ── ACTIVE, unowned
 //! ```
 //!
-//! - **reserve** (CAS, `Acquire`): `used += 1` while ACTIVE, of the right
-//!   class and below capacity. A reservation guarantees a clear bit in the
-//!   span's object bitmap for the reserver, so claiming one always ends.
-//! - **unreserve** (CAS, `AcqRel`), after the object's bit was cleared:
-//!   `used -= 1`, and in the same CAS either retire the span (it became
-//!   empty, is not listed and not current) or set LISTED (it has room, is
-//!   not current and not listed: the caller pushes it on the partial stack)
-//!   — so every non-current span with room is findable, and a span is on
-//!   the stack at most once.
-//! - **unlist** (CAS): the popper of a span clears LISTED before using it.
+//! - Every non-empty unowned span with room is LISTED (and on the stack
+//!   once), so it is found: a give-up lists a span with free objects or
+//!   PENDING frees, and a remote free that finds its span unowned and not
+//!   listed lists it in the same CAS that sets PENDING. Both run on this
+//!   word, so of a give-up and a remote free that race, the later one sees
+//!   the other's effect.
+//! - The owner clears PENDING (CAS, Acquire) before it collects the remote
+//!   bits; a remote free after that sets it again.
+//! - A remote free re-reads the class in its CAS: if the span was retired
+//!   (or carved again for another class) since the free looked it up, the
+//!   free takes its bit back and is refused.
 
 use crate::sync::{AtomicSlot, Ordering};
 
 const ACTIVE: u64 = 1 << 63;
 const LISTED: u64 = 1 << 62;
+const PENDING: u64 = 1 << 61;
 const CLASS_SHIFT: u32 = 16;
 const CLASS_MASK: u64 = 0x3F;
-const USED_MASK: u64 = 0xFFFF;
+const OWNER_MASK: u64 = 0x7F;
 
-fn used(w: u64) -> u64 {
-    w & USED_MASK
+/// The owner value of a thread without a ledger slot, which owns a span
+/// only inside one allocation (a process killed there leaves the span
+/// owned until an `audit`).
+pub(crate) const BORROWED: u32 = OWNER_MASK as u32;
+
+/// A span's state, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SpanState {
+    /// The size class.
+    pub(crate) class: u32,
+    /// The owner (0: none).
+    pub(crate) owner: u32,
+    /// Remote frees wait to be collected.
+    pub(crate) pending: bool,
+    /// On the partial stack.
+    pub(crate) listed: bool,
 }
 
 fn class_of(w: u64) -> u32 {
     ((w >> CLASS_SHIFT) & CLASS_MASK) as u32
 }
 
-/// The word of a span just carved for `class`, holding one object.
-pub(crate) fn active_word(class: u32) -> u64 {
-    ACTIVE | (u64::from(class) << CLASS_SHIFT) | 1
+fn owner_of(w: u64) -> u32 {
+    (w & OWNER_MASK) as u32
 }
 
-/// Publishes a freshly carved span (its bitmap must already show the
-/// first object).
-pub(crate) fn activate(state: &impl AtomicSlot, class: u32) {
-    state.store(active_word(class), Ordering::Release);
+fn decode(w: u64) -> Option<SpanState> {
+    // A class past the table is a damaged word: no span (never an index
+    // out of bounds).
+    (w & ACTIVE != 0 && (class_of(w) as usize) < super::layout::CLASSES.len()).then(|| SpanState {
+        class: class_of(w),
+        owner: owner_of(w),
+        pending: w & PENDING != 0,
+        listed: w & LISTED != 0,
+    })
 }
 
-/// Reserves one object of `class` in the span; `false` if it is not an
-/// active span of that class or is full.
-pub(crate) fn reserve(state: &impl AtomicSlot, class: u32, capacity: u64) -> bool {
+/// The state of a span, if it is active.
+pub(crate) fn describe(state: &impl AtomicSlot) -> Option<SpanState> {
+    decode(state.load(Ordering::Acquire))
+}
+
+/// Publishes a freshly carved span of `class`, owned by `owner` (its
+/// bitmaps must already be clear, or show its first object).
+pub(crate) fn carve(state: &impl AtomicSlot, class: u32, owner: u32) {
+    debug_assert!(owner != 0 && u64::from(owner) <= OWNER_MASK);
+    state.store(
+        ACTIVE | (u64::from(class) << CLASS_SHIFT) | u64::from(owner),
+        Ordering::Release,
+    );
+}
+
+/// Makes `me` the owner of a span popped from the partial stack: it must
+/// be an unowned, listed span of `class`. Clears LISTED (keeps PENDING).
+pub(crate) fn adopt(state: &impl AtomicSlot, class: u32, me: u32) -> bool {
     let mut w = state.load(Ordering::Acquire);
     loop {
-        if w & ACTIVE == 0 || class_of(w) != class || used(w) >= capacity {
+        if w & ACTIVE == 0 || class_of(w) != class || owner_of(w) != 0 || w & LISTED == 0 {
             return false;
         }
-        match state.compare_exchange(w, w + 1, Ordering::Acquire, Ordering::Acquire) {
+        let new = (w & !LISTED) | u64::from(me);
+        match state.compare_exchange(w, new, Ordering::Acquire, Ordering::Acquire) {
             Ok(_) => return true,
             Err(found) => w = found,
         }
     }
 }
 
-/// What the caller of [`unreserve`] must do next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum AfterFree {
-    /// Nothing.
-    Keep,
-    /// Push the span on its class's partial stack.
-    List,
-    /// The span is empty and retired: free its pages.
-    Retire,
-}
-
-/// Gives back one object (whose bitmap bit the caller cleared).
-/// `is_current` says whether the span is its class's current span.
-pub(crate) fn unreserve(state: &impl AtomicSlot, is_current: bool) -> AfterFree {
+/// Clears PENDING before the owner collects the remote bits; returns
+/// whether it was set (there may be bits to collect).
+pub(crate) fn take_pending(state: &impl AtomicSlot) -> bool {
     let mut w = state.load(Ordering::Relaxed);
     loop {
-        if w & ACTIVE == 0 || used(w) == 0 {
-            // A damaged word (no reservation to give back): change nothing.
-            return AfterFree::Keep;
+        if w & PENDING == 0 {
+            return false;
         }
-        let left = used(w) - 1;
-        let (new, after) = if left == 0 && w & LISTED == 0 && !is_current {
-            (0, AfterFree::Retire)
-        } else if w & LISTED == 0 && !is_current {
-            ((w - 1) | LISTED, AfterFree::List)
-        } else {
-            (w - 1, AfterFree::Keep)
-        };
-        match state.compare_exchange(w, new, Ordering::AcqRel, Ordering::Relaxed) {
-            Ok(_) => return after,
+        match state.compare_exchange(w, w & !PENDING, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => return true,
             Err(found) => w = found,
         }
     }
 }
 
-/// Clears LISTED after popping the span from the partial stack. Returns
-/// whether it is still an active span of `class` (a listed span is never
-/// retired, so it is, unless something is badly wrong).
-pub(crate) fn unlist(state: &impl AtomicSlot, class: u32) -> bool {
-    let mut w = state.load(Ordering::Acquire);
+/// What the owner's give-up did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GaveUp {
+    /// Unowned and not listed: full (a remote free will list it).
+    Unowned,
+    /// Unowned and listed: the caller pushes it on the partial stack.
+    List,
+    /// Empty and retired: the caller frees its pages.
+    Retire,
+    /// `me` did not own it (damaged or stale record): nothing changed.
+    NotOwner,
+}
+
+/// Gives up `me`'s ownership. `room`: the span has free objects; `empty`:
+/// it has no live object (and so no remote free to come but a stray one).
+pub(crate) fn give_up(state: &impl AtomicSlot, me: u32, room: bool, empty: bool) -> GaveUp {
+    let mut w = state.load(Ordering::Relaxed);
     loop {
-        let new = w & !LISTED;
-        match state.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => return w & ACTIVE != 0 && class_of(w) == class,
+        if w & ACTIVE == 0 || owner_of(w) != me {
+            return GaveUp::NotOwner;
+        }
+        let unowned = w & !OWNER_MASK;
+        let (new, what) = if empty && w & PENDING == 0 {
+            (0, GaveUp::Retire)
+        } else if room || w & PENDING != 0 {
+            (unowned | LISTED, GaveUp::List)
+        } else {
+            (unowned, GaveUp::Unowned)
+        };
+        #[cfg(not(hugearena_mutation_span))]
+        match state.compare_exchange(w, new, Ordering::Release, Ordering::Relaxed) {
+            Ok(_) => return what,
+            Err(found) => w = found,
+        }
+        // Planted mutation: a load and a store, so a remote free's PENDING
+        // and LISTED between them are lost; `arena::loom_model` must catch
+        // it.
+        #[cfg(hugearena_mutation_span)]
+        {
+            state.store(new, Ordering::Release);
+            return what;
+        }
+    }
+}
+
+/// What a remote free found after setting its bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Remote {
+    /// Marked PENDING; the owner (or the next adopter) collects.
+    Noted,
+    /// Marked PENDING and LISTED: the caller pushes it on the stack.
+    List,
+    /// No longer an active span of the class the free looked up: the
+    /// caller takes its bit back and refuses the free.
+    Gone,
+}
+
+/// Marks remote frees pending in a span of `class`, listing it if it is
+/// unowned and not listed.
+pub(crate) fn note_remote_free(state: &impl AtomicSlot, class: u32) -> Remote {
+    let mut w = state.load(Ordering::Relaxed);
+    loop {
+        if w & ACTIVE == 0 || class_of(w) != class {
+            return Remote::Gone;
+        }
+        let (new, what) = if owner_of(w) == 0 && w & LISTED == 0 {
+            (w | PENDING | LISTED, Remote::List)
+        } else {
+            (w | PENDING, Remote::Noted)
+        };
+        // A CAS even when nothing changes (already pending): an RMW
+        // orders our bit before the owner's next `take_pending`.
+        match state.compare_exchange(w, new, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return what,
             Err(found) => w = found,
         }
     }
 }
 
-/// Retires an empty, unlisted span that the caller found and is not
-/// current (e.g. after unlisting it). `false` if it is in use or listed.
-pub(crate) fn try_retire(state: &impl AtomicSlot) -> bool {
+/// Forces a span held by a [`BORROWED`] owner (one a killed process left)
+/// back to unowned and listed; only while nothing allocates (restore,
+/// `audit`). Returns whether the caller should push it.
+pub(crate) fn unborrow(state: &impl AtomicSlot) -> bool {
     let w = state.load(Ordering::Acquire);
     w & ACTIVE != 0
-        && w & LISTED == 0
-        && used(w) == 0
+        && owner_of(w) == BORROWED
         && state
-            .compare_exchange(w, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .compare_exchange(
+                w,
+                (w & !OWNER_MASK) | LISTED,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
             .is_ok()
-}
-
-/// Decoded for statistics: `(class, used)` of an active span.
-pub(crate) fn describe(state: &impl AtomicSlot) -> Option<(u32, u64)> {
-    let w = state.load(Ordering::Acquire);
-    // A class past the table is a damaged word: no span (never an index
-    // out of bounds).
-    (w & ACTIVE != 0 && (class_of(w) as usize) < super::layout::CLASSES.len())
-        .then(|| (class_of(w), used(w)))
+        && w & LISTED == 0
 }
 
 #[cfg(all(test, not(loom)))]
@@ -143,23 +230,44 @@ mod tests {
     use crate::sync::AtomicU64;
 
     #[test]
-    fn reserve_up_to_capacity_list_then_retire() {
+    fn owned_given_up_listed_adopted_and_retired() {
         let s = AtomicU64::new(0);
-        assert!(!reserve(&s, 3, 4), "free spans take nothing");
-        activate(&s, 3);
-        assert!(!reserve(&s, 4, 4), "wrong class");
-        assert!(reserve(&s, 3, 4) && reserve(&s, 3, 4) && reserve(&s, 3, 4));
-        assert!(!reserve(&s, 3, 4), "full");
-        assert_eq!(unreserve(&s, true), AfterFree::Keep, "current spans stay");
-        assert_eq!(unreserve(&s, false), AfterFree::List);
-        assert_eq!(unreserve(&s, false), AfterFree::Keep, "already listed");
-        assert_eq!(unreserve(&s, false), AfterFree::Keep, "listed: not retired");
-        assert_eq!(describe(&s), Some((3, 0)));
-        assert!(unlist(&s, 3));
-        assert!(try_retire(&s));
         assert_eq!(describe(&s), None);
-        activate(&s, 1);
-        assert_eq!(unreserve(&s, false), AfterFree::Retire);
-        assert_eq!(s.load(Ordering::Relaxed), 0);
+        carve(&s, 3, 5);
+        let st = describe(&s).unwrap();
+        assert_eq!(
+            (st.class, st.owner, st.pending, st.listed),
+            (3, 5, false, false)
+        );
+        assert!(!adopt(&s, 3, 6), "owned spans are not adopted");
+        assert_eq!(give_up(&s, 6, true, false), GaveUp::NotOwner);
+        assert_eq!(
+            note_remote_free(&s, 3),
+            Remote::Noted,
+            "owned: the owner collects"
+        );
+        assert_eq!(note_remote_free(&s, 4), Remote::Gone, "another class");
+        assert!(take_pending(&s) && !take_pending(&s));
+        assert_eq!(give_up(&s, 5, false, false), GaveUp::Unowned, "full");
+        assert_eq!(
+            note_remote_free(&s, 3),
+            Remote::List,
+            "the first remote free lists it"
+        );
+        assert_eq!(note_remote_free(&s, 3), Remote::Noted, "listed once");
+        assert!(adopt(&s, 3, 6));
+        let st = describe(&s).unwrap();
+        assert_eq!((st.owner, st.pending, st.listed), (6, true, false));
+        assert_eq!(
+            give_up(&s, 6, false, true),
+            GaveUp::List,
+            "pending: not retired"
+        );
+        assert!(adopt(&s, 3, 7) && take_pending(&s));
+        assert_eq!(give_up(&s, 7, true, true), GaveUp::Retire);
+        assert_eq!(describe(&s), None);
+        carve(&s, 1, BORROWED);
+        assert!(unborrow(&s));
+        assert!(describe(&s).unwrap().listed && describe(&s).unwrap().owner == 0);
     }
 }
