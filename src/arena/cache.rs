@@ -35,6 +35,9 @@ pub(crate) struct ThreadCache {
     /// Per class, the bitmap word where its next allocation looks first
     /// (everything below it is taken).
     pub(crate) cursor: [u8; CLASSES.len()],
+    /// The block it carves its spans in (0: none yet; block 0 holds the
+    /// tables). Only a hint.
+    pub(crate) span_block: u64,
 }
 
 impl ThreadCache {
@@ -43,6 +46,7 @@ impl ThreadCache {
             slot,
             spans: [0; CLASSES.len()],
             cursor: [0; CLASSES.len()],
+            span_block: 0,
         }
     }
 
@@ -139,15 +143,11 @@ impl Caches {
             && self.generation == fork::generation()
     }
 
-    /// Runs `f` on this thread's cache and its ledger slot, if caching is
-    /// on, the thread has a slot and no flush is in progress.
+    /// Runs `f` on this thread's cache, if caching is on, the thread has
+    /// one and no flush is in progress.
     #[allow(unsafe_code)] // entering the thread's own gate
     #[inline]
-    pub(crate) fn with_local<R>(
-        &self,
-        ledger: &[AtomicU64],
-        f: impl FnOnce(&mut ThreadCache, &[AtomicU64]) -> R,
-    ) -> Option<R> {
+    pub(crate) fn with_local<R>(&self, f: impl FnOnce(&mut ThreadCache) -> R) -> Option<R> {
         if !self.enabled() {
             return None;
         }
@@ -155,7 +155,7 @@ impl Caches {
         let gate = if id == self.id && !last.is_null() {
             last
         } else {
-            self.look_up(ledger, None)?
+            self.look_up(None)?
         };
         // SAFETY: `gate` comes from this thread's `LAST` or `LOCAL`, whose
         // `Arc` keeps it alive (`LAST` is cleared before `LOCAL` drops
@@ -163,23 +163,17 @@ impl Caches {
         let gate = unsafe { &*gate };
         // SAFETY: the gate is this thread's own (handed to it by `acquire`
         // and kept in its `LOCAL`): it has one owner.
-        unsafe {
-            gate.enter(&self.flushing, |c| {
-                let slot = ledger::slot(ledger, c.slot)?;
-                Some(f(c, slot))
-            })
-        }
-        .flatten()
+        unsafe { gate.enter(&self.flushing, f) }
     }
 
     /// This thread's gate for the arena, from `LOCAL`, remembered in
     /// `LAST`. With `acquire` (which gives up what a dead process's slot
     /// recorded before a new thread takes the slot), a thread new to the
     /// arena gets a cache; without, it gets `None`.
+    #[cold]
     fn look_up(
         &self,
-        ledger: &[AtomicU64],
-        acquire: Option<ReleaseDead<'_>>,
+        acquire: Option<(&[AtomicU64], ReleaseDead<'_>)>,
     ) -> Option<*const Gate<ThreadCache>> {
         LOCAL
             .try_with(|local| {
@@ -188,7 +182,7 @@ impl Caches {
                 let at = match local.iter().position(|(id, _)| *id == self.id) {
                     Some(at) => at,
                     None => {
-                        let release_dead = acquire?;
+                        let (ledger, release_dead) = acquire?;
                         // Forget caches of arenas that are gone (only this
                         // thread still holds them).
                         local.retain(|(_, c)| c.as_ref().is_some_and(|c| Arc::strong_count(c) > 1));
@@ -208,11 +202,7 @@ impl Caches {
     /// left (with its spans), a free ledger slot, or the slot of a process
     /// proven dead (after `release_dead` gave up what it recorded). `None`
     /// when all are taken.
-    fn acquire(
-        &self,
-        ledger: &[AtomicU64],
-        release_dead: ReleaseDead<'_>,
-    ) -> Option<Cell> {
+    fn acquire(&self, ledger: &[AtomicU64], release_dead: ReleaseDead<'_>) -> Option<Cell> {
         let me = self.me?;
         let mut cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(orphan) = cells.iter().find(|c| Arc::strong_count(c) == 1) {
@@ -239,12 +229,8 @@ impl Caches {
     /// This thread's cache, acquiring one for a thread new to the arena
     /// (`release_dead` gives up what a dead process's slot it takes over
     /// recorded). Whether the thread has one.
-    pub(crate) fn prepare(
-        &self,
-        ledger: &[AtomicU64],
-        release_dead: ReleaseDead<'_>,
-    ) -> bool {
-        self.enabled() && self.look_up(ledger, Some(release_dead)).is_some()
+    pub(crate) fn prepare(&self, ledger: &[AtomicU64], release_dead: ReleaseDead<'_>) -> bool {
+        self.enabled() && self.look_up(Some((ledger, release_dead))).is_some()
     }
 
     /// Runs `f` on every cache of this process, each while its thread is

@@ -104,6 +104,7 @@ impl<T> Gate<T> {
     /// # Safety
     ///
     /// Only the gate's owner thread calls it (and not from inside `f`).
+    #[inline]
     pub(crate) unsafe fn enter<R>(
         &self,
         flushing: &Flushing,
@@ -188,6 +189,7 @@ mod fences {
         REGISTERED_BY.store(pid, Ordering::Release);
     }
 
+    #[inline]
     pub(crate) fn light() {
         if MODE.load(Ordering::Relaxed) == 1 {
             compiler_fence(Ordering::SeqCst);
@@ -213,6 +215,7 @@ pub(crate) fn init() {
     fences::init();
 }
 
+#[inline]
 fn light_fence(_flushing: &Flushing) {
     #[cfg(all(not(loom), not(hugearena_mutation_cache)))]
     fences::light();

@@ -996,13 +996,19 @@ impl Arena {
     }
 
     fn alloc_small(&self, class: u32) -> Option<ShmPtr> {
-        let ledger = self.ledger();
         if let Some(found) = self
             .caches
-            .with_local(ledger, |cache, slot| self.alloc_owned(cache, slot, class))
+            .with_local(|cache| self.alloc_owned(cache, class))
         {
             return found;
         }
+        self.alloc_small_slow(class)
+    }
+
+    /// [`alloc_small`](Self::alloc_small) for a thread without a cache.
+    #[cold]
+    fn alloc_small_slow(&self, class: u32) -> Option<ShmPtr> {
+        let ledger = self.ledger();
         // A thread new to the arena gets a cache here (taking over a dead
         // process's ledger slot gives up the spans it recorded).
         let mut release = |i, slot: &[AtomicU64]| {
@@ -1011,7 +1017,7 @@ impl Arena {
         if self.caches.prepare(ledger, &mut release)
             && let Some(found) = self
                 .caches
-                .with_local(ledger, |cache, slot| self.alloc_owned(cache, slot, class))
+                .with_local(|cache| self.alloc_owned(cache, class))
         {
             return found;
         }
@@ -1022,15 +1028,30 @@ impl Arena {
     /// loads and stores in the span's owner bitmap), collecting remote
     /// frees or taking another span when it is full.
     #[inline]
-    fn alloc_owned(
-        &self,
-        cache: &mut cache::ThreadCache,
-        slot: &[AtomicU64],
-        class: u32,
-    ) -> Option<ShmPtr> {
+    fn alloc_owned(&self, cache: &mut cache::ThreadCache, class: u32) -> Option<ShmPtr> {
+        let c = class as usize;
+        if let Some(span) = cache.spans[c].checked_sub(1) {
+            let span = u64::from(span);
+            let (owned, remote) = self.span_objects(span);
+            let capacity = layout::capacity(class) as usize;
+            if let Some((i, _)) = objects::take(owned, remote, capacity, cache.cursor[c] as usize) {
+                cache.cursor[c] = (i / 64) as u8;
+                return Some(ShmPtr(span * SPAN + i as u64 * u64::from(CLASSES[c])));
+            }
+        }
+        self.alloc_owned_slow(cache, class)
+    }
+
+    /// [`alloc_owned`](Self::alloc_owned) when the cache's span of the
+    /// class is full or missing.
+    #[cold]
+    fn alloc_owned_slow(&self, cache: &mut cache::ThreadCache, class: u32) -> Option<ShmPtr> {
         let c = class as usize;
         let capacity = layout::capacity(class) as usize;
         let size = u64::from(CLASSES[c]);
+        // The cache's slot index is its own (process-local), so this is
+        // in bounds unless the ledger is smaller than its slots.
+        let slot = ledger::slot(self.ledger(), cache.slot)?;
         loop {
             if let Some(span) = cache.spans[c].checked_sub(1) {
                 let span = u64::from(span);
@@ -1048,7 +1069,12 @@ impl Arena {
                 self.give_up_span(cache.owner(), Some(slot), class, span);
                 cache.spans[c] = 0;
             }
-            let span = self.adopt_or_carve(class, cache.owner(), Some(slot))?;
+            let span = self.adopt_or_carve(
+                class,
+                cache.owner(),
+                Some(slot),
+                Some(&mut cache.span_block),
+            )?;
             cache.spans[c] = span as u32 + 1;
             cache.cursor[c] = 0;
         }
@@ -1059,7 +1085,7 @@ impl Arena {
     fn alloc_borrowed(&self, class: u32) -> Option<ShmPtr> {
         let capacity = layout::capacity(class) as usize;
         loop {
-            let span = self.adopt_or_carve(class, BORROWED, None)?;
+            let span = self.adopt_or_carve(class, BORROWED, None, None)?;
             let (owned, remote) = self.span_objects(span);
             let found = objects::take(owned, remote, capacity, 0);
             self.give_up_span(BORROWED, None, class, span);
@@ -1073,8 +1099,15 @@ impl Arena {
 
     /// A span of `class` for `owner` (recorded in its ledger `slot`, if it
     /// has one) with a free object: an unowned one from the class's stack
-    /// (its remote frees collected), or a freshly carved one.
-    fn adopt_or_carve(&self, class: u32, owner: u32, slot: Option<&[AtomicU64]>) -> Option<u64> {
+    /// (its remote frees collected), or a freshly carved one (in the
+    /// cache's own `block`, if it has one: see [`span_pages`](Self::span_pages)).
+    fn adopt_or_carve(
+        &self,
+        class: u32,
+        owner: u32,
+        slot: Option<&[AtomicU64]>,
+        block: Option<&mut u64>,
+    ) -> Option<u64> {
         let capacity = layout::capacity(class) as usize;
         let record = |span| {
             if let Some(slot) = slot {
@@ -1107,13 +1140,39 @@ impl Arena {
         }
         // Carve a new span. Its pages are ours; its bitmaps may hold
         // what the last span there left.
-        let page = self.alloc_pages(SPAN_PAGES, SPAN_PAGES)?;
+        let page = self.span_pages(block)?;
         let span = page / SPAN_PAGES;
         let (owned, remote) = self.span_objects(span);
         objects::clear(owned, remote);
         record(Some(span));
         span::carve(self.span_state(span), class, owner);
         Some(span)
+    }
+
+    /// The pages of a new span. A thread cache carves its spans in a block
+    /// of its own (`block`, opened when it has none or it is full) while
+    /// there are free blocks, so that the span descriptors two threads
+    /// write are in different pages (see `layout::SPAN_HEAD_WORDS`); then
+    /// anywhere, first fit.
+    fn span_pages(&self, block: Option<&mut u64>) -> Option<u64> {
+        let Some(own) = block else {
+            return self.alloc_pages(SPAN_PAGES, SPAN_PAGES);
+        };
+        for _ in 0..2 {
+            let b = *own;
+            if (self.layout.meta_blocks()..self.layout.blocks).contains(&b)
+                && block::observe(self.block(b)).kind == Kind::Pages
+                && let Claim::Won(page) = self.claim_run_in(b, SPAN_PAGES, SPAN_PAGES)
+            {
+                return Some(page);
+            }
+            // Full (or taken back): open a free block, the lowest.
+            *own = (self.layout.meta_blocks()..self.layout.blocks)
+                .find(|&b| block::to_pages(self.block(b)))?;
+        }
+        let page = self.alloc_pages(SPAN_PAGES, SPAN_PAGES)?;
+        *own = page / PAGES_PER_BLOCK;
+        Some(page)
     }
 
     /// `owner` gives span `span` up (and forgets it in its ledger `slot`):
@@ -1219,7 +1278,7 @@ impl Arena {
         let c = class as usize;
         let by_owner = self
             .caches
-            .with_local(self.ledger(), |cache, _| {
+            .with_local(|cache| {
                 // The cache's own record, not the shared state word: a
                 // flush may have given the span up since it was read.
                 (cache.spans[c] == span as u32 + 1).then(|| {
