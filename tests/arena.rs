@@ -500,6 +500,56 @@ fn a_threads_span_takes_its_frees_back_first_and_a_flush_gives_it_up() {
     assert_eq!((stats.spans, stats.in_use_bytes()), (0, 0));
 }
 
+#[test]
+fn a_threads_freed_page_runs_come_back_to_it_and_a_second_free_is_refused() {
+    let a = arena(32 << 20, BackendKind::Shmem);
+    let runs: Vec<ShmPtr> = (0..4)
+        .map(|_| a.alloc(layout(64 << 10, 8)).unwrap())
+        .collect();
+    for &p in &runs {
+        a.free(p).unwrap();
+    }
+    assert!(a.free(runs[1]).is_err(), "double free of a kept run");
+    std::thread::scope(|s| {
+        s.spawn(|| assert!(a.free(runs[2]).is_err(), "by another thread"));
+    });
+    let stats = a.stats();
+    assert_eq!((stats.runs, stats.run_bytes), (0, 0));
+    assert_eq!(stats.cached_run_bytes, 4 * (64 << 10));
+    // The same size comes back from the cache...
+    let again = a.alloc(layout(63 << 10, 8)).unwrap();
+    assert!(runs.contains(&again));
+    assert_eq!(a.usable_size(again).unwrap(), 64 << 10);
+    // ...another size, or alignment, from the blocks.
+    let other = a.alloc(layout(32 << 10, 8)).unwrap();
+    assert!(!runs.contains(&other));
+    let aligned = a.alloc(layout(64 << 10, 1 << 20)).unwrap();
+    assert_eq!(aligned.offset() % (1 << 20), 0);
+    // A thread that never allocated has no cache: its free goes back to
+    // the blocks.
+    std::thread::scope(|s| {
+        s.spawn(|| a.free(other).unwrap());
+    });
+    let stats = a.stats();
+    assert_eq!(stats.runs, 2);
+    assert_eq!(stats.cached_run_bytes, 3 * (64 << 10));
+    // More frees than the cache keeps: the oldest go back to the blocks.
+    let many: Vec<ShmPtr> = (0..40)
+        .map(|_| a.alloc(layout(16 << 10, 8)).unwrap())
+        .collect();
+    for p in many {
+        a.free(p).unwrap();
+    }
+    assert!(a.stats().cached_run_bytes <= 16 * (64 << 10));
+    for p in [again, aligned] {
+        a.free(p).unwrap();
+    }
+    a.flush_thread_caches();
+    let stats = a.audit().unwrap();
+    assert_eq!((stats.in_use_bytes(), stats.cached_run_bytes), (0, 0));
+    assert_eq!(stats.leaked_pages, 0);
+}
+
 /// Child: two threads allocate small objects of every class and free them
 /// all but 50 per thread, which it hands to the parent to free, so that
 /// its threads own spans of every class; then it reports and waits to be
@@ -516,6 +566,13 @@ fn cache_then_wait() {
                         .collect();
                     let handed = live.split_off(live.len() - 50);
                     for p in live {
+                        a.free(p).unwrap();
+                    }
+                    // Page runs freed into the thread's cache.
+                    let runs: Vec<ShmPtr> = (0..8)
+                        .map(|i| a.alloc(layout((16 << 10) * (1 + i % 3), 8)).unwrap())
+                        .collect();
+                    for p in runs {
                         a.free(p).unwrap();
                     }
                     handed
@@ -546,12 +603,14 @@ fn audit_child() {
     a.set_thread_caches(false);
     let stats = a.audit().unwrap();
     println!(
-        "AUDIT {} {} {} {} {}",
+        "AUDIT {} {} {} {} {} {} {}",
         stats.small_objects,
         stats.cached_objects,
         stats.spans,
         stats.runs,
-        stats.in_use_bytes()
+        stats.in_use_bytes(),
+        stats.cached_run_bytes,
+        stats.leaked_pages
     );
 }
 
@@ -578,8 +637,15 @@ fn a_process_killed_while_owning_spans_leaves_nothing_reserved() {
         let p = a.alloc(layout(200, 8)).unwrap();
         a.free(p).unwrap();
     }
+    let run = a.alloc(layout(40 << 10, 8)).unwrap();
+    a.free(run).unwrap();
     let ours = a.stats();
     assert_eq!(ours.spans, 2);
+    assert_eq!(
+        ours.cached_run_bytes,
+        40 << 10,
+        "our run, kept by this thread"
+    );
     assert_eq!(ours.cached_objects, (1024 - 100) + 65536 / 224);
 
     let dir = tempfile::tempdir().unwrap();
@@ -618,6 +684,12 @@ fn a_process_killed_while_owning_spans_leaves_nothing_reserved() {
     );
     assert_eq!(handed.len(), 100);
     assert!(a.stats().spans > 40, "the child owns spans");
+    // (A thread that starts after the other exited takes its cache over,
+    // runs and all, so one or two threads' runs.)
+    assert!(
+        a.stats().cached_run_bytes >= ours.cached_run_bytes + 240 * 1024,
+        "the child's threads keep the runs they freed"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 
@@ -641,13 +713,16 @@ fn a_process_killed_while_owning_spans_leaves_nothing_reserved() {
             ours.cached_objects,
             ours.spans,
             0,
-            kept.len() as u64 * 64
+            kept.len() as u64 * 64,
+            ours.cached_run_bytes,
+            0
         ],
-        "small objects, cached, spans, runs, bytes in use after the kill"
+        "small objects, cached, spans, runs, bytes in use, cached run bytes, leaked pages after the kill"
     );
     let stats = a.audit().unwrap();
     assert_eq!(stats.small_objects, kept.len() as u64);
     assert_eq!(stats.cached_objects, 0, "audit flushed ours");
+    assert_eq!(stats.cached_run_bytes, 0, "audit flushed ours");
     for p in kept {
         a.free(p).unwrap();
     }

@@ -179,7 +179,8 @@ typedef struct hugearena_arena_stats {
   uint64_t runs;
   // Live large allocations.
   uint64_t large_allocs;
-  // Freed small objects held in threads' caches.
+  // Free small objects in spans that threads' caches own (only their
+  // owner hands them out until it flushes or exits).
   uint64_t cached_objects;
   // Free blocks whose pages may still be resident.
   uint64_t free_dirty_blocks;

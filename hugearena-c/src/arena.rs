@@ -54,7 +54,8 @@ pub struct hugearena_arena_stats {
     pub runs: u64,
     /// Live large allocations.
     pub large_allocs: u64,
-    /// Freed small objects held in threads' caches.
+    /// Free small objects in spans that threads' caches own (only their
+    /// owner hands them out until it flushes or exits).
     pub cached_objects: u64,
     /// Free blocks whose pages may still be resident.
     pub free_dirty_blocks: u64,

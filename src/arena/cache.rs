@@ -38,6 +38,11 @@ pub(crate) struct ThreadCache {
     /// The block it carves its spans in (0: none yet; block 0 holds the
     /// tables). Only a hint.
     pub(crate) span_block: u64,
+    /// The page runs it keeps, `(first page, pages)` (pages 0: empty), as
+    /// recorded in the ledger's run entries.
+    pub(crate) runs: [(u64, u64); ledger::RUNS],
+    /// The run entry the next eviction empties.
+    pub(crate) next_eviction: usize,
 }
 
 impl ThreadCache {
@@ -47,6 +52,8 @@ impl ThreadCache {
             spans: [0; CLASSES.len()],
             cursor: [0; CLASSES.len()],
             span_block: 0,
+            runs: [(0, 0); ledger::RUNS],
+            next_eviction: 0,
         }
     }
 

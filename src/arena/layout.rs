@@ -157,7 +157,7 @@ impl ArenaLayout {
         let bitmaps_offset = blocks_offset + blocks * BLOCK_WORD_STRIDE as u64 * 8;
         let runs_offset = bitmaps_offset + blocks * 64;
         let spans_offset = (runs_offset + pages * 4).next_multiple_of(PAGE);
-        let ledger_offset = (spans_offset + slots * SPAN_DESC).next_multiple_of(64);
+        let ledger_offset = (spans_offset + slots * SPAN_DESC).next_multiple_of(PAGE);
         let end = ledger_offset + LEDGER_BYTES;
         ArenaLayout {
             data_len,

@@ -1,14 +1,20 @@
 //! The cache ledger: one slot per thread cache in the arena's shared
-//! tables, naming the process that holds it and the span it owns in each
-//! size class, so that what a process owned when it was killed goes back
-//! to the arena when another process notices it is gone.
+//! tables, naming the process that holds it, the span it owns in each
+//! size class and the page runs it keeps, so that what a process held
+//! when it was killed goes back to the arena when another process notices
+//! it is gone.
 //!
 //! # Layout
 //!
-//! [`SLOTS`] slots of [`SLOT_WORDS`] words: the holder word, then one word
-//! per size class: the slot's span of that class plus one (0: none). A
-//! span owned by slot `i` says so in its state word (owner `i + 1`,
-//! `span`); the ledger is how a reclaimer finds those spans.
+//! [`SLOTS`] slots of [`SLOT_WORDS`] words (a page each: two threads'
+//! caches never write one page): the holder word, then one word per size
+//! class: the slot's span of that class plus one (0: none), then
+//! [`RUNS`] run entries. A span owned by slot `i` says so in its state
+//! word (owner `i + 1`, `span`); the ledger is how a reclaimer finds those
+//! spans. A run entry (`first page << 16 | pages`, 0: empty) is a page run
+//! the cache's thread freed and keeps for its next allocation of that
+//! size: still reserved in its block, with no run length, so a second free
+//! of it is refused.
 //!
 //! # Protocol
 //!
@@ -18,14 +24,19 @@
 //!   - *take over*: CAS dead → me, only after proving the holder dead
 //!     (`Owner::liveness`); of two processes that race, one wins;
 //!   - *give up*: store 0 (release), after giving its spans up.
-//! - **Span words** are written by the holder only, with plain (relaxed)
-//!   stores; inside the holding process, the cache's gate keeps its thread
-//!   and a flusher apart. The holder records a span *before* it takes the
-//!   span (carve or adopt) and forgets it *after* giving it up, so a
-//!   holder killed at any point leaves every span it owns recorded. A
-//!   recorded span that the slot does not own (killed between the two
-//!   steps) is skipped: a reclaimer gives up only spans whose state names
-//!   the slot.
+//! - **Span words and run entries** are written by the holder only, with
+//!   plain (relaxed) stores; inside the holding process, the cache's gate
+//!   keeps its thread and a flusher apart. The holder records a span
+//!   *before* it takes the span (carve or adopt) and forgets it *after*
+//!   giving it up, so a holder killed at any point leaves every span it
+//!   owns recorded. A recorded span that the slot does not own (killed
+//!   between the two steps) is skipped: a reclaimer gives up only spans
+//!   whose state names the slot.
+//! - A run is recorded *before* its run length is cleared (a free) and
+//!   forgotten *after* its run length is set (an allocation): a holder
+//!   killed between the two leaves a run both recorded and live, which its
+//!   thread was freeing or was about to hand out, and the reclaimer frees
+//!   it (clearing its length first). No run is ever lost.
 //!
 //! Everything read here comes from shared memory and is validated by the
 //! caller.
@@ -40,8 +51,12 @@ use super::layout::CLASSES;
 /// cache at once; a thread beyond them allocates without a cache.
 pub(crate) const SLOTS: usize = 64;
 const SPANS: usize = 1;
-/// Words per slot.
-pub(crate) const SLOT_WORDS: usize = SPANS + CLASSES.len();
+/// Page runs a thread cache keeps.
+pub(crate) const RUNS: usize = 16;
+const RUN_ENTRIES: usize = SPANS + CLASSES.len();
+/// Words per slot: a page.
+pub(crate) const SLOT_WORDS: usize = 512;
+const _: () = assert!(RUN_ENTRIES + RUNS <= SLOT_WORDS);
 
 /// The words of slot `slot` in the ledger `words` (`None` past the end).
 pub(crate) fn slot<S>(words: &[S], slot: usize) -> Option<&[S]> {
@@ -113,6 +128,20 @@ pub(crate) fn span(slot: &[impl AtomicSlot], class: u32) -> Option<u64> {
         .checked_sub(1)
 }
 
+/// A run entry: `(first page, pages)`, unvalidated (`None`: empty).
+pub(crate) fn run(slot: &[impl AtomicSlot], entry: usize) -> Option<(u64, u64)> {
+    match slot[RUN_ENTRIES + entry].load(Ordering::Relaxed) {
+        0 => None,
+        w => Some((w >> 16, w & 0xFFFF)),
+    }
+}
+
+/// Records run entry `entry` (`None`: empties it).
+pub(crate) fn record_run(slot: &[impl AtomicSlot], entry: usize, run: Option<(u64, u64)>) {
+    let w = run.map_or(0, |(page, pages)| page << 16 | (pages & 0xFFFF));
+    slot[RUN_ENTRIES + entry].store(w, Ordering::Release);
+}
+
 /// Records the slot's span of `class` (`None`: forgets it).
 pub(crate) fn record(slot: &[impl AtomicSlot], class: u32, span: Option<u64>) {
     slot[SPANS + class as usize].store(span.map_or(0, |s| s + 1), Ordering::Release);
@@ -141,6 +170,11 @@ mod tests {
         );
         record(s, 3, None);
         assert_eq!(span(s, 3), None);
+        record_run(s, RUNS - 1, Some((1 << 30, 511)));
+        assert_eq!(run(s, RUNS - 1), Some((1 << 30, 511)));
+        assert_eq!(run(s, 0), None);
+        record_run(s, RUNS - 1, None);
+        assert_eq!(run(s, RUNS - 1), None);
         assert!(
             slot(&w, 0)
                 .unwrap()

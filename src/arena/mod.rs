@@ -151,6 +151,11 @@ pub struct ArenaStats {
     /// arena, runs [`Arena::audit`], or starts a thread that needs a
     /// ledger slot.
     pub cached_objects: u64,
+    /// Bytes of freed page runs that thread caches keep for their next
+    /// allocation of the same size (not counted in `run_bytes`), this
+    /// process's until it flushes, another's until that one flushes or
+    /// exits (or is noticed gone, as for `cached_objects`).
+    pub cached_run_bytes: u64,
     /// Pages that allocations cut short by a killed process left reserved
     /// in a block's free count but not marked, or marked but recorded by
     /// no run or span: leaked for good. Counted by [`Arena::audit`] only
@@ -495,6 +500,8 @@ impl Arena {
                 cache.spans[c] = 0;
                 cache.cursor[c] = 0;
             }
+            self.release_recorded_runs(slot);
+            cache.runs = [(0, 0); ledger::RUNS];
         });
         self.retire_empty_spans();
     }
@@ -539,6 +546,7 @@ impl Arena {
             }
             ledger::record(slot, class, None);
         }
+        self.release_recorded_runs(slot);
         returned
     }
 
@@ -847,11 +855,8 @@ impl Arena {
         if pages < PAGES_PER_BLOCK {
             let align_pages = (align as u64 / PAGE).max(1);
             return self
-                .alloc_pages(pages, align_pages)
-                .map(|page| {
-                    self.run_len(page).store(pages as u32, Ordering::Release);
-                    ShmPtr(page * PAGE)
-                })
+                .alloc_run(pages, align_pages)
+                .map(|page| ShmPtr(page * PAGE))
                 .ok_or_else(|| self.exhausted(size));
         }
         let blocks = (size as u64).div_ceil(BLOCK);
@@ -889,6 +894,123 @@ impl Arena {
             }
         }
         None
+    }
+
+    /// A run of `n` pages aligned to `align` pages, live (its length set):
+    /// one this thread's cache keeps, or one claimed from the blocks.
+    fn alloc_run(&self, n: u64, align: u64) -> Option<u64> {
+        let cached = match self
+            .caches
+            .with_local(|cache| self.take_cached_run(cache, n, align))
+        {
+            Some(cached) => cached,
+            None => self
+                .with_new_cache(|cache| self.take_cached_run(cache, n, align))
+                .flatten(),
+        };
+        if cached.is_some() {
+            return cached;
+        }
+        let page = self.alloc_pages(n, align)?;
+        self.run_len(page).store(n as u32, Ordering::Release);
+        Some(page)
+    }
+
+    /// A run of exactly `n` pages aligned to `align` from the cache, made
+    /// live (its length set before its ledger entry is emptied: see
+    /// `ledger`).
+    fn take_cached_run(&self, cache: &mut cache::ThreadCache, n: u64, align: u64) -> Option<u64> {
+        let entry = cache
+            .runs
+            .iter()
+            .position(|&(page, pages)| pages == n && page % align == 0 && pages != 0)?;
+        let (page, _) = cache.runs[entry];
+        let slot = ledger::slot(self.ledger(), cache.slot)?;
+        self.run_len(page).store(n as u32, Ordering::Release);
+        ledger::record_run(slot, entry, None);
+        cache.runs[entry] = (0, 0);
+        Some(page)
+    }
+
+    /// Frees the run starting at `page`: into this thread's cache if it
+    /// has one (evicting the entry the cache kept longest when it is
+    /// full), else back to its block. The run's length, cleared by one
+    /// swap, refuses a second free in any thread or process.
+    fn free_run(&self, page: u64) -> Result<(), &'static str> {
+        let n = u64::from(self.run_len(page).load(Ordering::Acquire));
+        if n > PAGES_PER_BLOCK - page % PAGES_PER_BLOCK {
+            return Err("the run's length in the tables is damaged");
+        }
+        if n == 0 {
+            return Err("not the start of a live allocation (never allocated or already freed)");
+        }
+        if let Some(freed) = self
+            .caches
+            .with_local(|cache| self.cache_freed_run(cache, page, n))
+        {
+            return freed;
+        }
+        if u64::from(self.run_len(page).swap(0, Ordering::AcqRel)) != n {
+            return Err("not the start of a live allocation (freed by another thread meanwhile)");
+        }
+        self.free_pages(page, n);
+        Ok(())
+    }
+
+    /// [`free_run`](Self::free_run) into the cache: the run is recorded in
+    /// the ledger, then its length cleared (see `ledger`).
+    fn cache_freed_run(
+        &self,
+        cache: &mut cache::ThreadCache,
+        page: u64,
+        n: u64,
+    ) -> Result<(), &'static str> {
+        let Some(slot) = ledger::slot(self.ledger(), cache.slot) else {
+            return Err("the cache ledger is smaller than its slots");
+        };
+        let entry = match cache.runs.iter().position(|&(_, pages)| pages == 0) {
+            Some(entry) => entry,
+            None => {
+                let entry = cache.next_eviction;
+                cache.next_eviction = (entry + 1) % ledger::RUNS;
+                let (old, pages) = cache.runs[entry];
+                // Forgotten before it is freed: a kill in between leaks
+                // the run, never frees it twice.
+                ledger::record_run(slot, entry, None);
+                cache.runs[entry] = (0, 0);
+                self.free_pages(old, pages);
+                entry
+            }
+        };
+        ledger::record_run(slot, entry, Some((page, n)));
+        if u64::from(self.run_len(page).swap(0, Ordering::AcqRel)) != n {
+            ledger::record_run(slot, entry, None);
+            return Err("not the start of a live allocation (freed by another thread meanwhile)");
+        }
+        cache.runs[entry] = (page, n);
+        Ok(())
+    }
+
+    /// Frees the runs a ledger slot records (held by the caller: a flush,
+    /// or a dead process's slot), each checked first: an entry that names
+    /// no possible run is dropped.
+    fn release_recorded_runs(&self, slot: &[AtomicU64]) {
+        for entry in 0..ledger::RUNS {
+            if let Some((page, n)) = ledger::run(slot, entry) {
+                ledger::record_run(slot, entry, None);
+                let first = self.layout.meta_blocks() * PAGES_PER_BLOCK;
+                let end = self.layout.blocks * PAGES_PER_BLOCK;
+                if (first..end).contains(&page)
+                    && n > 0
+                    && n <= PAGES_PER_BLOCK - page % PAGES_PER_BLOCK
+                {
+                    // Recorded and still live: its thread was freeing it
+                    // (or handing it out) when it stopped.
+                    self.run_len(page).store(0, Ordering::Release);
+                    self.free_pages(page, n);
+                }
+            }
+        }
     }
 
     /// Claims `n` pages (`n` < 512) aligned to `align` pages, first fit by
@@ -1002,26 +1124,23 @@ impl Arena {
         {
             return found;
         }
-        self.alloc_small_slow(class)
+        self.with_new_cache(|cache| self.alloc_owned(cache, class))
+            .unwrap_or_else(|| self.alloc_borrowed(class))
     }
 
-    /// [`alloc_small`](Self::alloc_small) for a thread without a cache.
+    /// Runs `f` on this thread's cache after giving a thread new to the
+    /// arena one (taking over a dead process's ledger slot gives up what
+    /// it recorded first); `None` if there is none to be had.
     #[cold]
-    fn alloc_small_slow(&self, class: u32) -> Option<ShmPtr> {
-        let ledger = self.ledger();
-        // A thread new to the arena gets a cache here (taking over a dead
-        // process's ledger slot gives up the spans it recorded).
+    fn with_new_cache<R>(&self, f: impl FnOnce(&mut cache::ThreadCache) -> R) -> Option<R> {
         let mut release = |i, slot: &[AtomicU64]| {
             self.release_recorded_spans(i, slot);
         };
-        if self.caches.prepare(ledger, &mut release)
-            && let Some(found) = self
-                .caches
-                .with_local(|cache| self.alloc_owned(cache, class))
-        {
-            return found;
+        if self.caches.prepare(self.ledger(), &mut release) {
+            self.caches.with_local(f)
+        } else {
+            None
         }
-        self.alloc_borrowed(class)
     }
 
     /// Allocates from the cache's span of `class` (the hot path: plain
@@ -1242,18 +1361,7 @@ impl Arena {
                 if offset % PAGE != 0 {
                     return Err(invalid("not the start of an allocation"));
                 }
-                let page = offset / PAGE;
-                let n = self.run_len(page).swap(0, Ordering::AcqRel);
-                if u64::from(n) > PAGES_PER_BLOCK - page % PAGES_PER_BLOCK {
-                    return Err(invalid("the run's length in the tables is damaged"));
-                }
-                if n == 0 {
-                    return Err(invalid(
-                        "not the start of a live allocation (never allocated or already freed)",
-                    ));
-                }
-                self.free_pages(page, u64::from(n));
-                Ok(())
+                self.free_run(offset / PAGE).map_err(invalid)
             }
             Kind::LargeHead | Kind::LargeTail => Err(invalid("inside a large allocation")),
             _ => Err(invalid("in a block with no live allocation")),
@@ -1333,8 +1441,11 @@ impl Arena {
 
     /// Gives every entirely free block's pages back to the kernel (punch
     /// hole, and their population state goes back to absent, so the next
-    /// touch fills them again). Returns the number of blocks released.
+    /// touch fills them again), after flushing this process's thread
+    /// caches (the runs they keep, and their spans, hold blocks). Returns
+    /// the number of blocks released.
     pub fn release_free_blocks(&self) -> usize {
+        self.flush_thread_caches();
         (self.layout.meta_blocks()..self.layout.blocks)
             .filter(|&b| self.release_block(b))
             .count()
@@ -1375,6 +1486,7 @@ impl Arena {
         self.reclaim_dead_caches(false);
         self.reclaim_borrowed_spans();
         self.flush_thread_caches();
+        let cached_runs = self.cached_runs();
         let mut leaked = 0;
         for b in self.layout.meta_blocks()..self.layout.blocks {
             let st = block::observe(self.block(b));
@@ -1417,6 +1529,9 @@ impl Arena {
                     cover(p, n, PageOwner::Run)?;
                 }
             }
+            for &(p, n) in cached_runs.iter().filter(|(p, _)| p / PAGES_PER_BLOCK == b) {
+                cover(p, n, PageOwner::Run)?;
+            }
             leaked += covered
                 .iter()
                 .enumerate()
@@ -1429,12 +1544,27 @@ impl Arena {
         })
     }
 
+    /// The page runs every held ledger slot records, `(first page,
+    /// pages)`, those that name no possible run left out.
+    fn cached_runs(&self) -> Vec<(u64, u64)> {
+        let pages =
+            self.layout.meta_blocks() * PAGES_PER_BLOCK..self.layout.blocks * PAGES_PER_BLOCK;
+        ledger::slots(self.ledger())
+            .filter(|(_, slot)| ledger::holder(slot).is_some())
+            .flat_map(|(_, slot)| (0..ledger::RUNS).filter_map(|e| ledger::run(slot, e)))
+            .filter(|&(p, n)| {
+                pages.contains(&p) && n > 0 && n <= PAGES_PER_BLOCK - p % PAGES_PER_BLOCK
+            })
+            .collect()
+    }
+
     /// Scans the tables. Not atomic as a whole: under concurrent use the
     /// numbers are each right at some moment of the scan.
     pub fn stats(&self) -> ArenaStats {
         let mut s = ArenaStats {
             data_bytes: self.layout.data_len,
             meta_bytes: self.layout.meta_len,
+            cached_run_bytes: self.cached_runs().iter().map(|(_, n)| n * PAGE).sum(),
             ..ArenaStats::default()
         };
         for b in self.layout.meta_blocks()..self.layout.blocks {
@@ -1476,6 +1606,8 @@ impl Arena {
                 _ => {}
             }
         }
+        // The cached runs' pages are marked in their blocks.
+        s.run_bytes = s.run_bytes.saturating_sub(s.cached_run_bytes);
         s
     }
 }
