@@ -950,11 +950,23 @@ impl Arena {
         {
             return freed;
         }
-        if u64::from(self.run_len(page).swap(0, Ordering::AcqRel)) != n {
-            return Err("not the start of a live allocation (freed by another thread meanwhile)");
-        }
+        let n = self.take_run_len(page)?;
         self.free_pages(page, n);
         Ok(())
+    }
+
+    /// Clears the length of the run at `page` (one swap: of two frees,
+    /// one gets it) and returns it. It may differ from what the caller
+    /// read if the run was freed and another allocated there meanwhile:
+    /// then this frees the new one, as a free after a reuse does.
+    fn take_run_len(&self, page: u64) -> Result<u64, &'static str> {
+        match u64::from(self.run_len(page).swap(0, Ordering::AcqRel)) {
+            0 => Err("not the start of a live allocation (freed by another thread meanwhile)"),
+            n if n > PAGES_PER_BLOCK - page % PAGES_PER_BLOCK => {
+                Err("the run's length in the tables is damaged")
+            }
+            n => Ok(n),
+        }
     }
 
     /// [`free_run`](Self::free_run) into the cache: the run is recorded in
@@ -983,10 +995,17 @@ impl Arena {
             }
         };
         ledger::record_run(slot, entry, Some((page, n)));
-        if u64::from(self.run_len(page).swap(0, Ordering::AcqRel)) != n {
-            ledger::record_run(slot, entry, None);
-            return Err("not the start of a live allocation (freed by another thread meanwhile)");
-        }
+        let n = match self.take_run_len(page) {
+            Ok(taken) if taken == n => n,
+            Ok(taken) => {
+                ledger::record_run(slot, entry, Some((page, taken)));
+                taken
+            }
+            Err(e) => {
+                ledger::record_run(slot, entry, None);
+                return Err(e);
+            }
+        };
         cache.runs[entry] = (page, n);
         Ok(())
     }
