@@ -765,6 +765,77 @@ fn shmem_thp_blocks_are_pmd_mapped_once_full() {
     }
 }
 
+/// A background drain holds collapses back while it runs (on shmem
+/// without huge folios each one copies its block and stalls the accesses
+/// the drain is there to serve) and the background thread collapses the
+/// queued blocks when it ends.
+#[test]
+fn a_drain_holds_collapses_back_until_it_ends() {
+    use std::sync::atomic::AtomicBool;
+    const BLOCK: usize = 2 << 20;
+    let region = Arc::new(
+        Region::create(RegionOptions::new(4 * BLOCK as u64).backend(BackendKind::ShmemThp))
+            .unwrap(),
+    );
+    let options = PopulateOptions::new()
+        .driver(Driver::HandlerThreads(1))
+        .promotion(Promotion::Background);
+    let go = Arc::new(AtomicBool::new(false));
+    let gate = Arc::clone(&go);
+    let last_block = (3 * BLOCK / 4096) as u64;
+    let started = std::time::Instant::now();
+    let source = hugearena::populate::FnSource(move |index: u64, dst: &mut [u8]| {
+        // The last block waits for the test (bounded: 30 s in all).
+        while index >= last_block
+            && !gate.load(Ordering::Acquire)
+            && started.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        dst.fill(index as u8);
+        Ok(())
+    });
+    let p = Populator::with_handler_threads(region.clone(), source, options).unwrap();
+    let drain = p.start_drain(BLOCK).unwrap();
+    // Opens the gate however the test ends (dropped before the drain,
+    // which waits for its thread).
+    struct Open(Arc<AtomicBool>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let _open = Open(Arc::clone(&go));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while drain.progress().0 < 3 * (BLOCK / 4096) as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the drain did not progress"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Three blocks full, longer than the background thread's park timeout.
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        p.stats().collapses,
+        0,
+        "collapsed during the drain: {}",
+        p.stats()
+    );
+    go.store(true, Ordering::Release);
+    drain.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while p.stats().collapses < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not collapsed after the drain: {}",
+            p.stats()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    verify(&region, |off| (off / 4096) as u8);
+}
+
 #[test]
 fn handler_threads_need_at_least_one_thread() {
     let region =

@@ -264,6 +264,22 @@ impl std::fmt::Debug for Populator {
     }
 }
 
+/// A [`Promoter::hold`] for as long as it lives.
+struct PromotionHold<'a>(&'a super::promote::Promoter);
+
+impl<'a> PromotionHold<'a> {
+    fn new(promoter: &'a super::promote::Promoter) -> Self {
+        promoter.hold();
+        PromotionHold(promoter)
+    }
+}
+
+impl Drop for PromotionHold<'_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
 impl Populator {
     /// Populates `region` from `source` with the default options (the
     /// in-thread driver).
@@ -581,8 +597,11 @@ impl Populator {
 
     /// Starts populating the whole region in a background thread at the
     /// lowest priority, `chunk` bytes at a time (rounded to granules), in
-    /// address order; faults keep being served meanwhile. The returned
-    /// [`Drain`] reports progress and stops the thread when dropped.
+    /// address order; faults keep being served meanwhile. With
+    /// [`Promotion::Background`], blocks are not collapsed while it runs
+    /// (a collapse that copies stalls the accesses the drain is there to
+    /// serve) but when it ends. The returned [`Drain`] reports progress
+    /// and stops the thread when dropped.
     pub fn start_drain(&self, chunk: usize) -> Result<Drain> {
         let core = Arc::clone(&self.core);
         let per_chunk = (chunk / core.granule()).max(1);
@@ -598,6 +617,9 @@ impl Populator {
             .spawn(move || -> std::result::Result<(), SysError> {
                 // Best effort: a drain at normal priority is still correct.
                 let _ = crate::sys::thread::lower_priority();
+                // No collapses while it runs (see `Promoter::hold`); ended
+                // however the thread ends.
+                let _held = core.promoter.as_ref().map(|p| PromotionHold::new(p));
                 let mut at = 0;
                 while at < total && !shared.stop.load(Ordering::Acquire) {
                     let end = (at + per_chunk).min(total);

@@ -61,6 +61,9 @@ pub(crate) struct Promoter {
     stop: AtomicBool,
     /// Drains in progress (taken blocks not yet collapsed).
     draining: AtomicU32,
+    /// Background drains of the region running ([`Promoter::hold`]):
+    /// while any is, blocks are not collapsed but queued.
+    holds: AtomicU32,
 }
 
 /// Whether every granule of a block is present (shared page states).
@@ -85,7 +88,32 @@ impl Promoter {
             worker: OnceLock::new(),
             stop: AtomicBool::new(false),
             draining: AtomicU32::new(0),
+            holds: AtomicU32::new(0),
         }
+    }
+
+    /// Holds collapses back while a background drain of the region runs:
+    /// a collapse that has to copy (shmem without huge folios) costs a
+    /// CPU for milliseconds per block and stalls every access to the
+    /// block, and during a lazy restore those are the requests the drain
+    /// is there to serve. Completed blocks are queued, and the background
+    /// thread collapses them when the last hold ends. Explicit flushes
+    /// and `Promotion::Inline` are not held back.
+    pub(crate) fn hold(&self) {
+        self.holds.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Ends a [`hold`](Self::hold).
+    pub(crate) fn release(&self) {
+        if self.holds.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(worker) = self.worker.get()
+        {
+            worker.unpark();
+        }
+    }
+
+    fn held(&self) -> bool {
+        self.holds.load(Ordering::Acquire) != 0
     }
 
     pub(crate) fn mode(&self) -> Promotion {
@@ -139,7 +167,9 @@ impl Promoter {
     /// `UFFDIO_CONTINUE` per run and a collapse later. Whether it did (if
     /// not, the caller maps the granules itself). Signal-safe.
     pub(crate) fn collapse_filled(&self, block: usize, counters: &Counters) -> bool {
-        if self.mode == Promotion::Off || !self.collapse(block) {
+        // Held: mapped at the granule size, counted, and queued.
+        let held = self.mode == Promotion::Background && self.held();
+        if self.mode == Promotion::Off || held || !self.collapse(block) {
             return false;
         }
         if let Some(count) = self.mapped.get(block) {
@@ -237,7 +267,9 @@ impl Promoter {
     pub(crate) fn run_worker(&self, counters: &Counters, complete: Complete<'_>) {
         let _ = self.worker.set(std::thread::current());
         while !self.stop.load(Ordering::Acquire) {
-            self.drain(counters, complete);
+            if !self.held() {
+                self.drain(counters, complete);
+            }
             // A timeout covers an unpark that raced with `set` above.
             std::thread::park_timeout(std::time::Duration::from_millis(100));
         }
