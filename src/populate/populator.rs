@@ -619,7 +619,7 @@ impl Populator {
                 let _ = crate::sys::thread::lower_priority();
                 // No collapses while it runs (see `Promoter::hold`); ended
                 // however the thread ends.
-                let _held = core.promoter.as_ref().map(|p| PromotionHold::new(p));
+                let _held = core.promoter.as_ref().map(PromotionHold::new);
                 let mut at = 0;
                 while at < total && !shared.stop.load(Ordering::Acquire) {
                     let end = (at + per_chunk).min(total);
