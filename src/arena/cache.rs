@@ -114,14 +114,15 @@ thread_local! {
 impl Caches {
     pub(crate) fn new(enabled: bool) -> Caches {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let me = Owner::current().ok();
         Caches {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             generation: {
                 fork::install();
                 fork::generation()
             },
-            enabled: AtomicBool::new(enabled),
-            me: Owner::current().ok(),
+            enabled: AtomicBool::new(enabled && me.is_some()),
+            me,
             flushing: {
                 gate::init();
                 Flushing::default()
@@ -141,13 +142,15 @@ impl Caches {
     }
 
     pub(crate) fn set_enabled(&self, on: bool) {
-        self.enabled.store(on, Ordering::Relaxed);
+        self.enabled.store(on && self.me.is_some(), Ordering::Relaxed);
     }
 
+    /// Whether this thread may use a cache: caching on (and possible:
+    /// `set_enabled` folds in whether this process could be named in the
+    /// ledger) and not in a forked child.
+    #[inline]
     pub(crate) fn enabled(&self) -> bool {
-        self.enabled.load(Ordering::Relaxed)
-            && self.me.is_some()
-            && self.generation == fork::generation()
+        self.enabled.load(Ordering::Relaxed) && self.generation == fork::generation()
     }
 
     /// Runs `f` on this thread's cache, if caching is on, the thread has

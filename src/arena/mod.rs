@@ -765,6 +765,7 @@ impl Arena {
         self.tables.blocks.get()
     }
 
+    #[inline]
     fn block(&self, b: u64) -> &AtomicU64 {
         &self.blocks()[b as usize * BLOCK_WORD_STRIDE]
     }
@@ -786,12 +787,14 @@ impl Arena {
 
     /// Span slot `slot`'s descriptor: state, link, owner and remote
     /// bitmaps.
+    #[inline]
     fn span_desc(&self, slot: u64) -> &[AtomicU64] {
         const WORDS: usize = (SPAN_DESC / 8) as usize;
         let at = slot as usize * WORDS;
         &self.tables.spans.get()[at..at + WORDS]
     }
 
+    #[inline]
     fn span_state(&self, slot: u64) -> &AtomicU64 {
         &self.span_desc(slot)[0]
     }
@@ -801,6 +804,7 @@ impl Arena {
     }
 
     /// Span `slot`'s owner bitmap and remote-free bitmap (`objects`).
+    #[inline]
     fn span_objects(&self, slot: u64) -> (&[AtomicU64], &[AtomicU64]) {
         let d = self.span_desc(slot);
         let (owned, remote) = d[SPAN_HEAD_WORDS..].split_at(SPAN_BITMAP_WORDS);
@@ -1389,6 +1393,7 @@ impl Arena {
 
     /// The index in its span of the object of `class` at `offset`, if
     /// `offset` is an object boundary.
+    #[inline]
     fn object_index(slot: u64, class: u32, offset: u64) -> Option<usize> {
         let (index, rest) = layout::divide_by_class(offset - slot * SPAN, class);
         (rest == 0 && index < layout::capacity(class)).then_some(index as usize)

@@ -55,6 +55,7 @@ pub(crate) fn clear<S: AtomicSlot>(owned: &[S], remote: &[S]) {
 /// The owner allocates: the lowest free object at or after word `from`.
 /// Returns its index and the remote bits it found on free objects (stray
 /// double frees, dropped).
+#[inline]
 pub(crate) fn take<S: AtomicSlot>(
     owned: &[S],
     remote: &[S],
@@ -85,6 +86,7 @@ pub(crate) fn take<S: AtomicSlot>(
 }
 
 /// The owner frees object `i`.
+#[inline]
 pub(crate) fn free_owned<S: AtomicSlot>(
     owned: &[S],
     remote: &[S],
