@@ -142,7 +142,8 @@ impl Caches {
     }
 
     pub(crate) fn set_enabled(&self, on: bool) {
-        self.enabled.store(on && self.me.is_some(), Ordering::Relaxed);
+        self.enabled
+            .store(on && self.me.is_some(), Ordering::Relaxed);
     }
 
     /// Whether this thread may use a cache: caching on (and possible:
