@@ -46,6 +46,17 @@ fn arena(size: u64, kind: BackendKind) -> Arena {
     .unwrap()
 }
 
+/// Checks that no object in `got` was handed out twice, then frees them.
+fn free_all_distinct(a: &Arena, got: &mut Vec<ShmPtr>, round: usize) {
+    let n = got.len();
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), n, "round {round}: an object was handed out twice");
+    for &q in got.iter() {
+        a.free(q).unwrap();
+    }
+}
+
 /// Two threads free the same small object at once, many times over, with
 /// the per-thread caches on: exactly one free succeeds each time, and the
 /// object is never handed out twice afterwards.
@@ -82,17 +93,7 @@ fn a_double_free_across_threads_is_rejected_and_never_hands_out_twice() {
         );
         let failed = if r1.is_err() { r1 } else { r2 };
         assert!(matches!(failed, Err(Error::InvalidFree { .. })));
-        let n = got.len();
-        got.sort();
-        got.dedup();
-        assert_eq!(
-            got.len(),
-            n,
-            "round {round}: an object was handed out twice"
-        );
-        for q in got {
-            a.free(q).unwrap();
-        }
+        free_all_distinct(&a, &mut got, round);
     }
     a.audit().unwrap();
 }
@@ -131,17 +132,7 @@ fn an_owners_free_racing_another_threads_never_hands_an_object_out_twice() {
         // The owner allocates more than the span could hold twice over
         // from the freed object: a duplicate would show.
         let mut got: Vec<ShmPtr> = (0..64).map(|_| a.alloc(l).unwrap()).collect();
-        let n = got.len();
-        got.sort();
-        got.dedup();
-        assert_eq!(
-            got.len(),
-            n,
-            "round {round}: an object was handed out twice"
-        );
-        for q in got {
-            a.free(q).unwrap();
-        }
+        free_all_distinct(&a, &mut got, round);
     }
     let stats = a.audit().unwrap();
     assert_eq!(stats.in_use_bytes(), 0, "{stats:?}");
