@@ -51,7 +51,11 @@ fn free_all_distinct(a: &Arena, got: &mut Vec<ShmPtr>, round: usize) {
     let n = got.len();
     got.sort();
     got.dedup();
-    assert_eq!(got.len(), n, "round {round}: an object was handed out twice");
+    assert_eq!(
+        got.len(),
+        n,
+        "round {round}: an object was handed out twice"
+    );
     for &q in got.iter() {
         a.free(q).unwrap();
     }
