@@ -163,17 +163,19 @@ fn next_bit(words: &[u64], from: usize, len: usize, set: bool) -> Option<usize> 
     }
 }
 
+/// The bits of word `w` that lie among the first `len` bits.
+pub(crate) fn valid_bits(w: usize, len: usize) -> u64 {
+    if (w + 1) * BITS <= len {
+        u64::MAX
+    } else {
+        (1u64 << (len - w * BITS)) - 1
+    }
+}
+
 /// Counts the set bits among the first `len`.
 pub(crate) fn count_set(words: &[impl AtomicSlot], len: usize) -> usize {
     (0..len.div_ceil(BITS))
-        .map(|w| {
-            let valid = if (w + 1) * BITS <= len {
-                u64::MAX
-            } else {
-                (1u64 << (len - w * BITS)) - 1
-            };
-            (words[w].load(Ordering::Acquire) & valid).count_ones() as usize
-        })
+        .map(|w| (words[w].load(Ordering::Acquire) & valid_bits(w, len)).count_ones() as usize)
         .sum()
 }
 

@@ -554,10 +554,7 @@ impl Arena {
     /// (only while nobody allocates: a restore, `audit`) go back to their
     /// stacks.
     fn reclaim_borrowed_spans(&self) {
-        for span in 0..self.layout.data_len / SPAN {
-            if span * SPAN < self.layout.meta_len {
-                continue;
-            }
+        for span in self.layout.meta_len / SPAN..self.layout.data_len / SPAN {
             let state = self.span_state(span);
             if let Some(st) = span::describe(state)
                 && span::unborrow(state)
@@ -903,15 +900,9 @@ impl Arena {
     /// A run of `n` pages aligned to `align` pages, live (its length set):
     /// one this thread's cache keeps, or one claimed from the blocks.
     fn alloc_run(&self, n: u64, align: u64) -> Option<u64> {
-        let cached = match self
-            .caches
-            .with_local(|cache| self.take_cached_run(cache, n, align))
-        {
-            Some(cached) => cached,
-            None => self
-                .with_new_cache(|cache| self.take_cached_run(cache, n, align))
-                .flatten(),
-        };
+        let cached = self
+            .with_cache(|cache| self.take_cached_run(cache, n, align))
+            .flatten();
         if cached.is_some() {
             return cached;
         }
@@ -942,11 +933,11 @@ impl Arena {
     /// swap, refuses a second free in any thread or process.
     fn free_run(&self, page: u64) -> Result<(), &'static str> {
         let n = u64::from(self.run_len(page).load(Ordering::Acquire));
-        if n > PAGES_PER_BLOCK - page % PAGES_PER_BLOCK {
-            return Err("the run's length in the tables is damaged");
-        }
         if n == 0 {
             return Err("not the start of a live allocation (never allocated or already freed)");
+        }
+        if !self.is_run(page, n) {
+            return Err("the run's length in the tables is damaged");
         }
         if let Some(freed) = self
             .caches
@@ -966,11 +957,17 @@ impl Arena {
     fn take_run_len(&self, page: u64) -> Result<u64, &'static str> {
         match u64::from(self.run_len(page).swap(0, Ordering::AcqRel)) {
             0 => Err("not the start of a live allocation (freed by another thread meanwhile)"),
-            n if n > PAGES_PER_BLOCK - page % PAGES_PER_BLOCK => {
-                Err("the run's length in the tables is damaged")
-            }
+            n if !self.is_run(page, n) => Err("the run's length in the tables is damaged"),
             n => Ok(n),
         }
+    }
+
+    /// Whether `n` pages from `page` (numbers read from shared memory)
+    /// can be a run: in the data blocks, 1 to the pages left in the block.
+    fn is_run(&self, page: u64, n: u64) -> bool {
+        let data =
+            self.layout.meta_blocks() * PAGES_PER_BLOCK..self.layout.blocks * PAGES_PER_BLOCK;
+        data.contains(&page) && n > 0 && n <= PAGES_PER_BLOCK - page % PAGES_PER_BLOCK
     }
 
     /// [`free_run`](Self::free_run) into the cache: the run is recorded in
@@ -1021,12 +1018,7 @@ impl Arena {
         for entry in 0..ledger::RUNS {
             if let Some((page, n)) = ledger::run(slot, entry) {
                 ledger::record_run(slot, entry, None);
-                let first = self.layout.meta_blocks() * PAGES_PER_BLOCK;
-                let end = self.layout.blocks * PAGES_PER_BLOCK;
-                if (first..end).contains(&page)
-                    && n > 0
-                    && n <= PAGES_PER_BLOCK - page % PAGES_PER_BLOCK
-                {
+                if self.is_run(page, n) {
                     // Recorded and still live: its thread was freeing it
                     // (or handing it out) when it stopped.
                     self.run_len(page).store(0, Ordering::Release);
@@ -1141,14 +1133,17 @@ impl Arena {
     }
 
     fn alloc_small(&self, class: u32) -> Option<ShmPtr> {
-        if let Some(found) = self
-            .caches
-            .with_local(|cache| self.alloc_owned(cache, class))
-        {
-            return found;
-        }
-        self.with_new_cache(|cache| self.alloc_owned(cache, class))
+        self.with_cache(|cache| self.alloc_owned(cache, class))
             .unwrap_or_else(|| self.alloc_borrowed(class))
+    }
+
+    /// Runs `f` on this thread's cache, giving a thread new to the arena
+    /// one first; `None` if there is none to be had.
+    #[inline]
+    fn with_cache<R>(&self, f: impl Fn(&mut cache::ThreadCache) -> R) -> Option<R> {
+        self.caches
+            .with_local(&f)
+            .or_else(|| self.with_new_cache(&f))
     }
 
     /// Runs `f` on this thread's cache after giving a thread new to the
@@ -1171,41 +1166,57 @@ impl Arena {
     /// frees or taking another span when it is full.
     #[inline]
     fn alloc_owned(&self, cache: &mut cache::ThreadCache, class: u32) -> Option<ShmPtr> {
-        let c = class as usize;
-        if let Some(span) = cache.spans[c].checked_sub(1) {
-            let span = u64::from(span);
-            let (owned, remote) = self.span_objects(span);
-            let capacity = layout::capacity(class) as usize;
-            if let Some((i, _)) = objects::take(owned, remote, capacity, cache.cursor[c] as usize) {
-                cache.cursor[c] = (i / 64) as u8;
-                return Some(ShmPtr(span * SPAN + i as u64 * u64::from(CLASSES[c])));
+        if let Some(span) = cache.spans[class as usize].checked_sub(1) {
+            let from = cache.cursor[class as usize] as usize;
+            if let Some(p) = self.take_object(cache, class, u64::from(span), from) {
+                return Some(p);
             }
         }
         self.alloc_owned_slow(cache, class)
     }
 
+    /// The owner takes the lowest free object of its span `span` of
+    /// `class` at or after bitmap word `from`, and moves the cache's
+    /// cursor there.
+    #[inline]
+    fn take_object(
+        &self,
+        cache: &mut cache::ThreadCache,
+        class: u32,
+        span: u64,
+        from: usize,
+    ) -> Option<ShmPtr> {
+        let (owned, remote) = self.span_objects(span);
+        let (i, _) = objects::take(owned, remote, layout::capacity(class) as usize, from)?;
+        cache.cursor[class as usize] = (i / 64) as u8;
+        Some(Self::object_ptr(span, class, i))
+    }
+
+    /// The object at index `i` of span `span` of `class` (the inverse of
+    /// [`object_index`](Self::object_index)).
+    fn object_ptr(span: u64, class: u32, i: usize) -> ShmPtr {
+        ShmPtr(span * SPAN + i as u64 * u64::from(CLASSES[class as usize]))
+    }
+
     /// [`alloc_owned`](Self::alloc_owned) when the cache's span of the
-    /// class is full or missing.
+    /// class is missing, or full from the cursor on (everything below the
+    /// cursor is taken): collect its remote frees and look again, else
+    /// take another span.
     #[cold]
     fn alloc_owned_slow(&self, cache: &mut cache::ThreadCache, class: u32) -> Option<ShmPtr> {
         let c = class as usize;
-        let capacity = layout::capacity(class) as usize;
-        let size = u64::from(CLASSES[c]);
         // The cache's slot index is its own (process-local), so this is
         // in bounds unless the ledger is smaller than its slots.
         let slot = ledger::slot(self.ledger(), cache.slot)?;
+        let mut current = cache.spans[c].checked_sub(1).map(u64::from);
         loop {
-            if let Some(span) = cache.spans[c].checked_sub(1) {
-                let span = u64::from(span);
-                let (owned, remote) = self.span_objects(span);
-                let mut found = objects::take(owned, remote, capacity, cache.cursor[c] as usize);
-                if found.is_none() && span::take_pending(self.span_state(span)) {
-                    objects::collect(owned, remote, capacity);
-                    found = objects::take(owned, remote, capacity, 0);
-                }
-                if let Some((i, _)) = found {
-                    cache.cursor[c] = (i / 64) as u8;
-                    return Some(ShmPtr(span * SPAN + i as u64 * size));
+            if let Some(span) = current {
+                if span::take_pending(self.span_state(span)) {
+                    let (owned, remote) = self.span_objects(span);
+                    objects::collect(owned, remote, layout::capacity(class) as usize);
+                    if let Some(p) = self.take_object(cache, class, span, 0) {
+                        return Some(p);
+                    }
                 }
                 // Full: a remote free lists it again.
                 self.give_up_span(cache.owner(), Some(slot), class, span);
@@ -1219,6 +1230,12 @@ impl Arena {
             )?;
             cache.spans[c] = span as u32 + 1;
             cache.cursor[c] = 0;
+            // Adopted or carved with room: this finds an object unless the
+            // tables are damaged (then the span is given up above).
+            if let Some(p) = self.take_object(cache, class, span, 0) {
+                return Some(p);
+            }
+            current = Some(span);
         }
     }
 
@@ -1232,9 +1249,7 @@ impl Arena {
             let found = objects::take(owned, remote, capacity, 0);
             self.give_up_span(BORROWED, None, class, span);
             if let Some((i, _)) = found {
-                return Some(ShmPtr(
-                    span * SPAN + i as u64 * u64::from(CLASSES[class as usize]),
-                ));
+                return Some(Self::object_ptr(span, class, i));
             }
         }
     }
@@ -1571,14 +1586,10 @@ impl Arena {
     /// The page runs every held ledger slot records, `(first page,
     /// pages)`, those that name no possible run left out.
     fn cached_runs(&self) -> Vec<(u64, u64)> {
-        let pages =
-            self.layout.meta_blocks() * PAGES_PER_BLOCK..self.layout.blocks * PAGES_PER_BLOCK;
         ledger::slots(self.ledger())
             .filter(|(_, slot)| ledger::holder(slot).is_some())
             .flat_map(|(_, slot)| (0..ledger::RUNS).filter_map(|e| ledger::run(slot, e)))
-            .filter(|&(p, n)| {
-                pages.contains(&p) && n > 0 && n <= PAGES_PER_BLOCK - p % PAGES_PER_BLOCK
-            })
+            .filter(|&(p, n)| self.is_run(p, n))
             .collect()
     }
 

@@ -26,17 +26,14 @@
 //! when the owner allocates the object again ([`take`] checks it, so a
 //! collect never frees the new allocation), or by the next collect.
 
+use super::bitmap::valid_bits as valid;
 use crate::sync::{AtomicSlot, Ordering};
 
 const BITS: usize = 64;
 
-/// The bits of word `w` that are objects of a span of `capacity`.
-fn valid(w: usize, capacity: usize) -> u64 {
-    if (w + 1) * BITS <= capacity {
-        u64::MAX
-    } else {
-        (1u64 << (capacity - w * BITS)) - 1
-    }
+/// Object `i`'s word and bit.
+fn locate(i: usize) -> (usize, u64) {
+    (i / BITS, 1u64 << (i % BITS))
 }
 
 /// Words of a span of `capacity` objects.
@@ -92,7 +89,7 @@ pub(crate) fn free_owned<S: AtomicSlot>(
     remote: &[S],
     i: usize,
 ) -> Result<(), &'static str> {
-    let (w, bit) = (i / BITS, 1u64 << (i % BITS));
+    let (w, bit) = locate(i);
     let bits = owned[w].load(Ordering::Relaxed);
     if bits & bit == 0 {
         return Err("object not allocated (or already freed)");
@@ -111,7 +108,7 @@ pub(crate) fn free_remote<S: AtomicSlot>(
     remote: &[S],
     i: usize,
 ) -> Result<(), &'static str> {
-    let (w, bit) = (i / BITS, 1u64 << (i % BITS));
+    let (w, bit) = locate(i);
     if owned[w].load(Ordering::Acquire) & bit == 0 {
         return Err("object not allocated (or already freed)");
     }
@@ -123,7 +120,8 @@ pub(crate) fn free_remote<S: AtomicSlot>(
 
 /// Takes back a remote bit whose free was refused after it was set.
 pub(crate) fn unfree_remote(remote: &[impl AtomicSlot], i: usize) {
-    remote[i / BITS].fetch_and(!(1u64 << (i % BITS)), Ordering::Relaxed);
+    let (w, bit) = locate(i);
+    remote[w].fetch_and(!bit, Ordering::Relaxed);
 }
 
 /// The owner collects the remote frees: `(objects freed, stray bits
@@ -168,7 +166,7 @@ pub(crate) fn room_and_empty<S: AtomicSlot>(owned: &[S], capacity: usize) -> (bo
 
 /// Whether object `i` is allocated and not freed.
 pub(crate) fn is_live<S: AtomicSlot>(owned: &[S], remote: &[S], i: usize) -> bool {
-    let (w, bit) = (i / BITS, 1u64 << (i % BITS));
+    let (w, bit) = locate(i);
     owned[w].load(Ordering::Acquire) & !remote[w].load(Ordering::Acquire) & bit != 0
 }
 
