@@ -157,12 +157,12 @@ impl Caches {
     /// Runs `f` on this thread's cache, if caching is on, the thread has
     /// one and no flush is in progress.
     #[allow(unsafe_code)] // entering the thread's own gate
-    #[inline]
+    #[inline(always)]
     pub(crate) fn with_local<R>(&self, f: impl FnOnce(&mut ThreadCache) -> R) -> Option<R> {
         if !self.enabled() {
             return None;
         }
-        let (id, last) = LAST.with(CopyCell::get);
+        let (id, last) = LAST.get();
         let gate = if id == self.id && !last.is_null() {
             last
         } else {

@@ -104,7 +104,7 @@ impl<T> Gate<T> {
     /// # Safety
     ///
     /// Only the gate's owner thread calls it (and not from inside `f`).
-    #[inline]
+    #[inline(always)]
     pub(crate) unsafe fn enter<R>(
         &self,
         flushing: &Flushing,

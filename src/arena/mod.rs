@@ -815,6 +815,8 @@ impl Arena {
     /// The error of a failed allocation. One pass over the block words
     /// (not `stats()`, which scans every bitmap and span): a buffer pool
     /// that evicts when the arena is full gets this in a loop.
+    #[cold]
+    #[inline(never)]
     fn exhausted(&self, size: usize) -> Error {
         let in_use = (self.layout.meta_blocks()..self.layout.blocks)
             .map(|b| {
@@ -837,11 +839,21 @@ impl Arena {
     /// 2 MiB). The memory is not touched: it reads as whatever was freed
     /// there last (zero when fresh), and its pages fill on first touch.
     pub fn alloc(&self, layout: AllocLayout) -> Result<ShmPtr> {
-        self.alloc_untagged(layout)
-            .map(|p| ShmPtr::tagged(p.0, self.tag))
+        let size = layout.size();
+        // Small objects take the short path; everything else, errors
+        // included, is out of line so that this one stays small.
+        match layout::class_for(size, layout.align()) {
+            Some(class) if size != 0 => match self.alloc_small(class) {
+                Some(p) => Ok(ShmPtr::tagged(p.0, self.tag)),
+                None => Err(self.exhausted(size)),
+            },
+            _ => self.alloc_pages_or_blocks(layout),
+        }
     }
 
-    fn alloc_untagged(&self, layout: AllocLayout) -> Result<ShmPtr> {
+    /// [`alloc`](Self::alloc) of anything but a small object.
+    #[inline(never)]
+    fn alloc_pages_or_blocks(&self, layout: AllocLayout) -> Result<ShmPtr> {
         let (size, align) = (layout.size(), layout.align());
         if size == 0 {
             return Err(Error::ZeroAllocation);
@@ -849,19 +861,17 @@ impl Arena {
         if align as u64 > BLOCK {
             return Err(Error::AlignmentTooLarge { align });
         }
-        if let Some(class) = layout::class_for(size, align) {
-            return self.alloc_small(class).ok_or_else(|| self.exhausted(size));
-        }
         let pages = (size as u64).div_ceil(PAGE);
-        if pages < PAGES_PER_BLOCK {
+        let found = if pages < PAGES_PER_BLOCK {
             let align_pages = (align as u64 / PAGE).max(1);
-            return self
-                .alloc_run(pages, align_pages)
+            self.alloc_run(pages, align_pages)
                 .map(|page| ShmPtr(page * PAGE))
-                .ok_or_else(|| self.exhausted(size));
-        }
-        let blocks = (size as u64).div_ceil(BLOCK);
-        self.alloc_large(blocks).ok_or_else(|| self.exhausted(size))
+        } else {
+            self.alloc_large((size as u64).div_ceil(BLOCK))
+        };
+        found
+            .map(|p| ShmPtr::tagged(p.0, self.tag))
+            .ok_or_else(|| self.exhausted(size))
     }
 
     /// Allocates `bytes` bytes with 16-byte alignment.
@@ -1381,6 +1391,27 @@ impl Arena {
     /// allocated, freed already, or pointing inside an allocation) are
     /// rejected with [`Error::InvalidFree`] and change nothing.
     pub fn free(&self, ptr: ShmPtr) -> Result<()> {
+        // Small objects take the short path; everything else, errors
+        // included, is out of line so that this one stays small.
+        let offset = ptr.offset();
+        let tag_ok = ptr.tag() == 0 || ptr.tag() == self.tag;
+        if tag_ok && offset >= self.layout.meta_len && offset < self.layout.data_len {
+            let b = offset / BLOCK;
+            if block::observe(self.block(b)).kind == Kind::Pages {
+                let slot = offset / SPAN;
+                if let Some(st) = span::describe(self.span_state(slot)) {
+                    return self
+                        .free_small(slot, st.class, offset)
+                        .map_err(|reason| Error::InvalidFree { offset, reason });
+                }
+            }
+        }
+        self.free_pages_or_blocks(ptr)
+    }
+
+    /// [`free`](Self::free) of anything but an object in an active span.
+    #[inline(never)]
+    fn free_pages_or_blocks(&self, ptr: ShmPtr) -> Result<()> {
         let offset = self.offset_of(ptr)?;
         let invalid = |reason| Error::InvalidFree { offset, reason };
         if offset < self.layout.meta_len || offset >= self.layout.data_len {
@@ -1391,16 +1422,9 @@ impl Arena {
             Kind::LargeHead if offset % BLOCK == 0 => {
                 self.free_large(b).ok_or(invalid("already freed"))
             }
-            Kind::Pages => {
-                let slot = offset / SPAN;
-                if let Some(st) = span::describe(self.span_state(slot)) {
-                    return self.free_small(slot, st.class, offset).map_err(invalid);
-                }
-                if offset % PAGE != 0 {
-                    return Err(invalid("not the start of an allocation"));
-                }
-                self.free_run(offset / PAGE).map_err(invalid)
-            }
+            // Not in an active span (`free` looked): a page run or nothing.
+            Kind::Pages if offset % PAGE != 0 => Err(invalid("not the start of an allocation")),
+            Kind::Pages => self.free_run(offset / PAGE).map_err(invalid),
             Kind::LargeHead | Kind::LargeTail => Err(invalid("inside a large allocation")),
             _ => Err(invalid("in a block with no live allocation")),
         }
