@@ -444,6 +444,30 @@ fn eager_release_returns_huge_pages_to_the_pool() {
     );
 }
 
+/// Turning the caches off keeps a thread that used its cache out of it
+/// (its next allocations own no span), and on again lets it back in.
+#[test]
+fn turning_the_caches_off_keeps_a_thread_out_of_the_one_it_used() {
+    let a = arena(32 << 20, BackendKind::Shmem);
+    let l = Layout::from_size_align(128, 16).unwrap();
+    let churn = || {
+        let held: Vec<ShmPtr> = (0..10).map(|_| a.alloc(l).unwrap()).collect();
+        for p in held {
+            a.free(p).unwrap();
+        }
+        a.stats().cached_objects
+    };
+    a.set_thread_caches(true);
+    assert!(churn() > 0, "on: the thread's cache owns a span");
+    a.set_thread_caches(false);
+    assert_eq!(churn(), 0, "off: the thread stays out of its cache");
+    a.set_thread_caches(false);
+    assert_eq!(churn(), 0, "off twice: still out");
+    a.set_thread_caches(true);
+    assert!(churn() > 0, "on again: back in");
+    assert!(a.audit().is_ok());
+}
+
 #[test]
 fn a_threads_span_takes_its_frees_back_first_and_a_flush_gives_it_up() {
     let a = arena(16 << 20, BackendKind::Shmem);

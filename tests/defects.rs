@@ -797,6 +797,15 @@ fn damaged_arena_tables_never_panic_or_hang() {
 /// body returned `Ok`, 1 with its error, 2 if it panicked. The child exits
 /// with `_exit`, running no destructor of the parent's state by accident.
 fn in_forked_child(body: impl FnOnce() -> Result<(), String>) -> i32 {
+    in_forked_child_meanwhile(body, || {})
+}
+
+/// [`in_forked_child`], running `meanwhile` in the parent while the child
+/// runs.
+fn in_forked_child_meanwhile(
+    body: impl FnOnce() -> Result<(), String>,
+    meanwhile: impl FnOnce(),
+) -> i32 {
     use nix::sys::wait::{WaitStatus, waitpid};
     use nix::unistd::{ForkResult, fork};
     // SAFETY: the child runs `body` (which only touches memory and makes
@@ -814,10 +823,13 @@ fn in_forked_child(body: impl FnOnce() -> Result<(), String>) -> i32 {
             // SAFETY: ends the child without unwinding into the test harness.
             unsafe { libc::_exit(code) }
         }
-        ForkResult::Parent { child } => match waitpid(child, None).unwrap() {
-            WaitStatus::Exited(_, code) => code,
-            other => panic!("forked child ended with {other:?}"),
-        },
+        ForkResult::Parent { child } => {
+            meanwhile();
+            match waitpid(child, None).unwrap() {
+                WaitStatus::Exited(_, code) => code,
+                other => panic!("forked child ended with {other:?}"),
+            }
+        }
     }
 }
 
@@ -953,6 +965,68 @@ fn an_arena_keeps_working_in_a_forked_child() {
             "child's object at {off} overwritten"
         );
     }
+}
+
+/// A child forked by a thread with a cache never uses that cache (its
+/// copy names the same span as the parent's): the parent thread and the
+/// child allocate and free at the same time, each checking that nobody
+/// wrote over the objects it holds.
+#[test]
+fn a_forked_child_and_its_parent_allocating_at_once_share_no_object() {
+    let a = arena(64 << 20, BackendKind::Shmem);
+    a.set_thread_caches(true);
+    let l = Layout::from_size_align(64, 8).unwrap();
+    // This thread's cache owns a span of the class with free objects.
+    let warm: Vec<ShmPtr> = (0..64).map(|_| a.alloc(l).unwrap()).collect();
+    for p in warm {
+        a.free(p).unwrap();
+    }
+    // Alloc and free in a window of 32 live objects, each marked with
+    // `mark` and checked before it is freed: how many were overwritten.
+    let churn = |mark: u64| -> Result<usize, String> {
+        let mut live = std::collections::VecDeque::new();
+        let mut overwritten = 0;
+        for round in 0..300_000u64 {
+            let p = a.alloc(l).map_err(|e| e.to_string())?;
+            let word = a
+                .local(p)
+                .map_err(|e| e.to_string())?
+                .as_ptr()
+                .cast::<u64>();
+            // SAFETY: a fresh 64-byte allocation, 8-aligned.
+            unsafe { word.write_volatile(mark ^ round) };
+            live.push_back((p, word, round));
+            if live.len() == 32 {
+                let (p, word, round) = live.pop_front().unwrap();
+                // SAFETY: still allocated by this process.
+                overwritten += usize::from(unsafe { word.read_volatile() } != mark ^ round);
+                a.free(p).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(overwritten)
+    };
+    let (ready_r, ready_w) = nix::unistd::pipe().unwrap();
+    let mut parents = None;
+    let status = in_forked_child_meanwhile(
+        || {
+            nix::unistd::write(&ready_w, b"g").map_err(|e| e.to_string())?;
+            match churn(0xC41D)? {
+                0 => Ok(()),
+                n => Err(format!("{n} of the child's objects were overwritten")),
+            }
+        },
+        || {
+            let mut go = [0u8; 1];
+            nix::unistd::read(&ready_r, &mut go).unwrap();
+            parents = Some(churn(0x9A7E));
+        },
+    );
+    assert_eq!(status, 0, "the forked child failed");
+    assert_eq!(
+        parents,
+        Some(Ok(0)),
+        "the parent's objects were overwritten"
+    );
 }
 
 /// A tmpfs of `mib` MiB mounted on a fresh directory; unmounted on drop.

@@ -100,6 +100,13 @@ impl Drop for Local {
 
 const NO_LAST: (u64, *const Gate<ThreadCache>) = (0, std::ptr::null());
 
+/// In a forked child (from the fork handler, in its only thread): forgets
+/// the cache this thread used last, so that its next use looks it up and
+/// finds the parent's caches are not the child's to use.
+pub(crate) fn after_fork() {
+    LAST.set(NO_LAST);
+}
+
 thread_local! {
     static LOCAL: RefCell<Local> = const { RefCell::new(Local(Vec::new())) };
     /// The entry of `LOCAL` this thread used last, as (arena id, gate):
@@ -125,7 +132,8 @@ impl Caches {
             me,
             flushing: {
                 gate::init();
-                Flushing::default()
+                // Off from the start: the hold `set_enabled` keeps.
+                Flushing::holding(!(enabled && me.is_some()))
             },
             cells: Mutex::new(Vec::new()),
         }
@@ -141,9 +149,20 @@ impl Caches {
         self.me
     }
 
+    /// Turns caching on or off. Off, `flushing` holds one more count, so
+    /// that a thread entering the cache it used last keeps out without
+    /// the hot path reading `enabled` (a flush then takes what it holds).
     pub(crate) fn set_enabled(&self, on: bool) {
-        self.enabled
-            .store(on && self.me.is_some(), Ordering::Relaxed);
+        let on = on && self.me.is_some();
+        // Serialized with each other (and with flushes) by the lock.
+        let _cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
+        match (self.enabled.swap(on, Ordering::Relaxed), on) {
+            // A failed heavy fence still counts: owners see the hold at
+            // their next entry.
+            (true, false) => drop(self.flushing.begin()),
+            (false, true) => self.flushing.end(),
+            _ => {}
+        }
     }
 
     /// Whether this thread may use a cache: caching on (and possible:
@@ -155,18 +174,20 @@ impl Caches {
     }
 
     /// Runs `f` on this thread's cache, if caching is on, the thread has
-    /// one and no flush is in progress.
+    /// one and no flush is in progress. The thread's `LAST` entry is only
+    /// ever set while caching is on and in the process it was set in (a
+    /// forked child clears it: [`after_fork`]); caching turned off since
+    /// keeps the thread out at the gate (`set_enabled`).
     #[allow(unsafe_code)] // entering the thread's own gate
     #[inline(always)]
     pub(crate) fn with_local<R>(&self, f: impl FnOnce(&mut ThreadCache) -> R) -> Option<R> {
-        if !self.enabled() {
-            return None;
-        }
         let (id, last) = LAST.get();
         let gate = if id == self.id && !last.is_null() {
             last
-        } else {
+        } else if self.enabled() {
             self.look_up(None)?
+        } else {
+            return None;
         };
         // SAFETY: `gate` comes from this thread's `LAST` or `LOCAL`, whose
         // `Arc` keeps it alive (`LAST` is cleared before `LOCAL` drops

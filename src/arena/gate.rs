@@ -6,7 +6,8 @@
 //! # Protocol
 //!
 //! Words: each cache's `busy` (written by its owner only) and the arena's
-//! `flushing` count (flushers in progress).
+//! `flushing` count (flushers in progress, plus one while the arena's
+//! caching is off, which keeps owners out the same way).
 //!
 //! - **Owner enters**: `busy = true` (relaxed); *light fence*; load
 //!   `flushing` (acquire). Non-zero: `busy = false` and go without the
@@ -87,7 +88,8 @@ pub(crate) struct Gate<T> {
 // protocol orders them; `T: Send` moves between those threads.
 unsafe impl<T: Send> Sync for Gate<T> {}
 
-/// The arena-wide count of flushes in progress.
+/// The arena-wide count of flushes in progress (plus one while caching is
+/// off).
 #[derive(Debug, Default)]
 pub(crate) struct Flushing(AtomicUsize);
 
@@ -160,6 +162,12 @@ impl Flushing {
 
     pub(crate) fn end(&self) {
         self.0.fetch_sub(1, Ordering::Release);
+    }
+
+    /// A count of flushes in progress that starts at one if `held` (owners
+    /// keep out until the matching [`end`](Self::end)).
+    pub(crate) fn holding(held: bool) -> Self {
+        Flushing(AtomicUsize::new(usize::from(held)))
     }
 }
 

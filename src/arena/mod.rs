@@ -20,7 +20,7 @@
 
 pub(crate) mod bitmap;
 pub(crate) mod block;
-mod cache;
+pub(crate) mod cache;
 mod gate;
 pub(crate) mod layout;
 pub(crate) mod ledger;

@@ -118,6 +118,7 @@ impl Drop for Watch {
 extern "C" fn in_child() {
     GENERATION.fetch_add(1, Ordering::Relaxed);
     super::signal::after_fork();
+    crate::arena::cache::after_fork();
     for entry in &TABLE {
         if entry.state.load(Ordering::Acquire) != LIVE {
             continue;
