@@ -444,6 +444,46 @@ fn eager_release_returns_huge_pages_to_the_pool() {
     );
 }
 
+/// A span given up full goes back on offer once a sixteenth of its
+/// objects were freed by other threads, not at the first free: a thread
+/// then adopts a span with room for many objects, not one.
+#[test]
+fn a_full_span_is_offered_again_after_a_sixteenth_of_it_is_freed() {
+    const SPAN: u64 = 64 << 10;
+    let a = arena(32 << 20, BackendKind::Shmem);
+    a.set_thread_caches(true);
+    // 256-byte objects: 256 to a span, offered again after 16 frees.
+    let l = Layout::from_size_align(256, 16).unwrap();
+    let first: Vec<ShmPtr> = (0..256).map(|_| a.alloc(l).unwrap()).collect();
+    let span = first[0].offset() / SPAN;
+    assert!(first.iter().all(|p| p.offset() / SPAN == span), "one span");
+    // The next allocation gives the full span up.
+    let mut mine = vec![a.alloc(l).unwrap()];
+    let free_elsewhere = |ps: &[ShmPtr]| {
+        std::thread::scope(|s| {
+            s.spawn(|| ps.iter().for_each(|&p| a.free(p).unwrap()));
+        });
+    };
+    free_elsewhere(&first[..15]);
+    for _ in 0..300 {
+        let p = a.alloc(l).unwrap();
+        assert_ne!(p.offset() / SPAN, span, "offered after 15 frees");
+        mine.push(p);
+    }
+    free_elsewhere(&first[15..16]);
+    let mut back = Vec::new();
+    for _ in 0..600 {
+        let p = a.alloc(l).unwrap();
+        if p.offset() / SPAN == span {
+            back.push(p.offset());
+        }
+    }
+    back.sort_unstable();
+    let mut freed: Vec<u64> = first[..16].iter().map(|p| p.offset()).collect();
+    freed.sort_unstable();
+    assert_eq!(back, freed, "the 16 freed objects come back");
+}
+
 /// Turning the caches off keeps a thread that used its cache out of it
 /// (its next allocations own no span), and on again lets it back in.
 #[test]

@@ -1466,7 +1466,11 @@ impl Arena {
             return freed;
         }
         objects::free_remote(owned, remote, index)?;
-        match span::note_remote_free(self.span_state(span), class) {
+        let ripe = || {
+            let capacity = layout::capacity(class) as usize;
+            objects::remote_count(remote, capacity) >= span::ripe_at(capacity)
+        };
+        match span::note_remote_free(self.span_state(span), class, ripe) {
             Remote::Noted => Ok(()),
             Remote::List => {
                 stack::push(self.partial(class), &self.span_links(), span as u32);

@@ -118,6 +118,15 @@ pub(crate) fn free_remote<S: AtomicSlot>(
     Ok(())
 }
 
+/// Remote frees not collected yet (stray bits included).
+pub(crate) fn remote_count<S: AtomicSlot>(remote: &[S], capacity: usize) -> usize {
+    remote
+        .iter()
+        .take(words(capacity))
+        .map(|w| w.load(Ordering::Relaxed).count_ones() as usize)
+        .sum()
+}
+
 /// Takes back a remote bit whose free was refused after it was set.
 pub(crate) fn unfree_remote(remote: &[impl AtomicSlot], i: usize) {
     let (w, bit) = locate(i);

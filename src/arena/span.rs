@@ -23,12 +23,20 @@
 //!     └── retire (CAS by the owner: empty) ── ACTIVE, unowned
 //! ```
 //!
-//! - Every non-empty unowned span with room is LISTED (and on the stack
-//!   once), so it is found: a give-up lists a span with free objects or
-//!   PENDING frees, and a remote free that finds its span unowned and not
-//!   listed lists it in the same CAS that sets PENDING. Both run on this
-//!   word, so of a give-up and a remote free that race, the later one sees
-//!   the other's effect.
+//! - Every unowned span with room is LISTED (and on the stack once), so
+//!   it is found, except a span given up full while fewer than a
+//!   sixteenth of its objects ([`ripe_at`]) were freed since: a give-up
+//!   lists a span with free objects or PENDING frees, and a remote free
+//!   that finds its span unowned and not listed lists it in the same CAS
+//!   that sets PENDING once its remote frees reach that count. Both run on
+//!   this word, so of a give-up and a remote free that race, the later one
+//!   sees the other's effect.
+//! - The count keeps a thread from adopting, again and again, spans with
+//!   one or two free objects (the stack is LIFO: the span listed last has
+//!   had the fewest frees), which costs several atomic operations per
+//!   object. Its price: up to a sixteenth of a span (or, when the frees
+//!   that reach the count race, until the next free) waits for more frees
+//!   before another thread can reuse it.
 //! - The owner clears PENDING (CAS, Acquire) before it collects the remote
 //!   bits; a remote free after that sets it again.
 //! - A remote free re-reads the class in its CAS: if the span was retired
@@ -184,15 +192,32 @@ pub(crate) enum Remote {
     Gone,
 }
 
+/// The remote frees after which a span given up full is listed again:
+/// a sixteenth of its `capacity`, at least one.
+pub(crate) fn ripe_at(capacity: usize) -> usize {
+    (capacity / 16).max(1)
+}
+
 /// Marks remote frees pending in a span of `class`, listing it if it is
-/// unowned and not listed.
-pub(crate) fn note_remote_free(state: &impl AtomicSlot, class: u32) -> Remote {
+/// unowned, not listed and `ripe` (asked at most once, only then: whether
+/// its remote frees reach [`ripe_at`]).
+pub(crate) fn note_remote_free(
+    state: &impl AtomicSlot,
+    class: u32,
+    ripe: impl FnOnce() -> bool,
+) -> Remote {
+    let mut ripe = Some(ripe);
+    let mut is_ripe = false;
     let mut w = state.load(Ordering::Relaxed);
     loop {
         if w & ACTIVE == 0 || class_of(w) != class {
             return Remote::Gone;
         }
-        let (new, what) = if owner_of(w) == 0 && w & LISTED == 0 {
+        let unlisted = owner_of(w) == 0 && w & LISTED == 0;
+        if unlisted && let Some(ask) = ripe.take() {
+            is_ripe = ask();
+        }
+        let (new, what) = if unlisted && is_ripe {
             (w | PENDING | LISTED, Remote::List)
         } else {
             (w | PENDING, Remote::Noted)
@@ -242,19 +267,33 @@ mod tests {
         assert!(!adopt(&s, 3, 6), "owned spans are not adopted");
         assert_eq!(give_up(&s, 6, true, false), GaveUp::NotOwner);
         assert_eq!(
-            note_remote_free(&s, 3),
+            note_remote_free(&s, 3, || unreachable!("owned: not asked")),
             Remote::Noted,
             "owned: the owner collects"
         );
-        assert_eq!(note_remote_free(&s, 4), Remote::Gone, "another class");
+        assert_eq!(
+            note_remote_free(&s, 4, || true),
+            Remote::Gone,
+            "another class"
+        );
         assert!(take_pending(&s) && !take_pending(&s));
         assert_eq!(give_up(&s, 5, false, false), GaveUp::Unowned, "full");
         assert_eq!(
-            note_remote_free(&s, 3),
-            Remote::List,
-            "the first remote free lists it"
+            note_remote_free(&s, 3, || false),
+            Remote::Noted,
+            "too few frees yet: pending, not listed"
         );
-        assert_eq!(note_remote_free(&s, 3), Remote::Noted, "listed once");
+        assert!(!describe(&s).unwrap().listed);
+        assert_eq!(
+            note_remote_free(&s, 3, || true),
+            Remote::List,
+            "the free that makes it ripe lists it"
+        );
+        assert_eq!(
+            note_remote_free(&s, 3, || unreachable!("listed: not asked")),
+            Remote::Noted,
+            "listed once"
+        );
         assert!(adopt(&s, 3, 6));
         let st = describe(&s).unwrap();
         assert_eq!((st.owner, st.pending, st.listed), (6, true, false));
