@@ -6,10 +6,13 @@
 //! cargo run --release --example bench_report [-- --quick] [--only-kv | --only-bufferpool | --only-sqlite]
 //! ```
 //!
-//! Needs root (userfaultfd, huge page reservation) and, for the Redis
-//! comparison, `redis-server` and `redis-benchmark` (`apt-get install
-//! redis-server redis-tools`); a missing tool skips that section and says
-//! so in the report. `--quick` runs every scenario at a smaller size in a
+//! Needs root (userfaultfd; as `.ci/run` does, it reserves 1024 × 2 MiB
+//! huge pages and mounts hugetlbfs on `/dev/hugepages` when they are
+//! missing) and, for the Redis comparison, `redis-server` and
+//! `redis-benchmark` (`apt-get install redis-server redis-tools`), for
+//! the emulated HGM section QEMU and cpio (`apt-get install
+//! qemu-system-x86 cpio`); a missing tool skips that section and says so
+//! in the report. `--quick` runs every scenario at a smaller size in a
 //! few minutes; `--only-kv`, `--only-bufferpool` and `--only-sqlite` run
 //! section 6, 9 or 10 alone and print it (10 needs `libsqlite3-dev`).
 //! Nothing here passes or fails on speed.
@@ -347,6 +350,13 @@ fn emulated_hgm(doc: &mut String) {
         let _ = writeln!(doc, "Skipped: no test guests (set HUGEARENA_GUEST_DIR).\n");
         return;
     };
+    if !have("qemu-system-x86_64") || !have_command("cpio") {
+        let _ = writeln!(
+            doc,
+            "Skipped: the guests need QEMU and cpio (`apt-get install qemu-system-x86 cpio`).\n"
+        );
+        return;
+    }
     let static_dir = root().join("target/static");
     run(Command::new(env!("CARGO"))
         .current_dir(root())
@@ -796,6 +806,67 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Whether `tool` is on the `PATH` (for tools without `--version`).
+fn have_command(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(tool).is_file()))
+}
+
+/// What the population and buffer pool sections need of the machine,
+/// set up the way `.ci/run` does when this runs as root: 1024 reserved
+/// 2 MiB huge pages and hugetlbfs mounted on `/dev/hugepages`. Otherwise
+/// says what is missing (those sections then stop with the library's
+/// error, which names the command).
+fn prepare_machine() {
+    const WANT: u64 = 1024;
+    let pool = Path::new("/proc/sys/vm/nr_hugepages");
+    let reserved = || {
+        std::fs::read_to_string(pool)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let root = nix::unistd::Uid::effective().is_root();
+    if reserved() < WANT && root {
+        let _ = std::fs::write(pool, WANT.to_string());
+    }
+    if reserved() < WANT {
+        eprintln!(
+            "note: {} huge pages reserved, the population and buffer pool sections need {WANT}: \
+             echo {WANT} | sudo tee {}",
+            reserved(),
+            pool.display()
+        );
+    }
+    let mounted = || {
+        std::fs::read_to_string("/proc/mounts").is_ok_and(|m| {
+            m.lines().any(|l| {
+                let mut f = l.split_whitespace().skip(1);
+                (f.next(), f.next()) == (Some("/dev/hugepages"), Some("hugetlbfs"))
+            })
+        })
+    };
+    if !mounted() && root {
+        let _ = std::fs::create_dir_all("/dev/hugepages");
+        let _ = Command::new("mount")
+            .args([
+                "-t",
+                "hugetlbfs",
+                "-o",
+                "pagesize=2M",
+                "none",
+                "/dev/hugepages",
+            ])
+            .status();
+    }
+    if !mounted() {
+        eprintln!(
+            "note: no hugetlbfs on /dev/hugepages, which the buffer pool section needs: \
+             sudo mount -t hugetlbfs -o pagesize=2M none /dev/hugepages"
+        );
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -1164,6 +1235,7 @@ fn main() {
     std::fs::create_dir_all(&plots).expect("docs/plots");
     eprintln!("building benches and examples");
     cargo(&["build", "--release", "--benches", "--examples"]);
+    prepare_machine();
     let started = Instant::now();
     let mut doc = String::new();
     // One section alone, printed rather than written into the report.
