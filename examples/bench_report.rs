@@ -22,6 +22,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[allow(dead_code)] // only its hugetlbfs mount
+#[path = "support/huge_tmpfs.rs"]
+mod huge_tmpfs;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -838,31 +842,22 @@ fn prepare_machine() {
             pool.display()
         );
     }
+    let dir = huge_tmpfs::HUGETLBFS_DIR;
     let mounted = || {
         std::fs::read_to_string("/proc/mounts").is_ok_and(|m| {
             m.lines().any(|l| {
                 let mut f = l.split_whitespace().skip(1);
-                (f.next(), f.next()) == (Some("/dev/hugepages"), Some("hugetlbfs"))
+                (f.next(), f.next()) == (Some(dir), Some("hugetlbfs"))
             })
         })
     };
     if !mounted() && root {
-        let _ = std::fs::create_dir_all("/dev/hugepages");
-        let _ = Command::new("mount")
-            .args([
-                "-t",
-                "hugetlbfs",
-                "-o",
-                "pagesize=2M",
-                "none",
-                "/dev/hugepages",
-            ])
-            .status();
+        let _ = huge_tmpfs::mount_hugetlbfs_2m();
     }
     if !mounted() {
         eprintln!(
-            "note: no hugetlbfs on /dev/hugepages, which the buffer pool section needs: \
-             sudo mount -t hugetlbfs -o pagesize=2M none /dev/hugepages"
+            "note: no hugetlbfs on {dir}, which the buffer pool section needs: \
+             sudo mount -t hugetlbfs -o pagesize=2M none {dir}"
         );
     }
 }

@@ -1,6 +1,8 @@
-//! The tmpfs mounts whose `huge=` option gives `ShmemThp` regions a 2 MiB
-//! folio per block whatever `shmem_enabled` says; shared by the
-//! benchmarks and the tests (`.ci/run` mounts the `huge=always` one too).
+//! The mounts the benchmarks and the tests need, shared by both: tmpfs
+//! mounts whose `huge=` option gives `ShmemThp` regions a 2 MiB folio per
+//! block whatever `shmem_enabled` says, and hugetlbfs with 2 MiB pages on
+//! `/dev/hugepages` (`.ci/run` mounts the `huge=always` tmpfs and the
+//! hugetlbfs too).
 
 use std::path::PathBuf;
 
@@ -56,5 +58,28 @@ impl TmpfsMount {
             "mounting a huge={} tmpfs failed ({status:?}): sudo mount -t tmpfs -o {options} none {}",
             self.huge, self.dir
         ))
+    }
+}
+
+/// Where [`mount_hugetlbfs_2m`] mounts hugetlbfs.
+pub const HUGETLBFS_DIR: &str = "/dev/hugepages";
+
+/// Mounts hugetlbfs with 2 MiB pages on [`HUGETLBFS_DIR`] (root only; the
+/// caller checks first whether one is mounted anywhere). The command that
+/// failed, if it did.
+#[allow(dead_code)] // not every user mounts hugetlbfs
+pub fn mount_hugetlbfs_2m() -> Result<(), String> {
+    let _ = std::fs::create_dir_all(HUGETLBFS_DIR);
+    let args = [
+        "-t",
+        "hugetlbfs",
+        "-o",
+        "pagesize=2M",
+        "none",
+        HUGETLBFS_DIR,
+    ];
+    match std::process::Command::new("mount").args(args).status() {
+        Ok(status) if status.success() => Ok(()),
+        other => Err(format!("mount {} failed ({other:?})", args.join(" "))),
     }
 }

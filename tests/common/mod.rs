@@ -81,21 +81,11 @@ pub fn hugetlbfs_2m() -> Option<PathBuf> {
         skip("no hugetlbfs mount: sudo mount -t hugetlbfs -o pagesize=2M none /dev/hugepages");
         return None;
     }
-    let _ = std::fs::create_dir_all("/dev/hugepages");
-    let status = Command::new("mount")
-        .args([
-            "-t",
-            "hugetlbfs",
-            "-o",
-            "pagesize=2M",
-            "none",
-            "/dev/hugepages",
-        ])
-        .status();
-    match (status, find()) {
+    let mounted = huge_tmpfs_mount::mount_hugetlbfs_2m();
+    match (mounted, find()) {
         (_, Some(path)) => Some(path),
-        (status, None) => {
-            skip(&format!("mounting hugetlbfs failed: {status:?}"));
+        (mounted, None) => {
+            skip(&format!("mounting hugetlbfs failed: {mounted:?}"));
             None
         }
     }
