@@ -822,34 +822,26 @@ fn have_command(tool: &str) -> bool {
 /// says what is missing (those sections then stop with the library's
 /// error, which names the command).
 fn prepare_machine() {
+    use hugearena::PageSize;
+    use hugearena::probe::{HugePagePool, HugetlbfsMount};
     const WANT: u64 = 1024;
-    let pool = Path::new("/proc/sys/vm/nr_hugepages");
-    let reserved = || {
-        std::fs::read_to_string(pool)
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let reserved = || HugePagePool::read(PageSize::Huge2M).map_or(0, |p| p.total);
     let root = nix::unistd::Uid::effective().is_root();
     if reserved() < WANT && root {
-        let _ = std::fs::write(pool, WANT.to_string());
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", WANT.to_string());
     }
     if reserved() < WANT {
         eprintln!(
-            "note: {} huge pages reserved, the population and buffer pool sections need {WANT}: \
-             echo {WANT} | sudo tee {}",
+            "note: {} huge pages reserved, the population and buffer pool sections need {WANT}: {}",
             reserved(),
-            pool.display()
+            HugePagePool::reserve_command(PageSize::Huge2M, WANT)
         );
     }
     let dir = huge_tmpfs::HUGETLBFS_DIR;
     let mounted = || {
-        std::fs::read_to_string("/proc/mounts").is_ok_and(|m| {
-            m.lines().any(|l| {
-                let mut f = l.split_whitespace().skip(1);
-                (f.next(), f.next()) == (Some(dir), Some("hugetlbfs"))
-            })
-        })
+        HugetlbfsMount::list()
+            .iter()
+            .any(|m| m.path == Path::new(dir) && m.page_size == PageSize::Huge2M)
     };
     if !mounted() && root {
         let _ = huge_tmpfs::mount_hugetlbfs_2m();

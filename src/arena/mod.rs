@@ -1393,9 +1393,10 @@ impl Arena {
     pub fn free(&self, ptr: ShmPtr) -> Result<()> {
         // Small objects take the short path; everything else, errors
         // included, is out of line so that this one stays small.
-        let offset = ptr.offset();
-        let tag_ok = ptr.tag() == 0 || ptr.tag() == self.tag;
-        if tag_ok && offset >= self.layout.meta_len && offset < self.layout.data_len {
+        if let Ok(offset) = self.offset_of(ptr)
+            && offset >= self.layout.meta_len
+            && offset < self.layout.data_len
+        {
             let b = offset / BLOCK;
             if block::observe(self.block(b)).kind == Kind::Pages {
                 let slot = offset / SPAN;

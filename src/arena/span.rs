@@ -206,18 +206,13 @@ pub(crate) fn note_remote_free(
     class: u32,
     ripe: impl FnOnce() -> bool,
 ) -> Remote {
-    let mut ripe = Some(ripe);
-    let mut is_ripe = false;
+    let ripe = std::cell::LazyCell::new(ripe);
     let mut w = state.load(Ordering::Relaxed);
     loop {
         if w & ACTIVE == 0 || class_of(w) != class {
             return Remote::Gone;
         }
-        let unlisted = owner_of(w) == 0 && w & LISTED == 0;
-        if unlisted && let Some(ask) = ripe.take() {
-            is_ripe = ask();
-        }
-        let (new, what) = if unlisted && is_ripe {
+        let (new, what) = if owner_of(w) == 0 && w & LISTED == 0 && *ripe {
             (w | PENDING | LISTED, Remote::List)
         } else {
             (w | PENDING, Remote::Noted)
