@@ -33,10 +33,12 @@ pub(crate) trait AtomicSlot {
 macro_rules! atomic_slot_for {
     ($t:ty) => {
         impl AtomicSlot for $t {
+            #[inline]
             fn load(&self, order: Ordering) -> u64 {
                 <$t>::load(self, order)
             }
 
+            #[inline]
             fn compare_exchange(
                 &self,
                 current: u64,
@@ -47,18 +49,22 @@ macro_rules! atomic_slot_for {
                 <$t>::compare_exchange(self, current, new, success, failure)
             }
 
+            #[inline]
             fn store(&self, value: u64, order: Ordering) {
                 <$t>::store(self, value, order)
             }
 
+            #[inline]
             fn fetch_sub(&self, value: u64, order: Ordering) -> u64 {
                 <$t>::fetch_sub(self, value, order)
             }
 
+            #[inline]
             fn fetch_or(&self, value: u64, order: Ordering) -> u64 {
                 <$t>::fetch_or(self, value, order)
             }
 
+            #[inline]
             fn fetch_and(&self, value: u64, order: Ordering) -> u64 {
                 <$t>::fetch_and(self, value, order)
             }

@@ -66,6 +66,7 @@ impl Kind {
         }) << KIND_SHIFT
     }
 
+    #[inline]
     fn of(w: u64) -> Kind {
         match (w & KIND_MASK) >> KIND_SHIFT {
             0 => Kind::Free,
@@ -92,6 +93,7 @@ pub(crate) struct BlockState {
 }
 
 /// Decodes a block word.
+#[inline]
 pub(crate) fn decode(w: u64) -> BlockState {
     BlockState {
         kind: Kind::of(w),

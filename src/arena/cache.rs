@@ -181,7 +181,7 @@ impl Caches {
     #[allow(unsafe_code)] // entering the thread's own gate
     #[inline(always)]
     pub(crate) fn with_local<R>(&self, f: impl FnOnce(&mut ThreadCache) -> R) -> Option<R> {
-        let (id, last) = LAST.get();
+        let (id, last) = LAST.try_with(CopyCell::get).unwrap_or(NO_LAST);
         let gate = if id == self.id && !last.is_null() {
             last
         } else if self.enabled() {

@@ -62,6 +62,7 @@ pub(crate) const CLASSES: [u32; 32] = [
 /// The class serving `size` bytes aligned to `align`, if small. Classes
 /// are placed at multiples of their size in 64 KiB-aligned spans, so a
 /// power-of-two class is aligned to its size.
+#[inline]
 pub(crate) fn class_for(size: usize, align: usize) -> Option<u32> {
     let size = if align > 16 {
         size.max(align).next_power_of_two()
@@ -93,6 +94,7 @@ static CLASS_OF_SIXTEENTHS: [u8; SMALL_MAX / 16 + 1] = {
 /// size of `class`: quotient and remainder, by a multiply instead of a
 /// division (exact: with offsets below 2^16 and sizes below 2^14, a 32-bit
 /// reciprocal leaves no rounding error).
+#[inline]
 pub(crate) fn divide_by_class(offset: u64, class: u32) -> (u64, u64) {
     debug_assert!(offset < SPAN);
     let size = u64::from(CLASSES[class as usize]);
@@ -112,6 +114,7 @@ static RECIPROCALS: [u64; CLASSES.len()] = {
 };
 
 /// Objects of class `class` per span.
+#[inline]
 pub(crate) fn capacity(class: u32) -> u64 {
     CAPACITIES[class as usize]
 }

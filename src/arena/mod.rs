@@ -67,35 +67,42 @@ impl ShmPtr {
 
     /// An untagged pointer for a byte offset: any arena takes it (and
     /// checks it against its tables only).
+    #[inline]
     pub const fn from_offset(offset: u64) -> ShmPtr {
         ShmPtr(offset & OFFSET_MASK)
     }
 
     /// The byte offset.
+    #[inline]
     pub const fn offset(self) -> u64 {
         self.0 & OFFSET_MASK
     }
 
     /// The tag of the arena that handed it out (0: untagged).
+    #[inline]
     pub const fn tag(self) -> u16 {
         (self.0 >> OFFSET_BITS) as u16
     }
 
     /// Offset and tag as one word, for storing in shared memory.
+    #[inline]
     pub const fn to_bits(self) -> u64 {
         self.0
     }
 
     /// The pointer [`to_bits`](ShmPtr::to_bits) gave `bits` for.
+    #[inline]
     pub const fn from_bits(bits: u64) -> ShmPtr {
         ShmPtr(bits)
     }
 
+    #[inline]
     const fn tagged(offset: u64, tag: u16) -> ShmPtr {
         ShmPtr((offset & OFFSET_MASK) | (tag as u64) << OFFSET_BITS)
     }
 
     /// Whether this is [`ShmPtr::NULL`].
+    #[inline]
     pub const fn is_null(self) -> bool {
         self.0 == 0
     }
@@ -589,6 +596,7 @@ impl Arena {
     }
 
     /// The offset `ptr` stands for, if it is untagged or this arena's.
+    #[inline]
     fn offset_of(&self, ptr: ShmPtr) -> Result<u64> {
         match ptr.tag() {
             0 => Ok(ptr.offset()),
@@ -758,6 +766,7 @@ impl Arena {
         self.tables.header.get()
     }
 
+    #[inline]
     fn blocks(&self) -> &[AtomicU64] {
         self.tables.blocks.get()
     }
@@ -838,6 +847,7 @@ impl Arena {
     /// Allocates `layout.size()` bytes aligned to `layout.align()` (at most
     /// 2 MiB). The memory is not touched: it reads as whatever was freed
     /// there last (zero when fresh), and its pages fill on first touch.
+    #[inline]
     pub fn alloc(&self, layout: AllocLayout) -> Result<ShmPtr> {
         let size = layout.size();
         // Small objects take the short path; everything else, errors
@@ -1142,6 +1152,7 @@ impl Arena {
         }
     }
 
+    #[inline]
     fn alloc_small(&self, class: u32) -> Option<ShmPtr> {
         self.with_cache(|cache| self.alloc_owned(cache, class))
             .unwrap_or_else(|| self.alloc_borrowed(class))
@@ -1150,10 +1161,8 @@ impl Arena {
     /// Runs `f` on this thread's cache, giving a thread new to the arena
     /// one first; `None` if there is none to be had.
     #[inline]
-    fn with_cache<R>(&self, f: impl Fn(&mut cache::ThreadCache) -> R) -> Option<R> {
-        self.caches
-            .with_local(&f)
-            .or_else(|| self.with_new_cache(&f))
+    fn with_cache<R>(&self, f: impl Fn(&mut cache::ThreadCache) -> R + Copy) -> Option<R> {
+        self.caches.with_local(f).or_else(|| self.with_new_cache(f))
     }
 
     /// Runs `f` on this thread's cache after giving a thread new to the
@@ -1204,6 +1213,7 @@ impl Arena {
 
     /// The object at index `i` of span `span` of `class` (the inverse of
     /// [`object_index`](Self::object_index)).
+    #[inline]
     fn object_ptr(span: u64, class: u32, i: usize) -> ShmPtr {
         ShmPtr(span * SPAN + i as u64 * u64::from(CLASSES[class as usize]))
     }
@@ -1390,6 +1400,7 @@ impl Arena {
     /// Frees an allocation. Pointers that are not live allocations (never
     /// allocated, freed already, or pointing inside an allocation) are
     /// rejected with [`Error::InvalidFree`] and change nothing.
+    #[inline]
     pub fn free(&self, ptr: ShmPtr) -> Result<()> {
         // Small objects take the short path; everything else, errors
         // included, is out of line so that this one stays small.
@@ -1463,9 +1474,18 @@ impl Arena {
                 })
             })
             .flatten();
-        if let Some(freed) = by_owner {
-            return freed;
+        match by_owner {
+            Some(freed) => freed,
+            None => self.free_remote_small(span, class, index),
         }
+    }
+
+    /// [`free_small`](Self::free_small) by a thread that does not own the
+    /// span: sets the object's remote bit, and lists the span when enough
+    /// of it is free again. Out of line: the owner's path stays small.
+    #[inline(never)]
+    fn free_remote_small(&self, span: u64, class: u32, index: usize) -> Result<(), &'static str> {
+        let (owned, remote) = self.span_objects(span);
         objects::free_remote(owned, remote, index)?;
         let ripe = || {
             let capacity = layout::capacity(class) as usize;

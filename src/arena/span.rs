@@ -70,14 +70,17 @@ pub(crate) struct SpanState {
     pub(crate) listed: bool,
 }
 
+#[inline]
 fn class_of(w: u64) -> u32 {
     ((w >> CLASS_SHIFT) & CLASS_MASK) as u32
 }
 
+#[inline]
 fn owner_of(w: u64) -> u32 {
     (w & OWNER_MASK) as u32
 }
 
+#[inline]
 fn decode(w: u64) -> Option<SpanState> {
     // A class past the table is a damaged word: no span (never an index
     // out of bounds).

@@ -29,6 +29,7 @@ impl<T: SharedAtomic> SharedSlice<T> {
         SharedSlice(NonNull::from(words))
     }
 
+    #[inline]
     pub(super) fn get(&self) -> &[T] {
         // SAFETY: see the type: the view outlives `self`, and the words are
         // only ever accessed atomically.

@@ -32,6 +32,7 @@ pub(crate) const CAPACITY: usize = 256;
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 /// The number of forks between the original process and this one.
+#[inline]
 pub(crate) fn generation() -> u64 {
     GENERATION.load(Ordering::Relaxed)
 }
