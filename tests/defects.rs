@@ -1226,3 +1226,51 @@ fn a_pointer_of_another_arena_is_rejected() {
     // An untagged offset is checked against the tables only.
     assert!(a.free(ShmPtr::from_offset(p.offset())).is_ok());
 }
+
+/// A free from a thread that no longer owns the span (a flush gave it up)
+/// sets its remote bit, then marks the span. A flush retiring empty spans
+/// meanwhile could collect that bit and retire the span between the two;
+/// the free then found its span gone and was refused, though it had
+/// counted. Every free here is of a live object and must succeed, and
+/// nothing stays allocated.
+#[test]
+fn freeing_while_a_flush_retires_spans_never_refuses_a_live_object() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Stops the flusher however the test thread leaves.
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let a = arena(64 << 20, BackendKind::Shmem);
+    let stop = AtomicBool::new(false);
+    let layout = Layout::from_size_align(8 << 10, 8).unwrap();
+    std::thread::scope(|s| {
+        let flusher = s.spawn(|| {
+            let mut flushes = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                a.flush_thread_caches();
+                flushes += 1;
+            }
+            flushes
+        });
+        let stopping = Stop(&stop);
+        let started = std::time::Instant::now();
+        let mut frees = 0u64;
+        // 8 KiB objects: 8 to a span, so spans empty and retire often.
+        while started.elapsed() < Duration::from_secs(3) {
+            let batch: Vec<ShmPtr> = (0..24).map(|_| a.alloc(layout).unwrap()).collect();
+            for p in batch {
+                a.free(p)
+                    .unwrap_or_else(|e| panic!("free {frees} of a live object: {e}"));
+                frees += 1;
+            }
+        }
+        drop(stopping);
+        let flushes = flusher.join().unwrap();
+        assert!(flushes > 100, "only {flushes} flushes ran alongside");
+    });
+    let stats = a.audit().unwrap();
+    assert_eq!(stats.small_objects, 0, "{stats:?}");
+}

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use super::gate::{self, Flushing, Gate};
 use super::layout::CLASSES;
 use super::ledger;
+use super::objects::NextWord;
 use crate::populate::fork;
 use crate::populate::state::Owner;
 
@@ -35,6 +36,9 @@ pub(crate) struct ThreadCache {
     /// Per class, the bitmap word where its next allocation looks first
     /// (everything below it is taken).
     pub(crate) cursor: [u8; CLASSES.len()],
+    /// Per class, a copy of that word (`NextWord`: none, or exact while
+    /// the span is owned; reset whenever `spans` or `cursor` changes).
+    pub(crate) next: [NextWord; CLASSES.len()],
     /// The block it carves its spans in (0: none yet; block 0 holds the
     /// tables). Only a hint.
     pub(crate) span_block: u64,
@@ -51,6 +55,7 @@ impl ThreadCache {
             slot,
             spans: [0; CLASSES.len()],
             cursor: [0; CLASSES.len()],
+            next: [NextWord::default(); CLASSES.len()],
             span_block: 0,
             runs: [(0, 0); ledger::RUNS],
             next_eviction: 0,
@@ -60,6 +65,14 @@ impl ThreadCache {
     /// The owner value of its spans.
     pub(crate) fn owner(&self) -> u32 {
         self.slot as u32 + 1
+    }
+
+    /// Records `span` (or none) as its span of class `c`, its next
+    /// allocation looking from the span's first word.
+    pub(crate) fn set_span(&mut self, c: usize, span: Option<u64>) {
+        self.spans[c] = span.map_or(0, |s| s as u32 + 1);
+        self.cursor[c] = 0;
+        self.next[c] = NextWord::default();
     }
 }
 

@@ -9,7 +9,9 @@
 //! slot over without a CAS, `--cfg hugearena_mutation_objects` lets the
 //! owner allocate an object without dropping a stray remote bit, and
 //! `--cfg hugearena_mutation_span` gives a span up with a load and a store
-//! instead of a CAS; these tests must then fail.
+//! instead of a CAS, and `--cfg hugearena_mutation_remote` refuses a
+//! remote free whenever its span is gone by its CAS; these tests must then
+//! fail.
 #![allow(unsafe_code)] // the modelled bytes are loom `UnsafeCell`s
 
 use super::gate::{Flushing, Gate};
@@ -122,6 +124,42 @@ fn a_racing_double_free_never_hands_an_object_out_twice() {
     });
 }
 
+/// The same race, with the owner allocating again from its copy of the
+/// word (`objects::NextWord`, the thread cache's short path) instead of
+/// searching the bitmap: the copy must drop the stray bit too.
+/// `--cfg hugearena_mutation_objects` must fail here as well.
+#[test]
+fn a_racing_double_free_never_hands_an_object_out_twice_from_the_owners_copy() {
+    loom::model(|| {
+        let owned = Arc::new([AtomicU64::new(0)]);
+        let remote = Arc::new([AtomicU64::new(0)]);
+        let done = Arc::new(AtomicUsize::new(0));
+        // The owner allocated object 0, keeping a copy of the word.
+        let (i, bits) = objects::take_for_copy(&owned[..], &remote[..], 2, 0).expect("room");
+        assert_eq!(i, 0);
+        let mut next = objects::NextWord::new(bits, 0, 2, 0, 1, 0);
+        let other = {
+            let (owned, remote, done) = (owned.clone(), remote.clone(), done.clone());
+            thread::spawn(move || {
+                let _ = objects::free_remote(&owned[..], &remote[..], 0);
+                done.store(1, Ordering::SeqCst);
+            })
+        };
+        if objects::free_owned(&owned[..], &remote[..], 0).is_ok() {
+            next.note_owner_free(0, 1);
+        }
+        let finished_before = done.load(Ordering::SeqCst) == 1;
+        let a = objects::take_next(&mut next, &owned[0], &remote[0]).expect("room in the copy");
+        // A collect clears owner bits: the cache forgets its copy first.
+        objects::collect(&owned[..], &remote[..], 2);
+        let b = objects::take(&owned[..], &remote[..], 2, 0).map(|(i, _)| i as u64);
+        if finished_before {
+            assert_ne!(Some(a), b, "object {a} handed out twice");
+        }
+        other.join().unwrap();
+    });
+}
+
 /// The owner gives up a full span while another thread frees one of its
 /// objects: the span ends unowned, listed and pushed exactly once, so the
 /// room the free made is found. `--cfg hugearena_mutation_span` (give up
@@ -159,6 +197,50 @@ fn a_span_given_up_while_an_object_is_freed_is_listed_once() {
         assert_eq!(pushes.load(Ordering::Relaxed), 1, "pushed 0 or 2 times");
         let st = span::describe(&*state).expect("active");
         assert!(st.listed && st.owner == 0, "{st:?}");
+    });
+}
+
+/// The owner gives up its span while another thread frees the span's
+/// last live object: the owner's collect can take the free's remote bit
+/// between the bit and the free's CAS of the state, and retire the span.
+/// The free must count (succeed), not be refused as a free into a freed
+/// span; either way nothing stays allocated. `--cfg
+/// hugearena_mutation_remote` (always refuse once the span is gone) must
+/// fail here.
+#[test]
+fn a_remote_free_that_empties_a_span_being_given_up_counts() {
+    loom::model(|| {
+        const OWNER: u32 = 3;
+        let state = Arc::new(AtomicU64::new(0));
+        let owned = Arc::new([AtomicU64::new(0)]);
+        let remote = Arc::new([AtomicU64::new(0)]);
+        // Capacity 2, both allocated; object 0 already freed remotely (its
+        // bit and PENDING set), object 1 live.
+        span::carve(&*state, 5, OWNER);
+        objects::take(&owned[..], &remote[..], 2, 0);
+        objects::take(&owned[..], &remote[..], 2, 0);
+        assert_eq!(
+            span::free_remotely(&*state, 5, 2, (&owned[..], &remote[..]), 0),
+            Ok(false)
+        );
+        let other = {
+            let (state, owned, remote) = (state.clone(), owned.clone(), remote.clone());
+            thread::spawn(move || span::free_remotely(&*state, 5, 2, (&owned[..], &remote[..]), 1))
+        };
+        if span::take_pending(&*state) {
+            objects::collect(&owned[..], &remote[..], 2);
+        }
+        let (room, empty) = objects::room_and_empty(&owned[..], 2);
+        let gave_up = span::give_up(&*state, OWNER, room, empty);
+        let freed = other.join().unwrap();
+        assert!(freed.is_ok(), "a free of a live object refused: {freed:?}");
+        if gave_up != span::GaveUp::Retire {
+            assert_eq!(
+                objects::live(&owned[..], &remote[..], 2),
+                0,
+                "an object lost"
+            );
+        }
     });
 }
 

@@ -42,7 +42,7 @@ use self::layout::{
     ArenaLayout, BLOCK, BLOCK_WORD_STRIDE, CLASSES, HEADER, PAGE, SPAN, SPAN_BITMAP_WORDS,
     SPAN_DESC, SPAN_HEAD_WORDS, SPAN_PAGES,
 };
-use self::span::{BORROWED, GaveUp, Remote};
+use self::span::{BORROWED, GaveUp};
 use crate::error::{Error, Result};
 use crate::populate::{PopulateOptions, Populator, ZeroSource};
 use crate::region::SharedBase;
@@ -504,8 +504,7 @@ impl Arena {
                 if let Some(span) = cache.spans[c].checked_sub(1) {
                     self.give_up_span(owner, Some(slot), class, u64::from(span));
                 }
-                cache.spans[c] = 0;
-                cache.cursor[c] = 0;
+                cache.set_span(c, None);
             }
             self.release_recorded_runs(slot);
             cache.runs = [(0, 0); ledger::RUNS];
@@ -1181,12 +1180,20 @@ impl Arena {
     }
 
     /// Allocates from the cache's span of `class` (the hot path: plain
-    /// loads and stores in the span's owner bitmap), collecting remote
-    /// frees or taking another span when it is full.
+    /// loads and stores in the span's owner bitmap, from the cache's copy
+    /// of the word it allocates from), collecting remote frees or taking
+    /// another span when it is full.
     #[inline]
     fn alloc_owned(&self, cache: &mut cache::ThreadCache, class: u32) -> Option<ShmPtr> {
-        if let Some(span) = cache.spans[class as usize].checked_sub(1) {
-            let from = cache.cursor[class as usize] as usize;
+        let c = class as usize;
+        if let Some(at) = cache.next[c].at_if_free() {
+            let (owned, remote) = self.owner_and_remote_word(at);
+            if let Some(offset) = objects::take_next(&mut cache.next[c], owned, remote) {
+                return Some(ShmPtr(offset));
+            }
+        }
+        if let Some(span) = cache.spans[c].checked_sub(1) {
+            let from = cache.cursor[c] as usize;
             if let Some(p) = self.take_object(cache, class, u64::from(span), from) {
                 return Some(p);
             }
@@ -1194,9 +1201,23 @@ impl Arena {
         self.alloc_owned_slow(cache, class)
     }
 
+    /// Owner bitmap word `at` of the span table (as a [`objects::NextWord`]
+    /// places it) and its remote word.
+    #[inline]
+    fn owner_and_remote_word(&self, at: usize) -> (&AtomicU64, &AtomicU64) {
+        let spans = self.tables.spans.get();
+        (&spans[at], &spans[at + SPAN_BITMAP_WORDS])
+    }
+
+    /// Where owner bitmap word `w` of span `span` lies in the span table.
+    #[inline]
+    fn owner_word_at(span: u64, w: usize) -> usize {
+        span as usize * (SPAN_DESC / 8) as usize + SPAN_HEAD_WORDS + w
+    }
+
     /// The owner takes the lowest free object of its span `span` of
     /// `class` at or after bitmap word `from`, and moves the cache's
-    /// cursor there.
+    /// cursor there, with a copy of the word for the next allocations.
     #[inline]
     fn take_object(
         &self,
@@ -1206,8 +1227,19 @@ impl Arena {
         from: usize,
     ) -> Option<ShmPtr> {
         let (owned, remote) = self.span_objects(span);
-        let (i, _) = objects::take(owned, remote, layout::capacity(class) as usize, from)?;
-        cache.cursor[class as usize] = (i / 64) as u8;
+        let capacity = layout::capacity(class) as usize;
+        let (i, bits) = objects::take_for_copy(owned, remote, capacity, from)?;
+        let (w, _) = objects::word_and_bit(i);
+        let c = class as usize;
+        cache.cursor[c] = w as u8;
+        cache.next[c] = objects::NextWord::new(
+            bits,
+            w,
+            capacity,
+            span * SPAN,
+            u64::from(CLASSES[c]),
+            Self::owner_word_at(span, w),
+        );
         Some(Self::object_ptr(span, class, i))
     }
 
@@ -1233,6 +1265,8 @@ impl Arena {
             if let Some(span) = current {
                 if span::take_pending(self.span_state(span)) {
                     let (owned, remote) = self.span_objects(span);
+                    // The copy goes first: the collect clears owner bits.
+                    cache.next[c] = objects::NextWord::default();
                     objects::collect(owned, remote, layout::capacity(class) as usize);
                     if let Some(p) = self.take_object(cache, class, span, 0) {
                         return Some(p);
@@ -1240,7 +1274,7 @@ impl Arena {
                 }
                 // Full: a remote free lists it again.
                 self.give_up_span(cache.owner(), Some(slot), class, span);
-                cache.spans[c] = 0;
+                cache.set_span(c, None);
             }
             let span = self.adopt_or_carve(
                 class,
@@ -1248,8 +1282,7 @@ impl Arena {
                 Some(slot),
                 Some(&mut cache.span_block),
             )?;
-            cache.spans[c] = span as u32 + 1;
-            cache.cursor[c] = 0;
+            cache.set_span(c, Some(span));
             // Adopted or carved with room: this finds an object unless the
             // tables are damaged (then the span is given up above).
             if let Some(p) = self.take_object(cache, class, span, 0) {
@@ -1404,18 +1437,18 @@ impl Arena {
     pub fn free(&self, ptr: ShmPtr) -> Result<()> {
         // Small objects take the short path; everything else, errors
         // included, is out of line so that this one stays small.
+        // An active span's state says enough: it lies in a page block
+        // whose pages it holds (`span`'s protocol), so the block's word is
+        // not read here.
         if let Ok(offset) = self.offset_of(ptr)
             && offset >= self.layout.meta_len
             && offset < self.layout.data_len
         {
-            let b = offset / BLOCK;
-            if block::observe(self.block(b)).kind == Kind::Pages {
-                let slot = offset / SPAN;
-                if let Some(st) = span::describe(self.span_state(slot)) {
-                    return self
-                        .free_small(slot, st.class, offset)
-                        .map_err(|reason| Error::InvalidFree { offset, reason });
-                }
+            let slot = offset / SPAN;
+            if let Some(st) = span::describe(self.span_state(slot)) {
+                return self
+                    .free_small(slot, st.class, offset)
+                    .map_err(|reason| Error::InvalidFree { offset, reason });
             }
         }
         self.free_pages_or_blocks(ptr)
@@ -1465,12 +1498,15 @@ impl Arena {
                 // The cache's own record, not the shared state word: a
                 // flush may have given the span up since it was read.
                 (cache.spans[c] == span as u32 + 1).then(|| {
-                    let freed = objects::free_owned(owned, remote, index);
-                    let word = (index / 64) as u8;
-                    if freed.is_ok() && word < cache.cursor[c] {
-                        cache.cursor[c] = word;
+                    objects::free_owned(owned, remote, index)?;
+                    let (w, bit) = objects::word_and_bit(index);
+                    if w < usize::from(cache.cursor[c]) {
+                        cache.cursor[c] = w as u8;
+                        cache.next[c] = objects::NextWord::default();
+                    } else {
+                        cache.next[c].note_owner_free(Self::owner_word_at(span, w), bit);
                     }
-                    freed
+                    Ok(())
                 })
             })
             .flatten();
@@ -1485,23 +1521,12 @@ impl Arena {
     /// of it is free again. Out of line: the owner's path stays small.
     #[inline(never)]
     fn free_remote_small(&self, span: u64, class: u32, index: usize) -> Result<(), &'static str> {
-        let (owned, remote) = self.span_objects(span);
-        objects::free_remote(owned, remote, index)?;
-        let ripe = || {
-            let capacity = layout::capacity(class) as usize;
-            objects::remote_count(remote, capacity) >= span::ripe_at(capacity)
-        };
-        match span::note_remote_free(self.span_state(span), class, ripe) {
-            Remote::Noted => Ok(()),
-            Remote::List => {
-                stack::push(self.partial(class), &self.span_links(), span as u32);
-                Ok(())
-            }
-            Remote::Gone => {
-                objects::unfree_remote(remote, index);
-                Err("object not allocated (its span was freed)")
-            }
+        let capacity = layout::capacity(class) as usize;
+        let objects = self.span_objects(span);
+        if span::free_remotely(self.span_state(span), class, capacity, objects, index)? {
+            stack::push(self.partial(class), &self.span_links(), span as u32);
         }
+        Ok(())
     }
 
     fn free_large(&self, b: u64) -> Option<()> {

@@ -5,6 +5,10 @@
 //!   bit, the owner's own free clears one, and nobody else writes them, so
 //!   the owner's hot path takes no lock and no read-modify-write. Others
 //!   only read them, to refuse a free of an object that is not allocated.
+//!   Being their only writer, the owner also keeps a copy of the word it
+//!   allocates from ([`NextWord`]) and allocates from the copy, storing
+//!   the word after each change; it forgets the copy before anything else
+//!   changes the word (a collect, a give-up, a flush).
 //! - **Remote bits** (set = freed by a thread that does not own the span,
 //!   not collected yet): a remote free sets its bit with one `fetch_or`
 //!   (`Release`: its writes to the object happen before the next owner's
@@ -59,6 +63,17 @@ pub(crate) fn take<S: AtomicSlot>(
     capacity: usize,
     from: usize,
 ) -> Option<(usize, u32)> {
+    take_word(owned, remote, capacity, from).map(|(i, stray, _)| (i, stray))
+}
+
+/// [`take`], also returning the owner bits it stored in the object's word.
+#[inline]
+fn take_word<S: AtomicSlot>(
+    owned: &[S],
+    remote: &[S],
+    capacity: usize,
+    from: usize,
+) -> Option<(usize, u32, u64)> {
     for w in from..words(capacity) {
         let bits = owned[w].load(Ordering::Relaxed);
         let free = !bits & valid(w, capacity);
@@ -66,20 +81,121 @@ pub(crate) fn take<S: AtomicSlot>(
             continue;
         }
         let bit = free & free.wrapping_neg();
-        let mut stray = 0;
-        #[cfg(hugearena_mutation_objects)]
-        let _ = (remote, &mut stray);
-        #[cfg(not(hugearena_mutation_objects))]
-        if remote[w].load(Ordering::Relaxed) & bit != 0 {
-            // A double free that raced with the owner's own free left its
-            // bit: drop it, or a collect would free the new allocation.
-            remote[w].fetch_and(!bit, Ordering::Acquire);
-            stray = 1;
-        }
+        let stray = drop_stray(&remote[w], bit);
         owned[w].store(bits | bit, Ordering::Relaxed);
-        return Some((w * BITS + bit.trailing_zeros() as usize, stray));
+        return Some((w * BITS + bit.trailing_zeros() as usize, stray, bits | bit));
     }
     None
+}
+
+/// Before the owner allocates the object of `bit`: drops a remote bit that
+/// a double free racing with the owner's own free left on it, or a collect
+/// would free the new allocation. Whether there was one.
+#[inline]
+fn drop_stray<S: AtomicSlot>(remote: &S, bit: u64) -> u32 {
+    #[cfg(hugearena_mutation_objects)]
+    let _ = (remote, bit);
+    #[cfg(not(hugearena_mutation_objects))]
+    if remote.load(Ordering::Relaxed) & bit != 0 {
+        remote.fetch_and(!bit, Ordering::Acquire);
+        return 1;
+    }
+    0
+}
+
+/// The owner's copy of the owner-bit word its next allocation of a class
+/// takes from. The owner is the only writer of owner bits, so the copy
+/// stays exact for as long as it owns the span (the thread cache forgets
+/// the copy before it gives the span up, or moves its cursor elsewhere),
+/// and allocating from it skips the search of [`take`]. `Default`: no
+/// copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct NextWord {
+    /// The word's bits as last stored.
+    owned: u64,
+    /// Its free objects: the valid bits not in `owned` (0 without a copy).
+    free: u64,
+    /// The arena offset of the object of bit 0.
+    base: u64,
+    /// The object size.
+    size: u64,
+    /// Where the owner word lies in the caller's table (the remote word
+    /// is the caller's to find from it).
+    at: usize,
+}
+
+impl NextWord {
+    /// A copy of word `w` of a span of `capacity` objects of `size` bytes
+    /// starting at arena offset `span_base`, whose owner bits the owner
+    /// just stored as `owned`; `at` places the word in the caller's table.
+    #[inline]
+    pub(crate) fn new(
+        owned: u64,
+        w: usize,
+        capacity: usize,
+        span_base: u64,
+        size: u64,
+        at: usize,
+    ) -> NextWord {
+        NextWord {
+            owned,
+            free: !owned & valid(w, capacity),
+            base: span_base + (w * BITS) as u64 * size,
+            size,
+            at,
+        }
+    }
+
+    /// Where the copied word lies in the caller's table, if it has a free
+    /// object.
+    #[inline]
+    pub(crate) fn at_if_free(&self) -> Option<usize> {
+        (self.free != 0).then_some(self.at)
+    }
+
+    /// The owner freed the object of `bit` in the word at `at` (its owner
+    /// bit is cleared already): keeps the copy exact if it is that word.
+    #[inline]
+    pub(crate) fn note_owner_free(&mut self, at: usize, bit: u64) {
+        if self.at == at && self.size != 0 {
+            self.owned &= !bit;
+            self.free |= bit;
+        }
+    }
+}
+
+/// The owner allocates from its copy of the word (`owned` and `remote`
+/// are the word and its remote word): the lowest free object's arena
+/// offset, or `None` when the copy has none.
+#[inline]
+pub(crate) fn take_next<S: AtomicSlot>(next: &mut NextWord, owned: &S, remote: &S) -> Option<u64> {
+    if next.free == 0 {
+        return None;
+    }
+    let bit = next.free & next.free.wrapping_neg();
+    drop_stray(remote, bit);
+    next.free ^= bit;
+    next.owned |= bit;
+    owned.store(next.owned, Ordering::Relaxed);
+    Some(next.base + u64::from(bit.trailing_zeros()) * next.size)
+}
+
+/// [`take`] for the owner's allocations that keep a [`NextWord`]: also
+/// returns the owner bits it stored in the object's word.
+#[inline]
+pub(crate) fn take_for_copy<S: AtomicSlot>(
+    owned: &[S],
+    remote: &[S],
+    capacity: usize,
+    from: usize,
+) -> Option<(usize, u64)> {
+    take_word(owned, remote, capacity, from).map(|(i, _, bits)| (i, bits))
+}
+
+/// Object `i`'s word and bit, for the caller's copies.
+#[inline]
+pub(crate) fn word_and_bit(i: usize) -> (usize, u64) {
+    locate(i)
 }
 
 /// The owner frees object `i`.
@@ -127,10 +243,11 @@ pub(crate) fn remote_count<S: AtomicSlot>(remote: &[S], capacity: usize) -> usiz
         .sum()
 }
 
-/// Takes back a remote bit whose free was refused after it was set.
-pub(crate) fn unfree_remote(remote: &[impl AtomicSlot], i: usize) {
+/// Takes back a remote bit whose free was refused after it was set;
+/// `false` if it was gone already (an owner's collect took it).
+pub(crate) fn unfree_remote(remote: &[impl AtomicSlot], i: usize) -> bool {
     let (w, bit) = locate(i);
-    remote[w].fetch_and(!bit, Ordering::Relaxed);
+    remote[w].fetch_and(!bit, Ordering::Relaxed) & bit != 0
 }
 
 /// The owner collects the remote frees: `(objects freed, stray bits

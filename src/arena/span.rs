@@ -39,10 +39,14 @@
 //!   before another thread can reuse it.
 //! - The owner clears PENDING (CAS, Acquire) before it collects the remote
 //!   bits; a remote free after that sets it again.
-//! - A remote free re-reads the class in its CAS: if the span was retired
-//!   (or carved again for another class) since the free looked it up, the
-//!   free takes its bit back and is refused.
+//! - A remote free sets its bit before its CAS here, and the CAS re-reads
+//!   the class: if the span was retired (or carved again for another
+//!   class) since the free looked it up, the free takes its bit back and
+//!   is refused, unless the bit is gone already. Then an owner's collect
+//!   took it between the two steps and the free counted: the span was
+//!   retired because that free emptied it ([`free_remotely`]).
 
+use super::objects;
 use crate::sync::{AtomicSlot, Ordering};
 
 const ACTIVE: u64 = 1 << 63;
@@ -225,6 +229,42 @@ pub(crate) fn note_remote_free(
         match state.compare_exchange(w, new, Ordering::AcqRel, Ordering::Relaxed) {
             Ok(_) => return what,
             Err(found) => w = found,
+        }
+    }
+}
+
+/// A thread that does not own the span (state word `state`, of `class`,
+/// `capacity` objects) frees object `index`: sets its remote bit, then
+/// marks the span PENDING, listing it when ripe. `Ok(true)`: the caller
+/// pushes the span on its class's stack.
+pub(crate) fn free_remotely<S: AtomicSlot>(
+    state: &S,
+    class: u32,
+    capacity: usize,
+    (owned, remote): (&[S], &[S]),
+    index: usize,
+) -> Result<bool, &'static str> {
+    objects::free_remote(owned, remote, index)?;
+    let ripe = || objects::remote_count(remote, capacity) >= ripe_at(capacity);
+    match note_remote_free(state, class, ripe) {
+        Remote::Noted => Ok(false),
+        Remote::List => Ok(true),
+        // Retired (or carved again) since the free looked it up. Our bit
+        // still set: nobody counted the free, so it takes the bit back
+        // and is refused. Our bit gone: the retiring owner collected it
+        // first, so this free emptied the span and counted.
+        Remote::Gone => {
+            let took_back = objects::unfree_remote(remote, index);
+            #[cfg(hugearena_mutation_remote)]
+            let took_back = {
+                let _ = took_back;
+                true
+            };
+            if took_back {
+                Err("object not allocated (its span was freed)")
+            } else {
+                Ok(false)
+            }
         }
     }
 }
