@@ -23,6 +23,9 @@
 //!     └── retire (CAS by the owner: empty) ── ACTIVE, unowned
 //! ```
 //!
+//! - An ACTIVE state means the span's pages are claimed in a page block:
+//!   a carve publishes the state after claiming them, a retire clears it
+//!   before freeing them (so `free` needs no look at the block's word).
 //! - Every unowned span with room is LISTED (and on the stack once), so
 //!   it is found, except a span given up full while fewer than a
 //!   sixteenth of its objects ([`ripe_at`]) were freed since: a give-up
