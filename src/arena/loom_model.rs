@@ -104,7 +104,10 @@ fn a_racing_double_free_never_hands_an_object_out_twice() {
         let remote = Arc::new([AtomicU64::new(0)]);
         let done = Arc::new(AtomicUsize::new(0));
         // The owner allocated object 0 and handed it out.
-        assert_eq!(objects::take(&owned[..], &remote[..], 2, 0), Some((0, 0)));
+        assert_eq!(
+            objects::take(&owned[..], &remote[..], 2, 0),
+            Some((0, 0, 1))
+        );
         let other = {
             let (owned, remote, done) = (owned.clone(), remote.clone(), done.clone());
             thread::spawn(move || {
@@ -114,9 +117,9 @@ fn a_racing_double_free_never_hands_an_object_out_twice() {
         };
         let _ = objects::free_owned(&owned[..], &remote[..], 0);
         let finished_before = done.load(Ordering::SeqCst) == 1;
-        let (a, _) = objects::take(&owned[..], &remote[..], 2, 0).expect("room");
+        let (a, _, _) = objects::take(&owned[..], &remote[..], 2, 0).expect("room");
         objects::collect(&owned[..], &remote[..], 2);
-        let b = objects::take(&owned[..], &remote[..], 2, 0).map(|(i, _)| i);
+        let b = objects::take(&owned[..], &remote[..], 2, 0).map(|(i, _, _)| i);
         if finished_before {
             assert_ne!(Some(a), b, "object {a} handed out twice");
         }
@@ -135,7 +138,7 @@ fn a_racing_double_free_never_hands_an_object_out_twice_from_the_owners_copy() {
         let remote = Arc::new([AtomicU64::new(0)]);
         let done = Arc::new(AtomicUsize::new(0));
         // The owner allocated object 0, keeping a copy of the word.
-        let (i, bits) = objects::take_for_copy(&owned[..], &remote[..], 2, 0).expect("room");
+        let (i, _, bits) = objects::take(&owned[..], &remote[..], 2, 0).expect("room");
         assert_eq!(i, 0);
         let mut next = objects::NextWord::new(bits, 0, 2, 0, 1, 0);
         let other = {
@@ -152,12 +155,25 @@ fn a_racing_double_free_never_hands_an_object_out_twice_from_the_owners_copy() {
         let a = objects::take_next(&mut next, &owned[0], &remote[0]).expect("room in the copy");
         // A collect clears owner bits: the cache forgets its copy first.
         objects::collect(&owned[..], &remote[..], 2);
-        let b = objects::take(&owned[..], &remote[..], 2, 0).map(|(i, _)| i as u64);
+        let b = objects::take(&owned[..], &remote[..], 2, 0).map(|(i, _, _)| i as u64);
         if finished_before {
             assert_ne!(Some(a), b, "object {a} handed out twice");
         }
         other.join().unwrap();
     });
+}
+
+/// A span of class 5 owned by `owner`: its state word and its one-word
+/// owner and remote bitmaps, capacity 2, both objects allocated.
+#[allow(clippy::type_complexity)]
+fn full_span(owner: u32) -> (Arc<AtomicU64>, Arc<[AtomicU64; 1]>, Arc<[AtomicU64; 1]>) {
+    let state = Arc::new(AtomicU64::new(0));
+    let owned = Arc::new([AtomicU64::new(0)]);
+    let remote = Arc::new([AtomicU64::new(0)]);
+    span::carve(&*state, 5, owner);
+    objects::take(&owned[..], &remote[..], 2, 0);
+    objects::take(&owned[..], &remote[..], 2, 0);
+    (state, owned, remote)
 }
 
 /// The owner gives up a full span while another thread frees one of its
@@ -168,13 +184,8 @@ fn a_racing_double_free_never_hands_an_object_out_twice_from_the_owners_copy() {
 fn a_span_given_up_while_an_object_is_freed_is_listed_once() {
     loom::model(|| {
         const OWNER: u32 = 3;
-        let state = Arc::new(AtomicU64::new(0));
-        let owned = Arc::new([AtomicU64::new(0)]);
-        let remote = Arc::new([AtomicU64::new(0)]);
         // Capacity 2, both objects allocated: full.
-        span::carve(&*state, 5, OWNER);
-        objects::take(&owned[..], &remote[..], 2, 0);
-        objects::take(&owned[..], &remote[..], 2, 0);
+        let (state, owned, remote) = full_span(OWNER);
         let pushes = Arc::new(AtomicUsize::new(0));
         let other = {
             let (state, owned, remote, pushes) =
@@ -211,14 +222,9 @@ fn a_span_given_up_while_an_object_is_freed_is_listed_once() {
 fn a_remote_free_that_empties_a_span_being_given_up_counts() {
     loom::model(|| {
         const OWNER: u32 = 3;
-        let state = Arc::new(AtomicU64::new(0));
-        let owned = Arc::new([AtomicU64::new(0)]);
-        let remote = Arc::new([AtomicU64::new(0)]);
         // Capacity 2, both allocated; object 0 already freed remotely (its
         // bit and PENDING set), object 1 live.
-        span::carve(&*state, 5, OWNER);
-        objects::take(&owned[..], &remote[..], 2, 0);
-        objects::take(&owned[..], &remote[..], 2, 0);
+        let (state, owned, remote) = full_span(OWNER);
         assert_eq!(
             span::free_remotely(&*state, 5, 2, (&owned[..], &remote[..]), 0),
             Ok(false)

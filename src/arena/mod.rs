@@ -1228,7 +1228,7 @@ impl Arena {
     ) -> Option<ShmPtr> {
         let (owned, remote) = self.span_objects(span);
         let capacity = layout::capacity(class) as usize;
-        let (i, bits) = objects::take_for_copy(owned, remote, capacity, from)?;
+        let (i, _, bits) = objects::take(owned, remote, capacity, from)?;
         let (w, _) = objects::word_and_bit(i);
         let c = class as usize;
         cache.cursor[c] = w as u8;
@@ -1301,7 +1301,7 @@ impl Arena {
             let (owned, remote) = self.span_objects(span);
             let found = objects::take(owned, remote, capacity, 0);
             self.give_up_span(BORROWED, None, class, span);
-            if let Some((i, _)) = found {
+            if let Some((i, _, _)) = found {
                 return Some(Self::object_ptr(span, class, i));
             }
         }

@@ -54,21 +54,11 @@ pub(crate) fn clear<S: AtomicSlot>(owned: &[S], remote: &[S]) {
 }
 
 /// The owner allocates: the lowest free object at or after word `from`.
-/// Returns its index and the remote bits it found on free objects (stray
-/// double frees, dropped).
+/// Returns its index, the remote bits it found on free objects (stray
+/// double frees, dropped) and the owner bits it stored in the object's
+/// word (for a [`NextWord`]).
 #[inline]
 pub(crate) fn take<S: AtomicSlot>(
-    owned: &[S],
-    remote: &[S],
-    capacity: usize,
-    from: usize,
-) -> Option<(usize, u32)> {
-    take_word(owned, remote, capacity, from).map(|(i, stray, _)| (i, stray))
-}
-
-/// [`take`], also returning the owner bits it stored in the object's word.
-#[inline]
-fn take_word<S: AtomicSlot>(
     owned: &[S],
     remote: &[S],
     capacity: usize,
@@ -180,18 +170,6 @@ pub(crate) fn take_next<S: AtomicSlot>(next: &mut NextWord, owned: &S, remote: &
     Some(next.base + u64::from(bit.trailing_zeros()) * next.size)
 }
 
-/// [`take`] for the owner's allocations that keep a [`NextWord`]: also
-/// returns the owner bits it stored in the object's word.
-#[inline]
-pub(crate) fn take_for_copy<S: AtomicSlot>(
-    owned: &[S],
-    remote: &[S],
-    capacity: usize,
-    from: usize,
-) -> Option<(usize, u64)> {
-    take_word(owned, remote, capacity, from).map(|(i, _, bits)| (i, bits))
-}
-
 /// Object `i`'s word and bit, for the caller's copies.
 #[inline]
 pub(crate) fn word_and_bit(i: usize) -> (usize, u64) {
@@ -301,6 +279,11 @@ mod tests {
     use super::*;
     use crate::sync::AtomicU64;
 
+    /// [`take`]'s index and stray count.
+    fn took(o: &[AtomicU64], r: &[AtomicU64], cap: usize, from: usize) -> Option<(usize, u32)> {
+        take(o, r, cap, from).map(|(i, stray, _)| (i, stray))
+    }
+
     fn bitmap(words: usize) -> Vec<AtomicU64> {
         (0..words).map(|_| AtomicU64::new(0)).collect()
     }
@@ -310,10 +293,10 @@ mod tests {
         let (o, r) = (bitmap(2), bitmap(2));
         let cap = 100;
         for i in 0..cap {
-            assert_eq!(take(&o, &r, cap, 0), Some((i, 0)));
+            assert_eq!(took(&o, &r, cap, 0), Some((i, 0)));
         }
         assert_eq!(
-            take(&o, &r, cap, 0),
+            took(&o, &r, cap, 0),
             None,
             "bits past the capacity stay unused"
         );
@@ -327,24 +310,24 @@ mod tests {
         assert!(!is_live(&o, &r, 3) && is_live(&o, &r, 4));
         assert_eq!(live(&o, &r, cap), 98);
         assert_eq!(
-            take(&o, &r, cap, 1),
+            took(&o, &r, cap, 1),
             Some((70, 0)),
             "from the cursor's word"
         );
-        assert_eq!(take(&o, &r, cap, 0), None, "3 waits to be collected");
+        assert_eq!(took(&o, &r, cap, 0), None, "3 waits to be collected");
         assert_eq!(collect(&o, &r, cap), (1, 0));
-        assert_eq!(take(&o, &r, cap, 0), Some((3, 0)));
+        assert_eq!(took(&o, &r, cap, 0), Some((3, 0)));
     }
 
     #[test]
     fn a_racing_double_free_leaves_a_stray_bit_that_never_frees_a_new_allocation() {
         let (o, r) = (bitmap(1), bitmap(1));
-        assert_eq!(take(&o, &r, 64, 0), Some((0, 0)));
+        assert_eq!(took(&o, &r, 64, 0), Some((0, 0)));
         // The remote free checked the owner bit before the owner's free
         // cleared it, and set its remote bit after.
         assert!(free_owned(&o, &r, 0).is_ok());
         r[0].store(1, Ordering::Relaxed);
-        assert_eq!(take(&o, &r, 64, 0), Some((0, 1)), "the stray bit dropped");
+        assert_eq!(took(&o, &r, 64, 0), Some((0, 1)), "the stray bit dropped");
         assert_eq!(collect(&o, &r, 64), (0, 0));
         assert!(is_live(&o, &r, 0), "the new allocation stays allocated");
         // A stray bit that a collect finds first is dropped there.
