@@ -255,7 +255,11 @@ pub(crate) fn free_remotely<S: AtomicSlot>(
         // Retired (or carved again) since the free looked it up. Our bit
         // still set: nobody counted the free, so it takes the bit back
         // and is refused. Our bit gone: the retiring owner collected it
-        // first, so this free emptied the span and counted.
+        // first, so this free emptied the span and counted (or, racing
+        // with a double free, a new carve cleared it). One case is
+        // refused though its object ends free: an owner killed between
+        // clearing the owner bits and taking the remote bits back, whose
+        // span a reclaimer then retires with our bit still set.
         Remote::Gone => {
             let took_back = objects::unfree_remote(remote, index);
             #[cfg(hugearena_mutation_remote)]
