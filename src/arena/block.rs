@@ -66,7 +66,6 @@ impl Kind {
         }) << KIND_SHIFT
     }
 
-    #[inline]
     fn of(w: u64) -> Kind {
         match (w & KIND_MASK) >> KIND_SHIFT {
             0 => Kind::Free,
@@ -93,7 +92,6 @@ pub(crate) struct BlockState {
 }
 
 /// Decodes a block word.
-#[inline]
 pub(crate) fn decode(w: u64) -> BlockState {
     BlockState {
         kind: Kind::of(w),

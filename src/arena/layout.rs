@@ -42,6 +42,8 @@ pub(crate) const SPAN_BITMAP_WORDS: usize = 64;
 pub(crate) const SPAN_HEAD_WORDS: usize = 16;
 /// Bytes of one span slot's descriptor.
 pub(crate) const SPAN_DESC: u64 = (SPAN_HEAD_WORDS + 2 * SPAN_BITMAP_WORDS) as u64 * 8;
+/// [`SPAN_DESC`] in words.
+pub(crate) const SPAN_DESC_WORDS: usize = (SPAN_DESC / 8) as usize;
 /// Words from one block word to the next: each has a cache line of its
 /// own, so threads working in neighbouring blocks (page runs) do not
 /// bounce one line between their cores.

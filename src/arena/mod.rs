@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use self::block::{Kind, PAGES_PER_BLOCK};
 use self::layout::{
     ArenaLayout, BLOCK, BLOCK_WORD_STRIDE, CLASSES, HEADER, PAGE, SPAN, SPAN_BITMAP_WORDS,
-    SPAN_DESC, SPAN_HEAD_WORDS, SPAN_PAGES,
+    SPAN_DESC_WORDS, SPAN_HEAD_WORDS, SPAN_PAGES,
 };
 use self::span::{BORROWED, GaveUp};
 use crate::error::{Error, Result};
@@ -765,7 +765,6 @@ impl Arena {
         self.tables.header.get()
     }
 
-    #[inline]
     fn blocks(&self) -> &[AtomicU64] {
         self.tables.blocks.get()
     }
@@ -794,9 +793,14 @@ impl Arena {
     /// bitmaps.
     #[inline]
     fn span_desc(&self, slot: u64) -> &[AtomicU64] {
-        const WORDS: usize = (SPAN_DESC / 8) as usize;
-        let at = slot as usize * WORDS;
-        &self.tables.spans.get()[at..at + WORDS]
+        let at = Self::span_desc_at(slot);
+        &self.tables.spans.get()[at..at + SPAN_DESC_WORDS]
+    }
+
+    /// Where span slot `slot`'s descriptor starts in the span table.
+    #[inline]
+    fn span_desc_at(slot: u64) -> usize {
+        slot as usize * SPAN_DESC_WORDS
     }
 
     #[inline]
@@ -1212,7 +1216,7 @@ impl Arena {
     /// Where owner bitmap word `w` of span `span` lies in the span table.
     #[inline]
     fn owner_word_at(span: u64, w: usize) -> usize {
-        span as usize * (SPAN_DESC / 8) as usize + SPAN_HEAD_WORDS + w
+        Self::span_desc_at(span) + SPAN_HEAD_WORDS + w
     }
 
     /// The owner takes the lowest free object of its span `span` of
