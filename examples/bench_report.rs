@@ -848,8 +848,8 @@ fn prepare_machine() {
     }
     if !mounted() {
         eprintln!(
-            "note: no hugetlbfs on {dir}, which the buffer pool section needs: \
-             sudo mount -t hugetlbfs -o pagesize=2M none {dir}"
+            "note: no hugetlbfs on {dir}, which the buffer pool section needs: sudo {}",
+            huge_tmpfs::hugetlbfs_mount_command()
         );
     }
 }

@@ -64,22 +64,33 @@ impl TmpfsMount {
 /// Where [`mount_hugetlbfs_2m`] mounts hugetlbfs.
 pub const HUGETLBFS_DIR: &str = "/dev/hugepages";
 
+/// The arguments of `mount` that [`mount_hugetlbfs_2m`] runs.
+const HUGETLBFS_MOUNT_ARGS: [&str; 6] = [
+    "-t",
+    "hugetlbfs",
+    "-o",
+    "pagesize=2M",
+    "none",
+    HUGETLBFS_DIR,
+];
+
+/// The command [`mount_hugetlbfs_2m`] runs, for messages.
+#[allow(dead_code)] // not every user mounts hugetlbfs
+pub fn hugetlbfs_mount_command() -> String {
+    format!("mount {}", HUGETLBFS_MOUNT_ARGS.join(" "))
+}
+
 /// Mounts hugetlbfs with 2 MiB pages on [`HUGETLBFS_DIR`] (root only; the
 /// caller checks first whether one is mounted anywhere). The command that
 /// failed, if it did.
 #[allow(dead_code)] // not every user mounts hugetlbfs
 pub fn mount_hugetlbfs_2m() -> Result<(), String> {
     let _ = std::fs::create_dir_all(HUGETLBFS_DIR);
-    let args = [
-        "-t",
-        "hugetlbfs",
-        "-o",
-        "pagesize=2M",
-        "none",
-        HUGETLBFS_DIR,
-    ];
-    match std::process::Command::new("mount").args(args).status() {
+    match std::process::Command::new("mount")
+        .args(HUGETLBFS_MOUNT_ARGS)
+        .status()
+    {
         Ok(status) if status.success() => Ok(()),
-        other => Err(format!("mount {} failed ({other:?})", args.join(" "))),
+        other => Err(format!("{} failed ({other:?})", hugetlbfs_mount_command())),
     }
 }

@@ -78,7 +78,10 @@ pub fn hugetlbfs_2m() -> Option<PathBuf> {
         return Some(path);
     }
     if !is_root() {
-        skip("no hugetlbfs mount: sudo mount -t hugetlbfs -o pagesize=2M none /dev/hugepages");
+        skip(&format!(
+            "no hugetlbfs mount: sudo {}",
+            huge_tmpfs_mount::hugetlbfs_mount_command()
+        ));
         return None;
     }
     let mounted = huge_tmpfs_mount::mount_hugetlbfs_2m();
