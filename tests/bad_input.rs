@@ -235,6 +235,27 @@ fn shmem_backends_refuse_files_outside_tmpfs_and_leave_nothing_behind() {
 }
 
 #[test]
+fn an_unnamed_file_needs_an_existing_directory_on_a_fitting_file_system() {
+    let missing = Region::create(
+        RegionOptions::new(1 << 20)
+            .backend(BackendKind::Shmem)
+            .unnamed_in("/dev/shm/hugearena-no-such-directory"),
+    )
+    .unwrap_err();
+    assert!(matches!(missing, Error::NotFound { .. }), "{missing:?}");
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let err = Region::create(
+        RegionOptions::new(1 << 20)
+            .backend(BackendKind::Shmem)
+            .unnamed_in(dir.path()),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::WrongFileSystem { .. }), "{err:?}");
+    assert!(message(&err).contains("/dev/shm"), "{err}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
 fn hugetlb_backends_refuse_files_outside_hugetlbfs() {
     let path = unique_path("/dev/shm", "nothuge");
     let _cleanup = RemoveOnDrop(path.clone());

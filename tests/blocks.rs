@@ -219,6 +219,51 @@ fn where_the_setting_is_advise_the_huge_page_alias_gets_the_folio() {
     assert_eq!(frame % 512, 3);
 }
 
+/// A region in an unnamed file on the huge tmpfs gets the mount's folios
+/// like a named one, has no link to leave behind, and another mapping
+/// opens it by its shareable path.
+#[test]
+fn an_unnamed_region_on_a_huge_tmpfs_gets_its_folios_and_no_name() {
+    let Some(dir) = huge_tmpfs() else {
+        return;
+    };
+    let region = Arc::new(
+        Region::create(
+            RegionOptions::new(LEN as u64)
+                .backend(BackendKind::ShmemThp)
+                .unnamed_in(&dir),
+        )
+        .unwrap(),
+    );
+    assert_eq!(region.block_allocation(), BlockAllocation::PopulateAlias);
+    let reason = &region.choice().reason;
+    assert!(
+        reason.contains(&format!(
+            "huge= option of the tmpfs at {} is always",
+            dir.display()
+        )),
+        "{reason}"
+    );
+    let links = std::os::unix::fs::MetadataExt::nlink(
+        &std::fs::metadata(region.shareable_path()).unwrap(),
+    );
+    assert_eq!(links, 0, "the file has no name in {}", dir.display());
+    let other = Arc::new(Region::open(region.shareable_path()).unwrap());
+    let mine = zero_populator(&region, Driver::InThread);
+    let theirs = zero_populator(&other, Driver::InThread);
+    region.write_via_primary(BLOCK + 4096, &[0x5A; 8]).unwrap();
+    let mut buf = [0u8; 8];
+    other.read_via_primary(BLOCK + 4096, &mut buf).unwrap();
+    assert_eq!(buf, [0x5A; 8]);
+    let frame = pfn(region.primary().as_ptr() as usize + BLOCK + 4096);
+    assert!(
+        kpageflags(frame) & (KPF_THP | KPF_COMPOUND_TAIL) == KPF_THP | KPF_COMPOUND_TAIL,
+        "page 1 of the block lies in a huge folio"
+    );
+    assert_eq!(mine.stats().blocks_allocated, 1, "{}", mine.stats());
+    assert!(theirs.errors().is_empty() && theirs.failures().is_empty());
+}
+
 /// A populator of `region` from zeroes, with `driver`.
 fn zero_populator(region: &Arc<Region>, driver: Driver) -> Populator {
     Populator::with_options(

@@ -282,7 +282,11 @@ fn serve(flags: &Flags) {
     // A restored arena and a fresh one are the same type: one path.
     let (arena, restored_from) = if dump.exists() {
         let source = SnapshotSource::open(&dump).unwrap_or_else(|e| fail(e));
-        let options = source.region_options().unwrap_or_else(|e| fail(e));
+        let mut options = source.region_options().unwrap_or_else(|e| fail(e));
+        if let Ok(f) = std::env::var("KVSTORE_REGION_FILE") {
+            let _ = std::fs::remove_file(&f);
+            options = options.path(f);
+        }
         let populator =
             persist::restore_with(options, source, restore_options()).unwrap_or_else(|e| fail(e));
         if flags.has("--eager") {

@@ -530,6 +530,31 @@ impl Core {
         Direct::Mapped
     }
 
+    /// [`populate_range`](Self::populate_range) of `[first, last)`,
+    /// leaving out every aligned run of [`RUN_BYTES`] the source says is
+    /// all zeroes (a snapshot's never-written pages): allocating them would
+    /// be their whole fill, memory spent on pages nobody may touch, and
+    /// their first touch does it just as well.
+    pub(crate) fn populate_sourced(&self, first: usize, last: usize) -> SysResult<()> {
+        let per_run = (RUN_BYTES / self.granule).max(1);
+        let mut pending = first;
+        let mut at = first;
+        while at < last {
+            let end = ((at / per_run + 1) * per_run).min(last);
+            if (at..end).all(|i| self.source.is_zero(i as u64)) {
+                if pending < at {
+                    self.populate_range(pending, at)?;
+                }
+                pending = end;
+            }
+            at = end;
+        }
+        if pending < last {
+            self.populate_range(pending, last)?;
+        }
+        Ok(())
+    }
+
     /// Populates granules `[first, last)`: fills what is absent, waits for
     /// what is being filled, maps contiguous runs, poisons failures.
     pub(crate) fn populate_range(&self, first: usize, last: usize) -> SysResult<()> {

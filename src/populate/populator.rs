@@ -623,7 +623,7 @@ impl Populator {
                 let mut at = 0;
                 while at < total && !shared.stop.load(Ordering::Acquire) {
                     let end = (at + per_chunk).min(total);
-                    core.populate_range(at, end)?;
+                    core.populate_sourced(at, end)?;
                     shared.done.store(end as u64, Ordering::Release);
                     at = end;
                 }

@@ -77,7 +77,7 @@ impl BlockAllocation {
                 format!(
                     "{}, and full blocks are collapsed by copying, because {whose} is {} \
                      (for 2 MiB folios without copying, set shmem_enabled to advise, or put \
-                     the region on a tmpfs mounted with huge=always)",
+                     the region on a tmpfs mounted with huge=always: RegionOptions::unnamed_in)",
                     BlockAllocation::ByRun,
                     setting.word()
                 ),

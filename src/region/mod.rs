@@ -53,7 +53,18 @@ pub struct RegionOptions {
     size: u64,
     request: BackendRequest,
     huge_page: PageSize,
-    path: Option<PathBuf>,
+    file: FileAt,
+}
+
+/// Where a region's backing file lives.
+#[derive(Clone, Debug)]
+enum FileAt {
+    /// An anonymous memfd.
+    Memfd,
+    /// A new file at this path.
+    Named(PathBuf),
+    /// A file without a name (`O_TMPFILE`) in this directory.
+    Unnamed(PathBuf),
 }
 
 impl RegionOptions {
@@ -64,7 +75,7 @@ impl RegionOptions {
             size,
             request: BackendRequest::default(),
             huge_page: PageSize::Huge2M,
-            path: None,
+            file: FileAt::Memfd,
         }
     }
 
@@ -90,7 +101,21 @@ impl RegionOptions {
     /// hugetlb backends, on tmpfs such as `/dev/shm` for the shmem ones),
     /// so other processes can open it by path.
     pub fn path(mut self, path: impl Into<PathBuf>) -> Self {
-        self.path = Some(path.into());
+        self.file = FileAt::Named(path.into());
+        self
+    }
+
+    /// Backs the region by a file without a name (`O_TMPFILE`) in the
+    /// directory `dir`. Like the default memfd it goes away with the last
+    /// process that maps it, a crash included, and other processes open it
+    /// by [`Region::shareable_path`]; but it lives on `dir`'s file system
+    /// and takes that mount's options. On a tmpfs mounted `huge=always` (or
+    /// `within_size`), a `ShmemThp` region gets one 2 MiB folio per block
+    /// whatever `shmem_enabled` says, so its full blocks become huge pages
+    /// without a copy. The file system must suit the backend, as for
+    /// [`path`](Self::path).
+    pub fn unnamed_in(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.file = FileAt::Unnamed(dir.into());
         self
     }
 }
@@ -200,17 +225,24 @@ impl Region {
     pub fn create_with(options: RegionOptions, caps: &KernelCaps) -> Result<Region> {
         let choice = options.plan(caps)?;
         let layout = Layout::new(choice.backend, options.size)?;
-        let (file, name, cleanup) = match &options.path {
-            None => {
+        let (file, name, cleanup) = match &options.file {
+            FileAt::Memfd => {
                 let fd = memfd::memfd_create("hugearena", choice.backend.memfd_kind())
                     .map_err(Error::sys("creating the backing memfd"))?;
                 (fd, PathBuf::from("<memfd>"), None)
             }
-            Some(path) => {
-                let fd = create_file(path)?;
+            FileAt::Named(path) => {
+                let fd = create_file(path, false)?;
                 let guard = UnlinkOnError(Some(path.clone()));
                 check_file_system(fd.as_fd(), path, choice.backend)?;
                 (fd, path.clone(), Some(guard))
+            }
+            FileAt::Unnamed(dir) => {
+                let fd = create_file(dir, true)?;
+                check_file_system(fd.as_fd(), dir, choice.backend)?;
+                // Not a path another process could open: `shareable_path`
+                // gives the descriptor's.
+                (fd, PathBuf::from(format!("<unnamed in {}>", dir.display())), None)
             }
         };
         memfd::set_len(file.as_fd(), layout.file_len()).map_err(|e| match e.errno() {
@@ -706,12 +738,17 @@ impl Drop for UnlinkOnError {
     }
 }
 
-fn create_file(path: &Path) -> Result<OwnedFd> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
+/// A new file at `path`, or with `unnamed` a file without a name in the
+/// directory `path`.
+fn create_file(path: &Path, unnamed: bool) -> Result<OwnedFd> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).mode(0o600);
+    if unnamed {
+        options.custom_flags(libc::O_TMPFILE);
+    } else {
+        options.create_new(true);
+    }
+    options
         .open(path)
         .map(OwnedFd::from)
         .map_err(|e| match e.kind() {
