@@ -244,9 +244,8 @@ fn an_unnamed_region_on_a_huge_tmpfs_gets_its_folios_and_no_name() {
         )),
         "{reason}"
     );
-    let links = std::os::unix::fs::MetadataExt::nlink(
-        &std::fs::metadata(region.shareable_path()).unwrap(),
-    );
+    let links =
+        std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(region.shareable_path()).unwrap());
     assert_eq!(links, 0, "the file has no name in {}", dir.display());
     let other = Arc::new(Region::open(region.shareable_path()).unwrap());
     let mine = zero_populator(&region, Driver::InThread);

@@ -643,6 +643,59 @@ fn a_drain_of_a_damaged_snapshot_poisons_exactly_the_damaged_pages() {
     verify_pages_but(restored.region(), 5, |i| i == 100 || i == 1700);
 }
 
+/// A drain leaves out the aligned 2 MiB runs a snapshot never wrote (its
+/// holes need no read, and allocating them spends memory nobody may
+/// touch); their first touch reads zeroes. A run with any stored page is
+/// filled whole, holes included.
+#[test]
+fn a_drain_leaves_runs_of_holes_to_their_first_touch() {
+    const LEN: usize = 16 << 20;
+    let dir = snapshot_dir();
+    let region = Arc::new(
+        Region::create(RegionOptions::new(LEN as u64).backend(BackendKind::Shmem)).unwrap(),
+    );
+    let p = Populator::with_options(
+        region.clone(),
+        pattern_source(7),
+        PopulateOptions::new().driver(Driver::Proactive),
+    )
+    .unwrap();
+    // Half of run 1 (pages 512..768) and page 2305 of run 4 (2048..2560).
+    p.populate(2 << 20, 1 << 20).unwrap();
+    p.populate((9 << 20) + 4096, 4096).unwrap();
+    let path = dir.path().join("holes.snap");
+    persist::snapshot(&region, &path).unwrap();
+    drop(p);
+    let restored =
+        persist::restore(&path, PopulateOptions::new().driver(Driver::Proactive)).unwrap();
+    let drain = restored.start_drain(8 << 20).unwrap();
+    while !drain.is_finished() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let pages = (LEN / 4096) as u64;
+    assert_eq!(drain.progress(), (pages, pages));
+    drain.wait().unwrap();
+    assert_eq!(restored.stats().fills, 1024, "{}", restored.stats());
+    assert_eq!(restored.present_granules(), 1024);
+    let stored = |page: usize| (512..768).contains(&page) || page == 2305;
+    let mut buf = vec![0u8; 4096];
+    for page in 0..LEN / 4096 {
+        restored
+            .region()
+            .read_via_primary(page * 4096, &mut buf)
+            .unwrap();
+        let want = |i: usize| {
+            if stored(page) {
+                pattern_byte(7, page * 4096 + i)
+            } else {
+                0
+            }
+        };
+        assert!((0..4096).all(|i| buf[i] == want(i)), "page {page}");
+    }
+    assert!(restored.errors().is_empty(), "{:?}", restored.errors());
+}
+
 /// The page map is checked chunk by chunk as restore needs it: a damaged
 /// chunk (512 entries: 2 MiB of 4 KiB pages) is found on first use, every
 /// page it describes is poisoned and reported, and the rest of the

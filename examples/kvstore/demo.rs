@@ -104,12 +104,21 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-fn start(dir: &Path, addr: SocketAddr, arena: u64, eager: bool) -> Child {
+fn start(
+    dir: &Path,
+    region_dir: Option<&Path>,
+    addr: SocketAddr,
+    arena: u64,
+    eager: bool,
+) -> Child {
     let mut cmd = Command::new(std::env::current_exe().expect("own path"));
     cmd.args(["serve", "--addr", &addr.to_string(), "--dir"])
         .arg(dir)
         .args(["--size", &arena.to_string()])
         .stderr(Stdio::null());
+    if let Some(region_dir) = region_dir {
+        cmd.arg("--region-dir").arg(region_dir);
+    }
     if eager {
         cmd.arg("--eager");
     }
@@ -279,7 +288,22 @@ pub fn run(o: &Options) {
         o.arena >> 20
     );
 
-    let server = start(dir.path(), addr, o.arena, false);
+    // The arena on a huge=always tmpfs (mounted here as root): 2 MiB
+    // folios without copies whatever shmem_enabled says.
+    let region_dir = match crate::huge_tmpfs::HUGE_TMPFS.mount() {
+        Ok(path) => {
+            println!(
+                "arena file: unnamed, on the huge=always tmpfs at {}",
+                path.display()
+            );
+            Some(path)
+        }
+        Err(why) => {
+            println!("arena file: a memfd ({why})");
+            None
+        }
+    };
+    let server = start(dir.path(), region_dir.as_deref(), addr, o.arena, false);
     first_reply(addr, Instant::now());
     let mut c = Client::connect(addr).expect("connect");
     let started = Instant::now();
@@ -314,7 +338,7 @@ pub fn run(o: &Options) {
     let mut rows = Vec::new();
     for eager in [false, true] {
         let t = Instant::now();
-        let server = start(dir.path(), addr, o.arena, eager);
+        let server = start(dir.path(), region_dir.as_deref(), addr, o.arena, eager);
         let ping = first_reply(addr, t);
         let mut c = Client::connect(addr).expect("connect");
         let k = keys / 2;

@@ -5,7 +5,8 @@
 //! ```text
 //! cargo run --release --example kvstore -- demo [--size SIZE] [--data SIZE]
 //! cargo run --release --example kvstore -- serve --addr 127.0.0.1:6380 --dir DIR
-//!     [--workers N] [--loops N] [--poll-us N] [--size SIZE] [--eager | --no-drain]
+//!     [--workers N] [--loops N] [--poll-us N] [--size SIZE] [--region-dir DIR]
+//!     [--eager | --no-drain]
 //! cargo run --release --example kvstore -- load --addr ADDR [--keys N] [--value BYTES] [--save]
 //! cargo run --release --example kvstore -- wait-get --addr ADDR [--key N] [--value BYTES]
 //! cargo run --release --example kvstore -- gets --addr ADDR [--keys N] [--value BYTES] [--secs S]
@@ -17,6 +18,13 @@
 //! leaves untouched pages unread). `--eager` reads the whole snapshot
 //! before accepting connections (for comparison).
 //!
+//! `--region-dir` puts the arena's file, without a name, in a directory
+//! (when its backend is a shmem one): on a tmpfs mounted `huge=always`
+//! each 2 MiB block gets a huge folio before it is filled, whatever
+//! `shmem_enabled` says, so full blocks become huge pages without a copy.
+//! With `shmem_enabled=never` a region elsewhere copies every block it
+//! collapses, which slows a lazy restore's first seconds.
+//!
 //! Each worker process runs `--loops` event loops (default 1; more cores
 //! are used through `--workers`, processes that share the arena). A loop
 //! that runs out of work polls for `--poll-us` microseconds before it
@@ -25,6 +33,8 @@
 //! 50 µs when the loops leave a CPU free, and never when they would take
 //! every CPU from the clients.
 
+#[path = "../support/huge_tmpfs.rs"]
+mod huge_tmpfs;
 #[path = "../support/human.rs"]
 mod human;
 
@@ -37,13 +47,13 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hugearena::persist::{self, SnapshotSource};
 use hugearena::populate::{Drain, PopulateOptions, Populator, ZeroSource};
-use hugearena::{Arena, HugePages, Region, RegionOptions};
+use hugearena::{Arena, HugePages, KernelCaps, Region, RegionOptions};
 
 use server::{LoopOptions, SHUTDOWN, Shared, dump_path};
 
@@ -170,16 +180,15 @@ struct Serving {
     dir: PathBuf,
     /// The snapshot the arena was restored from, if any.
     restored_from: Option<PathBuf>,
+    /// The background drain after a lazy restore (first process only).
+    drain: Option<Drain>,
 }
 
 /// A server process's part.
 enum Role {
-    /// The first process: at shutdown it stops its workers (they stop
-    /// their loops), then its drain, and saves.
-    Parent {
-        workers: Vec<Child>,
-        drain: Option<Drain>,
-    },
+    /// The first process: at shutdown it stops its drain and its workers
+    /// (they stop their loops), and saves.
+    Parent { workers: Vec<Child> },
     /// A worker: serves until SIGTERM.
     Worker,
 }
@@ -201,11 +210,18 @@ fn run_server(arena: Arena, serving: Serving, role: Role) {
         restored_from: serving.restored_from,
         commands: AtomicU64::new(0),
         connections: AtomicU64::new(0),
+        drain: Mutex::new(serving.drain),
     };
     server::accept_loop(&shared, &listeners, serving.loops.poll);
-    if let Role::Parent { mut workers, drain } = role {
-        // Stopped before the shutdown save and before the arena goes.
-        drop(drain);
+    // Stopped before the shutdown save and before the arena goes.
+    drop(
+        shared
+            .drain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(),
+    );
+    if let Role::Parent { mut workers } = role {
         for w in &workers {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(w.id() as i32),
@@ -234,6 +250,7 @@ fn spawn_workers(
         .map(|_| {
             let mut cmd = Command::new(std::env::current_exe().expect("own path"));
             cmd.arg("worker")
+                .args(["--parent", &std::process::id().to_string()])
                 .args(["--region", &region.shareable_path().display().to_string()])
                 .args(["--addr", &addr.to_string()])
                 .args(["--loops", &loops.loops.to_string()])
@@ -259,6 +276,18 @@ fn restore_options() -> PopulateOptions {
     PopulateOptions::new().fault_around(around as usize)
 }
 
+/// `options` with the region's file, unnamed, in `dir` if one is given
+/// and the backend is a shmem one (hugetlb files live on hugetlbfs).
+fn in_region_dir(options: RegionOptions, dir: Option<&Path>) -> RegionOptions {
+    let Some(dir) = dir else {
+        return options;
+    };
+    match options.plan(KernelCaps::cached()) {
+        Ok(choice) if !choice.backend.kind().uses_hugetlb() => options.unnamed_in(dir),
+        _ => options,
+    }
+}
+
 fn serve(flags: &Flags) {
     let addr: SocketAddr = flags
         .value("--addr")
@@ -276,17 +305,15 @@ fn serve(flags: &Flags) {
         .value("--size")
         .map_or(Ok(1 << 30), human::parse_size)
         .unwrap_or_else(|e| fail(e));
+    let region_dir = flags.value("--region-dir").map(PathBuf::from);
     install_terminate_handler();
     let dump = dump_path(&dir);
     let started = Instant::now();
     // A restored arena and a fresh one are the same type: one path.
     let (arena, restored_from) = if dump.exists() {
         let source = SnapshotSource::open(&dump).unwrap_or_else(|e| fail(e));
-        let mut options = source.region_options().unwrap_or_else(|e| fail(e));
-        if let Ok(f) = std::env::var("KVSTORE_REGION_FILE") {
-            let _ = std::fs::remove_file(&f);
-            options = options.path(f);
-        }
+        let options = source.region_options().unwrap_or_else(|e| fail(e));
+        let options = in_region_dir(options, region_dir.as_deref());
         let populator =
             persist::restore_with(options, source, restore_options()).unwrap_or_else(|e| fail(e));
         if flags.has("--eager") {
@@ -309,6 +336,7 @@ fn serve(flags: &Flags) {
         (arena, Some(dump))
     } else {
         let options = RegionOptions::new(size).huge_pages(HugePages::Try);
+        let options = in_region_dir(options, region_dir.as_deref());
         let arena = Arena::create(options, PopulateOptions::new()).unwrap_or_else(|e| fail(e));
         eprintln!(
             "kvstore: new {} arena on {} ({}), listening on {addr}",
@@ -346,12 +374,24 @@ fn serve(flags: &Flags) {
         loops,
         dir,
         restored_from,
+        drain,
     };
-    run_server(arena, serving, Role::Parent { workers, drain });
+    run_server(arena, serving, Role::Parent { workers });
 }
 
 fn worker(flags: &Flags) {
     install_terminate_handler();
+    // A worker stops with its first process, however that ends: one left
+    // behind would keep answering on the port from an arena a restarted
+    // server no longer uses.
+    let parent: i32 = flags.parsed("--parent", 0);
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM) {
+        fail(format!("prctl(PR_SET_PDEATHSIG): {e}"));
+    }
+    if nix::unistd::getppid().as_raw() != parent {
+        // It ended before the line above.
+        fail("the server that started this worker is gone");
+    }
     let region =
         Arc::new(Region::open(flags.required("--region", "worker")).unwrap_or_else(|e| fail(e)));
     let addr = flags.addr("worker");
@@ -372,6 +412,7 @@ fn worker(flags: &Flags) {
         loops: flags.loop_options(1),
         dir,
         restored_from,
+        drain: None,
     };
     run_server(arena, serving, Role::Worker);
 }
@@ -380,7 +421,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
         fail(
-            "usage: kvstore demo | serve --addr ADDR --dir DIR [--workers N] [--loops N] [--poll-us N] [--size SIZE] [--eager]",
+            "usage: kvstore demo | serve --addr ADDR --dir DIR [--workers N] [--loops N] [--poll-us N] [--size SIZE] [--region-dir DIR] [--eager | --no-drain]",
         );
     };
     let flags = Flags(args[1..].to_vec());

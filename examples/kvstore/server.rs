@@ -6,10 +6,12 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hugearena::Arena;
+use hugearena::populate::Drain;
 
 use crate::resp::{self, Parsed, Reply};
 use crate::store::{PREFETCH_MAX, SetMode, Store, StoreError, expiry_in};
@@ -27,6 +29,9 @@ pub struct Shared<'a> {
     pub restored_from: Option<PathBuf>,
     pub commands: AtomicU64,
     pub connections: AtomicU64,
+    /// This process's background drain after a lazy restore, until
+    /// shutdown.
+    pub drain: Mutex<Option<Drain>>,
 }
 
 /// The snapshot file in `dir`.
@@ -50,6 +55,19 @@ impl Shared<'_> {
         ))
     }
 
+    /// `none`, `running DONE/TOTAL` (granules) or `finished`.
+    fn drain_state(&self) -> String {
+        let drain = self.drain.lock().unwrap_or_else(|e| e.into_inner());
+        match drain.as_ref() {
+            None => "none".into(),
+            Some(d) if d.is_finished() => "finished".into(),
+            Some(d) => {
+                let (done, total) = d.progress();
+                format!("running {done}/{total}")
+            }
+        }
+    }
+
     fn info(&self) -> String {
         let region = self.arena.region();
         let populator = self.arena.populator();
@@ -67,7 +85,7 @@ impl Shared<'_> {
              pages_total:{}\r\npages_populated:{}\r\ndriver:{}\r\nfaults_in_thread:{}\r\nfaults_handler:{}\r\n\
              populate_calls:{}\r\nfills:{}\r\nreadahead:{}\r\npoisoned:{}\r\ncollapses:{}\r\n\
              fill_latency_p50_us:{:.1}\r\nfill_latency_p99_us:{:.1}\r\nfill_latency_p999_us:{:.1}\r\n\
-             restored_from:{}\r\narena_in_use_bytes:{}\r\narena_fragmentation:{:.3}\r\n",
+             restored_from:{}\r\ndrain:{}\r\narena_in_use_bytes:{}\r\narena_fragmentation:{:.3}\r\n",
             env!("CARGO_PKG_VERSION"),
             std::process::id(),
             self.port,
@@ -96,6 +114,7 @@ impl Shared<'_> {
             self.restored_from
                 .as_ref()
                 .map_or("none".into(), |p| p.display().to_string()),
+            self.drain_state(),
             a.in_use_bytes(),
             a.fragmentation(),
         )

@@ -25,6 +25,7 @@ pub const HUGE_TMPFS: TmpfsMount = TmpfsMount {
 
 /// `huge=advise`: 2 MiB folios only where a mapping asks with
 /// `MADV_HUGEPAGE` (as a region's alias does).
+#[allow(dead_code)] // the tests' only
 pub const ADVISE_TMPFS: TmpfsMount = TmpfsMount {
     dir: "/tmp/hugearena-advise-tmpfs",
     huge: "advise",

@@ -597,7 +597,10 @@ impl Populator {
 
     /// Starts populating the whole region in a background thread at the
     /// lowest priority, `chunk` bytes at a time (rounded to granules), in
-    /// address order; faults keep being served meanwhile. With
+    /// address order; faults keep being served meanwhile. Aligned 2 MiB
+    /// runs the source reports as all zeroes (a snapshot's never-written
+    /// pages) are left to their first touch: they need no read, and
+    /// allocating them would spend memory nobody may touch. With
     /// [`Promotion::Background`], blocks are not collapsed while it runs
     /// (a collapse that copies stalls the accesses the drain is there to
     /// serve) but when it ends. The returned [`Drain`] reports progress

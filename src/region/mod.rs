@@ -242,7 +242,11 @@ impl Region {
                 check_file_system(fd.as_fd(), dir, choice.backend)?;
                 // Not a path another process could open: `shareable_path`
                 // gives the descriptor's.
-                (fd, PathBuf::from(format!("<unnamed in {}>", dir.display())), None)
+                (
+                    fd,
+                    PathBuf::from(format!("<unnamed in {}>", dir.display())),
+                    None,
+                )
             }
         };
         memfd::set_len(file.as_fd(), layout.file_len()).map_err(|e| match e.errno() {
