@@ -765,6 +765,19 @@ fn shmem_thp_blocks_are_pmd_mapped_once_full() {
     }
 }
 
+/// A source of zeroes only has no holes to leave out: its drain allocates
+/// every page (what it is for), where a snapshot's drain skips hole runs
+/// (`tests/persist.rs`).
+#[test]
+fn a_drain_of_a_zero_source_allocates_every_page() {
+    let region =
+        Arc::new(Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap());
+    let p = Populator::new(region.clone(), ZeroSource).unwrap();
+    p.start_drain(2 << 20).unwrap().wait().unwrap();
+    assert_eq!(p.present_granules(), (8 << 20) / 4096);
+    verify(&region, |_| 0);
+}
+
 /// A background drain holds collapses back while it runs (on shmem
 /// without huge folios each one copies its block and stalls the accesses
 /// the drain is there to serve) and the background thread collapses the

@@ -531,11 +531,15 @@ impl Core {
     }
 
     /// [`populate_range`](Self::populate_range) of `[first, last)`,
-    /// leaving out every aligned run of [`RUN_BYTES`] the source says is
-    /// all zeroes (a snapshot's never-written pages): allocating them would
-    /// be their whole fill, memory spent on pages nobody may touch, and
-    /// their first touch does it just as well.
+    /// leaving out every aligned run of [`RUN_BYTES`] that a source with
+    /// data says is all zeroes (a snapshot's never-written pages):
+    /// allocating them would be their whole fill, memory spent on pages
+    /// nobody may touch, and their first touch does it just as well. A
+    /// source of zeroes only has nothing else to populate: all of it is.
     pub(crate) fn populate_sourced(&self, first: usize, last: usize) -> SysResult<()> {
+        if self.source.fills_zero() {
+            return self.populate_range(first, last);
+        }
         let per_run = (RUN_BYTES / self.granule).max(1);
         let mut pending = first;
         let mut at = first;

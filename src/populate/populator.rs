@@ -598,9 +598,12 @@ impl Populator {
     /// Starts populating the whole region in a background thread at the
     /// lowest priority, `chunk` bytes at a time (rounded to granules), in
     /// address order; faults keep being served meanwhile. Aligned 2 MiB
-    /// runs the source reports as all zeroes (a snapshot's never-written
-    /// pages) are left to their first touch: they need no read, and
-    /// allocating them would spend memory nobody may touch. With
+    /// runs of holes in a source with data (a snapshot's never-written
+    /// pages: [`PageSource::is_zero`](super::PageSource::is_zero)) are
+    /// left to their first touch: they need no read, and allocating them
+    /// would spend memory nobody may touch. A source of zeroes only
+    /// ([`fills_zero`](super::PageSource::fills_zero)) is allocated whole,
+    /// the one thing its drain is for. With
     /// [`Promotion::Background`], blocks are not collapsed while it runs
     /// (a collapse that copies stalls the accesses the drain is there to
     /// serve) but when it ends. The returned [`Drain`] reports progress
@@ -924,7 +927,8 @@ pub struct Drain {
 }
 
 impl Drain {
-    /// Granules populated so far and in all.
+    /// Granules done so far (populated, or left to their first touch as a
+    /// run of holes) and in all.
     pub fn progress(&self) -> (u64, u64) {
         (
             self.progress.done.load(Ordering::Acquire),
