@@ -293,13 +293,13 @@ pub fn run(o: &Options) {
     let region_dir = match crate::huge_tmpfs::HUGE_TMPFS.mount() {
         Ok(path) => {
             println!(
-                "arena file: unnamed, on the huge=always tmpfs at {}",
+                "huge=always tmpfs at {}: the arena's file goes there if its backend is a shmem one",
                 path.display()
             );
             Some(path)
         }
         Err(why) => {
-            println!("arena file: a memfd ({why})");
+            println!("the arena's file is a memfd ({why})");
             None
         }
     };
