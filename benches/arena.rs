@@ -204,9 +204,10 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|");
     for (range, sizes, n) in &ranges {
         for threads in (1..=nproc).filter(|t| *t == 1 || *t == nproc) {
-            // Warm (the tables and the kernel's memory), then the best of `ROUNDS` passes, the allocators taking
-            // turns (these machines' speed drifts between passes by more
-            // than the allocators differ).
+            // Warm (the tables and the kernel's memory), then the best of
+            // `ROUNDS` passes, the allocators taking turns (these
+            // machines' speed drifts between passes by more than the
+            // allocators differ).
             let mut best = vec![0f64; allocators.len()];
             for a in &allocators {
                 throughput(a.as_ref(), sizes, threads, n / 10);

@@ -1159,31 +1159,20 @@ fn kv_vs_redis(quick: bool, doc: &mut String, plots: &Path, losses: &mut Vec<Str
     let _ = kv.wait();
     let _ = redis.kill();
     let _ = redis.wait();
+    const LAZY: &str = "hugearena kvstore, lazy restore";
+    const EAGER: &str = "hugearena kvstore, eager restore";
+    const REDIS: &str = "Redis, RDB load";
+    const LAZY_FRESH: &str = "hugearena kvstore, lazy restore, fresh memory";
+    const EAGER_FRESH: &str = "hugearena kvstore, eager restore, fresh memory";
     let mut restart = Vec::new();
     let mut runs = vec![
-        (
-            "hugearena kvstore, lazy restore",
-            Some(false),
-            Memory::Backed,
-        ),
-        (
-            "hugearena kvstore, eager restore",
-            Some(true),
-            Memory::Backed,
-        ),
-        ("Redis, RDB load", None, Memory::Backed),
+        (LAZY, Some(false), Memory::Backed),
+        (EAGER, Some(true), Memory::Backed),
+        (REDIS, None, Memory::Backed),
     ];
     if !quick {
-        runs.push((
-            "hugearena kvstore, lazy restore, fresh memory",
-            Some(false),
-            Memory::Fresh,
-        ));
-        runs.push((
-            "hugearena kvstore, eager restore, fresh memory",
-            Some(true),
-            Memory::Fresh,
-        ));
+        runs.push((LAZY_FRESH, Some(false), Memory::Fresh));
+        runs.push((EAGER_FRESH, Some(true), Memory::Fresh));
     }
     for (name, eager, memory) in runs {
         memory.prepare();
@@ -1232,8 +1221,9 @@ fn kv_vs_redis(quick: bool, doc: &mut String, plots: &Path, losses: &mut Vec<Str
         let gets = gets.map_or("—".to_string(), |g| format!("{g:.0}"));
         let _ = writeln!(doc, "| {name} | {:.1} ms | {gets} |", d.as_secs_f64() * 1e3);
     }
-    if let (Some((_, _, Some(lazy))), Some((_, _, Some(eager)))) = (restart.first(), restart.get(1))
-    {
+    // A restart's row: (name, first correct GET, GET/s).
+    let row = |name: &str| restart.iter().find(|r| r.0 == name);
+    if let (Some((_, _, Some(lazy))), Some((_, _, Some(eager)))) = (row(LAZY), row(EAGER)) {
         let ratio = lazy / eager;
         let _ = writeln!(
             doc,
@@ -1245,16 +1235,17 @@ fn kv_vs_redis(quick: bool, doc: &mut String, plots: &Path, losses: &mut Vec<Str
             ));
         }
     }
-    if let (Some((_, _, Some(lazy))), Some((_, _, Some(eager)))) = (restart.get(3), restart.get(4))
+    if let (Some((_, _, Some(lazy))), Some((_, eager_waited, Some(eager)))) =
+        (row(LAZY_FRESH), row(EAGER_FRESH))
     {
         let _ = writeln!(
             doc,
             "On fresh memory: {:.2}× (the eager restore answered after {:.1} s).\n",
             lazy / eager,
-            restart[4].1.as_secs_f64()
+            eager_waited.as_secs_f64()
         );
     }
-    if let (Some(lazy), Some(redis)) = (restart.first(), restart.get(2)) {
+    if let (Some(lazy), Some(redis)) = (row(LAZY), row(REDIS)) {
         if lazy.1 > redis.1 {
             losses.push(format!(
                 "Restart: the lazy restore answered after {:?}, Redis after {:?}.",

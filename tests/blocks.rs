@@ -68,6 +68,13 @@ fn region_in(dir: &Path, tag: &str, huge: &str) -> Option<(Arc<Region>, RemoveOn
             .path(&path),
     )
     .unwrap();
+    assert_folios_from_mount(&region, dir, huge);
+    Some((Arc::new(region), RemoveOnDrop(path)))
+}
+
+/// `region` allocates a 2 MiB folio per block because of the `huge=`
+/// option (`huge`) of the tmpfs at `dir`, and says so.
+fn assert_folios_from_mount(region: &Region, dir: &Path, huge: &str) {
     assert_eq!(region.block_allocation(), BlockAllocation::PopulateAlias);
     let reason = &region.choice().reason;
     assert!(
@@ -77,7 +84,6 @@ fn region_in(dir: &Path, tag: &str, huge: &str) -> Option<(Arc<Region>, RemoveOn
         )),
         "{reason}"
     );
-    Some((Arc::new(region), RemoveOnDrop(path)))
 }
 
 #[test]
@@ -235,15 +241,7 @@ fn an_unnamed_region_on_a_huge_tmpfs_gets_its_folios_and_no_name() {
         )
         .unwrap(),
     );
-    assert_eq!(region.block_allocation(), BlockAllocation::PopulateAlias);
-    let reason = &region.choice().reason;
-    assert!(
-        reason.contains(&format!(
-            "huge= option of the tmpfs at {} is always",
-            dir.display()
-        )),
-        "{reason}"
-    );
+    assert_folios_from_mount(&region, &dir, "always");
     let links =
         std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(region.shareable_path()).unwrap());
     assert_eq!(links, 0, "the file has no name in {}", dir.display());

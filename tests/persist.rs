@@ -38,6 +38,18 @@ fn pattern_source(
     })
 }
 
+/// A new region of `kind` with `len` bytes and a populator (driven by
+/// `populate` calls only) that fills it with pattern `seed`.
+fn pattern_populator(kind: BackendKind, len: usize, seed: u64) -> Populator {
+    let region = Arc::new(Region::create(RegionOptions::new(len as u64).backend(kind)).unwrap());
+    Populator::with_options(
+        region,
+        pattern_source(seed),
+        PopulateOptions::new().driver(Driver::Proactive),
+    )
+    .unwrap()
+}
+
 fn snapshot_dir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
@@ -155,19 +167,13 @@ fn patterned_snapshot(
     len: usize,
     dir: &tempfile::TempDir,
 ) -> (std::path::PathBuf, persist::SnapshotInfo) {
-    let region = Arc::new(Region::create(RegionOptions::new(len as u64).backend(kind)).unwrap());
-    let g = region.granule().bytes();
-    let p = Populator::with_options(
-        region.clone(),
-        pattern_source(5),
-        PopulateOptions::new().driver(Driver::Proactive),
-    )
-    .unwrap();
+    let p = pattern_populator(kind, len, 5);
+    let g = p.region().granule().bytes();
     for i in (0..len / g).filter(|i| i % 4 != 3) {
         p.populate(i * g, g).unwrap();
     }
     let path = dir.path().join("snap");
-    let info = persist::snapshot(&region, &path).unwrap();
+    let info = persist::snapshot(p.region(), &path).unwrap();
     (path, info)
 }
 
@@ -275,15 +281,8 @@ fn a_crash_during_snapshot_leaves_the_previous_one_intact() {
     use std::process::{Command, Stdio};
     let dir = snapshot_dir();
     let len = 64 << 20;
-    let region = Arc::new(
-        Region::create(RegionOptions::new(len as u64).backend(BackendKind::Shmem)).unwrap(),
-    );
-    let p = Populator::with_options(
-        region.clone(),
-        pattern_source(1),
-        PopulateOptions::new().driver(Driver::Proactive),
-    )
-    .unwrap();
+    let p = pattern_populator(BackendKind::Shmem, len, 1);
+    let region = p.region().clone();
     p.populate(0, len).unwrap();
     let path = dir.path().join("crash.snap");
     persist::snapshot(&region, &path).unwrap();
@@ -332,14 +331,8 @@ fn a_crash_during_snapshot_leaves_the_previous_one_intact() {
 fn corrupt_truncated_and_foreign_snapshots_are_refused_or_poisoned() {
     use std::os::unix::process::ExitStatusExt;
     let dir = snapshot_dir();
-    let region =
-        Arc::new(Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap());
-    let p = Populator::with_options(
-        region.clone(),
-        pattern_source(3),
-        PopulateOptions::new().driver(Driver::Proactive),
-    )
-    .unwrap();
+    let p = pattern_populator(BackendKind::Shmem, 8 << 20, 3);
+    let region = p.region().clone();
     p.populate(0, 8 << 20).unwrap();
     let path = dir.path().join("good.snap");
     persist::snapshot(&region, &path).unwrap();
@@ -593,17 +586,10 @@ fn full_patterned_snapshot(
     name: &str,
     seed: u64,
 ) -> (std::path::PathBuf, hugearena::persist::SnapshotHeader) {
-    let region =
-        Arc::new(Region::create(RegionOptions::new(8 << 20).backend(BackendKind::Shmem)).unwrap());
-    let p = Populator::with_options(
-        region.clone(),
-        pattern_source(seed),
-        PopulateOptions::new().driver(Driver::Proactive),
-    )
-    .unwrap();
+    let p = pattern_populator(BackendKind::Shmem, 8 << 20, seed);
     p.populate(0, 8 << 20).unwrap();
     let path = dir.path().join(name);
-    persist::snapshot(&region, &path).unwrap();
+    persist::snapshot(p.region(), &path).unwrap();
     let header = SnapshotSource::open(&path).unwrap().header().clone();
     (path, header)
 }
@@ -651,20 +637,12 @@ fn a_drain_of_a_damaged_snapshot_poisons_exactly_the_damaged_pages() {
 fn a_drain_leaves_runs_of_holes_to_their_first_touch() {
     const LEN: usize = 16 << 20;
     let dir = snapshot_dir();
-    let region = Arc::new(
-        Region::create(RegionOptions::new(LEN as u64).backend(BackendKind::Shmem)).unwrap(),
-    );
-    let p = Populator::with_options(
-        region.clone(),
-        pattern_source(7),
-        PopulateOptions::new().driver(Driver::Proactive),
-    )
-    .unwrap();
+    let p = pattern_populator(BackendKind::Shmem, LEN, 7);
     // Half of run 1 (pages 512..768) and page 2305 of run 4 (2048..2560).
     p.populate(2 << 20, 1 << 20).unwrap();
     p.populate((9 << 20) + 4096, 4096).unwrap();
     let path = dir.path().join("holes.snap");
-    persist::snapshot(&region, &path).unwrap();
+    persist::snapshot(p.region(), &path).unwrap();
     drop(p);
     let restored =
         persist::restore(&path, PopulateOptions::new().driver(Driver::Proactive)).unwrap();
