@@ -3,8 +3,11 @@
 //! small objects, page runs and large blocks, from 1 and 2 threads.
 //!
 //! ```text
-//! cargo bench --bench arena [-- --quick]
+//! cargo bench --bench arena [-- --quick] [--range WORD]
 //! ```
+//!
+//! `--range WORD` runs only the size ranges whose name contains `WORD`
+//! (`small`, `page`, `large`).
 //!
 //! Each thread keeps a window of 64 live allocations and replaces the
 //! oldest each step (alloc + free per operation), so the allocators work
@@ -180,6 +183,11 @@ fn arena() -> Arena {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let ops = if quick { 200_000 } else { 2_000_000 };
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--range")
+        .and_then(|i| args.get(i + 1).cloned());
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
     let ranges: [(&str, Vec<usize>, usize); 3] = [
         (
@@ -202,7 +210,10 @@ fn main() {
     ];
     println!("| range | threads | allocator | Mops/s | p50 ns | p99 ns | p99.9 ns | vs malloc |");
     println!("|---|---|---|---|---|---|---|---|");
-    for (range, sizes, n) in &ranges {
+    let chosen = ranges
+        .iter()
+        .filter(|(range, ..)| only.as_ref().is_none_or(|w| range.contains(w.as_str())));
+    for (range, sizes, n) in chosen {
         for threads in (1..=nproc).filter(|t| *t == 1 || *t == nproc) {
             // Warm (the tables and the kernel's memory), then the best of
             // `ROUNDS` passes, the allocators taking turns (these

@@ -614,6 +614,76 @@ fn a_threads_freed_page_runs_come_back_to_it_and_a_second_free_is_refused() {
     assert_eq!(stats.leaked_pages, 0);
 }
 
+#[test]
+fn a_threads_freed_large_allocations_come_back_to_it_and_a_second_free_is_refused() {
+    const MIB: usize = 1 << 20;
+    let mut a = arena(96 << 20, BackendKind::Shmem);
+    let sizes = [2 * MIB, 4 * MIB, 8 * MIB];
+    let large: Vec<ShmPtr> = sizes
+        .iter()
+        .map(|&n| a.alloc(layout(n, 16)).unwrap())
+        .collect();
+    for &p in &large {
+        a.free(p).unwrap();
+    }
+    assert!(
+        a.free(large[1]).is_err(),
+        "double free of a kept allocation"
+    );
+    assert!(a.usable_size(large[1]).is_err());
+    std::thread::scope(|s| {
+        s.spawn(|| assert!(a.free(large[2]).is_err(), "by another thread"));
+    });
+    let stats = a.stats();
+    assert_eq!((stats.large_allocs, stats.large_bytes), (0, 0));
+    assert_eq!(stats.cached_large_bytes, 14 << 20);
+    assert_eq!(stats.held_bytes(), 14 << 20, "kept blocks are held");
+    // The same number of blocks comes back from the cache...
+    let again = a.alloc(layout(3 * MIB + 1, 16)).unwrap();
+    assert_eq!(again, large[1]);
+    assert_eq!(a.usable_size(again).unwrap(), 4 * MIB);
+    assert_eq!(a.stats().cached_large_bytes, 10 << 20);
+    // ...and allocations larger than 8 MiB are never kept.
+    let big = a.alloc(layout(16 * MIB, 16)).unwrap();
+    a.free(big).unwrap();
+    assert_eq!(a.stats().cached_large_bytes, 10 << 20);
+    // More than 16 MiB freed: the ones kept longest go back to the blocks.
+    let many: Vec<ShmPtr> = (0..6)
+        .map(|_| a.alloc(layout(8 * MIB, 16)).unwrap())
+        .collect();
+    for p in many {
+        a.free(p).unwrap();
+    }
+    assert_eq!(a.stats().cached_large_bytes, 16 << 20);
+    // A thread that never allocated has no cache: its free goes back to
+    // the blocks.
+    std::thread::scope(|s| {
+        s.spawn(|| a.free(again).unwrap());
+    });
+    assert_eq!(a.stats().cached_large_bytes, 16 << 20);
+    assert_eq!(a.stats().large_allocs, 0);
+    // An allocation that needs what the cache keeps gets it: the cache
+    // gives everything back before the arena is called full.
+    let free = a.stats().data_bytes - a.stats().meta_bytes;
+    let whole = a.alloc(layout(free as usize, 16)).unwrap();
+    assert_eq!(a.stats().cached_large_bytes, 0);
+    assert!(a.alloc(layout(2 * MIB, 16)).is_err(), "the arena is full");
+    a.free(whole).unwrap();
+    // Releasing eagerly, nothing is kept.
+    a.set_release_policy(ReleasePolicy::Eager);
+    let p = a.alloc(layout(2 * MIB, 16)).unwrap();
+    a.free(p).unwrap();
+    assert_eq!(a.stats().cached_large_bytes, 0);
+    a.set_release_policy(ReleasePolicy::OnRequest);
+    let p = a.alloc(layout(2 * MIB, 16)).unwrap();
+    a.free(p).unwrap();
+    assert_eq!(a.stats().cached_large_bytes, 2 << 20);
+    a.flush_thread_caches();
+    let stats = a.audit().unwrap();
+    assert_eq!((stats.in_use_bytes(), stats.cached_large_bytes), (0, 0));
+    assert_eq!(stats.leaked_pages, 0);
+}
+
 /// Child: two threads allocate small objects of every class and free them
 /// all but 50 per thread, which it hands to the parent to free, so that
 /// its threads own spans of every class; then it reports and waits to be
@@ -637,6 +707,14 @@ fn cache_then_wait() {
                         .map(|i| a.alloc(layout((16 << 10) * (1 + i % 3), 8)).unwrap())
                         .collect();
                     for p in runs {
+                        a.free(p).unwrap();
+                    }
+                    // Large allocations freed into it: 2 and 4 MiB.
+                    let large: Vec<ShmPtr> = [2 << 20, 4 << 20]
+                        .iter()
+                        .map(|&n| a.alloc(layout(n, 16)).unwrap())
+                        .collect();
+                    for p in large {
                         a.free(p).unwrap();
                     }
                     handed
@@ -667,13 +745,15 @@ fn audit_child() {
     a.set_thread_caches(false);
     let stats = a.audit().unwrap();
     println!(
-        "AUDIT {} {} {} {} {} {} {}",
+        "AUDIT {} {} {} {} {} {} {} {} {}",
         stats.small_objects,
         stats.cached_objects,
         stats.spans,
         stats.runs,
         stats.in_use_bytes(),
         stats.cached_run_bytes,
+        stats.large_allocs,
+        stats.cached_large_bytes,
         stats.leaked_pages
     );
 }
@@ -692,7 +772,7 @@ fn field(stdout: &str, key: &str) -> Vec<u64> {
 fn a_process_killed_while_owning_spans_leaves_nothing_reserved() {
     use std::process::{Command, Stdio};
 
-    let a = arena(64 << 20, BackendKind::Shmem);
+    let a = arena(128 << 20, BackendKind::Shmem);
     let path = a.region().shareable_path().display().to_string();
     // What the living process allocated (kept) and freed into its own
     // spans (one of 64-byte objects, one of 224).
@@ -703,7 +783,10 @@ fn a_process_killed_while_owning_spans_leaves_nothing_reserved() {
     }
     let run = a.alloc(layout(40 << 10, 8)).unwrap();
     a.free(run).unwrap();
+    let large = a.alloc(layout(2 << 20, 16)).unwrap();
+    a.free(large).unwrap();
     let ours = a.stats();
+    assert_eq!(ours.cached_large_bytes, 2 << 20, "our large allocation");
     assert_eq!(ours.spans, 2);
     assert_eq!(
         ours.cached_run_bytes,
@@ -754,6 +837,11 @@ fn a_process_killed_while_owning_spans_leaves_nothing_reserved() {
         a.stats().cached_run_bytes >= ours.cached_run_bytes + 240 * 1024,
         "the child's threads keep the runs they freed"
     );
+    // (One or two threads' again.)
+    assert!(
+        a.stats().cached_large_bytes >= ours.cached_large_bytes + (6 << 20),
+        "the child's threads keep the large allocations they freed"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 
@@ -779,14 +867,18 @@ fn a_process_killed_while_owning_spans_leaves_nothing_reserved() {
             0,
             kept.len() as u64 * 64,
             ours.cached_run_bytes,
+            0,
+            ours.cached_large_bytes,
             0
         ],
-        "small objects, cached, spans, runs, bytes in use, cached run bytes, leaked pages after the kill"
+        "small objects, cached, spans, runs, bytes in use, cached run bytes, large allocations, \
+         cached large bytes, leaked pages after the kill"
     );
     let stats = a.audit().unwrap();
     assert_eq!(stats.small_objects, kept.len() as u64);
     assert_eq!(stats.cached_objects, 0, "audit flushed ours");
     assert_eq!(stats.cached_run_bytes, 0, "audit flushed ours");
+    assert_eq!(stats.cached_large_bytes, 0, "audit flushed ours");
     for p in kept {
         a.free(p).unwrap();
     }

@@ -4,13 +4,16 @@
 //!
 //! ```text
 //!  bits 56–59 kind · bit 60 DIRTY (pages may be resident) ·
-//!  bits 16–31 blocks in a large allocation (LARGE_HEAD) ·
+//!  bits 16–31 blocks in a large allocation (LARGE_HEAD, LARGE_CACHED) ·
 //!  bits 0–15 free pages (PAGES)
 //!
 //!          to_pages (CAS)                 reserve / unreserve pages (CAS)
 //!   FREE ─────────────────▶ PAGES | 512 ◀──────────────────────────────▶ PAGES | k
 //!   ▲ ▲ ▲ claim_large (CAS per block, rolled back on conflict)
 //!   │ │ └──────────────▶ LARGE_HEAD | n, LARGE_TAIL ... ──free (CAS head→RELEASING)─┐
+//!   │ │                     │    ▲                                                   │
+//!   │ │   cache_large (CAS) ▼    │ uncache_large (CAS, the caching thread)           │
+//!   │ │                  LARGE_CACHED | n ──release (CAS head→RELEASING)────────────┤
 //!   │ └──────────── finish_release (store FREE, clean) ◀── RELEASING ◀──────────────┘
 //!   └──────────────────────────────────────────────── begin_release (CAS PAGES|512 or
 //!                                                        FREE|DIRTY → RELEASING)
@@ -21,6 +24,12 @@
 //!   block's page bitmap; if no run fits it gives the reservation back. So
 //!   `free pages = 512` really means no page is in use or about to be, and
 //!   only then can a release (CAS from exactly PAGES | 512) take the block.
+//! - LARGE_CACHED is a freed large allocation a thread cache keeps for its
+//!   next allocation of as many blocks (its tails stay LARGE_TAIL). Caching
+//!   is a free (one CAS from LARGE_HEAD: of two frees, one gets it, and a
+//!   free of a cached one is refused); only the caching thread hands it out
+//!   again, and only it, a flush of its process or the reclaimer of its
+//!   dead process (as the cache ledger records it) releases it.
 //! - RELEASING belongs to one thread: it punches the pages out of the file
 //!   and resets their population state, then stores FREE (`Release`).
 //! - Every successful CAS is `AcqRel`: whoever takes a block over sees the
@@ -52,6 +61,8 @@ pub(crate) enum Kind {
     LargeTail,
     /// Being released by one thread.
     Releasing,
+    /// First block of a freed large allocation a thread cache keeps.
+    LargeCached,
 }
 
 impl Kind {
@@ -63,6 +74,7 @@ impl Kind {
             Kind::LargeHead => 3,
             Kind::LargeTail => 4,
             Kind::Releasing => 5,
+            Kind::LargeCached => 6,
         }) << KIND_SHIFT
     }
 
@@ -73,6 +85,8 @@ impl Kind {
             2 => Kind::Pages,
             3 => Kind::LargeHead,
             4 => Kind::LargeTail,
+            6 => Kind::LargeCached,
+            // 5, or a damaged word: busy, taken by nobody.
             _ => Kind::Releasing,
         }
     }
@@ -87,7 +101,7 @@ pub(crate) struct BlockState {
     pub dirty: bool,
     /// Free pages (PAGES) .
     pub free_pages: u64,
-    /// Blocks of the allocation (LARGE_HEAD).
+    /// Blocks of the allocation (LARGE_HEAD, LARGE_CACHED).
     pub blocks: u64,
 }
 
@@ -178,11 +192,12 @@ pub(crate) fn claim_large(slots: &[impl AtomicSlot], stride: usize) -> bool {
     true
 }
 
-/// Takes a large allocation's head for freeing (exactly once): `Some(n)`
-/// with its block count, `None` if `slot` is not a large allocation's head.
-pub(crate) fn begin_free_large(slot: &impl AtomicSlot) -> Option<u64> {
+/// Takes the head of a large allocation that is `from` (LARGE_HEAD: a
+/// live one, exactly once; LARGE_CACHED: one a cache keeps) for freeing:
+/// `Some(n)` with its block count, `None` if `slot` is no such head.
+pub(crate) fn begin_free_large(slot: &impl AtomicSlot, from: Kind) -> Option<u64> {
     let w = slot.load(Ordering::Acquire);
-    (Kind::of(w) == Kind::LargeHead
+    (Kind::of(w) == from
         && slot
             .compare_exchange(
                 w,
@@ -192,6 +207,46 @@ pub(crate) fn begin_free_large(slot: &impl AtomicSlot) -> Option<u64> {
             )
             .is_ok())
     .then_some((w >> COUNT_SHIFT) & LOW)
+}
+
+/// Frees a live large allocation into its freeing thread's cache: its
+/// head goes from LARGE_HEAD to LARGE_CACHED (exactly once, as a free
+/// does). `Some(n)` with its block count, `None` if `slot` is not a live
+/// large allocation's head.
+pub(crate) fn cache_large(slot: &impl AtomicSlot) -> Option<u64> {
+    let w = slot.load(Ordering::Acquire);
+    let cached = (w & !KIND_MASK) | Kind::LargeCached.code();
+    if Kind::of(w) != Kind::LargeHead {
+        return None;
+    }
+    #[cfg(not(hugearena_mutation_large))]
+    let won = slot
+        .compare_exchange(w, cached, Ordering::AcqRel, Ordering::Relaxed)
+        .is_ok();
+    // Planted mutation: check, then store. Two racing frees both cache
+    // the allocation; `arena::loom_model` must catch it.
+    #[cfg(hugearena_mutation_large)]
+    let won = {
+        slot.store(cached, Ordering::Release);
+        true
+    };
+    won.then_some((w >> COUNT_SHIFT) & LOW)
+}
+
+/// Hands a cached large allocation of `n` blocks out again (its caching
+/// thread): `false` if `slot` is not such a head (a damaged word).
+pub(crate) fn uncache_large(slot: &impl AtomicSlot, n: u64) -> bool {
+    let w = slot.load(Ordering::Acquire);
+    Kind::of(w) == Kind::LargeCached
+        && (w >> COUNT_SHIFT) & LOW == n
+        && slot
+            .compare_exchange(
+                w,
+                (w & !KIND_MASK) | Kind::LargeHead.code(),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok()
 }
 
 /// Takes a block that is entirely free (a page block with every page
@@ -252,8 +307,34 @@ mod tests {
         assert_eq!(observe(&blocks[0]).kind, Kind::Free);
         assert!(claim_large(&blocks[0..2], 1));
         assert_eq!(observe(&blocks[0]).blocks, 2);
-        assert_eq!(begin_free_large(&blocks[1]), None, "a tail is not a head");
-        assert_eq!(begin_free_large(&blocks[0]), Some(2));
-        assert_eq!(begin_free_large(&blocks[0]), None, "freed twice");
+        assert_eq!(
+            begin_free_large(&blocks[1], Kind::LargeHead),
+            None,
+            "a tail is not a head"
+        );
+        assert_eq!(begin_free_large(&blocks[0], Kind::LargeHead), Some(2));
+        assert_eq!(
+            begin_free_large(&blocks[0], Kind::LargeHead),
+            None,
+            "freed twice"
+        );
+    }
+
+    #[test]
+    fn a_cached_large_allocation_is_freed_once_and_handed_out_by_its_count() {
+        let blocks: Vec<AtomicU64> = (0..3).map(|_| AtomicU64::new(0)).collect();
+        assert!(claim_large(&blocks[0..3], 1));
+        assert_eq!(cache_large(&blocks[1]), None, "a tail");
+        assert_eq!(cache_large(&blocks[0]), Some(3));
+        assert_eq!(cache_large(&blocks[0]), None, "freed twice");
+        assert_eq!(begin_free_large(&blocks[0], Kind::LargeHead), None);
+        assert_eq!(observe(&blocks[0]).blocks, 3);
+        assert!(!uncache_large(&blocks[0], 2), "another size");
+        assert!(uncache_large(&blocks[0], 3));
+        assert!(!uncache_large(&blocks[0], 3), "live again");
+        assert_eq!(observe(&blocks[0]).kind, Kind::LargeHead);
+        assert_eq!(cache_large(&blocks[0]), Some(3));
+        assert_eq!(begin_free_large(&blocks[0], Kind::LargeCached), Some(3));
+        assert_eq!(observe(&blocks[0]).kind, Kind::Releasing);
     }
 }

@@ -42,8 +42,9 @@ pub(crate) struct ThreadCache {
     /// The block it carves its spans in (0: none yet; block 0 holds the
     /// tables). Only a hint.
     pub(crate) span_block: u64,
-    /// The page runs it keeps, `(first page, pages)` (pages 0: empty), as
-    /// recorded in the ledger's run entries.
+    /// The page runs and large allocations it keeps, `(first page,
+    /// pages)` (pages 0: empty; a whole number of blocks: a large
+    /// allocation), as recorded in the ledger's run entries.
     pub(crate) runs: [(u64, u64); ledger::RUNS],
     /// The run entry the next eviction empties.
     pub(crate) next_eviction: usize,
@@ -75,6 +76,15 @@ impl ThreadCache {
         self.next[c] = NextWord::default();
     }
 }
+
+/// Blocks of freed large allocations a thread cache keeps at most
+/// (16 MiB): enough for a thread that frees and allocates a few sizes of
+/// large buffers in turn to reuse them without searching the blocks,
+/// little enough that caches hoard no great share of an arena.
+pub(crate) const LARGE_BLOCKS: u64 = 8;
+
+/// The largest freed allocation a thread cache keeps, in blocks.
+pub(crate) const LARGE_MAX: u64 = LARGE_BLOCKS / 2;
 
 type Cell = Arc<Gate<ThreadCache>>;
 

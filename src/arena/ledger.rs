@@ -14,7 +14,10 @@
 //! spans. A run entry (`first page << 16 | pages`, 0: empty) is a page run
 //! the cache's thread freed and keeps for its next allocation of that
 //! size: still reserved in its block, with no run length, so a second free
-//! of it is refused.
+//! of it is refused. An entry whose first page starts a block and whose
+//! pages are a whole number of blocks is a large allocation the thread
+//! freed and keeps: its head block is LARGE_CACHED (`block`), which refuses
+//! a second free the same way.
 //!
 //! # Protocol
 //!
@@ -36,7 +39,10 @@
 //!   forgotten *after* its run length is set (an allocation): a holder
 //!   killed between the two leaves a run both recorded and live, which its
 //!   thread was freeing or was about to hand out, and the reclaimer frees
-//!   it (clearing its length first). No run is ever lost.
+//!   it (clearing its length first). No run is ever lost. A large
+//!   allocation likewise: recorded before its head is cached, forgotten
+//!   after it is live again; the reclaimer frees a recorded head that is
+//!   cached, or live with the recorded block count.
 //!
 //! Everything read here comes from shared memory and is validated by the
 //! caller.

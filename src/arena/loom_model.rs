@@ -9,13 +9,14 @@
 //! slot over without a CAS, `--cfg hugearena_mutation_objects` lets the
 //! owner allocate an object without dropping a stray remote bit, and
 //! `--cfg hugearena_mutation_span` gives a span up with a load and a store
-//! instead of a CAS, and `--cfg hugearena_mutation_remote` refuses a
-//! remote free whenever its span is gone by its CAS; these tests must then
-//! fail.
+//! instead of a CAS, `--cfg hugearena_mutation_remote` refuses a
+//! remote free whenever its span is gone by its CAS, and `--cfg
+//! hugearena_mutation_large` caches a freed large allocation with a check
+//! and a store; these tests must then fail.
 #![allow(unsafe_code)] // the modelled bytes are loom `UnsafeCell`s
 
 use super::gate::{Flushing, Gate};
-use super::{bitmap, objects, span, stack};
+use super::{bitmap, block, objects, span, stack};
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -361,5 +362,52 @@ fn a_dead_processs_cache_slot_is_reclaimed_once() {
             "entries given back twice"
         );
         assert_eq!(ledger::holder(&words[..]), None);
+    });
+}
+
+/// A large allocation (a head and a tail block) freed twice at once: into
+/// one thread's cache, which then owns it (to hand it out again), and by
+/// another thread without a cache, which frees it to the blocks. Exactly
+/// one free wins, and only the winner touches the memory. `--cfg
+/// hugearena_mutation_large` (cache by a check and a store) must fail here.
+#[test]
+fn a_large_allocation_freed_twice_at_once_is_freed_once() {
+    struct Large {
+        words: [AtomicU64; 2],
+        data: UnsafeCell<u64>,
+    }
+    // SAFETY: `data` belongs to whoever won the free; loom checks it.
+    unsafe impl Sync for Large {}
+
+    loom::model(|| {
+        let large = Arc::new(Large {
+            words: [AtomicU64::new(0), AtomicU64::new(0)],
+            data: UnsafeCell::new(0),
+        });
+        assert!(block::claim_large(&large.words[..], 1));
+        let wins = Arc::new(AtomicUsize::new(0));
+        let other = {
+            let (large, wins) = (large.clone(), wins.clone());
+            thread::spawn(move || {
+                if block::begin_free_large(&large.words[0], block::Kind::LargeHead).is_some() {
+                    wins.fetch_add(1, Ordering::Relaxed);
+                    // SAFETY: ours while RELEASING (a release punches it).
+                    large.data.with_mut(|d| unsafe { *d = 2 });
+                    block::finish(&large.words[1], true);
+                    block::finish(&large.words[0], true);
+                }
+            })
+        };
+        let cached = block::cache_large(&large.words[0]) == Some(2);
+        if cached {
+            wins.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: the cache's, to hand out again.
+            large.data.with_mut(|d| unsafe { *d = 1 });
+        }
+        other.join().unwrap();
+        assert_eq!(wins.load(Ordering::Relaxed), 1, "freed 0 or 2 times");
+        // The cache hands it out again, once.
+        assert_eq!(block::uncache_large(&large.words[0], 2), cached);
+        assert!(!block::uncache_large(&large.words[0], 2));
     });
 }

@@ -163,6 +163,11 @@ pub struct ArenaStats {
     /// process's until it flushes, another's until that one flushes or
     /// exits (or is noticed gone, as for `cached_objects`).
     pub cached_run_bytes: u64,
+    /// Bytes of freed large allocations (up to 8 MiB, 16 MiB a thread)
+    /// that thread caches keep for their next allocation of as many
+    /// blocks (not counted in `large_bytes`), kept as `cached_run_bytes`
+    /// are. Not kept when the arena releases blocks eagerly.
+    pub cached_large_bytes: u64,
     /// Pages that allocations cut short by a killed process left reserved
     /// in a block's free count but not marked, or marked but recorded by
     /// no run or span: leaked for good. Counted by [`Arena::audit`] only
@@ -176,9 +181,10 @@ impl ArenaStats {
         self.small_bytes + self.run_bytes + self.large_bytes
     }
 
-    /// Bytes of blocks in use (page blocks and large blocks).
+    /// Bytes of blocks in use (page blocks, large blocks, and the blocks
+    /// of large allocations thread caches keep).
     pub fn held_bytes(&self) -> u64 {
-        (self.page_blocks + self.large_blocks) * BLOCK
+        (self.page_blocks + self.large_blocks) * BLOCK + self.cached_large_bytes
     }
 
     /// Share of held bytes not handed out: free pages in page blocks and
@@ -575,8 +581,13 @@ impl Arena {
     }
 
     /// Sets when empty blocks go back to the kernel (this process).
+    /// Switching to [`ReleasePolicy::Eager`] flushes this process's thread
+    /// caches: the large allocations they keep go back to the kernel too.
     pub fn set_release_policy(&mut self, policy: ReleasePolicy) {
         self.release = policy;
+        if policy == ReleasePolicy::Eager {
+            self.flush_thread_caches();
+        }
     }
 
     /// The region.
@@ -835,7 +846,7 @@ impl Arena {
                 let st = block::observe(self.block(b));
                 match st.kind {
                     Kind::Pages => (PAGES_PER_BLOCK - st.free_pages.min(PAGES_PER_BLOCK)) * PAGE,
-                    Kind::LargeHead | Kind::LargeTail => BLOCK,
+                    Kind::LargeHead | Kind::LargeTail | Kind::LargeCached => BLOCK,
                     _ => 0,
                 }
             })
@@ -858,10 +869,22 @@ impl Arena {
         match layout::class_for(size, layout.align()) {
             Some(class) if size != 0 => match self.alloc_small(class) {
                 Some(p) => Ok(ShmPtr::tagged(p.0, self.tag)),
-                None => Err(self.exhausted(size)),
+                None => self.alloc_small_again(class, size),
             },
             _ => self.alloc_pages_or_blocks(layout),
         }
+    }
+
+    /// A small allocation that found no room, once more after this
+    /// thread's cache gave back the runs and blocks it keeps.
+    #[cold]
+    #[inline(never)]
+    fn alloc_small_again(&self, class: u32, size: usize) -> Result<ShmPtr> {
+        self.release_own_cache()
+            .then(|| self.alloc_small(class))
+            .flatten()
+            .map(|p| ShmPtr::tagged(p.0, self.tag))
+            .ok_or_else(|| self.exhausted(size))
     }
 
     /// [`alloc`](Self::alloc) of anything but a small object.
@@ -875,13 +898,17 @@ impl Arena {
             return Err(Error::AlignmentTooLarge { align });
         }
         let pages = (size as u64).div_ceil(PAGE);
-        let found = if pages < PAGES_PER_BLOCK {
-            let align_pages = (align as u64 / PAGE).max(1);
-            self.alloc_run(pages, align_pages)
-                .map(|page| ShmPtr(page * PAGE))
-        } else {
-            self.alloc_large((size as u64).div_ceil(BLOCK))
+        let attempt = || {
+            if pages < PAGES_PER_BLOCK {
+                let align_pages = (align as u64 / PAGE).max(1);
+                self.alloc_run(pages, align_pages)
+                    .map(|page| ShmPtr(page * PAGE))
+            } else {
+                self.alloc_large((size as u64).div_ceil(BLOCK))
+            }
         };
+        // What this thread's cache keeps may be what the allocation needs.
+        let found = attempt().or_else(|| self.release_own_cache().then(attempt).flatten());
         found
             .map(|p| ShmPtr::tagged(p.0, self.tag))
             .ok_or_else(|| self.exhausted(size))
@@ -898,7 +925,16 @@ impl Arena {
         self.alloc(layout)
     }
 
+    /// `n` whole blocks: one of as many blocks this thread's cache keeps,
+    /// or the first free ones by address.
     fn alloc_large(&self, n: u64) -> Option<ShmPtr> {
+        if self.caches_large(n)
+            && let Some(b) = self
+                .with_cache(|cache| self.take_cached_large(cache, n))
+                .flatten()
+        {
+            return Some(ShmPtr(b * BLOCK));
+        }
         let blocks = self.blocks();
         let first = self.layout.meta_blocks();
         let mut b = first;
@@ -918,6 +954,133 @@ impl Arena {
             }
         }
         None
+    }
+
+    /// Whether thread caches keep freed large allocations of `n` blocks:
+    /// not too large, and not when freed blocks go back to the kernel at
+    /// once.
+    #[inline]
+    fn caches_large(&self, n: u64) -> bool {
+        (1..=cache::LARGE_MAX).contains(&n) && self.release == ReleasePolicy::OnRequest
+    }
+
+    /// A large allocation of exactly `n` blocks from the cache, made live
+    /// (its head uncached before its ledger entry is emptied: see
+    /// `ledger`). Returns its first block.
+    fn take_cached_large(&self, cache: &mut cache::ThreadCache, n: u64) -> Option<u64> {
+        let pages = n * PAGES_PER_BLOCK;
+        let entry = cache.runs.iter().position(|&(_, p)| p == pages)?;
+        let (page, _) = cache.runs[entry];
+        let slot = ledger::slot(self.ledger(), cache.slot)?;
+        let b = page / PAGES_PER_BLOCK;
+        let live = block::uncache_large(self.block(b), n);
+        // Dropped either way: an entry whose head is not cached (a damaged
+        // word) is not ours to hand out.
+        ledger::record_run(slot, entry, None);
+        cache.runs[entry] = (0, 0);
+        live.then_some(b)
+    }
+
+    /// [`free_large`](Self::free_large) into the cache: recorded in the
+    /// ledger, then its head cached (see `ledger`), the large allocations
+    /// the cache kept longest going back to the blocks first when it would
+    /// keep more than [`cache::LARGE_BLOCKS`].
+    fn cache_freed_large(
+        &self,
+        cache: &mut cache::ThreadCache,
+        b: u64,
+        n: u64,
+    ) -> Result<(), &'static str> {
+        let Some(slot) = ledger::slot(self.ledger(), cache.slot) else {
+            return Err("the cache ledger is smaller than its slots");
+        };
+        let kept = |cache: &cache::ThreadCache| -> u64 {
+            cache
+                .runs
+                .iter()
+                .filter(|&&(_, p)| p >= PAGES_PER_BLOCK)
+                .map(|&(_, p)| p / PAGES_PER_BLOCK)
+                .sum()
+        };
+        while kept(cache) + n > cache::LARGE_BLOCKS {
+            let oldest = (0..ledger::RUNS)
+                .map(|i| (cache.next_eviction + i) % ledger::RUNS)
+                .find(|&e| cache.runs[e].1 >= PAGES_PER_BLOCK)
+                .unwrap_or(cache.next_eviction);
+            self.evict(cache, slot, oldest);
+        }
+        let entry = self.empty_entry(cache, slot);
+        let (page, pages) = (b * PAGES_PER_BLOCK, n * PAGES_PER_BLOCK);
+        ledger::record_run(slot, entry, Some((page, pages)));
+        match block::cache_large(self.block(b)) {
+            Some(m) if m == n => {
+                cache.runs[entry] = (page, pages);
+                Ok(())
+            }
+            Some(m) => {
+                // Freed and allocated again with another size since we
+                // read it (a free racing a reuse): freed, not kept.
+                ledger::record_run(slot, entry, None);
+                if block::begin_free_large(self.block(b), Kind::LargeCached).is_some() {
+                    self.finish_free_large(b, m);
+                }
+                Ok(())
+            }
+            None => {
+                ledger::record_run(slot, entry, None);
+                Err("already freed")
+            }
+        }
+    }
+
+    /// An empty run entry of `cache`: the first, or the one
+    /// `next_eviction` names after evicting what it keeps.
+    fn empty_entry(&self, cache: &mut cache::ThreadCache, slot: &[AtomicU64]) -> usize {
+        if let Some(entry) = cache.runs.iter().position(|&(_, pages)| pages == 0) {
+            return entry;
+        }
+        let entry = cache.next_eviction;
+        self.evict(cache, slot, entry);
+        entry
+    }
+
+    /// Gives what run entry `entry` keeps back to the blocks, forgotten
+    /// before it is freed: a kill in between leaks it, never frees it
+    /// twice.
+    fn evict(&self, cache: &mut cache::ThreadCache, slot: &[AtomicU64], entry: usize) {
+        cache.next_eviction = (entry + 1) % ledger::RUNS;
+        let (page, pages) = cache.runs[entry];
+        ledger::record_run(slot, entry, None);
+        cache.runs[entry] = (0, 0);
+        if pages == 0 {
+            return;
+        }
+        if pages < PAGES_PER_BLOCK {
+            self.free_pages(page, pages);
+        } else {
+            let b = page / PAGES_PER_BLOCK;
+            if let Some(n) = block::begin_free_large(self.block(b), Kind::LargeCached) {
+                self.finish_free_large(b, n);
+            }
+        }
+    }
+
+    /// Gives back everything this thread's cache keeps (runs and large
+    /// allocations; its spans stay): before an allocation reports the
+    /// arena full. Whether it kept anything.
+    #[cold]
+    #[inline(never)]
+    fn release_own_cache(&self) -> bool {
+        self.caches
+            .with_local(|cache| {
+                let kept = cache.runs.iter().any(|&(_, pages)| pages != 0);
+                if let Some(slot) = ledger::slot(self.ledger(), cache.slot) {
+                    self.release_recorded_runs(slot);
+                }
+                cache.runs = [(0, 0); ledger::RUNS];
+                kept
+            })
+            .unwrap_or(false)
     }
 
     /// A run of `n` pages aligned to `align` pages, live (its length set):
@@ -990,7 +1153,10 @@ impl Arena {
     fn is_run(&self, page: u64, n: u64) -> bool {
         let data =
             self.layout.meta_blocks() * PAGES_PER_BLOCK..self.layout.blocks * PAGES_PER_BLOCK;
-        data.contains(&page) && n > 0 && n <= PAGES_PER_BLOCK - page % PAGES_PER_BLOCK
+        data.contains(&page)
+            && n > 0
+            && n < PAGES_PER_BLOCK
+            && n <= PAGES_PER_BLOCK - page % PAGES_PER_BLOCK
     }
 
     /// [`free_run`](Self::free_run) into the cache: the run is recorded in
@@ -1004,20 +1170,7 @@ impl Arena {
         let Some(slot) = ledger::slot(self.ledger(), cache.slot) else {
             return Err("the cache ledger is smaller than its slots");
         };
-        let entry = match cache.runs.iter().position(|&(_, pages)| pages == 0) {
-            Some(entry) => entry,
-            None => {
-                let entry = cache.next_eviction;
-                cache.next_eviction = (entry + 1) % ledger::RUNS;
-                let (old, pages) = cache.runs[entry];
-                // Forgotten before it is freed: a kill in between leaks
-                // the run, never frees it twice.
-                ledger::record_run(slot, entry, None);
-                cache.runs[entry] = (0, 0);
-                self.free_pages(old, pages);
-                entry
-            }
-        };
+        let entry = self.empty_entry(cache, slot);
         ledger::record_run(slot, entry, Some((page, n)));
         let n = match self.take_run_len(page) {
             Ok(taken) if taken == n => n,
@@ -1034,21 +1187,53 @@ impl Arena {
         Ok(())
     }
 
-    /// Frees the runs a ledger slot records (held by the caller: a flush,
-    /// or a dead process's slot), each checked first: an entry that names
-    /// no possible run is dropped.
+    /// Frees the runs and large allocations a ledger slot records (held by
+    /// the caller: a flush, its own thread, or a dead process's slot), each
+    /// checked first: an entry that names no possible run or large
+    /// allocation is dropped.
     fn release_recorded_runs(&self, slot: &[AtomicU64]) {
         for entry in 0..ledger::RUNS {
-            if let Some((page, n)) = ledger::run(slot, entry) {
-                ledger::record_run(slot, entry, None);
-                if self.is_run(page, n) {
-                    // Recorded and still live: its thread was freeing it
-                    // (or handing it out) when it stopped.
-                    self.run_len(page).store(0, Ordering::Release);
-                    self.free_pages(page, n);
+            let Some((page, n)) = ledger::run(slot, entry) else {
+                continue;
+            };
+            ledger::record_run(slot, entry, None);
+            if self.is_run(page, n) {
+                // Recorded and still live: its thread was freeing it
+                // (or handing it out) when it stopped.
+                self.run_len(page).store(0, Ordering::Release);
+                self.free_pages(page, n);
+            } else if let Some((b, blocks)) = self.is_large(page, n) {
+                // Cached, or live with the recorded size: its thread was
+                // freeing it (or handing it out) when it stopped.
+                let head = self.block(b);
+                let st = block::observe(head);
+                let taken = (st.blocks == blocks)
+                    .then(|| match st.kind {
+                        Kind::LargeCached | Kind::LargeHead => {
+                            block::begin_free_large(head, st.kind)
+                        }
+                        _ => None,
+                    })
+                    .flatten();
+                if let Some(n) = taken {
+                    self.finish_free_large(b, n);
                 }
             }
         }
+    }
+
+    /// Whether `pages` pages from `page` (numbers read from shared memory)
+    /// can be a large allocation: whole data blocks. `Some((first block,
+    /// blocks))`.
+    fn is_large(&self, page: u64, pages: u64) -> Option<(u64, u64)> {
+        let (b, n) = (page / PAGES_PER_BLOCK, pages / PAGES_PER_BLOCK);
+        (page % PAGES_PER_BLOCK == 0
+            && pages % PAGES_PER_BLOCK == 0
+            && n > 0
+            && b >= self.layout.meta_blocks()
+            && b.checked_add(n)
+                .is_some_and(|end| end <= self.layout.blocks))
+        .then_some((b, n))
     }
 
     /// Claims `n` pages (`n` < 512) aligned to `align` pages, first fit by
@@ -1468,9 +1653,8 @@ impl Arena {
         }
         let b = offset / BLOCK;
         match block::observe(self.block(b)).kind {
-            Kind::LargeHead if offset % BLOCK == 0 => {
-                self.free_large(b).ok_or(invalid("already freed"))
-            }
+            Kind::LargeHead if offset % BLOCK == 0 => self.free_large(b).map_err(invalid),
+            Kind::LargeCached if offset % BLOCK == 0 => Err(invalid("already freed")),
             // Not in an active span (`free` looked): a page run or nothing.
             Kind::Pages if offset % PAGE != 0 => Err(invalid("not the start of an allocation")),
             Kind::Pages => self.free_run(offset / PAGE).map_err(invalid),
@@ -1533,9 +1717,30 @@ impl Arena {
         Ok(())
     }
 
-    fn free_large(&self, b: u64) -> Option<()> {
+    /// Frees the large allocation whose head is block `b`: into this
+    /// thread's cache if it keeps such, else back to the blocks. Its head's
+    /// CAS refuses a second free in any thread or process.
+    fn free_large(&self, b: u64) -> Result<(), &'static str> {
+        let n = block::observe(self.block(b)).blocks;
+        if self.caches_large(n)
+            && b + n <= self.layout.blocks
+            && let Some(freed) = self
+                .caches
+                .with_local(|cache| self.cache_freed_large(cache, b, n))
+        {
+            return freed;
+        }
+        let n = block::begin_free_large(self.block(b), Kind::LargeHead).ok_or("already freed")?;
+        self.finish_free_large(b, n);
+        Ok(())
+    }
+
+    /// Ends the free of the `n`-block large allocation at `b`, whose head
+    /// this thread took (RELEASING): its pages punched out if the arena
+    /// releases eagerly, its blocks free.
+    fn finish_free_large(&self, b: u64, n: u64) {
         // A damaged count frees no block that is not there.
-        let n = block::begin_free_large(self.block(b))?.clamp(1, self.layout.blocks - b);
+        let n = n.clamp(1, self.layout.blocks - b);
         let punch = self.release == ReleasePolicy::Eager;
         if punch {
             self.punch(b, n);
@@ -1545,7 +1750,6 @@ impl Arena {
             block::finish(self.block(t), !punch);
         }
         block::finish(self.block(b), !punch);
-        Some(())
     }
 
     /// Writes a snapshot of the arena (its tables and all its data,
@@ -1714,6 +1918,7 @@ impl Arena {
                     s.large_blocks += st.blocks;
                     s.large_bytes += st.blocks * BLOCK;
                 }
+                Kind::LargeCached => s.cached_large_bytes += st.blocks * BLOCK,
                 Kind::Free if st.dirty => s.free_dirty_blocks += 1,
                 Kind::Free => s.free_clean_blocks += 1,
                 _ => {}
