@@ -1340,10 +1340,36 @@ impl Arena {
         }
     }
 
+    /// A small object: the next free one of the word this thread's cache
+    /// copied, inline; anything else out of line, so that the common case
+    /// keeps few registers (no spills, a short prologue).
     #[inline]
     fn alloc_small(&self, class: u32) -> Option<ShmPtr> {
+        match self
+            .caches
+            .with_local(|cache| self.alloc_from_next_word(cache, class))
+        {
+            Some(Some(p)) => Some(p),
+            _ => self.alloc_small_slow(class),
+        }
+    }
+
+    /// [`alloc_small`](Self::alloc_small) past the cache's copied word:
+    /// the span's other words, another span, or a span borrowed without
+    /// a cache.
+    #[inline(never)]
+    fn alloc_small_slow(&self, class: u32) -> Option<ShmPtr> {
         self.with_cache(|cache| self.alloc_owned(cache, class))
             .unwrap_or_else(|| self.alloc_borrowed(class))
+    }
+
+    /// The next free object of the word the cache copied, if any.
+    #[inline(always)]
+    fn alloc_from_next_word(&self, cache: &mut cache::ThreadCache, class: u32) -> Option<ShmPtr> {
+        let c = class as usize;
+        let at = cache.next[c].at_if_free()?;
+        let (owned, remote) = self.owner_and_remote_word(at);
+        objects::take_next(&mut cache.next[c], owned, remote).map(ShmPtr)
     }
 
     /// Runs `f` on this thread's cache, giving a thread new to the arena
@@ -1375,11 +1401,8 @@ impl Arena {
     #[inline]
     fn alloc_owned(&self, cache: &mut cache::ThreadCache, class: u32) -> Option<ShmPtr> {
         let c = class as usize;
-        if let Some(at) = cache.next[c].at_if_free() {
-            let (owned, remote) = self.owner_and_remote_word(at);
-            if let Some(offset) = objects::take_next(&mut cache.next[c], owned, remote) {
-                return Some(ShmPtr(offset));
-            }
+        if let Some(p) = self.alloc_from_next_word(cache, class) {
+            return Some(p);
         }
         if let Some(span) = cache.spans[c].checked_sub(1) {
             let from = cache.cursor[c] as usize;
