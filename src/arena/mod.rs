@@ -801,11 +801,14 @@ impl Arena {
     }
 
     /// Span slot `slot`'s descriptor: state, link, owner and remote
-    /// bitmaps.
+    /// bitmaps. An array: one bounds check here, none where its words are
+    /// read.
     #[inline]
-    fn span_desc(&self, slot: u64) -> &[AtomicU64] {
+    fn span_desc(&self, slot: u64) -> &[AtomicU64; SPAN_DESC_WORDS] {
         let at = Self::span_desc_at(slot);
-        &self.tables.spans.get()[at..at + SPAN_DESC_WORDS]
+        let desc = &self.tables.spans.get()[at..at + SPAN_DESC_WORDS];
+        desc.try_into()
+            .unwrap_or_else(|_| unreachable!("a slice of the array's length"))
     }
 
     /// Where span slot `slot`'s descriptor starts in the span table.
@@ -826,9 +829,13 @@ impl Arena {
     /// Span `slot`'s owner bitmap and remote-free bitmap (`objects`).
     #[inline]
     fn span_objects(&self, slot: u64) -> (&[AtomicU64], &[AtomicU64]) {
-        let d = self.span_desc(slot);
-        let (owned, remote) = d[SPAN_HEAD_WORDS..].split_at(SPAN_BITMAP_WORDS);
-        (owned, remote)
+        Self::objects_of(self.span_desc(slot))
+    }
+
+    /// A span descriptor's owner bitmap and remote-free bitmap.
+    #[inline]
+    fn objects_of(desc: &[AtomicU64; SPAN_DESC_WORDS]) -> (&[AtomicU64], &[AtomicU64]) {
+        desc[SPAN_HEAD_WORDS..].split_at(SPAN_BITMAP_WORDS)
     }
 
     fn partial(&self, class: u32) -> &AtomicU64 {
@@ -1657,9 +1664,10 @@ impl Arena {
             && offset < self.layout.data_len
         {
             let slot = offset / SPAN;
-            if let Some(st) = span::describe(self.span_state(slot)) {
+            let desc = self.span_desc(slot);
+            if let Some(st) = span::describe(&desc[0]) {
                 return self
-                    .free_small(slot, st.class, offset)
+                    .free_small(desc, slot, st.class, offset)
                     .map_err(|reason| Error::InvalidFree { offset, reason });
             }
         }
@@ -1699,9 +1707,15 @@ impl Arena {
     /// the remote bitmap (`objects`, which also says which double frees
     /// are refused).
     #[inline]
-    fn free_small(&self, span: u64, class: u32, offset: u64) -> Result<(), &'static str> {
+    fn free_small(
+        &self,
+        desc: &[AtomicU64; SPAN_DESC_WORDS],
+        span: u64,
+        class: u32,
+        offset: u64,
+    ) -> Result<(), &'static str> {
         let index = Self::object_index(span, class, offset).ok_or("not the start of an object")?;
-        let (owned, remote) = self.span_objects(span);
+        let (owned, remote) = Self::objects_of(desc);
         let c = class as usize;
         let by_owner = self
             .caches
