@@ -1836,7 +1836,8 @@ impl Arena {
     /// each block's free count must not exceed its bitmap's free pages.
     /// Spans that dead processes owned go back first (see
     /// [`ArenaStats::cached_objects`]), and so do spans that threads
-    /// without a cache were killed holding. Pages reserved but not marked, or
+    /// without a cache were killed holding, and kept large allocations
+    /// that no cache records. Pages reserved but not marked, or
     /// marked but recorded by no run or span, are counted as
     /// [`ArenaStats::leaked_pages`], not an error: a process killed inside
     /// an allocation leaves them. Returns the first disagreement.
@@ -1844,6 +1845,7 @@ impl Arena {
         self.reclaim_dead_caches(false);
         self.reclaim_borrowed_spans();
         self.flush_thread_caches();
+        self.release_unrecorded_large();
         let cached_runs = self.cached_runs();
         let mut leaked = 0;
         for b in self.layout.meta_blocks()..self.layout.blocks {
@@ -1905,11 +1907,35 @@ impl Arena {
     /// The page runs every held ledger slot records, `(first page,
     /// pages)`, those that name no possible run left out.
     fn cached_runs(&self) -> Vec<(u64, u64)> {
+        self.recorded_entries()
+            .filter(|&(p, n)| self.is_run(p, n))
+            .collect()
+    }
+
+    /// Every run entry of every held ledger slot, unvalidated.
+    fn recorded_entries(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         ledger::slots(self.ledger())
             .filter(|(_, slot)| ledger::holder(slot).is_some())
             .flat_map(|(_, slot)| (0..ledger::RUNS).filter_map(|e| ledger::run(slot, e)))
-            .filter(|&(p, n)| self.is_run(p, n))
-            .collect()
+    }
+
+    /// Gives back the kept large allocations that no held ledger slot
+    /// records: a process killed between forgetting one it evicted and
+    /// freeing it leaves it so. Only while nobody allocates (`audit`).
+    fn release_unrecorded_large(&self) {
+        let recorded: Vec<u64> = self
+            .recorded_entries()
+            .filter_map(|(p, n)| self.is_large(p, n))
+            .map(|(b, _)| b)
+            .collect();
+        for b in self.layout.meta_blocks()..self.layout.blocks {
+            if block::observe(self.block(b)).kind == Kind::LargeCached
+                && !recorded.contains(&b)
+                && let Some(n) = block::begin_free_large(self.block(b), Kind::LargeCached)
+            {
+                self.finish_free_large(b, n);
+            }
+        }
     }
 
     /// Scans the tables. Not atomic as a whole: under concurrent use the
@@ -2105,5 +2131,43 @@ mod tests {
         a.flush_thread_caches();
         assert_eq!(a.stats().cached_objects, 0);
         assert_eq!(a.audit().unwrap().spans, 0, "every span empty and retired");
+    }
+
+    /// What a process killed at each step of keeping large allocations
+    /// leaves: one kept (recorded, cached), one being handed out or freed
+    /// (recorded, live), one being evicted (cached, no longer recorded).
+    /// A fresh audit gives all three back.
+    #[test]
+    fn large_allocations_a_killed_process_kept_or_was_moving_go_back() {
+        let a = Arena::create(
+            RegionOptions::new(32 << 20).backend(BackendKind::Shmem),
+            PopulateOptions::new(),
+        )
+        .unwrap();
+        a.set_thread_caches(false);
+        let heads: Vec<u64> = (0..3)
+            .map(|_| a.alloc_bytes(2 << 20).unwrap().offset() / BLOCK)
+            .collect();
+        let slot = ledger::slot(a.ledger(), 9).unwrap();
+        // A pid past any `pid_max`: proven dead.
+        assert!(ledger::claim(slot, Owner::new(1 << 30, 1)));
+        ledger::record_run(slot, 0, Some((heads[0] * PAGES_PER_BLOCK, PAGES_PER_BLOCK)));
+        assert_eq!(block::cache_large(a.block(heads[0])), Some(1));
+        ledger::record_run(slot, 1, Some((heads[1] * PAGES_PER_BLOCK, PAGES_PER_BLOCK)));
+        assert_eq!(block::cache_large(a.block(heads[2])), Some(1));
+        let before = a.stats();
+        assert_eq!(
+            (before.large_allocs, before.cached_large_bytes),
+            (1, 2 * BLOCK)
+        );
+        let after = a.audit().unwrap();
+        assert_eq!((after.large_allocs, after.cached_large_bytes), (0, 0));
+        assert_eq!((after.in_use_bytes(), after.leaked_pages), (0, 0));
+        assert_eq!(
+            ledger::holder(slot),
+            None,
+            "the dead process's slot is free"
+        );
+        assert_eq!(ledger::run(slot, 0), None);
     }
 }
