@@ -376,12 +376,16 @@ impl Arena {
     /// the snapshot on first touch, and allocation continues where the
     /// snapshot left off.
     ///
-    /// Spans the snapshotted processes' thread caches owned go back to the
-    /// arena here. (Attaching to a restored populator yourself gives back
-    /// only those of processes that are gone.)
+    /// Spans the snapshotted processes' thread caches owned, and the page
+    /// runs and large allocations they kept, go back to the arena here.
+    /// (Attaching to a restored populator yourself gives back only those
+    /// of processes that are gone.)
     pub fn restore(path: impl AsRef<Path>, populate: PopulateOptions) -> Result<Self> {
         let arena = Arena::attach(crate::persist::restore(path, populate)?)?;
         arena.reclaim_dead_caches(true);
+        // No slot is held now: every kept large allocation left is one a
+        // process was evicting when the snapshot was taken.
+        arena.release_unrecorded_large();
         Ok(arena)
     }
 }
@@ -1921,7 +1925,8 @@ impl Arena {
 
     /// Gives back the kept large allocations that no held ledger slot
     /// records: a process killed between forgetting one it evicted and
-    /// freeing it leaves it so. Only while nobody allocates (`audit`).
+    /// freeing it leaves it so. Only while nobody allocates (`audit`, a
+    /// restore).
     fn release_unrecorded_large(&self) {
         let recorded: Vec<u64> = self
             .recorded_entries()
@@ -2169,5 +2174,45 @@ mod tests {
             "the dead process's slot is free"
         );
         assert_eq!(ledger::run(slot, 0), None);
+    }
+
+    /// A snapshot taken while another process's cache keeps a large
+    /// allocation (recorded) and while it evicts one (not recorded): the
+    /// restored arena has neither.
+    #[test]
+    fn a_restore_gives_back_the_large_allocations_caches_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap");
+        let a = Arena::create(
+            RegionOptions::new(32 << 20).backend(BackendKind::Shmem),
+            PopulateOptions::new(),
+        )
+        .unwrap();
+        a.set_thread_caches(false);
+        let heads: Vec<u64> = (0..2)
+            .map(|_| a.alloc_bytes(4 << 20).unwrap().offset() / BLOCK)
+            .collect();
+        let slot = ledger::slot(a.ledger(), 3).unwrap();
+        // Held by a living process (this one, as another would hold it).
+        assert!(ledger::claim(slot, Owner::current().unwrap()));
+        ledger::record_run(
+            slot,
+            0,
+            Some((heads[0] * PAGES_PER_BLOCK, 2 * PAGES_PER_BLOCK)),
+        );
+        for &b in &heads {
+            assert_eq!(block::cache_large(a.block(b)), Some(2));
+        }
+        a.snapshot(&path).unwrap();
+        assert_eq!(
+            a.stats().cached_large_bytes,
+            4 * BLOCK,
+            "kept by the caches"
+        );
+        let restored = Arena::restore(&path, PopulateOptions::new()).unwrap();
+        let stats = restored.stats();
+        assert_eq!((stats.cached_large_bytes, stats.large_allocs), (0, 0));
+        assert_eq!(stats.held_bytes(), 0, "both given back at the restore");
+        assert_eq!(restored.audit().unwrap().in_use_bytes(), 0);
     }
 }
