@@ -647,7 +647,7 @@ fn a_threads_freed_large_allocations_come_back_to_it_and_a_second_free_is_refuse
     let big = a.alloc(layout(16 * MIB, 16)).unwrap();
     a.free(big).unwrap();
     assert_eq!(a.stats().cached_large_bytes, 10 << 20);
-    // More than 16 MiB freed: the ones kept longest go back to the blocks.
+    // More than 16 MiB freed: kept ones go back to the blocks in turn.
     let many: Vec<ShmPtr> = (0..6)
         .map(|_| a.alloc(layout(8 * MIB, 16)).unwrap())
         .collect();

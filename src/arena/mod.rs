@@ -994,8 +994,8 @@ impl Arena {
 
     /// [`free_large`](Self::free_large) into the cache: recorded in the
     /// ledger, then its head cached (see `ledger`), the large allocations
-    /// the cache kept longest going back to the blocks first when it would
-    /// keep more than [`cache::LARGE_BLOCKS`].
+    /// the cache keeps going back to the blocks in turn (round robin over
+    /// its entries) while it would keep more than [`cache::LARGE_BLOCKS`].
     fn cache_freed_large(
         &self,
         cache: &mut cache::ThreadCache,
