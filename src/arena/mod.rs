@@ -1014,11 +1014,13 @@ impl Arena {
                 .sum()
         };
         while kept(cache) + n > cache::LARGE_BLOCKS {
-            let oldest = (0..ledger::RUNS)
+            let Some(next) = (0..ledger::RUNS)
                 .map(|i| (cache.next_eviction + i) % ledger::RUNS)
                 .find(|&e| cache.runs[e].1 >= PAGES_PER_BLOCK)
-                .unwrap_or(cache.next_eviction);
-            self.evict(cache, slot, oldest);
+            else {
+                break;
+            };
+            self.evict(cache, slot, next);
         }
         let entry = self.empty_entry(cache, slot);
         let (page, pages) = (b * PAGES_PER_BLOCK, n * PAGES_PER_BLOCK);
