@@ -2140,21 +2140,28 @@ mod tests {
         assert_eq!(a.audit().unwrap().spans, 0, "every span empty and retired");
     }
 
-    /// What a process killed at each step of keeping large allocations
-    /// leaves: one kept (recorded, cached), one being handed out or freed
-    /// (recorded, live), one being evicted (cached, no longer recorded).
-    /// A fresh audit gives all three back.
-    #[test]
-    fn large_allocations_a_killed_process_kept_or_was_moving_go_back() {
+    /// A 32 MiB arena without thread caches and the head blocks of `n`
+    /// large allocations of `bytes` in it.
+    fn arena_with_large(n: usize, bytes: usize) -> (Arena, Vec<u64>) {
         let a = Arena::create(
             RegionOptions::new(32 << 20).backend(BackendKind::Shmem),
             PopulateOptions::new(),
         )
         .unwrap();
         a.set_thread_caches(false);
-        let heads: Vec<u64> = (0..3)
-            .map(|_| a.alloc_bytes(2 << 20).unwrap().offset() / BLOCK)
+        let heads = (0..n)
+            .map(|_| a.alloc_bytes(bytes).unwrap().offset() / BLOCK)
             .collect();
+        (a, heads)
+    }
+
+    /// What a process killed at each step of keeping large allocations
+    /// leaves: one kept (recorded, cached), one being handed out or freed
+    /// (recorded, live), one being evicted (cached, no longer recorded).
+    /// A fresh audit gives all three back.
+    #[test]
+    fn large_allocations_a_killed_process_kept_or_was_moving_go_back() {
+        let (a, heads) = arena_with_large(3, 2 << 20);
         let slot = ledger::slot(a.ledger(), 9).unwrap();
         // A pid past any `pid_max`: proven dead.
         assert!(ledger::claim(slot, Owner::new(1 << 30, 1)));
@@ -2185,15 +2192,7 @@ mod tests {
     fn a_restore_gives_back_the_large_allocations_caches_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snap");
-        let a = Arena::create(
-            RegionOptions::new(32 << 20).backend(BackendKind::Shmem),
-            PopulateOptions::new(),
-        )
-        .unwrap();
-        a.set_thread_caches(false);
-        let heads: Vec<u64> = (0..2)
-            .map(|_| a.alloc_bytes(4 << 20).unwrap().offset() / BLOCK)
-            .collect();
+        let (a, heads) = arena_with_large(2, 4 << 20);
         let slot = ledger::slot(a.ledger(), 3).unwrap();
         // Held by a living process (this one, as another would hold it).
         assert!(ledger::claim(slot, Owner::current().unwrap()));
