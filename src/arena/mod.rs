@@ -516,8 +516,7 @@ impl Arena {
                 }
                 cache.set_span(c, None);
             }
-            self.release_recorded_runs(slot);
-            cache.runs = [(0, 0); ledger::RUNS];
+            self.release_kept(cache, slot);
         });
         self.retire_empty_spans();
     }
@@ -1030,13 +1029,11 @@ impl Arena {
                 cache.runs[entry] = (page, pages);
                 Ok(())
             }
-            Some(m) => {
+            Some(_) => {
                 // Freed and allocated again with another size since we
                 // read it (a free racing a reuse): freed, not kept.
                 ledger::record_run(slot, entry, None);
-                if block::begin_free_large(self.block(b), Kind::LargeCached).is_some() {
-                    self.finish_free_large(b, m);
-                }
+                self.release_large(b, Kind::LargeCached);
                 Ok(())
             }
             None => {
@@ -1071,10 +1068,7 @@ impl Arena {
         if pages < PAGES_PER_BLOCK {
             self.free_pages(page, pages);
         } else {
-            let b = page / PAGES_PER_BLOCK;
-            if let Some(n) = block::begin_free_large(self.block(b), Kind::LargeCached) {
-                self.finish_free_large(b, n);
-            }
+            self.release_large(page / PAGES_PER_BLOCK, Kind::LargeCached);
         }
     }
 
@@ -1088,12 +1082,18 @@ impl Arena {
             .with_local(|cache| {
                 let kept = cache.runs.iter().any(|&(_, pages)| pages != 0);
                 if let Some(slot) = ledger::slot(self.ledger(), cache.slot) {
-                    self.release_recorded_runs(slot);
+                    self.release_kept(cache, slot);
                 }
-                cache.runs = [(0, 0); ledger::RUNS];
                 kept
             })
             .unwrap_or(false)
+    }
+
+    /// Gives back the runs and large allocations `cache` keeps (recorded in
+    /// its ledger slot `slot`) and empties its entries.
+    fn release_kept(&self, cache: &mut cache::ThreadCache, slot: &[AtomicU64]) {
+        self.release_recorded_runs(slot);
+        cache.runs = [(0, 0); ledger::RUNS];
     }
 
     /// A run of `n` pages aligned to `align` pages, live (its length set):
@@ -1218,18 +1218,9 @@ impl Arena {
             } else if let Some((b, blocks)) = self.is_large(page, n) {
                 // Cached, or live with the recorded size: its thread was
                 // freeing it (or handing it out) when it stopped.
-                let head = self.block(b);
-                let st = block::observe(head);
-                let taken = (st.blocks == blocks)
-                    .then(|| match st.kind {
-                        Kind::LargeCached | Kind::LargeHead => {
-                            block::begin_free_large(head, st.kind)
-                        }
-                        _ => None,
-                    })
-                    .flatten();
-                if let Some(n) = taken {
-                    self.finish_free_large(b, n);
+                let st = block::observe(self.block(b));
+                if st.blocks == blocks && matches!(st.kind, Kind::LargeCached | Kind::LargeHead) {
+                    self.release_large(b, st.kind);
                 }
             }
         }
@@ -1773,15 +1764,21 @@ impl Arena {
         {
             return freed;
         }
-        let n = block::begin_free_large(self.block(b), Kind::LargeHead).ok_or("already freed")?;
-        self.finish_free_large(b, n);
-        Ok(())
+        if self.release_large(b, Kind::LargeHead) {
+            Ok(())
+        } else {
+            Err("already freed")
+        }
     }
 
-    /// Ends the free of the `n`-block large allocation at `b`, whose head
-    /// this thread took (RELEASING): its pages punched out if the arena
-    /// releases eagerly, its blocks free.
-    fn finish_free_large(&self, b: u64, n: u64) {
+    /// Frees the large allocation whose head, block `b`, is `from` (live
+    /// or kept by a cache): its head taken by one CAS (of two callers, one
+    /// gets it), then its pages punched out if the arena releases eagerly
+    /// and its blocks made free. Whether this call freed it.
+    fn release_large(&self, b: u64, from: Kind) -> bool {
+        let Some(n) = block::begin_free_large(self.block(b), from) else {
+            return false;
+        };
         // A damaged count frees no block that is not there.
         let n = n.clamp(1, self.layout.blocks - b);
         let punch = self.release == ReleasePolicy::Eager;
@@ -1793,6 +1790,7 @@ impl Arena {
             block::finish(self.block(t), !punch);
         }
         block::finish(self.block(b), !punch);
+        true
     }
 
     /// Writes a snapshot of the arena (its tables and all its data,
@@ -1936,11 +1934,8 @@ impl Arena {
             .map(|(b, _)| b)
             .collect();
         for b in self.layout.meta_blocks()..self.layout.blocks {
-            if block::observe(self.block(b)).kind == Kind::LargeCached
-                && !recorded.contains(&b)
-                && let Some(n) = block::begin_free_large(self.block(b), Kind::LargeCached)
-            {
-                self.finish_free_large(b, n);
+            if block::observe(self.block(b)).kind == Kind::LargeCached && !recorded.contains(&b) {
+                self.release_large(b, Kind::LargeCached);
             }
         }
     }
