@@ -18,7 +18,7 @@ use std::cell::{Cell as CopyCell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::gate::{self, Flushing, Gate};
+use super::gate::{self, Flushing, Gate, Inside};
 use super::layout::CLASSES;
 use super::ledger;
 use super::objects::NextWord;
@@ -201,24 +201,52 @@ impl Caches {
     /// ever set while caching is on and in the process it was set in (a
     /// forked child clears it: [`after_fork`]); caching turned off since
     /// keeps the thread out at the gate (`set_enabled`).
+    #[inline]
+    pub(crate) fn with_local<R>(&self, f: impl FnOnce(&mut ThreadCache) -> R) -> Option<R> {
+        match self.last() {
+            Some(gate) => Self::enter(gate, &self.flushing, f),
+            None if self.enabled() => Self::enter(self.look_up(None)?, &self.flushing, f),
+            None => None,
+        }
+    }
+
+    /// This thread's cache for the hot paths, entered: only if this arena
+    /// is the one the thread used last (`None` otherwise, without looking
+    /// further), so that it makes no call and keeps few registers. It
+    /// leaves the cache when the guard drops.
     #[allow(unsafe_code)] // entering the thread's own gate
     #[inline(always)]
-    pub(crate) fn with_local<R>(&self, f: impl FnOnce(&mut ThreadCache) -> R) -> Option<R> {
+    pub(crate) fn open_last(&self) -> Option<Inside<'_, ThreadCache>> {
+        // SAFETY: `gate` comes from this thread's `LAST`, whose `LOCAL`
+        // entry keeps it alive while the arena (`self`) is: `LOCAL` only
+        // drops the gates of arenas that are gone, and at thread exit.
+        let gate = unsafe { &*self.last()? };
+        // SAFETY: the gate is this thread's own, and the hot paths that
+        // open it hold no other guard.
+        unsafe { gate.open(&self.flushing) }
+    }
+
+    /// This thread's gate for the arena if it is the one `LAST` holds.
+    #[inline(always)]
+    fn last(&self) -> Option<*const Gate<ThreadCache>> {
         let (id, last) = LAST.try_with(CopyCell::get).unwrap_or(NO_LAST);
-        let gate = if id == self.id && !last.is_null() {
-            last
-        } else if self.enabled() {
-            self.look_up(None)?
-        } else {
-            return None;
-        };
+        (id == self.id && !last.is_null()).then_some(last)
+    }
+
+    #[allow(unsafe_code)] // entering the thread's own gate
+    #[inline(always)]
+    fn enter<R>(
+        gate: *const Gate<ThreadCache>,
+        flushing: &Flushing,
+        f: impl FnOnce(&mut ThreadCache) -> R,
+    ) -> Option<R> {
         // SAFETY: `gate` comes from this thread's `LAST` or `LOCAL`, whose
         // `Arc` keeps it alive (`LAST` is cleared before `LOCAL` drops
         // it), and `f` touches neither.
         let gate = unsafe { &*gate };
         // SAFETY: the gate is this thread's own (handed to it by `acquire`
         // and kept in its `LOCAL`): it has one owner.
-        unsafe { gate.enter(&self.flushing, f) }
+        unsafe { gate.enter(flushing, f) }
     }
 
     /// This thread's gate for the arena, from `LOCAL`, remembered in

@@ -63,6 +63,7 @@ impl<T> Contents<T> {
     /// # Safety
     ///
     /// No other thread reaches the contents until `f` returns.
+    #[inline(always)]
     unsafe fn with_mut<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         #[cfg(not(loom))]
         // SAFETY: the caller's contract.
@@ -88,6 +89,39 @@ pub(crate) struct Gate<T> {
 // protocol orders them; `T: Send` moves between those threads.
 unsafe impl<T: Send> Sync for Gate<T> {}
 
+/// The owner inside its gate (from [`Gate::open`]): it leaves when this
+/// is dropped.
+pub(crate) struct Inside<'a, T> {
+    gate: &'a Gate<T>,
+    /// The access loom tracks (ended before the gate opens again).
+    #[cfg(loom)]
+    contents: Option<loom::cell::MutPtr<T>>,
+}
+
+impl<T> Inside<'_, T> {
+    /// The cache's contents.
+    #[inline(always)]
+    pub(crate) fn contents(&mut self) -> &mut T {
+        #[cfg(not(loom))]
+        // SAFETY: a flusher waits for `busy` to clear (the protocol), and
+        // the owner holds one guard at a time (`open`'s contract), which
+        // this `&mut` borrow keeps unique.
+        return unsafe { &mut *self.gate.contents.0.get() };
+        #[cfg(loom)]
+        // SAFETY: as above; loom checks it.
+        return unsafe { self.contents.as_ref().expect("open until dropped").deref() };
+    }
+}
+
+impl<T> Drop for Inside<'_, T> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        #[cfg(loom)]
+        drop(self.contents.take());
+        self.gate.busy.store(false, Ordering::Release);
+    }
+}
+
 /// The arena-wide count of flushes in progress (plus one while caching is
 /// off).
 #[derive(Debug, Default)]
@@ -112,6 +146,22 @@ impl<T> Gate<T> {
         flushing: &Flushing,
         f: impl FnOnce(&mut T) -> R,
     ) -> Option<R> {
+        // SAFETY: the caller's contract.
+        let mut inside = unsafe { self.open(flushing) }?;
+        Some(f(inside.contents()))
+    }
+
+    /// Enters the cache unless a flush is in progress (`None`); the
+    /// returned guard leaves when dropped. For hot paths, where a closure
+    /// the compiler does not inline would cost a call.
+    ///
+    /// # Safety
+    ///
+    /// Only the gate's owner thread calls it, and not while it holds
+    /// another guard of this gate. The guard must be dropped, not
+    /// forgotten (a flusher waits for it).
+    #[inline(always)]
+    pub(crate) unsafe fn open<'a>(&'a self, flushing: &Flushing) -> Option<Inside<'a, T>> {
         self.busy.store(true, Ordering::Relaxed);
         light_fence(flushing);
         // Acquire: a flush that ended before this load happens-before what
@@ -120,11 +170,11 @@ impl<T> Gate<T> {
             self.busy.store(false, Ordering::Release);
             return None;
         }
-        // SAFETY: a flusher waits for `busy` to clear (the protocol), and
-        // the caller is the only owner.
-        let r = unsafe { self.contents.with_mut(f) };
-        self.busy.store(false, Ordering::Release);
-        Some(r)
+        Some(Inside {
+            gate: self,
+            #[cfg(loom)]
+            contents: Some(self.contents.0.get_mut()),
+        })
     }
 
     /// Runs `f` on the cache once its owner is out; call it between

@@ -874,25 +874,35 @@ impl Arena {
     #[inline]
     pub fn alloc(&self, layout: AllocLayout) -> Result<ShmPtr> {
         let size = layout.size();
-        // Small objects take the short path; everything else, errors
-        // included, is out of line so that this one stays small.
+        // Small objects from the word this thread's cache copied take the
+        // short path; everything else, errors included, is a tail call
+        // out of line, so that this one needs few registers (no saves, no
+        // spills).
         match layout::class_for(size, layout.align()) {
-            Some(class) if size != 0 => match self.alloc_small(class) {
-                Some(p) => Ok(ShmPtr::tagged(p.0, self.tag)),
-                None => self.alloc_small_again(class, size),
-            },
+            Some(class) if size != 0 => {
+                if let Some(mut cache) = self.caches.open_last()
+                    && let Some(p) = self.alloc_from_next_word(cache.contents(), class)
+                {
+                    return Ok(ShmPtr::tagged(p.0, self.tag));
+                }
+                self.alloc_small_slow(class, size)
+            }
             _ => self.alloc_pages_or_blocks(layout),
         }
     }
 
-    /// A small allocation that found no room, once more after this
-    /// thread's cache gave back the runs and blocks it keeps.
-    #[cold]
+    /// A small allocation past the cache's copied word: the span's other
+    /// words, another span, or a span borrowed without a cache; once more
+    /// after this thread's cache gave back the runs and blocks it keeps if
+    /// that finds no room.
     #[inline(never)]
-    fn alloc_small_again(&self, class: u32, size: usize) -> Result<ShmPtr> {
-        self.release_own_cache()
-            .then(|| self.alloc_small(class))
-            .flatten()
+    fn alloc_small_slow(&self, class: u32, size: usize) -> Result<ShmPtr> {
+        let found = self.alloc_small(class).or_else(|| {
+            self.release_own_cache()
+                .then(|| self.alloc_small(class))
+                .flatten()
+        });
+        found
             .map(|p| ShmPtr::tagged(p.0, self.tag))
             .ok_or_else(|| self.exhausted(size))
     }
@@ -1344,25 +1354,9 @@ impl Arena {
         }
     }
 
-    /// A small object: the next free one of the word this thread's cache
-    /// copied, inline; anything else out of line, so that the common case
-    /// keeps few registers (no spills, a short prologue).
-    #[inline]
+    /// A small object from this thread's cache (the copied word first),
+    /// or from a span borrowed without a cache.
     fn alloc_small(&self, class: u32) -> Option<ShmPtr> {
-        match self
-            .caches
-            .with_local(|cache| self.alloc_from_next_word(cache, class))
-        {
-            Some(Some(p)) => Some(p),
-            _ => self.alloc_small_slow(class),
-        }
-    }
-
-    /// [`alloc_small`](Self::alloc_small) past the cache's copied word:
-    /// the span's other words, another span, or a span borrowed without
-    /// a cache.
-    #[inline(never)]
-    fn alloc_small_slow(&self, class: u32) -> Option<ShmPtr> {
         self.with_cache(|cache| self.alloc_owned(cache, class))
             .unwrap_or_else(|| self.alloc_borrowed(class))
     }
@@ -1651,39 +1645,50 @@ impl Arena {
     /// rejected with [`Error::InvalidFree`] and change nothing.
     #[inline]
     pub fn free(&self, ptr: ShmPtr) -> Result<()> {
-        // Small objects take the short path; everything else, errors
-        // included, is out of line so that this one stays small.
-        // An active span's state says enough: it lies in a page block
-        // whose pages it holds (`span`'s protocol), so the block's word is
-        // not read here.
+        // A small object of a span this thread's cache owns takes the
+        // short path; everything else, errors included, is a tail call out
+        // of line (which looks again), so that this one needs few
+        // registers. An active span's state says enough: it lies in a
+        // page block whose pages it holds (`span`'s protocol), so the
+        // block's word is not read here.
         if let Ok(offset) = self.offset_of(ptr)
             && offset >= self.layout.meta_len
             && offset < self.layout.data_len
         {
             let slot = offset / SPAN;
             let desc = self.span_desc(slot);
-            if let Some(st) = span::describe(&desc[0]) {
-                return self
-                    .free_small(desc, slot, st.class, offset)
-                    .map_err(|reason| Error::InvalidFree { offset, reason });
+            if let Some(st) = span::describe(&desc[0])
+                && let Some(index) = Self::object_index(slot, st.class, offset)
+                && let Some(mut cache) = self.caches.open_last()
+                && Self::free_owned_small(cache.contents(), desc, slot, st.class, index)
+            {
+                return Ok(());
             }
         }
-        self.free_pages_or_blocks(ptr)
+        self.free_other(ptr)
     }
 
-    /// [`free`](Self::free) of anything but an object in an active span.
+    /// [`free`](Self::free) of anything but an object of a span this
+    /// thread's cache owns, and of refused frees.
     #[inline(never)]
-    fn free_pages_or_blocks(&self, ptr: ShmPtr) -> Result<()> {
+    fn free_other(&self, ptr: ShmPtr) -> Result<()> {
         let offset = self.offset_of(ptr)?;
         let invalid = |reason| Error::InvalidFree { offset, reason };
         if offset < self.layout.meta_len || offset >= self.layout.data_len {
             return Err(invalid("outside the arena's allocatable blocks"));
         }
+        let slot = offset / SPAN;
+        let desc = self.span_desc(slot);
+        if let Some(st) = span::describe(&desc[0]) {
+            return self
+                .free_small(desc, slot, st.class, offset)
+                .map_err(invalid);
+        }
         let b = offset / BLOCK;
         match block::observe(self.block(b)).kind {
             Kind::LargeHead if offset % BLOCK == 0 => self.free_large(b).map_err(invalid),
             Kind::LargeCached if offset % BLOCK == 0 => Err(invalid("already freed")),
-            // Not in an active span (`free` looked): a page run or nothing.
+            // Not in an active span (looked above): a page run or nothing.
             Kind::Pages if offset % PAGE != 0 => Err(invalid("not the start of an allocation")),
             Kind::Pages => self.free_run(offset / PAGE).map_err(invalid),
             Kind::LargeHead | Kind::LargeTail => Err(invalid("inside a large allocation")),
@@ -1703,7 +1708,6 @@ impl Arena {
     /// if this thread's cache owns the span, else by setting its bit in
     /// the remote bitmap (`objects`, which also says which double frees
     /// are refused).
-    #[inline]
     fn free_small(
         &self,
         desc: &[AtomicU64; SPAN_DESC_WORDS],
@@ -1712,7 +1716,6 @@ impl Arena {
         offset: u64,
     ) -> Result<(), &'static str> {
         let index = Self::object_index(span, class, offset).ok_or("not the start of an object")?;
-        let (owned, remote) = Self::objects_of(desc);
         let c = class as usize;
         let by_owner = self
             .caches
@@ -1720,14 +1723,9 @@ impl Arena {
                 // The cache's own record, not the shared state word: a
                 // flush may have given the span up since it was read.
                 (cache.spans[c] == span as u32 + 1).then(|| {
+                    let (owned, remote) = Self::objects_of(desc);
                     objects::free_owned(owned, remote, index)?;
-                    let (w, bit) = objects::word_and_bit(index);
-                    if w < usize::from(cache.cursor[c]) {
-                        cache.cursor[c] = w as u8;
-                        cache.next[c] = objects::NextWord::default();
-                    } else {
-                        cache.next[c].note_owner_free(Self::owner_word_at(span, w), bit);
-                    }
+                    Self::note_owner_free(cache, span, class, index);
                     Ok(())
                 })
             })
@@ -1735,6 +1733,41 @@ impl Arena {
         match by_owner {
             Some(freed) => freed,
             None => self.free_remote_small(span, class, index),
+        }
+    }
+
+    /// [`free_small`](Self::free_small)'s owner path, for
+    /// [`free`](Self::free): whether the cache owns the span and freed the
+    /// object (`false`: nothing changed).
+    #[inline(always)]
+    fn free_owned_small(
+        cache: &mut cache::ThreadCache,
+        desc: &[AtomicU64; SPAN_DESC_WORDS],
+        span: u64,
+        class: u32,
+        index: usize,
+    ) -> bool {
+        let (owned, remote) = Self::objects_of(desc);
+        let freed = cache.spans[class as usize] == span as u32 + 1
+            && objects::free_owned(owned, remote, index).is_ok();
+        if freed {
+            Self::note_owner_free(cache, span, class, index);
+        }
+        freed
+    }
+
+    /// The owner freed object `index` of its span `span` of `class`: its
+    /// next allocation looks from that object's word, or its copy of the
+    /// word it allocates from stays exact.
+    #[inline(always)]
+    fn note_owner_free(cache: &mut cache::ThreadCache, span: u64, class: u32, index: usize) {
+        let c = class as usize;
+        let (w, bit) = objects::word_and_bit(index);
+        if w < usize::from(cache.cursor[c]) {
+            cache.cursor[c] = w as u8;
+            cache.next[c] = objects::NextWord::default();
+        } else {
+            cache.next[c].note_owner_free(Self::owner_word_at(span, w), bit);
         }
     }
 

@@ -36,6 +36,7 @@ use crate::sync::{AtomicSlot, Ordering};
 const BITS: usize = 64;
 
 /// Object `i`'s word and bit.
+#[inline(always)]
 fn locate(i: usize) -> (usize, u64) {
     (i / BITS, 1u64 << (i % BITS))
 }
@@ -177,7 +178,7 @@ pub(crate) fn word_and_bit(i: usize) -> (usize, u64) {
 }
 
 /// The owner frees object `i`.
-#[inline]
+#[inline(always)]
 pub(crate) fn free_owned<S: AtomicSlot>(
     owned: &[S],
     remote: &[S],
