@@ -7,9 +7,10 @@
 //! blocks_offset     block words, one u64 per 2 MiB block, 64 bytes apart
 //! bitmaps_offset    page bitmaps, 512 bits per block
 //! runs_offset       run lengths, one u32 per 4 KiB page (pages of a run start)
-//! spans_offset      span slots, one per 64 KiB: state u64, link u64 (in
-//!                   a cache line of their own), owner bitmap and
-//!                   remote-free bitmap of 4096 bits each
+//! spans_offset      span slots, one per 64 KiB: state u64, link u64 and
+//!                   the class's divisor word (in a cache line of their
+//!                   own), owner bitmap and remote-free bitmap of 4096
+//!                   bits each
 //! ledger_offset     the thread caches' ledger: 64 slots, each the holder
 //!                   and its span per class
 //! meta_len          (rounded up to whole blocks, marked META)
@@ -40,6 +41,10 @@ pub(crate) const SPAN_BITMAP_WORDS: usize = 64;
 /// cores writing different lines of one page slow each other down by
 /// half on this project's machines (the hardware prefetchers).
 pub(crate) const SPAN_HEAD_WORDS: usize = 16;
+/// The descriptor's word for its class's [`divisor_word`] (after the state
+/// and link words, in their cache line), written before a carve publishes
+/// the state.
+pub(crate) const SPAN_DIVISOR_WORD: usize = 2;
 /// Bytes of one span slot's descriptor.
 pub(crate) const SPAN_DESC: u64 = (SPAN_HEAD_WORDS + 2 * SPAN_BITMAP_WORDS) as u64 * 8;
 /// [`SPAN_DESC`] in words.
@@ -92,27 +97,66 @@ static CLASS_OF_SIXTEENTHS: [u8; SMALL_MAX / 16 + 1] = {
     table
 };
 
-/// `offset` (a byte offset inside a span, below 64 KiB) divided by the
-/// size of `class`: quotient and remainder, by a multiply instead of a
-/// division (exact: with offsets below 2^16 and sizes below 2^14, a 32-bit
-/// reciprocal leaves no rounding error).
-#[inline]
-pub(crate) fn divide_by_class(offset: u64, class: u32) -> (u64, u64) {
-    debug_assert!(offset < SPAN);
-    let size = u64::from(CLASSES[class as usize]);
-    let quotient = (offset * RECIPROCALS[class as usize]) >> 32;
-    (quotient, offset - quotient * size)
+/// The index of the object of `class` at `offset` (a byte offset inside
+/// a span), if `offset` is an object's first byte and the object is one
+/// of the span's; `None` for any other offset.
+#[inline(always)]
+pub(crate) fn object_at(offset: u64, class: u32) -> Option<usize> {
+    object_at_with(divisor_word(class), offset)
 }
 
-/// `ceil(2^32 / size)` of each class.
-static RECIPROCALS: [u64; CLASSES.len()] = {
-    let mut r = [0u64; CLASSES.len()];
+/// [`object_at`] with the class's [`divisor_word`]: one multiply and one
+/// rotate, by the exact-division test (Granlund and Montgomery): with the
+/// size an odd factor times `2^shift`, multiplying a multiple of the size
+/// by the odd factor's inverse modulo `2^32` gives the multiple of
+/// `2^shift` exactly, which the rotate turns into the quotient; any other
+/// offset below `2^32` comes out at least `2^32 / size`, above every
+/// capacity. Whatever the word, the index is below 4096, in a span's
+/// bitmaps (a damaged word gives a wrong index, never one out of bounds).
+#[inline(always)]
+pub(crate) fn object_at_with(divisor: u64, offset: u64) -> Option<usize> {
+    debug_assert!(offset < SPAN);
+    let q = (offset as u32)
+        .wrapping_mul(divisor as u32)
+        .rotate_right((divisor >> 32) as u32);
+    (q <= (divisor >> 40) as u32 & 0xFFF).then_some(q as usize)
+}
+
+/// A class's divisor word, which a span's descriptor also holds (so that
+/// a free finds it from the offset alone, without waiting for the class):
+/// the inverse modulo `2^32` of the size's odd factor (bits 0–31), the
+/// size's power of two (bits 32–39), the last object's index (bits 40–51)
+/// and the class plus one (bits 56–63; 0: no word).
+#[inline(always)]
+pub(crate) fn divisor_word(class: u32) -> u64 {
+    DIVISOR_WORDS[class as usize]
+}
+
+/// The class a divisor word names, if any.
+#[inline(always)]
+pub(crate) fn divisor_class(divisor: u64) -> Option<u32> {
+    ((divisor >> 56) as u32).checked_sub(1)
+}
+
+static DIVISOR_WORDS: [u64; CLASSES.len()] = {
+    let mut d = [0u64; CLASSES.len()];
     let mut i = 0;
     while i < CLASSES.len() {
-        r[i] = (1u64 << 32).div_ceil(CLASSES[i] as u64);
+        let shift = CLASSES[i].trailing_zeros();
+        let odd = CLASSES[i] >> shift;
+        // Newton's iteration doubles the correct low bits each step: an
+        // odd number is its own inverse to 3 bits, so 4 steps give 48.
+        let mut inverse = odd;
+        let mut step = 0;
+        while step < 4 {
+            inverse = inverse.wrapping_mul(2u32.wrapping_sub(odd.wrapping_mul(inverse)));
+            step += 1;
+        }
+        let last = SPAN / CLASSES[i] as u64 - 1;
+        d[i] = inverse as u64 | (shift as u64) << 32 | last << 40 | (i as u64 + 1) << 56;
         i += 1;
     }
-    r
+    d
 };
 
 /// Objects of class `class` per span.
@@ -204,17 +248,17 @@ mod tests {
     }
 
     #[test]
-    fn division_by_a_class_is_exact_for_every_offset_in_a_span() {
+    fn an_offset_gives_an_object_exactly_when_it_is_an_objects_first_byte() {
         for class in 0..CLASSES.len() as u32 {
             let size = u64::from(CLASSES[class as usize]);
+            assert_eq!(divisor_class(divisor_word(class)), Some(class));
             for offset in 0..SPAN {
-                assert_eq!(
-                    divide_by_class(offset, class),
-                    (offset / size, offset % size),
-                    "{offset} / {size}"
-                );
+                let expected = (offset % size == 0 && offset / size < capacity(class))
+                    .then_some((offset / size) as usize);
+                assert_eq!(object_at(offset, class), expected, "{offset} / {size}");
             }
         }
+        assert_eq!(divisor_class(0), None, "no word");
     }
 
     #[test]

@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use self::block::{Kind, PAGES_PER_BLOCK};
 use self::layout::{
     ArenaLayout, BLOCK, BLOCK_WORD_STRIDE, CLASSES, HEADER, PAGE, SPAN, SPAN_BITMAP_WORDS,
-    SPAN_DESC_WORDS, SPAN_HEAD_WORDS, SPAN_PAGES,
+    SPAN_DESC_WORDS, SPAN_DIVISOR_WORD, SPAN_HEAD_WORDS, SPAN_PAGES,
 };
 use self::span::{BORROWED, GaveUp};
 use crate::error::{Error, Result};
@@ -814,6 +814,20 @@ impl Arena {
             .unwrap_or_else(|_| unreachable!("a slice of the array's length"))
     }
 
+    /// Span slot `slot`'s descriptor, `None` past the arena's data (the
+    /// table has a slot for every 64 KiB of it): one bounds check that
+    /// does for both.
+    #[inline(always)]
+    fn span_desc_if_any(&self, slot: u64) -> Option<&[AtomicU64; SPAN_DESC_WORDS]> {
+        let at = usize::try_from(slot).ok()?.checked_mul(SPAN_DESC_WORDS)?;
+        let desc = self
+            .tables
+            .spans
+            .get()
+            .get(at..at.checked_add(SPAN_DESC_WORDS)?)?;
+        desc.try_into().ok()
+    }
+
     /// Where span slot `slot`'s descriptor starts in the span table.
     #[inline]
     fn span_desc_at(slot: u64) -> usize {
@@ -883,7 +897,9 @@ impl Arena {
                 if let Some(mut cache) = self.caches.open_last()
                     && let Some(p) = self.alloc_from_next_word(cache.contents(), class)
                 {
-                    return Ok(ShmPtr::tagged(p.0, self.tag));
+                    // An offset in the arena needs no masking.
+                    debug_assert!(p.0 < self.layout.data_len);
+                    return Ok(ShmPtr(p.0 | u64::from(self.tag) << OFFSET_BITS));
                 }
                 self.alloc_small_slow(class, size)
             }
@@ -1364,9 +1380,11 @@ impl Arena {
     /// The next free object of the word the cache copied, if any.
     #[inline(always)]
     fn alloc_from_next_word(&self, cache: &mut cache::ThreadCache, class: u32) -> Option<ShmPtr> {
-        let c = class as usize;
+        // Every class is below `CLASSES.len()`, a power of two: the
+        // remainder (a mask) leaves no bounds check.
+        let c = class as usize % CLASSES.len();
         let at = cache.next[c].at_if_free()?;
-        let (owned, remote) = self.owner_and_remote_word(at);
+        let (owned, remote) = self.owner_and_remote_word(at)?;
         objects::take_next(&mut cache.next[c], owned, remote).map(ShmPtr)
     }
 
@@ -1413,10 +1431,15 @@ impl Arena {
 
     /// Owner bitmap word `at` of the span table (as a [`objects::NextWord`]
     /// places it) and its remote word.
-    #[inline]
-    fn owner_and_remote_word(&self, at: usize) -> (&AtomicU64, &AtomicU64) {
-        let spans = self.tables.spans.get();
-        (&spans[at], &spans[at + SPAN_BITMAP_WORDS])
+    #[inline(always)]
+    fn owner_and_remote_word(&self, at: usize) -> Option<(&AtomicU64, &AtomicU64)> {
+        // One bounds check for both.
+        let words = self
+            .tables
+            .spans
+            .get()
+            .get(at..=at.checked_add(SPAN_BITMAP_WORDS)?)?;
+        Some((&words[0], &words[SPAN_BITMAP_WORDS]))
     }
 
     /// Where owner bitmap word `w` of span `span` lies in the span table.
@@ -1562,10 +1585,12 @@ impl Arena {
         // what the last span there left.
         let page = self.span_pages(block)?;
         let span = page / SPAN_PAGES;
-        let (owned, remote) = self.span_objects(span);
+        let desc = self.span_desc(span);
+        let (owned, remote) = Self::objects_of(desc);
         objects::clear(owned, remote);
+        desc[SPAN_DIVISOR_WORD].store(layout::divisor_word(class), Ordering::Relaxed);
         record(Some(span));
-        span::carve(self.span_state(span), class, owner);
+        span::carve(&desc[0], class, owner);
         Some(span)
     }
 
@@ -1653,12 +1678,16 @@ impl Arena {
         // block's word is not read here.
         if let Ok(offset) = self.offset_of(ptr)
             && offset >= self.layout.meta_len
-            && offset < self.layout.data_len
         {
             let slot = offset / SPAN;
-            let desc = self.span_desc(slot);
-            if let Some(st) = span::describe(&desc[0])
-                && let Some(index) = Self::object_index(slot, st.class, offset)
+            // The index from the descriptor's divisor word, which the load
+            // of the state word does not delay; its class must be the
+            // state's (a span carved before the word was kept has none).
+            if let Some(desc) = self.span_desc_if_any(slot)
+                && let Some(st) = span::describe(&desc[0])
+                && let divisor = desc[SPAN_DIVISOR_WORD].load(Ordering::Relaxed)
+                && layout::divisor_class(divisor) == Some(st.class)
+                && let Some(index) = layout::object_at_with(divisor, offset - slot * SPAN)
                 && let Some(mut cache) = self.caches.open_last()
                 && Self::free_owned_small(cache.contents(), desc, slot, st.class, index)
             {
@@ -1698,10 +1727,9 @@ impl Arena {
 
     /// The index in its span of the object of `class` at `offset`, if
     /// `offset` is an object boundary.
-    #[inline]
+    #[inline(always)]
     fn object_index(slot: u64, class: u32, offset: u64) -> Option<usize> {
-        let (index, rest) = layout::divide_by_class(offset - slot * SPAN, class);
-        (rest == 0 && index < layout::capacity(class)).then_some(index as usize)
+        layout::object_at(offset - slot * SPAN, class)
     }
 
     /// Frees a small object: with plain stores in the span's owner bitmap
@@ -2166,6 +2194,54 @@ mod tests {
         a.flush_thread_caches();
         assert_eq!(a.stats().cached_objects, 0);
         assert_eq!(a.audit().unwrap().spans, 0, "every span empty and retired");
+    }
+
+    /// A span's divisor word only speeds a free up: without one (a span
+    /// carved before the word was kept) or naming another class, frees
+    /// take the table's division, free the right object and refuse double
+    /// frees, in the owner's thread and others. A word damaged past its
+    /// class (as any shared word can be) never indexes out of bounds.
+    #[test]
+    fn frees_take_the_tables_division_when_a_spans_divisor_word_is_missing_or_wrong() {
+        let a = Arena::create(
+            RegionOptions::new(8 << 20).backend(BackendKind::Shmem),
+            PopulateOptions::new(),
+        )
+        .unwrap();
+        // Objects 0 and 1 stay allocated until the end: a free that took
+        // a missing word's index (0) would free one of them.
+        let ps: Vec<ShmPtr> = (0..6).map(|_| a.alloc_bytes(48).unwrap()).collect();
+        let slot = ps[0].offset() / SPAN;
+        let class = span::describe(a.span_state(slot)).unwrap().class;
+        let word = &a.span_desc(slot)[SPAN_DIVISOR_WORD];
+        assert_eq!(word.load(Ordering::Relaxed), layout::divisor_word(class));
+        for (i, bad) in [0, layout::divisor_word(class + 1)].into_iter().enumerate() {
+            word.store(bad, Ordering::Relaxed);
+            let (mine, theirs) = (ps[2 * i + 2], ps[2 * i + 3]);
+            a.free(mine).unwrap();
+            assert!(matches!(a.free(mine), Err(Error::InvalidFree { .. })));
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    a.free(theirs).unwrap();
+                    assert!(a.free(theirs).is_err());
+                });
+            });
+            assert!(a.free(ShmPtr::from_offset(mine.offset() + 16)).is_err());
+        }
+        word.store(layout::divisor_word(class), Ordering::Relaxed);
+        a.free(ps[0]).unwrap();
+        a.free(ps[1]).unwrap();
+        a.flush_thread_caches();
+        let stats = a.audit().unwrap();
+        assert_eq!((stats.small_objects, stats.in_use_bytes()), (0, 0));
+        let ps: Vec<ShmPtr> = (0..64).map(|_| a.alloc_bytes(48).unwrap()).collect();
+        let slot = ps[0].offset() / SPAN;
+        let word = &a.span_desc(slot)[SPAN_DIVISOR_WORD];
+        for (i, p) in ps.iter().enumerate() {
+            let damage = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 8;
+            word.store(layout::divisor_word(class) ^ damage, Ordering::Relaxed);
+            let _ = a.free(*p);
+        }
     }
 
     /// A 32 MiB arena without thread caches and the head blocks of `n`

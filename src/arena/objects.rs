@@ -128,6 +128,7 @@ impl NextWord {
         size: u64,
         at: usize,
     ) -> NextWord {
+        debug_assert!(at != 0, "word 0 of a table is no owner word");
         NextWord {
             owned,
             free: !owned & valid(w, capacity),
@@ -148,7 +149,9 @@ impl NextWord {
     /// bit is cleared already): keeps the copy exact if it is that word.
     #[inline]
     pub(crate) fn note_owner_free(&mut self, at: usize, bit: u64) {
-        if self.at == at && self.size != 0 {
+        // No copy (`Default`) matches no word: its `at` is 0, which no
+        // owner word's is (`new`).
+        if self.at == at {
             self.owned &= !bit;
             self.free |= bit;
         }
