@@ -123,9 +123,21 @@ impl<T> Drop for Inside<'_, T> {
 }
 
 /// The arena-wide count of flushes in progress (plus one while caching is
-/// off).
+/// off), and which fences its gates use (read once, when it is made, so
+/// that the owner's check is a field next to the count, not a global).
 #[derive(Debug, Default)]
-pub(crate) struct Flushing(AtomicUsize);
+pub(crate) struct Flushing(AtomicUsize, Fences);
+
+/// Which fences the gates use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Fences {
+    /// `membarrier` works: owners use compiler fences, flushers the
+    /// syscall.
+    #[default]
+    Membarrier,
+    /// It does not: both use `fence(SeqCst)`.
+    SeqCst,
+}
 
 impl<T> Gate<T> {
     pub(crate) fn new(value: T) -> Self {
@@ -207,7 +219,7 @@ impl Flushing {
     #[must_use]
     pub(crate) fn begin(&self) -> bool {
         self.0.fetch_add(1, Ordering::SeqCst);
-        heavy_fence()
+        heavy_fence(self.1)
     }
 
     pub(crate) fn end(&self) {
@@ -215,49 +227,59 @@ impl Flushing {
     }
 
     /// A count of flushes in progress that starts at one if `held` (owners
-    /// keep out until the matching [`end`](Self::end)).
+    /// keep out until the matching [`end`](Self::end)). Call [`init`]
+    /// first.
     pub(crate) fn holding(held: bool) -> Self {
-        Flushing(AtomicUsize::new(usize::from(held)))
+        #[cfg(not(loom))]
+        let fences = fences::mode();
+        #[cfg(loom)]
+        let fences = Fences::Membarrier;
+        Flushing(AtomicUsize::new(usize::from(held)), fences)
     }
 }
 
 #[cfg(not(loom))]
 mod fences {
-    use std::sync::atomic::{AtomicU8, Ordering, compiler_fence, fence};
+    use super::Fences;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering, compiler_fence, fence};
 
-    /// 0: not tried yet; 1: `membarrier` works (light fences are compiler
-    /// fences); 2: it does not (both are `fence(SeqCst)`).
-    static MODE: AtomicU8 = AtomicU8::new(0);
+    /// Whether `membarrier` works in this process (set by `init`).
+    static MEMBARRIER: AtomicBool = AtomicBool::new(false);
     /// The process that registered (a forked child registers again).
-    static REGISTERED_BY: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    static REGISTERED_BY: AtomicU32 = AtomicU32::new(0);
 
     /// Registers for `membarrier` (once per process; before any cache is
-    /// used, so owners never see the mode change under them).
-    pub(crate) fn init() {
+    /// made, so that each [`Flushing`](super::Flushing) reads the mode
+    /// once, when it is made).
+    pub(super) fn init() {
         let pid = std::process::id();
         if REGISTERED_BY.load(Ordering::Acquire) == pid {
             return;
         }
-        let mode = if crate::sys::thread::membarrier_register().is_ok() {
-            1
-        } else {
-            2
-        };
-        MODE.store(mode, Ordering::SeqCst);
+        let works = crate::sys::thread::membarrier_register().is_ok();
+        MEMBARRIER.store(works, Ordering::SeqCst);
         REGISTERED_BY.store(pid, Ordering::Release);
     }
 
-    #[inline]
-    pub(crate) fn light() {
-        if MODE.load(Ordering::Relaxed) == 1 {
+    pub(super) fn mode() -> Fences {
+        if MEMBARRIER.load(Ordering::Acquire) {
+            Fences::Membarrier
+        } else {
+            Fences::SeqCst
+        }
+    }
+
+    #[inline(always)]
+    pub(super) fn light(mode: Fences) {
+        if mode == Fences::Membarrier {
             compiler_fence(Ordering::SeqCst);
         } else {
             fence(Ordering::SeqCst);
         }
     }
 
-    pub(crate) fn heavy() -> bool {
-        if MODE.load(Ordering::Relaxed) == 1 {
+    pub(super) fn heavy(mode: Fences) -> bool {
+        if mode == Fences::Membarrier {
             // Owners use compiler fences: only the syscall orders them.
             crate::sys::thread::membarrier_all_threads().is_ok()
         } else {
@@ -273,17 +295,17 @@ pub(crate) fn init() {
     fences::init();
 }
 
-#[inline]
+#[inline(always)]
 fn light_fence(_flushing: &Flushing) {
     #[cfg(all(not(loom), not(hugearena_mutation_cache)))]
-    fences::light();
+    fences::light(_flushing.1);
     #[cfg(all(loom, not(hugearena_mutation_cache)))]
     _flushing.0.fetch_add(0, Ordering::AcqRel);
 }
 
-fn heavy_fence() -> bool {
+fn heavy_fence(_mode: Fences) -> bool {
     #[cfg(not(loom))]
-    return fences::heavy();
+    return fences::heavy(_mode);
     #[cfg(loom)]
     {
         fence(Ordering::SeqCst);

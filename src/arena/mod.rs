@@ -885,7 +885,7 @@ impl Arena {
     /// Allocates `layout.size()` bytes aligned to `layout.align()` (at most
     /// 2 MiB). The memory is not touched: it reads as whatever was freed
     /// there last (zero when fresh), and its pages fill on first touch.
-    #[inline]
+    #[inline(always)]
     pub fn alloc(&self, layout: AllocLayout) -> Result<ShmPtr> {
         let size = layout.size();
         // Small objects from the word this thread's cache copied take the
@@ -1668,7 +1668,7 @@ impl Arena {
     /// Frees an allocation. Pointers that are not live allocations (never
     /// allocated, freed already, or pointing inside an allocation) are
     /// rejected with [`Error::InvalidFree`] and change nothing.
-    #[inline]
+    #[inline(always)]
     pub fn free(&self, ptr: ShmPtr) -> Result<()> {
         // A small object of a span this thread's cache owns takes the
         // short path; everything else, errors included, is a tail call out
