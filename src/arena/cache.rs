@@ -230,7 +230,10 @@ impl Caches {
     #[inline(always)]
     fn last(&self) -> Option<*const Gate<ThreadCache>> {
         let (id, last) = LAST.try_with(CopyCell::get).unwrap_or(NO_LAST);
-        (id == self.id && !last.is_null()).then_some(last)
+        // Arena ids start at 1, and `LAST` holds a gate with every id but
+        // `NO_LAST`'s 0: a match needs no null check.
+        debug_assert!(id != self.id || !last.is_null());
+        (id == self.id).then_some(last)
     }
 
     #[allow(unsafe_code)] // entering the thread's own gate

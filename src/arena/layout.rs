@@ -72,27 +72,32 @@ pub(crate) const CLASSES: [u32; 32] = [
 #[inline]
 pub(crate) fn class_for(size: usize, align: usize) -> Option<u32> {
     let size = if align > 16 {
+        if size == 0 {
+            return None;
+        }
         size.max(align).next_power_of_two()
     } else {
         size
     };
-    if size > SMALL_MAX {
+    // One compare for both ends: a zero size wraps past the largest.
+    let last = size.wrapping_sub(1);
+    if last >= SMALL_MAX {
         return None;
     }
-    Some(u32::from(CLASS_OF_SIXTEENTHS[size.div_ceil(16)]))
+    Some(u32::from(CLASS_OF_SIXTEENTHS[last / 16]))
 }
 
-/// The class of a size, by the size in 16-byte units rounded up (every
-/// class is a multiple of 16): one load instead of a search.
-static CLASS_OF_SIXTEENTHS: [u8; SMALL_MAX / 16 + 1] = {
-    let mut table = [0u8; SMALL_MAX / 16 + 1];
-    let (mut units, mut class) = (0, 0);
-    while units < table.len() {
-        while (CLASSES[class] as usize) < units * 16 {
+/// The class of a size, by its last byte's 16-byte unit (every class is a
+/// multiple of 16): one load instead of a search.
+static CLASS_OF_SIXTEENTHS: [u8; SMALL_MAX / 16] = {
+    let mut table = [0u8; SMALL_MAX / 16];
+    let (mut unit, mut class) = (0, 0);
+    while unit < table.len() {
+        while (CLASSES[class] as usize) < (unit + 1) * 16 {
             class += 1;
         }
-        table[units] = class as u8;
-        units += 1;
+        table[unit] = class as u8;
+        unit += 1;
     }
     table
 };
@@ -237,6 +242,7 @@ mod tests {
         assert_eq!(class_for(17, 8), Some(1));
         assert_eq!(CLASSES[class_for(8192, 8).unwrap() as usize], 8192);
         assert_eq!(class_for(8193, 8), None);
+        assert_eq!((class_for(0, 8), class_for(0, 64)), (None, None), "zero");
         // Over-aligned requests take a power-of-two class of at least align.
         assert_eq!(CLASSES[class_for(8, 64).unwrap() as usize], 64);
         assert_eq!(CLASSES[class_for(100, 128).unwrap() as usize], 128);

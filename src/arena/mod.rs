@@ -814,20 +814,6 @@ impl Arena {
             .unwrap_or_else(|_| unreachable!("a slice of the array's length"))
     }
 
-    /// Span slot `slot`'s descriptor, `None` past the arena's data (the
-    /// table has a slot for every 64 KiB of it): one bounds check that
-    /// does for both.
-    #[inline(always)]
-    fn span_desc_if_any(&self, slot: u64) -> Option<&[AtomicU64; SPAN_DESC_WORDS]> {
-        let at = usize::try_from(slot).ok()?.checked_mul(SPAN_DESC_WORDS)?;
-        let desc = self
-            .tables
-            .spans
-            .get()
-            .get(at..at.checked_add(SPAN_DESC_WORDS)?)?;
-        desc.try_into().ok()
-    }
-
     /// Where span slot `slot`'s descriptor starts in the span table.
     #[inline]
     fn span_desc_at(slot: u64) -> usize {
@@ -892,8 +878,9 @@ impl Arena {
         // short path; everything else, errors included, is a tail call
         // out of line, so that this one needs few registers (no saves, no
         // spills).
+        // (`class_for` has no class for a zero size.)
         match layout::class_for(size, layout.align()) {
-            Some(class) if size != 0 => {
+            Some(class) => {
                 if let Some(mut cache) = self.caches.open_last()
                     && let Some(p) = self.alloc_from_next_word(cache.contents(), class)
                 {
@@ -1433,12 +1420,9 @@ impl Arena {
     /// places it) and its remote word.
     #[inline(always)]
     fn owner_and_remote_word(&self, at: usize) -> Option<(&AtomicU64, &AtomicU64)> {
-        // One bounds check for both.
-        let words = self
-            .tables
-            .spans
-            .get()
-            .get(at..=at.checked_add(SPAN_BITMAP_WORDS)?)?;
+        // One bounds check for both (`at` is a word of the table, far
+        // from overflowing).
+        let words = self.tables.spans.get().get(at..=at + SPAN_BITMAP_WORDS)?;
         Some((&words[0], &words[SPAN_BITMAP_WORDS]))
     }
 
@@ -1683,7 +1667,7 @@ impl Arena {
             // The index from the descriptor's divisor word, which the load
             // of the state word does not delay; its class must be the
             // state's (a span carved before the word was kept has none).
-            if let Some(desc) = self.span_desc_if_any(slot)
+            if let Some(desc) = self.tables.span_desc(slot)
                 && let Some(st) = span::describe(&desc[0])
                 && let divisor = desc[SPAN_DIVISOR_WORD].load(Ordering::Relaxed)
                 && layout::divisor_class(divisor) == Some(st.class)

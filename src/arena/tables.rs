@@ -6,7 +6,9 @@
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
-use super::layout::{ArenaLayout, BLOCK_WORD_STRIDE, LEDGER_BYTES, SPAN, SPAN_DESC};
+use super::layout::{
+    ArenaLayout, BLOCK_WORD_STRIDE, LEDGER_BYTES, SPAN, SPAN_DESC, SPAN_DESC_WORDS,
+};
 use crate::error::Result;
 use crate::region::{Region, SharedAtomic};
 
@@ -50,6 +52,8 @@ pub(super) struct Tables {
     pub(super) runs: SharedSlice<AtomicU32>,
     /// `SPAN_DESC / 8` words per 64 KiB span slot.
     pub(super) spans: SharedSlice<AtomicU64>,
+    /// Span slots: `spans` holds this many descriptors.
+    span_slots: u64,
     /// The thread caches' ledger (`ledger`).
     pub(super) ledger: SharedSlice<AtomicU64>,
 }
@@ -77,7 +81,31 @@ impl Tables {
                 region.shared_atomics::<AtomicU32>(layout.runs_offset as usize, pages as usize)?,
             ),
             spans: SharedSlice::new(words(layout.spans_offset, slots * SPAN_DESC / 8)?),
+            span_slots: slots,
             ledger: SharedSlice::new(words(layout.ledger_offset, LEDGER_BYTES / 8)?),
+        })
+    }
+}
+
+impl Tables {
+    /// Span slot `slot`'s descriptor, `None` past the last slot: one
+    /// compare against the count checked when the table was resolved,
+    /// for the free path (a slice index would add its own).
+    #[inline(always)]
+    pub(super) fn span_desc(&self, slot: u64) -> Option<&[AtomicU64; SPAN_DESC_WORDS]> {
+        if slot >= self.span_slots {
+            return None;
+        }
+        let at = slot as usize * SPAN_DESC_WORDS;
+        // SAFETY: `spans` holds `span_slots * SPAN_DESC_WORDS` words (`new`),
+        // so the descriptor lies inside it.
+        Some(unsafe {
+            &*self
+                .spans
+                .get()
+                .as_ptr()
+                .add(at)
+                .cast::<[AtomicU64; SPAN_DESC_WORDS]>()
         })
     }
 }
