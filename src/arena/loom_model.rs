@@ -141,7 +141,7 @@ fn a_racing_double_free_never_hands_an_object_out_twice_from_the_owners_copy() {
         // The owner allocated object 0, keeping a copy of the word.
         let (i, _, bits) = objects::take(&owned[..], &remote[..], 2, 0).expect("room");
         assert_eq!(i, 0);
-        let mut next = objects::NextWord::new(bits, 0, 2, 0, 1, 0);
+        let mut next = objects::NextWord::new(bits, 0, 2, 0, 1, 1);
         let other = {
             let (owned, remote, done) = (owned.clone(), remote.clone(), done.clone());
             thread::spawn(move || {
@@ -150,7 +150,7 @@ fn a_racing_double_free_never_hands_an_object_out_twice_from_the_owners_copy() {
             })
         };
         if objects::free_owned(&owned[..], &remote[..], 0).is_ok() {
-            next.note_owner_free(0, 1);
+            next.note_owner_free(1, 1);
         }
         let finished_before = done.load(Ordering::SeqCst) == 1;
         let a = objects::take_next(&mut next, &owned[0], &remote[0]).expect("room in the copy");

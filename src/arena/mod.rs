@@ -1420,8 +1420,8 @@ impl Arena {
     /// places it) and its remote word.
     #[inline(always)]
     fn owner_and_remote_word(&self, at: usize) -> Option<(&AtomicU64, &AtomicU64)> {
-        // One bounds check for both (`at` is a word of the table, far
-        // from overflowing).
+        // One bounds check for both (`at` is below 2^32: no overflow).
+        debug_assert!(at <= u32::MAX as usize);
         let words = self.tables.spans.get().get(at..=at + SPAN_BITMAP_WORDS)?;
         Some((&words[0], &words[SPAN_BITMAP_WORDS]))
     }

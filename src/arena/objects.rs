@@ -111,14 +111,18 @@ pub(crate) struct NextWord {
     /// The object size.
     size: u64,
     /// Where the owner word lies in the caller's table (the remote word
-    /// is the caller's to find from it).
-    at: usize,
+    /// is the caller's to find from it). 32 bits, so that adding the
+    /// distance to the remote word cannot overflow and one bounds check
+    /// covers both words.
+    at: u32,
 }
 
 impl NextWord {
     /// A copy of word `w` of a span of `capacity` objects of `size` bytes
     /// starting at arena offset `span_base`, whose owner bits the owner
     /// just stored as `owned`; `at` places the word in the caller's table.
+    /// No copy for a word past `u32::MAX` (a table of 2 TiB of spans):
+    /// its allocations take the search.
     #[inline]
     pub(crate) fn new(
         owned: u64,
@@ -129,6 +133,9 @@ impl NextWord {
         at: usize,
     ) -> NextWord {
         debug_assert!(at != 0, "word 0 of a table is no owner word");
+        let Ok(at) = u32::try_from(at) else {
+            return NextWord::default();
+        };
         NextWord {
             owned,
             free: !owned & valid(w, capacity),
@@ -142,7 +149,7 @@ impl NextWord {
     /// object.
     #[inline]
     pub(crate) fn at_if_free(&self) -> Option<usize> {
-        (self.free != 0).then_some(self.at)
+        (self.free != 0).then_some(self.at as usize)
     }
 
     /// The owner freed the object of `bit` in the word at `at` (its owner
@@ -151,7 +158,7 @@ impl NextWord {
     pub(crate) fn note_owner_free(&mut self, at: usize, bit: u64) {
         // No copy (`Default`) matches no word: its `at` is 0, which no
         // owner word's is (`new`).
-        if self.at == at {
+        if self.at as usize == at {
             self.owned &= !bit;
             self.free |= bit;
         }
