@@ -23,7 +23,11 @@
 //! store and the load. The heavy fence is `membarrier(PRIVATE_EXPEDITED)`,
 //! which runs a full barrier on every thread of the process, so the
 //! owner's light fence is a compiler fence; where `membarrier` is
-//! unavailable both are `fence(SeqCst)`.
+//! unavailable both are `fence(SeqCst)`. That mode costs the owner's fast
+//! path nothing: `flushing` then carries [`FENCED`] for good, so the
+//! owner's load is never zero and it takes the slow check, which runs
+//! the full fence and loads `flushing` again (only the second load
+//! counts).
 //!
 //! Under loom, which treats `SeqCst` as `AcqRel` and so cannot show a
 //! Dekker handshake through fences, the owner's fence is stood in for by
@@ -178,7 +182,7 @@ impl<T> Gate<T> {
         light_fence(flushing);
         // Acquire: a flush that ended before this load happens-before what
         // follows (its `end` is a release).
-        if flushing.0.load(Ordering::Acquire) != 0 {
+        if flushing.0.load(Ordering::Acquire) != 0 && !flushing.none_after_full_fence() {
             self.busy.store(false, Ordering::Release);
             return None;
         }
@@ -211,7 +215,25 @@ impl<T> Gate<T> {
     }
 }
 
+/// In `flushing` for good where `membarrier` is unavailable (see the
+/// module's protocol); never counted.
+const FENCED: usize = 1 << (usize::BITS - 1);
+
 impl Flushing {
+    /// The owner's check after its fast load found `flushing` non-zero:
+    /// where `membarrier` is unavailable (`FENCED`), the full fence the
+    /// protocol needs and the load that counts; whether no flush is in
+    /// progress.
+    #[inline]
+    fn none_after_full_fence(&self) -> bool {
+        if self.1 != Fences::SeqCst {
+            return false;
+        }
+        #[cfg(not(loom))]
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.0.load(Ordering::Acquire) == FENCED
+    }
+
     /// Starts a flush: owners keep out of their caches until
     /// [`end`](Self::end). `false` if the heavy fence failed (it cannot
     /// once `membarrier` is registered): then the caches must not be taken
@@ -234,7 +256,8 @@ impl Flushing {
         let fences = fences::mode();
         #[cfg(loom)]
         let fences = Fences::Membarrier;
-        Flushing(AtomicUsize::new(usize::from(held)), fences)
+        let fenced = if fences == Fences::SeqCst { FENCED } else { 0 };
+        Flushing(AtomicUsize::new(usize::from(held) | fenced), fences)
     }
 }
 
@@ -269,13 +292,12 @@ mod fences {
         }
     }
 
+    /// The owner's fence before its fast load of `flushing`: a compiler
+    /// fence (with `membarrier` that is all it needs; without, the load
+    /// is never zero and the slow check fences).
     #[inline(always)]
-    pub(super) fn light(mode: Fences) {
-        if mode == Fences::Membarrier {
-            compiler_fence(Ordering::SeqCst);
-        } else {
-            fence(Ordering::SeqCst);
-        }
+    pub(super) fn light() {
+        compiler_fence(Ordering::SeqCst);
     }
 
     pub(super) fn heavy(mode: Fences) -> bool {
@@ -298,7 +320,7 @@ pub(crate) fn init() {
 #[inline(always)]
 fn light_fence(_flushing: &Flushing) {
     #[cfg(all(not(loom), not(hugearena_mutation_cache)))]
-    fences::light(_flushing.1);
+    fences::light();
     #[cfg(all(loom, not(hugearena_mutation_cache)))]
     _flushing.0.fetch_add(0, Ordering::AcqRel);
 }
@@ -310,5 +332,37 @@ fn heavy_fence(_mode: Fences) -> bool {
     {
         fence(Ordering::SeqCst);
         true
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// Both fence modes: the owner enters with no flush in progress, keeps
+    /// out during one (and while caching is off), and enters again after.
+    /// Without `membarrier` the count carries `FENCED`, which the owner's
+    /// slow check tells from a flush.
+    #[test]
+    fn an_owner_keeps_out_exactly_while_a_flush_is_in_progress_in_both_fence_modes() {
+        init();
+        assert_eq!(fences::mode(), Fences::Membarrier, "membarrier works here");
+        for fences in [Fences::Membarrier, Fences::SeqCst] {
+            let fenced = if fences == Fences::SeqCst { FENCED } else { 0 };
+            let flushing = Flushing(AtomicUsize::new(fenced), fences);
+            let gate = Gate::new(0u32);
+            // SAFETY: this thread is the gate's only owner, one guard at
+            // a time.
+            let enter = || unsafe { gate.enter(&flushing, |n| *n += 1) };
+            assert_eq!(enter(), Some(()), "{fences:?}");
+            assert!(flushing.begin());
+            assert_eq!(enter(), None, "{fences:?}: a flush keeps it out");
+            assert_eq!(gate.take(|n| *n), 1);
+            flushing.end();
+            assert_eq!(enter(), Some(()), "{fences:?}");
+            let off = Flushing(AtomicUsize::new(1 | fenced), fences);
+            // SAFETY: as above.
+            assert_eq!(unsafe { gate.enter(&off, |_| ()) }, None, "caching off");
+        }
     }
 }
