@@ -371,6 +371,19 @@ fn an_arena_in_an_unnamed_file_on_a_huge_tmpfs_restarts_with_two_workers() {
     let before = answering();
     assert_eq!(cli(port, &["SAVE"]).trim(), "OK");
     server.kill9();
+    // The killed server's worker goes with it (its parent-death signal):
+    // wait until both are gone, or a connection to the new server could
+    // reach the stopping worker's listener (same port) and be reset.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for pid in &before {
+        while common::process_alive(pid.parse().unwrap()) {
+            assert!(
+                Instant::now() < deadline,
+                "{pid} outlived its killed server"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     let _server = Server::start(dir.path(), port, &flags);
     let after = answering();
     // The killed server's worker went with it: only the new ones answer.

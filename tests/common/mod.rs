@@ -299,6 +299,16 @@ pub fn run_child_within(role: &str, env: &[(&str, String)], limit: std::time::Du
     child.wait_with_output().expect("collect child output")
 }
 
+/// Whether process `pid` still runs: it exists and is not a zombie
+/// (whose `/proc/PID/stat` state, after the command name in parentheses,
+/// is `Z`).
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
 /// The signal that ended a child, if one did.
 pub fn killed_by(out: &Output) -> Option<i32> {
     std::os::unix::process::ExitStatusExt::signal(&out.status)
