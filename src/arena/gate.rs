@@ -127,8 +127,8 @@ impl<T> Drop for Inside<'_, T> {
 }
 
 /// The arena-wide count of flushes in progress (plus one while caching is
-/// off), and which fences its gates use (read once, when it is made, so
-/// that the owner's check is a field next to the count, not a global).
+/// off, and [`FENCED`] for good without `membarrier`), and which fences
+/// its gates use (read once, when it is made).
 #[derive(Debug, Default)]
 pub(crate) struct Flushing(AtomicUsize, Fences);
 

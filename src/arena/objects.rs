@@ -121,8 +121,8 @@ impl NextWord {
     /// A copy of word `w` of a span of `capacity` objects of `size` bytes
     /// starting at arena offset `span_base`, whose owner bits the owner
     /// just stored as `owned`; `at` places the word in the caller's table.
-    /// No copy for a word past `u32::MAX` (a table of 2 TiB of spans):
-    /// its allocations take the search.
+    /// No copy for a word past `u32::MAX` (in an arena of more than about
+    /// 1.9 TiB): its allocations take the search.
     #[inline]
     pub(crate) fn new(
         owned: u64,

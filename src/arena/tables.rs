@@ -85,9 +85,7 @@ impl Tables {
             ledger: SharedSlice::new(words(layout.ledger_offset, LEDGER_BYTES / 8)?),
         })
     }
-}
 
-impl Tables {
     /// Span slot `slot`'s descriptor, `None` past the last slot: one
     /// compare against the count checked when the table was resolved,
     /// for the free path (a slice index would add its own).
