@@ -43,7 +43,8 @@ pub(crate) const SPAN_BITMAP_WORDS: usize = 64;
 pub(crate) const SPAN_HEAD_WORDS: usize = 16;
 /// The descriptor's word for its class's [`divisor_word`] (after the state
 /// and link words, in their cache line), written before a carve publishes
-/// the state.
+/// the state; read only through `span::class_and_index`, whose check is
+/// its protocol.
 pub(crate) const SPAN_DIVISOR_WORD: usize = 2;
 /// Bytes of one span slot's descriptor.
 pub(crate) const SPAN_DESC: u64 = (SPAN_HEAD_WORDS + 2 * SPAN_BITMAP_WORDS) as u64 * 8;

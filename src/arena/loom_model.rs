@@ -12,11 +12,12 @@
 //! instead of a CAS, `--cfg hugearena_mutation_remote` refuses a
 //! remote free whenever its span is gone by its CAS, and `--cfg
 //! hugearena_mutation_large` caches a freed large allocation with a check
-//! and a store; these tests must then fail.
+//! and a store, and `--cfg hugearena_mutation_divisor` takes a span's
+//! divisor word without checking its class; these tests must then fail.
 #![allow(unsafe_code)] // the modelled bytes are loom `UnsafeCell`s
 
 use super::gate::{Flushing, Gate};
-use super::{bitmap, block, objects, span, stack};
+use super::{bitmap, block, layout, objects, span, stack};
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -409,5 +410,36 @@ fn a_large_allocation_freed_twice_at_once_is_freed_once() {
         // The cache hands it out again, once.
         assert_eq!(block::uncache_large(&large.words[0], 2), cached);
         assert!(!block::uncache_large(&large.words[0], 2));
+    });
+}
+
+/// A free's fast path reads a span's state and divisor word while the
+/// span is retired and carved again for another class (divisor word, then
+/// state): the index it computes is always that of the class it reports,
+/// never one class's index under another's. `--cfg
+/// hugearena_mutation_divisor` (no class check) must fail here.
+#[test]
+fn a_free_never_takes_an_index_from_another_classs_divisor_word() {
+    loom::model(|| {
+        // Class 1 (32 bytes), then class 2 (48): the object at 96 is
+        // index 3 of the first and 2 of the second.
+        let (first, second) = (1u32, 2u32);
+        let state = Arc::new(AtomicU64::new(0));
+        let divisor = Arc::new(AtomicU64::new(layout::divisor_word(first)));
+        span::carve(&*state, first, 1);
+        let carver = {
+            let (state, divisor) = (state.clone(), divisor.clone());
+            thread::spawn(move || {
+                // Retired (the owner emptied it), then carved again.
+                state.store(0, Ordering::Release);
+                divisor.store(layout::divisor_word(second), Ordering::Relaxed);
+                span::carve(&*state, second, 1);
+            })
+        };
+        if let Some((class, index)) = span::class_and_index(&*state, &*divisor, 96) {
+            let size = layout::CLASSES[class as usize] as usize;
+            assert_eq!(index * size, 96, "class {class} given index {index}");
+        }
+        carver.join().unwrap();
     });
 }

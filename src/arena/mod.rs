@@ -1665,15 +1665,12 @@ impl Arena {
         {
             let slot = offset / SPAN;
             // The index from the descriptor's divisor word, which the load
-            // of the state word does not delay; its class must be the
-            // state's (a span carved before the word was kept has none).
+            // of the state word does not delay (`span::class_and_index`).
             if let Some(desc) = self.tables.span_desc(slot)
-                && let Some(st) = span::describe(&desc[0])
-                && let divisor = desc[SPAN_DIVISOR_WORD].load(Ordering::Relaxed)
-                && layout::divisor_class(divisor) == Some(st.class)
-                && let Some(index) = layout::object_at_with(divisor, offset - slot * SPAN)
+                && let Some((class, index)) =
+                    span::class_and_index(&desc[0], &desc[SPAN_DIVISOR_WORD], offset - slot * SPAN)
                 && let Some(mut cache) = self.caches.open_last()
-                && Self::free_owned_small(cache.contents(), desc, slot, st.class, index)
+                && Self::free_owned_small(cache.contents(), desc, slot, class, index)
             {
                 return Ok(());
             }

@@ -104,6 +104,33 @@ pub(crate) fn describe(state: &impl AtomicSlot) -> Option<SpanState> {
     decode(state.load(Ordering::Acquire))
 }
 
+/// For a free's fast path: the class of the active span whose state word
+/// is `state` and the index of the object at `offset` in it (an object's
+/// first byte), computed from the span's `divisor` word
+/// (`layout::divisor_word`), which the carve stored before it published
+/// the state. `None` if the span is not active, the offset is no object's
+/// first byte, or the word does not name the state's class: a span carved
+/// before the word was kept, or a word read across a carve for another
+/// class; the caller then divides by its table. The word is a function of
+/// the class alone, so this check is its whole protocol: a word read
+/// before or after the state is the state's exactly when their classes
+/// match. `--cfg hugearena_mutation_divisor` drops the check, and
+/// `arena::loom_model` must then find an index of the wrong class.
+#[inline(always)]
+pub(crate) fn class_and_index(
+    state: &impl AtomicSlot,
+    divisor: &impl AtomicSlot,
+    offset: u64,
+) -> Option<(u32, usize)> {
+    let st = describe(state)?;
+    let divisor = divisor.load(Ordering::Relaxed);
+    #[cfg(not(hugearena_mutation_divisor))]
+    if super::layout::divisor_class(divisor) != Some(st.class) {
+        return None;
+    }
+    Some((st.class, super::layout::object_at_with(divisor, offset)?))
+}
+
 /// Publishes a freshly carved span of `class`, owned by `owner` (its
 /// bitmaps must already be clear, or show its first object).
 pub(crate) fn carve(state: &impl AtomicSlot, class: u32, owner: u32) {
