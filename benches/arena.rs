@@ -18,8 +18,8 @@
 //! loop, the allocators taking turns: a clock read costs more than a small
 //! allocation (about 30 ns on a virtual machine), and timing every
 //! operation would hide most of the difference between allocators. The
-//! percentiles come from another pass that times each operation, so they
-//! include one clock read.
+//! percentiles come from three more passes that time each operation (so
+//! they include one clock read), each percentile the median of the three.
 
 use std::alloc::Layout;
 use std::collections::VecDeque;
@@ -34,6 +34,9 @@ const WINDOW: usize = 64;
 
 /// Throughput passes per allocator; the best counts.
 const ROUNDS: usize = 5;
+
+/// Timed passes per allocator; each percentile is the median of them.
+const LATENCY_ROUNDS: usize = 3;
 
 trait Alloc: Sync {
     fn name(&self) -> &'static str;
@@ -228,18 +231,26 @@ fn main() {
                     *best = best.max(throughput(a.as_ref(), sizes, threads, *n));
                 }
             }
-            let results: Vec<_> = allocators
-                .iter()
-                .zip(best)
-                .map(|(a, mops)| (a.name(), (mops, latency(a.as_ref(), sizes, threads, *n))))
-                .collect();
-            let malloc = results[1].1.0;
-            for (name, (mops, h)) in &results {
+            // Percentiles: each the median over `LATENCY_ROUNDS` timed
+            // passes, the allocators taking turns (one pass's tail on these
+            // machines moves with whatever else the host runs).
+            let mut passes: Vec<Vec<[u64; 3]>> = vec![Vec::new(); allocators.len()];
+            for _ in 0..LATENCY_ROUNDS {
+                for (a, passes) in allocators.iter().zip(&mut passes) {
+                    let h = latency(a.as_ref(), sizes, threads, *n);
+                    passes.push([0.5, 0.99, 0.999].map(|q| h.value_at_quantile(q)));
+                }
+            }
+            let malloc = best[1];
+            for ((a, mops), passes) in allocators.iter().zip(&best).zip(&passes) {
+                let [p50, p99, p999] = [0, 1, 2].map(|i| {
+                    let mut v: Vec<u64> = passes.iter().map(|p| p[i]).collect();
+                    v.sort_unstable();
+                    v[v.len() / 2]
+                });
                 println!(
-                    "| {range} | {threads} | {name} | {mops:.2} | {} | {} | {} | {:.2}× |",
-                    h.value_at_quantile(0.5),
-                    h.value_at_quantile(0.99),
-                    h.value_at_quantile(0.999),
+                    "| {range} | {threads} | {} | {mops:.2} | {p50} | {p99} | {p999} | {:.2}× |",
+                    a.name(),
                     mops / malloc
                 );
             }

@@ -1226,7 +1226,7 @@ fn kv_vs_redis(quick: bool, doc: &mut String, plots: &Path, losses: &mut Vec<Str
         "\n![kv vs redis](plots/kv_vs_redis.svg)\n\nRestart with the same {keys} keys (1000-byte values), from spawning the server to \
          the first correct `GET`, then GETs of random keys for 3 s at once (`kvstore gets`: 4 connections, 16 in flight each, \
          every value checked; after a lazy restore they run while the pages fill); the lazy and eager restarts on backed \
-         memory take turns, {RESTART_ROUNDS} rounds each ({rounds} with `--quick`), each row the median of its rounds. \
+         memory take turns, {rounds} rounds each (1 with `--quick`), each row the median of its rounds. \
          Each restart begins on memory this \
          machine backed just before ({}), but those marked \"fresh memory\", which begin after {} s idle, on memory the \
          host has taken back: on this virtual machine such memory costs several µs per 4 KiB page on first use, which a \
@@ -1275,7 +1275,7 @@ fn kv_vs_redis(quick: bool, doc: &mut String, plots: &Path, losses: &mut Vec<Str
 }
 
 /// Rounds of the lazy and the eager restart on backed memory.
-const RESTART_ROUNDS: usize = 3;
+const RESTART_ROUNDS: usize = 5;
 
 /// One row per restart kind from its rounds `(name, first correct GET,
 /// GET/s)`, in first-seen order: the median of each column.
