@@ -808,10 +808,9 @@ impl Arena {
     /// read.
     #[inline]
     fn span_desc(&self, slot: u64) -> &[AtomicU64; SPAN_DESC_WORDS] {
-        let at = Self::span_desc_at(slot);
-        let desc = &self.tables.spans.get()[at..at + SPAN_DESC_WORDS];
-        desc.try_into()
-            .unwrap_or_else(|_| unreachable!("a slice of the array's length"))
+        self.tables
+            .span_desc(slot)
+            .unwrap_or_else(|| panic!("span slot {slot} past the span table"))
     }
 
     /// Where span slot `slot`'s descriptor starts in the span table.
@@ -1670,7 +1669,8 @@ impl Arena {
                 && let Some((class, index)) =
                     span::class_and_index(&desc[0], &desc[SPAN_DIVISOR_WORD], offset - slot * SPAN)
                 && let Some(mut cache) = self.caches.open_last()
-                && Self::free_owned_small(cache.contents(), desc, slot, class, index)
+                && let Some(Ok(())) =
+                    Self::free_if_owned(cache.contents(), desc, slot, class, index)
             {
                 return Ok(());
             }
@@ -1725,19 +1725,9 @@ impl Arena {
         offset: u64,
     ) -> Result<(), &'static str> {
         let index = Self::object_index(span, class, offset).ok_or("not the start of an object")?;
-        let c = class as usize;
         let by_owner = self
             .caches
-            .with_local(|cache| {
-                // The cache's own record, not the shared state word: a
-                // flush may have given the span up since it was read.
-                (cache.spans[c] == span as u32 + 1).then(|| {
-                    let (owned, remote) = Self::objects_of(desc);
-                    objects::free_owned(owned, remote, index)?;
-                    Self::note_owner_free(cache, span, class, index);
-                    Ok(())
-                })
-            })
+            .with_local(|cache| Self::free_if_owned(cache, desc, span, class, index))
             .flatten();
         match by_owner {
             Some(freed) => freed,
@@ -1745,24 +1735,28 @@ impl Arena {
         }
     }
 
-    /// [`free_small`](Self::free_small)'s owner path, for
-    /// [`free`](Self::free): whether the cache owns the span and freed the
-    /// object (`false`: nothing changed).
+    /// The owner's free of object `index` of span `span` of `class`, if
+    /// `cache` owns the span (`None`: it does not, nothing changed). The
+    /// cache's own record decides, not the shared state word: a flush may
+    /// have given the span up since that was read.
     #[inline(always)]
-    fn free_owned_small(
+    fn free_if_owned(
         cache: &mut cache::ThreadCache,
         desc: &[AtomicU64; SPAN_DESC_WORDS],
         span: u64,
         class: u32,
         index: usize,
-    ) -> bool {
-        let (owned, remote) = Self::objects_of(desc);
-        let freed = cache.spans[class as usize] == span as u32 + 1
-            && objects::free_owned(owned, remote, index).is_ok();
-        if freed {
-            Self::note_owner_free(cache, span, class, index);
+    ) -> Option<Result<(), &'static str>> {
+        // No closure: the free's fast path inlines all of this.
+        if cache.spans[class as usize] != span as u32 + 1 {
+            return None;
         }
-        freed
+        let (owned, remote) = Self::objects_of(desc);
+        if let Err(reason) = objects::free_owned(owned, remote, index) {
+            return Some(Err(reason));
+        }
+        Self::note_owner_free(cache, span, class, index);
+        Some(Ok(()))
     }
 
     /// The owner freed object `index` of its span `span` of `class`: its
