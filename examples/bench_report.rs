@@ -580,11 +580,10 @@ fn sqlite_pcache(quick: bool, doc: &mut String, plots: &Path, losses: &mut Vec<S
                 last = f;
             }
         }
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let (d, h) = (median(&mut default), median(&mut ours));
+        let (d, h) = (
+            median(default).expect("at least one round"),
+            median(ours).expect("at least one round"),
+        );
         let ratio = h / d;
         let backend = get(&last, "backend")
             .parse()
@@ -896,6 +895,12 @@ fn redis_bench(port: u16, pipeline: &str, n: &str) -> Vec<(String, f64, f64, f64
         .collect()
 }
 
+/// The median of `v` (the upper one of an even count), `None` if empty.
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
 /// Alternating rounds of redis-benchmark per server and pipeline.
 const KV_ROUNDS: usize = 5;
 
@@ -905,10 +910,6 @@ const KV_ROUNDS: usize = 5;
 fn median_rows(rounds: &[Vec<(String, f64, f64, f64)>]) -> Vec<(String, f64, f64, f64)> {
     let Some(first) = rounds.first() else {
         return Vec::new();
-    };
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied()
     };
     (0..first.len())
         .filter_map(|i| {
@@ -1296,18 +1297,13 @@ fn median_restarts(
                 .filter(|s| s.0 == name)
                 .map(|s| s.1)
                 .collect();
-            let mut gets: Vec<f64> = samples
+            let gets: Vec<f64> = samples
                 .iter()
                 .filter(|s| s.0 == name)
                 .filter_map(|s| s.2)
                 .collect();
             waited.sort();
-            gets.sort_by(f64::total_cmp);
-            (
-                name,
-                waited[waited.len() / 2],
-                gets.get(gets.len() / 2).copied(),
-            )
+            (name, waited[waited.len() / 2], median(gets))
         })
         .collect()
 }
