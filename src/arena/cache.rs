@@ -203,27 +203,22 @@ impl Caches {
     /// keeps the thread out at the gate (`set_enabled`).
     #[inline]
     pub(crate) fn with_local<R>(&self, f: impl FnOnce(&mut ThreadCache) -> R) -> Option<R> {
-        match self.last() {
-            Some(gate) => Self::enter(gate, &self.flushing, f),
-            None if self.enabled() => Self::enter(self.look_up(None)?, &self.flushing, f),
-            None => None,
-        }
+        let gate = match self.last() {
+            Some(gate) => gate,
+            None if self.enabled() => self.look_up(None)?,
+            None => return None,
+        };
+        let mut inside = self.open(gate)?;
+        Some(f(inside.contents()))
     }
 
     /// This thread's cache for the hot paths, entered: only if this arena
     /// is the one the thread used last (`None` otherwise, without looking
     /// further), so that it makes no call and keeps few registers. It
     /// leaves the cache when the guard drops.
-    #[allow(unsafe_code)] // entering the thread's own gate
     #[inline(always)]
     pub(crate) fn open_last(&self) -> Option<Inside<'_, ThreadCache>> {
-        // SAFETY: `gate` comes from this thread's `LAST`, whose `LOCAL`
-        // entry keeps it alive while the arena (`self`) is: `LOCAL` only
-        // drops the gates of arenas that are gone, and at thread exit.
-        let gate = unsafe { &*self.last()? };
-        // SAFETY: the gate is this thread's own, and the hot paths that
-        // open it hold no other guard.
-        unsafe { gate.open(&self.flushing) }
+        self.open(self.last()?)
     }
 
     /// This thread's gate for the arena if it is the one `LAST` holds.
@@ -236,20 +231,21 @@ impl Caches {
         (id == self.id).then_some(last)
     }
 
+    /// Enters `gate`, this thread's gate for the arena (from its `LAST`
+    /// or `LOCAL`), unless a flush is in progress.
     #[allow(unsafe_code)] // entering the thread's own gate
     #[inline(always)]
-    fn enter<R>(
-        gate: *const Gate<ThreadCache>,
-        flushing: &Flushing,
-        f: impl FnOnce(&mut ThreadCache) -> R,
-    ) -> Option<R> {
+    fn open(&self, gate: *const Gate<ThreadCache>) -> Option<Inside<'_, ThreadCache>> {
         // SAFETY: `gate` comes from this thread's `LAST` or `LOCAL`, whose
-        // `Arc` keeps it alive (`LAST` is cleared before `LOCAL` drops
-        // it), and `f` touches neither.
+        // `LOCAL` entry keeps it alive while the arena (`self`) is: `LOCAL`
+        // drops only the gates of arenas that are gone (their `Arc` is its
+        // last), and all of them at thread exit, clearing `LAST` first.
         let gate = unsafe { &*gate };
         // SAFETY: the gate is this thread's own (handed to it by `acquire`
-        // and kept in its `LOCAL`): it has one owner.
-        unsafe { gate.enter(flushing, f) }
+        // and kept in its `LOCAL`), and a thread holds one guard at a time:
+        // the hot paths open it once, and `with_local`'s closures do not
+        // enter it again.
+        unsafe { gate.open(&self.flushing) }
     }
 
     /// This thread's gate for the arena, from `LOCAL`, remembered in

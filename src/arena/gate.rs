@@ -67,7 +67,6 @@ impl<T> Contents<T> {
     /// # Safety
     ///
     /// No other thread reaches the contents until `f` returns.
-    #[inline(always)]
     unsafe fn with_mut<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         #[cfg(not(loom))]
         // SAFETY: the caller's contract.
@@ -151,25 +150,9 @@ impl<T> Gate<T> {
         }
     }
 
-    /// Runs `f` on the cache unless a flush is in progress (`None`).
-    ///
-    /// # Safety
-    ///
-    /// Only the gate's owner thread calls it (and not from inside `f`).
-    #[inline(always)]
-    pub(crate) unsafe fn enter<R>(
-        &self,
-        flushing: &Flushing,
-        f: impl FnOnce(&mut T) -> R,
-    ) -> Option<R> {
-        // SAFETY: the caller's contract.
-        let mut inside = unsafe { self.open(flushing) }?;
-        Some(f(inside.contents()))
-    }
-
     /// Enters the cache unless a flush is in progress (`None`); the
-    /// returned guard leaves when dropped. For hot paths, where a closure
-    /// the compiler does not inline would cost a call.
+    /// returned guard leaves when dropped (a guard, not a closure: on the
+    /// hot paths the compiler left a closure out of line, costing a call).
     ///
     /// # Safety
     ///
@@ -353,7 +336,7 @@ mod tests {
             let gate = Gate::new(0u32);
             // SAFETY: this thread is the gate's only owner, one guard at
             // a time.
-            let enter = || unsafe { gate.enter(&flushing, |n| *n += 1) };
+            let enter = || unsafe { gate.open(&flushing) }.map(|mut n| *n.contents() += 1);
             assert_eq!(enter(), Some(()), "{fences:?}");
             assert!(flushing.begin());
             assert_eq!(enter(), None, "{fences:?}: a flush keeps it out");
@@ -362,7 +345,7 @@ mod tests {
             assert_eq!(enter(), Some(()), "{fences:?}");
             let off = Flushing(AtomicUsize::new(1 | fenced), fences);
             // SAFETY: as above.
-            assert_eq!(unsafe { gate.enter(&off, |_| ()) }, None, "caching off");
+            assert!(unsafe { gate.open(&off) }.is_none(), "caching off");
         }
     }
 }

@@ -303,8 +303,10 @@ fn a_flush_and_the_caches_owner_never_meet_inside_the_cache() {
             thread::spawn(move || {
                 let mut kept = 0;
                 for object in [1u64, 2] {
-                    // SAFETY: this thread is the gate's only owner.
-                    if unsafe { gate.enter(&flushing, |c| c.push(object)) }.is_some() {
+                    // SAFETY: this thread is the gate's only owner, one
+                    // guard at a time.
+                    if let Some(mut inside) = unsafe { gate.open(&flushing) } {
+                        inside.contents().push(object);
                         kept += 1;
                     }
                 }
