@@ -126,21 +126,10 @@ impl<T> Drop for Inside<'_, T> {
 }
 
 /// The arena-wide count of flushes in progress (plus one while caching is
-/// off, and [`FENCED`] for good without `membarrier`), and which fences
-/// its gates use (read once, when it is made).
+/// off), with [`FENCED`] set for good where `membarrier` is unavailable:
+/// the bit is also how both sides know which fences to use.
 #[derive(Debug, Default)]
-pub(crate) struct Flushing(AtomicUsize, Fences);
-
-/// Which fences the gates use.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-enum Fences {
-    /// `membarrier` works: owners use compiler fences, flushers the
-    /// syscall.
-    #[default]
-    Membarrier,
-    /// It does not: both use `fence(SeqCst)`.
-    SeqCst,
-}
+pub(crate) struct Flushing(AtomicUsize);
 
 impl<T> Gate<T> {
     pub(crate) fn new(value: T) -> Self {
@@ -165,7 +154,8 @@ impl<T> Gate<T> {
         light_fence(flushing);
         // Acquire: a flush that ended before this load happens-before what
         // follows (its `end` is a release).
-        if flushing.0.load(Ordering::Acquire) != 0 && !flushing.none_after_full_fence() {
+        let seen = flushing.0.load(Ordering::Acquire);
+        if seen != 0 && !flushing.none_after_full_fence(seen) {
             self.busy.store(false, Ordering::Release);
             return None;
         }
@@ -203,13 +193,13 @@ impl<T> Gate<T> {
 const FENCED: usize = 1 << (usize::BITS - 1);
 
 impl Flushing {
-    /// The owner's check after its fast load found `flushing` non-zero:
-    /// where `membarrier` is unavailable (`FENCED`), the full fence the
-    /// protocol needs and the load that counts; whether no flush is in
-    /// progress.
+    /// The owner's check after its fast load found `flushing` non-zero
+    /// (`seen`): where `membarrier` is unavailable (`FENCED`), the full
+    /// fence the protocol needs and the load that counts; whether no flush
+    /// is in progress.
     #[inline]
-    fn none_after_full_fence(&self) -> bool {
-        if self.1 != Fences::SeqCst {
+    fn none_after_full_fence(&self, seen: usize) -> bool {
+        if seen & FENCED == 0 {
             return false;
         }
         #[cfg(not(loom))]
@@ -223,8 +213,8 @@ impl Flushing {
     /// (their objects stay cached, nothing is lost); call `end` still.
     #[must_use]
     pub(crate) fn begin(&self) -> bool {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        heavy_fence(self.1)
+        let before = self.0.fetch_add(1, Ordering::SeqCst);
+        heavy_fence(before & FENCED != 0)
     }
 
     pub(crate) fn end(&self) {
@@ -236,17 +226,19 @@ impl Flushing {
     /// first.
     pub(crate) fn holding(held: bool) -> Self {
         #[cfg(not(loom))]
-        let fences = fences::mode();
+        let fenced = if fences::membarrier_works() {
+            0
+        } else {
+            FENCED
+        };
         #[cfg(loom)]
-        let fences = Fences::Membarrier;
-        let fenced = if fences == Fences::SeqCst { FENCED } else { 0 };
-        Flushing(AtomicUsize::new(usize::from(held) | fenced), fences)
+        let fenced = 0;
+        Flushing(AtomicUsize::new(usize::from(held) | fenced))
     }
 }
 
 #[cfg(not(loom))]
 mod fences {
-    use super::Fences;
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering, compiler_fence, fence};
 
     /// Whether `membarrier` works in this process (set by `init`).
@@ -256,7 +248,7 @@ mod fences {
 
     /// Registers for `membarrier` (once per process; before any cache is
     /// made, so that each [`Flushing`](super::Flushing) reads the mode
-    /// once, when it is made).
+    /// once, when it is made, into its `FENCED` bit).
     pub(super) fn init() {
         let pid = std::process::id();
         if REGISTERED_BY.load(Ordering::Acquire) == pid {
@@ -267,12 +259,8 @@ mod fences {
         REGISTERED_BY.store(pid, Ordering::Release);
     }
 
-    pub(super) fn mode() -> Fences {
-        if MEMBARRIER.load(Ordering::Acquire) {
-            Fences::Membarrier
-        } else {
-            Fences::SeqCst
-        }
+    pub(super) fn membarrier_works() -> bool {
+        MEMBARRIER.load(Ordering::Acquire)
     }
 
     /// The owner's fence before its fast load of `flushing`: a compiler
@@ -283,8 +271,8 @@ mod fences {
         compiler_fence(Ordering::SeqCst);
     }
 
-    pub(super) fn heavy(mode: Fences) -> bool {
-        if mode == Fences::Membarrier {
+    pub(super) fn heavy(fenced: bool) -> bool {
+        if !fenced {
             // Owners use compiler fences: only the syscall orders them.
             crate::sys::thread::membarrier_all_threads().is_ok()
         } else {
@@ -308,9 +296,9 @@ fn light_fence(_flushing: &Flushing) {
     _flushing.0.fetch_add(0, Ordering::AcqRel);
 }
 
-fn heavy_fence(_mode: Fences) -> bool {
+fn heavy_fence(_fenced: bool) -> bool {
     #[cfg(not(loom))]
-    return fences::heavy(_mode);
+    return fences::heavy(_fenced);
     #[cfg(loom)]
     {
         fence(Ordering::SeqCst);
@@ -329,21 +317,20 @@ mod tests {
     #[test]
     fn an_owner_keeps_out_exactly_while_a_flush_is_in_progress_in_both_fence_modes() {
         init();
-        assert_eq!(fences::mode(), Fences::Membarrier, "membarrier works here");
-        for fences in [Fences::Membarrier, Fences::SeqCst] {
-            let fenced = if fences == Fences::SeqCst { FENCED } else { 0 };
-            let flushing = Flushing(AtomicUsize::new(fenced), fences);
+        assert!(fences::membarrier_works(), "membarrier works here");
+        for fenced in [0, FENCED] {
+            let flushing = Flushing(AtomicUsize::new(fenced));
             let gate = Gate::new(0u32);
             // SAFETY: this thread is the gate's only owner, one guard at
             // a time.
             let enter = || unsafe { gate.open(&flushing) }.map(|mut n| *n.contents() += 1);
-            assert_eq!(enter(), Some(()), "{fences:?}");
+            assert_eq!(enter(), Some(()), "{fenced:#x}");
             assert!(flushing.begin());
-            assert_eq!(enter(), None, "{fences:?}: a flush keeps it out");
+            assert_eq!(enter(), None, "{fenced:#x}: a flush keeps it out");
             assert_eq!(gate.take(|n| *n), 1);
             flushing.end();
-            assert_eq!(enter(), Some(()), "{fences:?}");
-            let off = Flushing(AtomicUsize::new(1 | fenced), fences);
+            assert_eq!(enter(), Some(()), "{fenced:#x}");
+            let off = Flushing(AtomicUsize::new(1 | fenced));
             // SAFETY: as above.
             assert!(unsafe { gate.open(&off) }.is_none(), "caching off");
         }
