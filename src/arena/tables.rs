@@ -87,8 +87,8 @@ impl Tables {
     }
 
     /// Span slot `slot`'s descriptor, `None` past the last slot: one
-    /// compare against the count checked when the table was resolved,
-    /// for the free path (a slice index would add its own).
+    /// compare against the count checked when the table was resolved (a
+    /// slice index would add its own, which the free path pays for).
     #[inline(always)]
     pub(super) fn span_desc(&self, slot: u64) -> Option<&[AtomicU64; SPAN_DESC_WORDS]> {
         if slot >= self.span_slots {
