@@ -14,7 +14,7 @@
 //! in a steady state rather than on a stack. The memory is never touched:
 //! this measures the allocator, not page population (warmed first).
 //!
-//! Throughput is the best of five passes with no clock read inside the
+//! Throughput is the best of fifteen passes with no clock read inside the
 //! loop, the allocators taking turns: a clock read costs more than a small
 //! allocation (about 30 ns on a virtual machine), and timing every
 //! operation would hide most of the difference between allocators. The
@@ -32,8 +32,11 @@ use hugearena::{Arena, BackendKind, RegionOptions, ShmPtr};
 
 const WINDOW: usize = 64;
 
-/// Throughput passes per allocator; the best counts.
-const ROUNDS: usize = 5;
+/// Throughput passes per allocator; the best counts. A small-object pass
+/// lasts about 25 ms, and the host takes a share of some of them: with
+/// five, three runs in a row gave glibc's best as 48–73 Mops/s (1 thread),
+/// with fifteen 70–77.
+const ROUNDS: usize = 15;
 
 /// Timed passes per allocator; each percentile is the median of them.
 const LATENCY_ROUNDS: usize = 3;
