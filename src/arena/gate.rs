@@ -127,8 +127,9 @@ impl<T> Drop for Inside<'_, T> {
 
 /// The arena-wide count of flushes in progress (plus one while caching is
 /// off), with [`FENCED`] set for good where `membarrier` is unavailable:
-/// the bit is also how both sides know which fences to use.
-#[derive(Debug, Default)]
+/// the bit is also how both sides know which fences to use. Made only by
+/// [`holding`](Flushing::holding), which sets the bit.
+#[derive(Debug)]
 pub(crate) struct Flushing(AtomicUsize);
 
 impl<T> Gate<T> {

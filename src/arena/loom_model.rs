@@ -297,7 +297,7 @@ fn the_span_stack_loses_and_duplicates_nothing() {
 fn a_flush_and_the_caches_owner_never_meet_inside_the_cache() {
     loom::model(|| {
         let gate = Arc::new(Gate::new(Vec::<u64>::new()));
-        let flushing = Arc::new(Flushing::default());
+        let flushing = Arc::new(Flushing::holding(false));
         let owner = {
             let (gate, flushing) = (gate.clone(), flushing.clone());
             thread::spawn(move || {
